@@ -1,0 +1,81 @@
+"""The batch formats, defined once. Everything between the loader and the model speaks these two types.
+
+``PackedBatch`` (decoder stages: ``vit_align`` onwards)
+    Documents are packed back to back into ``rows`` of exactly ``seq_len`` tokens (static shapes for pipeline and
+    context parallelism). The end of a row that no document fills is one padding document with no loss.
+
+    ============================  =====================  ==========================================================
+    field                         shape / dtype          meaning
+    ============================  =====================  ==========================================================
+    ``input_ids``                 [rows, seq_len] int64  token ids; image placeholders hold ``<|image|>``
+    ``labels``                    [rows, seq_len] int64  next-token target of each position (within its document)
+    ``loss_mask``                 [rows, seq_len] bool   True where ``labels`` counts in the loss
+    ``position_ids``              [rows, seq_len] int64  position inside its own document, restarting at 0
+    ``cu_seqlens``                [docs + 1] int32       document boundaries over the flattened rows x seq_len tokens
+                                                         (flash-attn varlen convention; rows never share a document)
+    ``pixel_values``              [patches, C*p*p] f32   all images' patches, image after image, each row-major over
+                                                         its patch grid, each patch flattened as (C, p, p)
+    ``image_grid_hw``             [images, 2] int64      patch grid (height, width) of each image, same order
+    ``image_token_positions``     [image_tokens] int64   flattened (row * seq_len + column) positions of the
+                                                         placeholders, in the order the projector emits merged
+                                                         tokens: image after image, row-major over the merged grid
+    ============================  =====================  ==========================================================
+
+    Each image yields ``(h / m) * (w / m)`` placeholder tokens, ``m`` the merge size (2).
+
+``ImageTextBatch`` (``vit_coca``)
+    Image-text pairs for the CoCa objective: the images are packed NaViT-style exactly as above; the texts are padded
+    to a common length.
+
+    ``pixel_values``, ``image_grid_hw`` as above; ``text_ids`` [images, text_len] int64 (bos ... eos, then pad) and
+    ``text_mask`` [images, text_len] bool (True on real tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_hw: torch.Tensor
+    image_token_positions: torch.Tensor
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass
+class ImageTextBatch:
+    pixel_values: torch.Tensor
+    image_grid_hw: torch.Tensor
+    text_ids: torch.Tensor
+    text_mask: torch.Tensor
+
+    @property
+    def num_loss_tokens(self) -> int:
+        # Caption loss is over next-token targets: every real text token but the first.
+        return int(self.text_mask[:, 1:].sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.text_mask.sum()) + self.pixel_values.shape[0]
+
+    def to(self, device: torch.device | str) -> "ImageTextBatch":
+        return ImageTextBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

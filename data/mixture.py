@@ -1,0 +1,71 @@
+"""Deterministic mixture draws: every random choice is a pure function of (seed, stage, index)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from train.config import MixtureConfig
+
+
+def stable_hash(text: str) -> int:
+    """A process-independent hash (Python's ``hash`` is salted per process)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def draw_rng(seed: int, stage: str, index: int, salt: str) -> np.random.Generator:
+    return np.random.default_rng([seed, stable_hash(stage), index, stable_hash(salt)])
+
+
+def multimodal_share(mix: MixtureConfig, progress: float) -> float:
+    """The report's ramp: the multimodal share grows linearly over the stage (progress in [0, 1])."""
+    progress = min(max(progress, 0.0), 1.0)
+    return mix.multimodal_share_start + progress * (mix.multimodal_share_end - mix.multimodal_share_start)
+
+
+def _pick(weights: dict[str, float], u: float) -> str:
+    names = [name for name, w in weights.items() if w > 0]
+    total = sum(weights[name] for name in names)
+    edge = 0.0
+    for name in names:
+        edge += weights[name] / total
+        if u < edge:
+            return name
+    return names[-1]
+
+
+class MixtureSampler:
+    """Chooses the source of each draw from the stage's mixture."""
+
+    def __init__(self, mix: MixtureConfig, seed: int, stage: str, images_only: bool = False):
+        self.mix = mix
+        self.seed = seed
+        self.stage = stage
+        self.images_only = images_only
+
+    def sources(self) -> list[str]:
+        groups = [self.mix.multimodal_sources]
+        if not self.images_only:
+            groups += [self.mix.text_sources, self.mix.long_sources]
+        return sorted({name for group in groups for name, w in group.items() if w > 0})
+
+    def choose(self, index: int, progress: float) -> str:
+        """Source of draw ``index`` at stage ``progress``: long (``long_share``), else multimodal by the ramp,
+        else text."""
+        u_group, u_source = draw_rng(self.seed, self.stage, index, "mixture").random(2)
+        if self.images_only:
+            return _pick(self.mix.multimodal_sources, u_source)
+        long_share = self.mix.long_share
+        if u_group < long_share:
+            return _pick(self.mix.long_sources, u_source)
+        # Rescale the remaining probability mass so the replay part keeps the ramp's proportions.
+        u_replay = (u_group - long_share) / (1.0 - long_share)
+        if u_replay < multimodal_share(self.mix, progress):
+            return _pick(self.mix.multimodal_sources, u_source)
+        return _pick(self.mix.text_sources, u_source)
+
+
+def epoch_permutation(seed: int, stage: str, source: str, epoch: int, size: int) -> np.ndarray:
+    """The order in which a source's samples are visited in one epoch (a fresh shuffle per epoch)."""
+    return draw_rng(seed, stage, epoch, f"order/{source}").permutation(size)

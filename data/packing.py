@@ -1,0 +1,104 @@
+"""Packing documents into fixed-length rows and collating rows into a :class:`~data.batch.PackedBatch`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from data.batch import ImageTextBatch, PackedBatch
+from data.samples import Document, ImagePatches
+
+
+@dataclass
+class PackedRow:
+    """One row of exactly ``seq_len`` tokens: whole documents back to back, then one padding document."""
+
+    tokens: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    loss_mask: list[bool] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    doc_lens: list[int] = field(default_factory=list)
+    images: list[ImagePatches] = field(default_factory=list)
+
+
+class RowBuilder:
+    """Fills one row with documents; a document that does not fit waits for the next row (never split)."""
+
+    def __init__(self, seq_len: int, pad_id: int):
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+        self.row = PackedRow()
+
+    @property
+    def free(self) -> int:
+        return self.seq_len - len(self.row.tokens)
+
+    def fits(self, doc: Document) -> bool:
+        return len(doc.tokens) <= self.free
+
+    def add(self, doc: Document) -> None:
+        """Append a document: its labels are the next tokens of the same document, never of the next one."""
+        n = len(doc.tokens)
+        if n > self.free:
+            raise ValueError(f"document of {n} tokens does not fit the {self.free} free positions of the row")
+        row = self.row
+        row.tokens += doc.tokens
+        row.labels += doc.tokens[1:] + [self.pad_id]
+        row.loss_mask += doc.supervised[1:] + [False]
+        row.positions += list(range(n))
+        row.doc_lens.append(n)
+        row.images += doc.images
+
+    def finish(self) -> PackedRow:
+        """Pad the rest of the row as one loss-free document and start a new row."""
+        row, pad = self.row, self.free
+        if pad:
+            row.tokens += [self.pad_id] * pad
+            row.labels += [self.pad_id] * pad
+            row.loss_mask += [False] * pad
+            row.positions += list(range(pad))
+            row.doc_lens.append(pad)
+        self.row = PackedRow()
+        return row
+
+
+def collate_rows(rows: list[PackedRow], image_id: int, patch_dim: int, merge_size: int) -> PackedBatch:
+    """Stack rows into the batch format; placeholders are located by token id, row after row."""
+    input_ids = torch.tensor([r.tokens for r in rows], dtype=torch.long)
+    doc_lens = [n for r in rows for n in r.doc_lens]
+    cu_seqlens = torch.zeros(len(doc_lens) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(torch.tensor(doc_lens, dtype=torch.int32), 0)
+    images = [img for r in rows for img in r.images]
+    pixel_values = torch.cat([img.patches for img in images]) if images else torch.zeros(0, patch_dim)
+    grid_hw = torch.tensor([img.grid for img in images], dtype=torch.long).view(-1, 2)
+    positions = torch.nonzero(input_ids.view(-1) == image_id).view(-1)
+    expected = sum((h // merge_size) * (w // merge_size) for h, w in grid_hw.tolist())
+    if positions.numel() != expected:
+        raise ValueError(f"{positions.numel()} image placeholders in the rows but the images make {expected} tokens")
+    return PackedBatch(
+        input_ids=input_ids,
+        labels=torch.tensor([r.labels for r in rows], dtype=torch.long),
+        loss_mask=torch.tensor([r.loss_mask for r in rows], dtype=torch.bool),
+        position_ids=torch.tensor([r.positions for r in rows], dtype=torch.long),
+        cu_seqlens=cu_seqlens,
+        pixel_values=pixel_values,
+        image_grid_hw=grid_hw,
+        image_token_positions=positions,
+    )
+
+
+def collate_image_text(pairs: list[tuple[ImagePatches, list[int]]], pad_id: int) -> ImageTextBatch:
+    """Pack the images NaViT-style and pad the texts to the longest one."""
+    text_len = max(len(ids) for _, ids in pairs)
+    text_ids = torch.full((len(pairs), text_len), pad_id, dtype=torch.long)
+    text_mask = torch.zeros(len(pairs), text_len, dtype=torch.bool)
+    for i, (_, ids) in enumerate(pairs):
+        text_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        text_mask[i, : len(ids)] = True
+    return ImageTextBatch(
+        pixel_values=torch.cat([img.patches for img, _ in pairs]),
+        image_grid_hw=torch.tensor([img.grid for img, _ in pairs], dtype=torch.long),
+        text_ids=text_ids,
+        text_mask=text_mask,
+    )

@@ -1,0 +1,212 @@
+"""Sample formats: reading webdataset tar shards and rendering samples into token documents.
+
+A sample is a group of tar members sharing a key: ``<key>.json`` (``kind``, ordered ``segments`` of
+``{"text": ...}`` / ``{"image": "<member ext>"}``, plus kind-specific fields such as grounding ``objects``) and its
+images. Rendering turns it into a :class:`Document`: token ids with image placeholder spans
+(``<|image_start|> <|image|> * n <|image_end|>``) and the patch grids that fill them.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data.images import ImageError, decode_image, image_to_patches
+from data.tokenizer import TextTokenizer
+
+KINDS = ("caption", "ocr", "grounding", "interleaved", "text", "long_doc")
+# Grounding coordinates are written as integers on a 0..1000 grid of the image, independent of its resolution.
+BOX_GRID = 1000
+BOX_START, BOX_END = "<|box_start|>", "<|box_end|>"
+
+
+class SampleError(ValueError):
+    """A corrupt or invalid sample: skipped by the loader, counted and logged with its shard and key."""
+
+
+@dataclass
+class RawSample:
+    source: str
+    shard: str
+    key: str
+    members: dict[str, bytes]
+
+
+@dataclass
+class ImagePatches:
+    patches: torch.Tensor  # [rows * cols, 3 * p * p]
+    grid: tuple[int, int]  # (rows, cols) in patches
+    size: tuple[int, int]  # (width, height) of the stored image, the frame of its boxes
+
+
+@dataclass
+class Document:
+    """One rendered sample: ``tokens[t]`` is predicted from ``tokens[:t]`` when ``supervised[t]``."""
+
+    tokens: list[int]
+    supervised: list[bool]
+    images: list[ImagePatches] = field(default_factory=list)
+
+
+class ShardSource:
+    """One named source: every sample of its tar shards, addressable by index (random access, no full read)."""
+
+    def __init__(self, name: str, root: Path, shards: list[str]):
+        self.name = name
+        self.paths = [root / shard for shard in shards]
+        self._index: list[tuple[int, str, dict[str, tarfile.TarInfo]]] | None = None
+        self._open: dict[int, tarfile.TarFile] = {}
+
+    def _build_index(self) -> list[tuple[int, str, dict[str, tarfile.TarInfo]]]:
+        index = []
+        for shard_id, path in enumerate(self.paths):
+            if not path.exists():
+                raise FileNotFoundError(f"source '{self.name}': shard {path} is missing")
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            with tarfile.open(path) as tar:
+                for info in tar.getmembers():
+                    if not info.isfile():
+                        continue
+                    key, _, ext = Path(info.name).name.partition(".")
+                    groups.setdefault(key, {})[ext] = info
+            index.extend((shard_id, key, members) for key, members in groups.items())
+        if not index:
+            raise ValueError(f"source '{self.name}' has no samples in {[str(p) for p in self.paths]}")
+        return index
+
+    def __len__(self) -> int:
+        if self._index is None:
+            self._index = self._build_index()
+        return len(self._index)
+
+    def locate(self, position: int) -> str:
+        """``shard:key`` of sample ``position``, for logs."""
+        len(self)
+        shard_id, key, _ = self._index[position]
+        return f"{self.paths[shard_id]}:{key}"
+
+    def read(self, position: int) -> RawSample:
+        """The raw members of sample ``position`` (0 <= position < len(self))."""
+        if self._index is None:
+            self._index = self._build_index()
+        shard_id, key, infos = self._index[position]
+        tar = self._open.get(shard_id)
+        if tar is None:
+            tar = self._open[shard_id] = tarfile.open(self.paths[shard_id])
+        members = {ext: tar.extractfile(info).read() for ext, info in infos.items()}
+        return RawSample(self.name, str(self.paths[shard_id]), key, members)
+
+
+def load_meta(sample: RawSample) -> dict:
+    """Parse and check ``<key>.json``; raise :class:`SampleError` on anything malformed."""
+    if "json" not in sample.members:
+        raise SampleError("missing field: no .json member")
+    try:
+        meta = json.loads(sample.members["json"].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SampleError("invalid UTF-8 in .json") from None
+    except json.JSONDecodeError as error:
+        raise SampleError(f"invalid JSON: {error}") from None
+    segments = meta.get("segments") if isinstance(meta, dict) else None
+    if not isinstance(segments, list) or not segments:
+        raise SampleError("missing field: 'segments' must be a non-empty list")
+    for segment in segments:
+        if not isinstance(segment, dict) or not (isinstance(segment.get("text"), str) or "image" in segment):
+            raise SampleError(f"bad segment {segment!r}: expected {{'text': str}} or {{'image': ext}}")
+        if "image" in segment and segment["image"] not in sample.members:
+            raise SampleError(f"missing field: image member '{segment['image']}'")
+    return meta
+
+
+def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patches: int) -> dict[str, ImagePatches]:
+    """Decode and patchify every image the segments reference, keyed by member extension."""
+    images = {}
+    for segment in meta["segments"]:
+        ext = segment.get("image")
+        if ext is None or ext in images:
+            continue
+        try:
+            image = decode_image(sample.members[ext])
+        except ImageError as error:
+            raise SampleError(f"image '{ext}': {error}") from None
+        _check_objects(meta, image.size)
+        patches, grid = image_to_patches(image, patch, merge, max_patches)
+        images[ext] = ImagePatches(patches, grid, image.size)
+    return images
+
+
+def _check_objects(meta: dict, size: tuple[int, int]) -> None:
+    width, height = size
+    for obj in meta.get("objects", []):
+        box = obj.get("box") if isinstance(obj, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and isinstance(obj.get("label"), str)):
+            raise SampleError(f"bad grounding object {obj!r}: expected {{'label': str, 'box': [x0, y0, x1, y1]}}")
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise SampleError(f"box {box} outside the {width}x{height} image")
+
+
+def format_box(box: list[float], size: tuple[int, int]) -> str:
+    """A pixel box as text on the resolution-independent 0..1000 grid: ``(x0,y0),(x1,y1)``."""
+    width, height = size
+    x0, y0, x1, y1 = (round(v * BOX_GRID / s) for v, s in zip(box, (width, height, width, height)))
+    return f"({x0},{y0}),({x1},{y1})"
+
+
+def render_document(
+    meta: dict, images: dict[str, ImagePatches], tokenizer: TextTokenizer, merge: int,
+    max_len: int,
+) -> Document:
+    """Tokens of a sample for the language-model objective, cut to at most ``max_len`` tokens.
+
+    Text is truncated at the limit; an image span that does not fit whole is dropped with everything after it.
+    Placeholder tokens are never loss targets (their content comes from the vision tower).
+    """
+    doc = Document([tokenizer.bos_id], [False])
+    pieces = list(meta["segments"])
+    if meta.get("kind") == "grounding":
+        first_image = next(s["image"] for s in pieces if "image" in s)
+        size = images[first_image].size
+        text = " ".join(f"{o['label']} {BOX_START}{format_box(o['box'], size)}{BOX_END}"
+                        for o in meta.get("objects", []))
+        pieces.append({"text": text})
+    for segment in pieces:
+        room = max_len - len(doc.tokens)
+        if "image" in segment:
+            patches = images[segment["image"]]
+            count = (patches.grid[0] // merge) * (patches.grid[1] // merge)
+            if count + 2 > room:
+                break
+            span = [tokenizer.image_start_id] + [tokenizer.image_id] * count + [tokenizer.image_end_id]
+            doc.tokens += span
+            doc.supervised += [False] * len(span)
+            doc.images.append(patches)
+        else:
+            ids = tokenizer.encode(segment["text"])[:room]
+            doc.tokens += ids
+            doc.supervised += [True] * len(ids)
+        if len(doc.tokens) >= max_len:
+            break
+    if len(doc.tokens) < max_len:
+        doc.tokens.append(tokenizer.eos_id)
+        doc.supervised.append(True)
+    if sum(doc.supervised) == 0:
+        raise SampleError("renders to no supervised token")
+    return doc
+
+
+def caption_text(meta: dict) -> str:
+    """The text paired with the image in the CoCa objective (caption, OCR text, or grounded object labels)."""
+    if isinstance(meta.get("caption"), str) and meta["caption"]:
+        return meta["caption"]
+    labels = [o["label"] for o in meta.get("objects", []) if isinstance(o, dict) and isinstance(o.get("label"), str)]
+    if labels:
+        return ", ".join(labels)
+    texts = [s["text"] for s in meta["segments"] if "text" in s]
+    if not texts:
+        raise SampleError("no text to pair with the image")
+    return " ".join(texts)

@@ -1,0 +1,294 @@
+"""The configuration schema (typed dataclasses) and its loading from the Hydra recipes.
+
+YAML under ``recipes/`` only composes and overrides; these dataclasses say which keys exist, their types and
+defaults. ``load_config`` composes a recipe with command-line overrides, checks every key and value, and raises
+:class:`ConfigError` naming the key and what is allowed -- before any process group or allocation exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from model.args import ModelArgs
+from model.registry import FLAVORS
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+OBJECTIVES = ("coca", "lm")
+TRAINABLE_PARTS = ("vision", "projector", "decoder", "coca")
+LR_DECAYS = ("constant", "linear", "cosine")
+STAGE_OBJECTIVE_PARTS = {"coca": ("vision", "coca"), "lm": ("vision", "projector", "decoder")}
+
+
+class ConfigError(ValueError):
+    """An invalid recipe: the message names the key and what would be accepted."""
+
+
+@dataclass
+class LRScheduleConfig:
+    """Per-stage learning-rate schedule: linear warmup to ``peak_lr``, then ``decay`` down to
+    ``peak_lr * min_lr_ratio`` at the stage's last step."""
+
+    peak_lr: float = 3e-4
+    warmup_steps: int = 0
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class MixtureConfig:
+    """Which data sources a stage draws from, as a function of stage progress ``p`` in [0, 1].
+
+    A sample is drawn from ``long_sources`` with probability ``long_share``; otherwise ("replay") it is multimodal
+    with probability ``multimodal_share_start + p * (multimodal_share_end - multimodal_share_start)`` (the report's
+    ramp) and text-only otherwise. Weights inside each group are relative.
+    """
+
+    text_sources: dict[str, float] = field(default_factory=lambda: {"text": 1.0})
+    multimodal_sources: dict[str, float] = field(default_factory=dict)
+    multimodal_share_start: float = 0.0
+    multimodal_share_end: float = 0.0
+    long_sources: dict[str, float] = field(default_factory=dict)
+    long_share: float = 0.0
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage."""
+
+    # "coca": SigLIP + 2 x caption loss on image-text pairs; "lm": next-token loss of the whole VLM on packed rows.
+    objective: str = "lm"
+    steps: int = 100
+    seq_len: int = 8192
+    # Per rank and micro step: packed rows ("lm") or image-text pairs ("coca").
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    trainable: list[str] = field(default_factory=lambda: ["vision", "projector", "decoder"])
+    rope_theta: float = 50000.0
+    # "previous": weights of the previous stage's final checkpoint; "scratch": fresh init; else a checkpoint dir.
+    init_from: str = "previous"
+    # Pixel cap: at most this many ViT patches per image (larger images are downscaled, aspect kept).
+    max_image_patches: int = 4096
+    # Caption length for the CoCa objective (tokens, with bos/eos).
+    max_text_len: int = 64
+    lr: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    # Save a checkpoint every this many steps (0: only at the end of the stage).
+    checkpoint_interval: int = 0
+
+
+@dataclass
+class CurriculumConfig:
+    order: list[str] = field(default_factory=list)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    # Folder (file://) holding manifest.json, tokenizer.json and the shards.
+    root: str = "demo_data"
+    # Generate the embedded synthetic corpus into ``root`` when it has no manifest yet.
+    generate_if_missing: bool = True
+    # Corrupt samples are skipped and counted; more than this fraction of draws aborts the run.
+    max_corrupt_fraction: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip_norm: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    # Data-parallel degree; -1 takes the whole world (pure data parallelism).
+    dp_degree: int = -1
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 2
+
+
+@dataclass
+class LogConfig:
+    progress_bar: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class RunConfig:
+    recipe: str = "debug"
+    run_name: str = ""
+    output_dir: str = "outputs"
+    seed: int = 0
+    # Leave after this many optimizer steps in this invocation (checkpointed; rerun to continue), as Megatron's
+    # --exit-interval: fits a run into job time limits. 0 runs to the end.
+    exit_after_steps: int = 0
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / (self.run_name or self.recipe)
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in (RECIPES_DIR / "recipe").glob("*.yaml"))
+
+
+def compose_recipe(overrides: list[str]) -> DictConfig:
+    """Compose ``recipes/config.yaml`` with Hydra and the given ``key=value`` overrides (untyped)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    except HydraException as error:
+        raise ConfigError(f"{error}\nRecipes: {', '.join(available_recipes())} (recipe=<name>).") from None
+
+
+def _typed(section: str, schema: Any, values: Any) -> Any:
+    """Merge untyped ``values`` into the dataclass ``schema``; unknown keys and bad types become ConfigError."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values if values is not None else {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        allowed = _allowed_keys(schema, str(key))
+        hint = f" Allowed keys here: {', '.join(allowed)}." if allowed else ""
+        raise ConfigError(f"Invalid config key or value at '{section}.{key}': {error.msg}.{hint}") from None
+
+
+def _allowed_keys(schema: Any, dotted: str) -> list[str]:
+    """The field names of the dataclass that holds the last component of ``dotted`` (for the error message)."""
+    node = schema if isinstance(schema, type) else type(schema)
+    for part in dotted.split(".")[:-1]:
+        if typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        elif dataclasses.is_dataclass(node):
+            node = typing.get_type_hints(node).get(part)
+        else:
+            return []
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def to_run_config(raw: DictConfig) -> RunConfig:
+    """Turn a composed recipe into a validated :class:`RunConfig`."""
+    raw = OmegaConf.to_container(raw, resolve=True)
+    model_raw = raw.pop("model", {}) or {}
+    flavor = model_raw.get("flavor", "kimi_vl_a3b")
+    if flavor not in FLAVORS:
+        raise ConfigError(f"model.flavor='{flavor}' is unknown; allowed: {', '.join(sorted(FLAVORS))}.")
+    curriculum_raw = raw.pop("curriculum", {}) or {}
+    cfg: RunConfig = _typed("", RunConfig, raw)
+    cfg.model = _typed("model", FLAVORS[flavor], model_raw)
+    stages_raw = curriculum_raw.get("stages", {}) or {}
+    order = list(curriculum_raw.get("order", []) or [])
+    stages = {name: _typed(f"curriculum.stages.{name}", StageConfig, body) for name, body in stages_raw.items()}
+    cfg.curriculum = CurriculumConfig(order=order, stages=stages)
+    validate(cfg)
+    return cfg
+
+
+def load_config(overrides: list[str]) -> RunConfig:
+    """Compose, type and validate a recipe: the single entry for the trainer, tests and tools."""
+    return to_run_config(compose_recipe(overrides))
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values that types cannot express; every message names the key and what is allowed."""
+    _check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    _check(cfg.exit_after_steps >= 0, "exit_after_steps", cfg.exit_after_steps, "an integer >= 0 (0: no limit)")
+    _check(cfg.optim.name == "adamw", "optim.name", cfg.optim.name, "'adamw'")
+    _check(cfg.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", cfg.optim.grad_clip_norm, ">= 0 (0 disables)")
+    _check(cfg.parallel.dp_degree == -1 or cfg.parallel.dp_degree >= 1, "parallel.dp_degree",
+           cfg.parallel.dp_degree, "-1 (whole world) or >= 1")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    _check(0 <= cfg.data.max_corrupt_fraction <= 1, "data.max_corrupt_fraction", cfg.data.max_corrupt_fraction,
+           "a fraction in [0, 1]")
+    vision = cfg.model.vision
+    _check(vision.hidden_size % vision.num_heads == 0 and (vision.hidden_size // vision.num_heads) % 4 == 0,
+           "model.vision.num_heads", vision.num_heads,
+           f"a divisor of hidden_size={vision.hidden_size} leaving a head dim divisible by 4 (2D RoPE)")
+    _check(not cfg.curriculum.order == [], "curriculum.order", [], "a non-empty list of stage names")
+    for name in cfg.curriculum.order:
+        _check(name in cfg.curriculum.stages, "curriculum.order", name,
+               f"names of defined stages: {', '.join(cfg.curriculum.stages)}")
+    _check(len(set(cfg.curriculum.order)) == len(cfg.curriculum.order), "curriculum.order", cfg.curriculum.order,
+           "each stage at most once")
+    for index, name in enumerate(cfg.curriculum.order):
+        _validate_stage(f"curriculum.stages.{name}", cfg.curriculum.stages[name], first=index == 0, cfg=cfg)
+
+
+def _validate_stage(key: str, stage: StageConfig, first: bool, cfg: RunConfig) -> None:
+    _check(stage.objective in OBJECTIVES, f"{key}.objective", stage.objective, f"one of {OBJECTIVES}")
+    for knob in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "max_image_patches", "max_text_len"):
+        _check(getattr(stage, knob) >= 1, f"{key}.{knob}", getattr(stage, knob), "an integer >= 1")
+    merge = cfg.model.vision.merge_size
+    _check(stage.max_image_patches >= merge * merge, f"{key}.max_image_patches", stage.max_image_patches,
+           f">= {merge * merge} (one merged token)")
+    _check(stage.checkpoint_interval >= 0, f"{key}.checkpoint_interval", stage.checkpoint_interval, ">= 0")
+    _check(stage.rope_theta > 0, f"{key}.rope_theta", stage.rope_theta, "> 0")
+    bad = [part for part in stage.trainable if part not in TRAINABLE_PARTS]
+    _check(not bad, f"{key}.trainable", bad, f"parts among {TRAINABLE_PARTS}")
+    _check(bool(stage.trainable), f"{key}.trainable", stage.trainable, "at least one part")
+    used = STAGE_OBJECTIVE_PARTS[stage.objective]
+    idle = [part for part in stage.trainable if part not in used]
+    _check(not idle, f"{key}.trainable", idle,
+           f"parts the '{stage.objective}' objective uses: {used} (the others get no gradient)")
+    _check(stage.init_from != "previous" or not first, f"{key}.init_from", stage.init_from,
+           "'scratch' or a checkpoint directory for the first stage (there is no previous stage)")
+    lr = stage.lr
+    _check(lr.peak_lr > 0, f"{key}.lr.peak_lr", lr.peak_lr, "> 0")
+    _check(0 <= lr.warmup_steps <= stage.steps, f"{key}.lr.warmup_steps", lr.warmup_steps,
+           f"between 0 and steps={stage.steps}")
+    _check(lr.decay in LR_DECAYS, f"{key}.lr.decay", lr.decay, f"one of {LR_DECAYS}")
+    _check(0 <= lr.min_lr_ratio <= 1, f"{key}.lr.min_lr_ratio", lr.min_lr_ratio, "a ratio in [0, 1]")
+    _validate_mixture(f"{key}.mixture", stage.mixture, stage.objective)
+
+
+def _validate_mixture(key: str, mix: MixtureConfig, objective: str) -> None:
+    for share in ("multimodal_share_start", "multimodal_share_end", "long_share"):
+        value = getattr(mix, share)
+        _check(0 <= value <= 1, f"{key}.{share}", value, "a share in [0, 1]")
+    for group in ("text_sources", "multimodal_sources", "long_sources"):
+        weights = getattr(mix, group)
+        negative = {k: v for k, v in weights.items() if v < 0}
+        _check(not negative, f"{key}.{group}", negative, "weights >= 0")
+    if objective == "coca":
+        _check(sum(mix.multimodal_sources.values()) > 0, f"{key}.multimodal_sources", mix.multimodal_sources,
+               "image-text sources with positive weight (the CoCa objective needs images)")
+        return
+    needs_text = mix.multimodal_share_start < 1 or mix.multimodal_share_end < 1
+    _check(not needs_text or sum(mix.text_sources.values()) > 0, f"{key}.text_sources", mix.text_sources,
+           "positive weights (the multimodal share is below 1, so text samples are drawn)")
+    needs_mm = mix.multimodal_share_start > 0 or mix.multimodal_share_end > 0
+    _check(not needs_mm or sum(mix.multimodal_sources.values()) > 0, f"{key}.multimodal_sources",
+           mix.multimodal_sources, "positive weights (the multimodal share is above 0)")
+    _check(mix.long_share == 0 or sum(mix.long_sources.values()) > 0, f"{key}.long_sources", mix.long_sources,
+           "positive weights (long_share is above 0)")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"Invalid value {key}={value!r}: allowed is {allowed}.")

@@ -1,0 +1,70 @@
+"""Per-step metrics (JSON lines), the console progress bar, and the run summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to ``metrics.jsonl`` (rank 0 only).
+
+    On resume at step ``s`` the lines of steps after ``s`` (written before the interruption, after the checkpoint)
+    are dropped, so the file always reads as one uninterrupted history.
+    """
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool, progress_bar: bool, total_steps: int, desc: str):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if progress_bar:
+            self.bar = tqdm(total=total_steps, initial=resume_step, desc=desc, dynamic_ncols=True, leave=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def summarize_stage(path: Path) -> dict[str, Any]:
+    """Steps, first and last loss and tokens of one stage, from its metrics file."""
+    records = read_metrics(path)
+    if not records:
+        return {"steps": 0, "first_loss": None, "last_loss": None, "tokens": 0}
+    return {
+        "steps": records[-1]["step"],
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        "tokens": records[-1]["tokens"],
+    }
+
+
+def format_summary(summary: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'stage':<16}{'steps':>7}{'first loss':>12}{'last loss':>12}{'tokens':>12}"]
+    for name, s in summary.items():
+        first = f"{s['first_loss']:.4f}" if s["first_loss"] is not None else "-"
+        last = f"{s['last_loss']:.4f}" if s["last_loss"] is not None else "-"
+        lines.append(f"{name:<16}{s['steps']:>7}{first:>12}{last:>12}{s['tokens']:>12}")
+    return "\n".join(lines)

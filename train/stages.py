@@ -1,0 +1,70 @@
+"""The curriculum: which parts train in a stage, RoPE base changes, and the hand-off between stages.
+
+A stage is finished when its directory holds ``DONE.json``; its last committed checkpoint is then the "final
+checkpoint" the next stage starts from (``init_from: previous``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import nn
+
+from train.checkpoint import CheckpointManager, ModelState, load_checkpoint
+from train.config import TRAINABLE_PARTS, RunConfig, StageConfig
+
+
+def stage_dir(cfg: RunConfig, name: str) -> Path:
+    return cfg.run_dir / name
+
+
+def checkpoints_of(cfg: RunConfig, name: str) -> CheckpointManager:
+    return CheckpointManager(stage_dir(cfg, name) / "checkpoints", cfg.checkpoint.keep_last)
+
+
+def is_done(cfg: RunConfig, name: str) -> bool:
+    return (stage_dir(cfg, name) / "DONE.json").exists()
+
+
+def mark_done(cfg: RunConfig, name: str, final_step: int) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = stage_dir(cfg, name) / "DONE.json"
+        path.write_text(json.dumps({"stage": name, "final_step": final_step}) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def apply_stage(model: nn.Module, stage: StageConfig) -> None:
+    """Set the stage's RoPE base and freeze every part it does not train.
+
+    Frozen parts still pass gradients through to earlier trainable parts (e.g. the LLM in ``vit_align``); they are
+    left out of the optimizer, so not even weight decay touches them.
+    """
+    model.set_rope_theta(stage.rope_theta)
+    for part in TRAINABLE_PARTS:
+        getattr(model, part).requires_grad_(part in stage.trainable)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def init_stage_weights(model: nn.Module, cfg: RunConfig, name: str) -> str:
+    """Load the weights a stage starts from (when it has no checkpoint of its own); returns where from."""
+    stage = cfg.curriculum.stages[name]
+    if stage.init_from == "scratch":
+        return "scratch (the run's seeded initialization)"
+    if stage.init_from == "previous":
+        index = cfg.curriculum.order.index(name)
+        previous = cfg.curriculum.order[index - 1]
+        manager = checkpoints_of(cfg, previous)
+        step = manager.latest_step()
+        if not is_done(cfg, previous) or step is None:
+            raise RuntimeError(f"stage '{name}' starts from stage '{previous}', which has no final checkpoint")
+        path = manager.path(step)
+    else:
+        path = Path(stage.init_from)
+    load_checkpoint(path, {"model": ModelState(model)})
+    return str(path)

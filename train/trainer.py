@@ -1,0 +1,272 @@
+"""Building the pieces of a run and training the curriculum stage by stage.
+
+Loss normalization: every rank scales its loss sums by the *global* number of loss tokens of the step (all ranks,
+all micro-batches), and gradients are summed over the data-parallel group, so one step equals one process running
+the whole global batch (token-mean loss, not a mean of per-rank means).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
+
+from data.batch import ImageTextBatch, PackedBatch
+from data.loader import StageLoader, read_manifest
+from data.tokenizer import TextTokenizer
+from model.coca import caption_loss_sum, siglip_loss
+from model.registry import build_model
+from optim.build import build_optimizer
+from optim.schedules import lr_at
+from parallel.data_parallel import reduce_gradients
+from parallel.dims import ParallelDims
+from train.checkpoint import ModelState, OptimizerState, RNGState
+from train.config import ConfigError, RunConfig, StageConfig
+from train.metrics import MetricsWriter, format_summary, summarize_stage
+from train.stages import (
+    apply_stage,
+    checkpoints_of,
+    init_stage_weights,
+    is_done,
+    mark_done,
+    stage_dir,
+    trainable_parameters,
+)
+
+logger = logging.getLogger(__name__)
+# Weight of the caption loss in the CoCa objective: L = L_siglip + 2 * L_caption (report, section 2.3).
+CAPTION_LOSS_WEIGHT = 2.0
+
+
+@dataclass
+class TrainState(Stateful):
+    """Progress of the current stage: optimizer steps taken and tokens consumed (all ranks)."""
+
+    step: int = 0
+    tokens: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict["step"])
+        self.tokens = int(state_dict["tokens"])
+
+
+@dataclass
+class StepResult:
+    loss: float
+    parts: dict[str, float]
+    tokens: int
+    expert_load: torch.Tensor | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def init_distributed() -> None:
+    """Join the torchrun process group (gloo on CPU, NCCL on GPU), or form a group of one."""
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, world: int) -> StepResult:
+    """Forward and backward of the next-token objective over ``batches`` (this rank's micro-batches)."""
+    (global_targets,) = _all_reduce_sum([sum(b.num_loss_tokens for b in batches)])
+    loss_sum, aux_sum, loads = 0.0, 0.0, []
+    for batch in batches:
+        logits, aux = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.pixel_values,
+                            batch.image_grid_hw, batch.image_token_positions)
+        mask = batch.loss_mask.view(-1)
+        ce = F.cross_entropy(logits.view(-1, logits.shape[-1])[mask], batch.labels.view(-1)[mask], reduction="sum")
+        loss = ce / max(global_targets, 1.0)
+        if aux_loss_coef > 0:
+            # The balance loss is a mean per micro-batch; average it over every micro-batch of every rank.
+            loss = loss + aux_loss_coef * aux.aux_loss / (len(batches) * world)
+            aux_sum += float(aux.aux_loss.detach())
+        loss.backward()
+        loss_sum += float(ce.detach())
+        loads.append(aux.expert_load)
+    total_ce, total_aux = _all_reduce_sum([loss_sum, aux_sum])
+    lm_loss = total_ce / max(global_targets, 1.0)
+    parts = {"lm_loss": lm_loss}
+    if aux_loss_coef > 0:
+        parts["aux_loss"] = total_aux / (len(batches) * world)
+    tokens = sum(b.num_tokens for b in batches) * world
+    return StepResult(lm_loss, parts, tokens, expert_load=torch.stack(loads).sum(0))
+
+
+def coca_step(model: nn.Module, batches: list[ImageTextBatch], world: int) -> StepResult:
+    """Forward and backward of ``L = L_siglip + 2 * L_caption`` over this rank's micro-batches.
+
+    The SigLIP loss is computed within each micro-batch (its pairs are the negatives) and averaged; the caption
+    loss is a global token mean.
+    """
+    (global_targets,) = _all_reduce_sum([sum(b.num_loss_tokens for b in batches)])
+    siglip_total, caption_total = 0.0, 0.0
+    for batch in batches:
+        out = model.forward_coca(batch.pixel_values, batch.image_grid_hw, batch.text_ids, batch.text_mask)
+        siglip = siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
+        caption_sum, _ = caption_loss_sum(out.caption_logits, batch.text_ids, batch.text_mask)
+        loss = siglip / (len(batches) * world) + CAPTION_LOSS_WEIGHT * caption_sum / max(global_targets, 1.0)
+        loss.backward()
+        siglip_total += float(siglip.detach())
+        caption_total += float(caption_sum.detach())
+    siglip_total, caption_total = _all_reduce_sum([siglip_total, caption_total])
+    siglip_mean = siglip_total / (len(batches) * world)
+    caption_mean = caption_total / max(global_targets, 1.0)
+    tokens = sum(b.num_tokens for b in batches) * world
+    loss = siglip_mean + CAPTION_LOSS_WEIGHT * caption_mean
+    extra = {"logit_scale": float(model.coca.logit_scale.detach().exp())}
+    return StepResult(loss, {"siglip_loss": siglip_mean, "caption_loss": caption_mean}, tokens, extra=extra)
+
+
+class Trainer:
+    """Runs the curriculum of a :class:`RunConfig`, resuming from whatever the run directory already holds."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dims = ParallelDims.from_config(cfg.parallel, self.world)
+        self.tokenizer = self._build_tokenizer()
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model)
+        self.steps_this_run = 0
+
+    def _build_tokenizer(self) -> TextTokenizer:
+        root = self.cfg.data.root
+        if self.rank == 0 and self.cfg.data.generate_if_missing and not os.path.exists(f"{root}/manifest.json"):
+            from data.synthetic import generate_corpus
+
+            logger.info("generating the demo corpus into %s", root)
+            generate_corpus(root, seed=self.cfg.seed)
+        dist.barrier()
+        tokenizer = TextTokenizer.from_file(os.path.join(root, read_manifest(root)["tokenizer"]))
+        vocab = self.cfg.model.decoder.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise ConfigError(f"Invalid value model.decoder.vocab_size={vocab}: the tokenizer of {root} has "
+                              f"{tokenizer.vocab_size} tokens; allowed is >= {tokenizer.vocab_size}.")
+        return tokenizer
+
+    def run(self) -> dict[str, dict[str, Any]]:
+        """Train every stage in order (skipping finished ones) and write ``summary.json``."""
+        finished = True
+        for name in self.cfg.curriculum.order:
+            if is_done(self.cfg, name):
+                logger.info("stage %s already finished: skipped", name)
+                continue
+            finished = not self._exit_reached() and self.run_stage(name)
+            if not finished:
+                logger.info("left after %d steps (exit_after_steps); rerun the same command to continue",
+                            self.steps_this_run)
+                break
+        summary = {n: summarize_stage(stage_dir(self.cfg, n) / "metrics.jsonl") for n in self.cfg.curriculum.order}
+        if self.rank == 0 and finished:
+            (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(format_summary(summary))
+            print(f"outputs: {self.cfg.run_dir.resolve()}")
+        return summary
+
+    def _exit_reached(self) -> bool:
+        return bool(self.cfg.exit_after_steps) and self.steps_this_run >= self.cfg.exit_after_steps
+
+    def _state(self, optimizer: torch.optim.Optimizer, train: TrainState, loader: StageLoader) -> dict[str, Any]:
+        return {
+            "model": ModelState(self.model),
+            "optim": OptimizerState(self.model, optimizer),
+            "train": train,
+            f"loader.rank{self.rank}": loader,
+            f"rng.rank{self.rank}": RNGState(),
+        }
+
+    def run_stage(self, name: str) -> bool:
+        """Train one stage to its end (True), or until ``exit_after_steps`` (False, checkpointed)."""
+        cfg, stage = self.cfg, self.cfg.curriculum.stages[name]
+        apply_stage(self.model, stage)
+        params = trainable_parameters(self.model)
+        optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr)
+        loader = StageLoader(name, stage, cfg.data.root, self.tokenizer, cfg.model.vision, cfg.seed,
+                             self.dims.dp_rank(), self.dims.dp_degree, cfg.data.max_corrupt_fraction)
+        train = TrainState()
+        checkpoints = checkpoints_of(cfg, name)
+        latest = checkpoints.latest_step()
+        if latest is not None:
+            checkpoints.load(latest, self._state(optimizer, train, loader))
+            logger.info("stage %s: resumed from step %d", name, train.step)
+        else:
+            source = init_stage_weights(self.model, cfg, name)
+            logger.info("stage %s: weights from %s", name, source)
+        metrics = MetricsWriter(stage_dir(cfg, name) / "metrics.jsonl", train.step, self.rank == 0,
+                                cfg.log.progress_bar, stage.steps, name)
+        while train.step < stage.steps:
+            record = self.train_step(name, stage, optimizer, params, loader, train)
+            metrics.log(record)
+            self.steps_this_run += 1
+            leaving = self._exit_reached()
+            interval = stage.checkpoint_interval
+            if train.step == stage.steps or leaving or (interval and train.step % interval == 0):
+                checkpoints.save(train.step, self._state(optimizer, train, loader))
+            if leaving and train.step < stage.steps:
+                metrics.close()
+                return False
+        metrics.close()
+        mark_done(cfg, name, train.step)
+        return True
+
+    def train_step(self, name: str, stage: StageConfig, optimizer: torch.optim.Optimizer,
+                   params: list[nn.Parameter], loader: StageLoader, train: TrainState) -> dict[str, Any]:
+        """One optimizer step: micro-batches, backward, gradient reduction, clipping, update, bookkeeping."""
+        start = time.perf_counter()
+        lr = lr_at(stage.lr, train.step, stage.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        progress = train.step / stage.steps
+        optimizer.zero_grad(set_to_none=True)
+        if stage.objective == "coca":
+            batches = [loader.next_image_text_batch(progress) for _ in range(stage.grad_accum_steps)]
+            result = coca_step(self.model, batches, self.world)
+        else:
+            batches = [loader.next_packed_batch(progress) for _ in range(stage.grad_accum_steps)]
+            result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world)
+        reduce_gradients(params, dist.group.WORLD)
+        clip = self.cfg.optim.grad_clip_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        optimizer.step()
+        if result.expert_load is not None and "decoder" in stage.trainable:
+            load = result.expert_load.clone()
+            dist.all_reduce(load)
+            self.model.decoder.update_expert_bias(load)
+        train.step += 1
+        train.tokens += result.tokens
+        elapsed = time.perf_counter() - start
+        return {"stage": name, "step": train.step, "loss": result.loss, **result.parts, "lr": lr,
+                "tokens": train.tokens, "grad_norm": float(grad_norm), "step_time_s": elapsed,
+                "tokens_per_s": result.tokens / elapsed, "corrupt_samples": loader.corrupt, **result.extra}
+
+
+def run_curriculum(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Entry used by ``python -m train``: train, then leave the process group."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        dist.destroy_process_group()
