@@ -57,7 +57,7 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
@@ -77,5 +77,5 @@ class ImageTextBatch:
     def num_tokens(self) -> int:
         return int(self.text_mask.sum()) + self.pixel_values.shape[0]
 
-    def to(self, device: torch.device | str) -> "ImageTextBatch":
+    def to(self, device: torch.device | str) -> ImageTextBatch:
         return ImageTextBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

@@ -102,7 +102,8 @@ class StageLoader:
 
     def _skip(self, name: str, position: int, error: Exception) -> None:
         self.corrupt += 1
-        logger.warning("skipped corrupt sample of source '%s' at %s: %s", name, self.sources[name].locate(position), error)
+        where = self.sources[name].locate(position)
+        logger.warning("skipped corrupt sample of source '%s' at %s: %s", name, where, error)
         if self.draws >= MIN_DRAWS_FOR_CORRUPT_CHECK and self.corrupt > self.max_corrupt_fraction * self.draws:
             raise DataError(f"{self.corrupt} of {self.draws} samples drawn in stage '{self.stage_name}' were corrupt, "
                             f"above data.max_corrupt_fraction={self.max_corrupt_fraction}")

@@ -18,7 +18,7 @@ class ParallelDims:
     world_size: int
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
+    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
         dp = world_size if cfg.dp_degree == -1 else cfg.dp_degree
         if dp != world_size:
             raise ConfigError(f"Invalid value parallel.dp_degree={cfg.dp_degree!r}: the product of the parallel "

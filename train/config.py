@@ -155,16 +155,26 @@ def available_recipes() -> list[str]:
 def compose_recipe(overrides: list[str]) -> DictConfig:
     """Compose ``recipes/config.yaml`` with Hydra and the given ``key=value`` overrides (untyped)."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides))
+            return compose(config_name="config", overrides=[_as_upsert(o) for o in overrides])
     except HydraException as error:
         raise ConfigError(f"{error}\nRecipes: {', '.join(available_recipes())} (recipe=<name>).") from None
+
+
+def _as_upsert(override: str) -> str:
+    """``key=value`` becomes Hydra's ``++key=value`` (set, whether or not the YAML mentions the key) unless it picks
+    a config group (``recipe=debug``). The typed schema, not the YAML, decides which keys exist: a misspelt key
+    fails in :func:`to_run_config` with the allowed keys."""
+    key = override.split("=", 1)[0]
+    groups = {p.name for p in RECIPES_DIR.iterdir() if p.is_dir()}
+    if "=" not in override or key.startswith(("+", "~")) or key in groups:
+        return override
+    return "++" + override
 
 
 def _typed(section: str, schema: Any, values: Any) -> Any:
@@ -176,7 +186,8 @@ def _typed(section: str, schema: Any, values: Any) -> Any:
         key = getattr(error, "full_key", None) or "?"
         allowed = _allowed_keys(schema, str(key))
         hint = f" Allowed keys here: {', '.join(allowed)}." if allowed else ""
-        raise ConfigError(f"Invalid config key or value at '{section}.{key}': {error.msg}.{hint}") from None
+        reason = str(error.msg).splitlines()[0]
+        raise ConfigError(f"Invalid config key or value at '{section}.{key}': {reason}.{hint}") from None
 
 
 def _allowed_keys(schema: Any, dotted: str) -> list[str]:

@@ -105,13 +105,13 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
         loss.backward()
         loss_sum += float(ce.detach())
         loads.append(aux.expert_load)
-    total_ce, total_aux = _all_reduce_sum([loss_sum, aux_sum])
+    local_tokens = sum(b.num_tokens for b in batches)
+    total_ce, total_aux, tokens = _all_reduce_sum([loss_sum, aux_sum, local_tokens])
     lm_loss = total_ce / max(global_targets, 1.0)
     parts = {"lm_loss": lm_loss}
     if aux_loss_coef > 0:
         parts["aux_loss"] = total_aux / (len(batches) * world)
-    tokens = sum(b.num_tokens for b in batches) * world
-    return StepResult(lm_loss, parts, tokens, expert_load=torch.stack(loads).sum(0))
+    return StepResult(lm_loss, parts, int(tokens), expert_load=torch.stack(loads).sum(0))
 
 
 def coca_step(model: nn.Module, batches: list[ImageTextBatch], world: int) -> StepResult:
@@ -130,13 +130,13 @@ def coca_step(model: nn.Module, batches: list[ImageTextBatch], world: int) -> St
         loss.backward()
         siglip_total += float(siglip.detach())
         caption_total += float(caption_sum.detach())
-    siglip_total, caption_total = _all_reduce_sum([siglip_total, caption_total])
+    local_tokens = sum(b.num_tokens for b in batches)
+    siglip_total, caption_total, tokens = _all_reduce_sum([siglip_total, caption_total, local_tokens])
     siglip_mean = siglip_total / (len(batches) * world)
     caption_mean = caption_total / max(global_targets, 1.0)
-    tokens = sum(b.num_tokens for b in batches) * world
     loss = siglip_mean + CAPTION_LOSS_WEIGHT * caption_mean
     extra = {"logit_scale": float(model.coca.logit_scale.detach().exp())}
-    return StepResult(loss, {"siglip_loss": siglip_mean, "caption_loss": caption_mean}, tokens, extra=extra)
+    return StepResult(loss, {"siglip_loss": siglip_mean, "caption_loss": caption_mean}, int(tokens), extra=extra)
 
 
 class Trainer:

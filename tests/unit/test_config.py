@@ -82,7 +82,7 @@ def test_wrong_type():
         ("curriculum.stages.joint_pretrain.lr.decay=exp", "decay"),
         ("curriculum.stages.joint_pretrain.lr.warmup_steps=1000", "warmup_steps"),
         ("curriculum.stages.long_ctx_32k.mixture.long_share=1.5", "long_share"),
-        ("curriculum.stages.long_ctx_32k.mixture.long_sources={}", "long_sources"),
+        ("curriculum.stages.long_ctx_32k.mixture.long_sources.long_doc=0", "long_sources"),
         ("curriculum.order=[vit_coca,nope]", "curriculum.order"),
         ("model.flavor=huge", "model.flavor"),
         ("model.vision.num_heads=3", "num_heads"),

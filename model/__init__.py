@@ -1,0 +1,35 @@
+"""Kimi-VL model code: single-device math, built on ``meta`` and parallelized from :mod:`parallel`."""
+
+from model.args import CocaArgs, DecoderArgs, ModelArgs, VisionArgs
+from model.attention import apply_rotary, rope_angles_1d, rope_angles_2d, varlen_attention
+from model.coca import CocaOutput, CocaTowers, caption_loss_sum, siglip_loss
+from model.decoder import MoEAux, MoEDecoder
+from model.moe import MoE
+from model.projector import PatchMergerProjector
+from model.registry import FLAVORS, build_model, count_parameters
+from model.vision import MoonViT
+from model.vlm import KimiVL
+
+__all__ = [
+    "FLAVORS",
+    "CocaArgs",
+    "CocaOutput",
+    "CocaTowers",
+    "DecoderArgs",
+    "KimiVL",
+    "ModelArgs",
+    "MoE",
+    "MoEAux",
+    "MoEDecoder",
+    "MoonViT",
+    "PatchMergerProjector",
+    "VisionArgs",
+    "apply_rotary",
+    "build_model",
+    "caption_loss_sum",
+    "count_parameters",
+    "rope_angles_1d",
+    "rope_angles_2d",
+    "siglip_loss",
+    "varlen_attention",
+]

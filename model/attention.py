@@ -1,0 +1,150 @@
+"""Attention over packed documents and the rotary position embeddings of the decoder (1D) and the vision tower (2D).
+
+Tokens of a batch are flattened and packed: a ``[T, heads, head_dim]`` tensor plus ``cu_seqlens`` (the flash-attn
+varlen convention, ``int32 [docs + 1]``, ``cu_seqlens[i]:cu_seqlens[i + 1]`` is document ``i``). Attention never
+crosses a document boundary.
+
+Both RoPE flavours rotate *interleaved* pairs: elements ``2j`` and ``2j + 1`` of a head form complex number ``j``,
+rotated by an angle ``angles[..., j]``. The 1D and 2D variants differ only in how those angles are computed, so one
+:func:`apply_rotary` serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # The optional ``gpu`` extra; only ever used for CUDA tensors.
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the environment
+    flash_attn_varlen_func = None
+
+__all__ = [
+    "apply_rotary",
+    "document_lengths",
+    "rope_angles_1d",
+    "rope_angles_2d",
+    "varlen_attention",
+]
+
+
+def document_lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    """Lengths of the documents delimited by ``cu_seqlens`` (a host list: the CPU backend loops over them)."""
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention restricted to each packed document.
+
+    Args:
+        q: Queries ``[T, H, Dqk]``.
+        k: Keys ``[T, H, Dqk]``.
+        v: Values ``[T, H, Dv]`` (``Dv`` may differ from ``Dqk``, as in MLA).
+        cu_seqlens: ``int32 [docs + 1]`` cumulative document lengths over ``T``, starting at 0 and ending at ``T``.
+        causal: Whether a token attends only to itself and earlier tokens of its document.
+        scale: Softmax scale; ``1 / sqrt(Dqk)`` when None.
+
+    Returns:
+        The attention output ``[T, H, Dv]``.
+    """
+    if q.is_cuda and flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_varlen(q, k, v, cu_seqlens, causal, scale)
+    return _sdpa_per_document(q, k, v, cu_seqlens, causal, scale)
+
+
+def _sdpa_per_document(q, k, v, cu_seqlens, causal: bool, scale: float | None) -> torch.Tensor:
+    # One SDPA call per document: on CPU this beats a single call with a block-diagonal mask (no wasted T^2 work,
+    # no mask materialization), forward and backward.
+    lengths = document_lengths(cu_seqlens)  # one host sync, needed anyway to slice the documents
+    if sum(lengths) != q.shape[0] or int(cu_seqlens[0]) != 0:
+        raise ValueError(f"cu_seqlens spans tokens {int(cu_seqlens[0])}..{int(cu_seqlens[-1])} but there are "
+                         f"{q.shape[0]} tokens; the packed documents must cover every token exactly once.")
+    outputs = []
+    start = 0
+    for length in lengths:
+        if length == 0:
+            continue
+        end = start + length
+        # SDPA wants [heads, tokens, dim].
+        qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale)
+        outputs.append(out.transpose(0, 1))
+        start = end
+    return torch.cat(outputs, dim=0)
+
+
+def _flash_varlen(q, k, v, cu_seqlens, causal: bool, scale: float | None) -> torch.Tensor:
+    # flash-attn 2 needs one head dim for q, k and v: pad v (MLA has Dv < Dqk) and drop the padding afterwards.
+    dv = v.shape[-1]
+    if dv != q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
+    return out[..., :dv]
+
+
+def rope_angles_1d(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """Rotation angles of standard (1D) RoPE.
+
+    Args:
+        positions: Integer positions ``[...]``.
+        dim: Number of rotated dims per head (even); there are ``dim / 2`` frequencies ``theta^(-2i/dim)``.
+        theta: RoPE base.
+
+    Returns:
+        fp32 angles ``[..., dim / 2]``: pair ``i`` of a token at position ``p`` rotates by ``p * theta^(-2i/dim)``.
+    """
+    # Computed in fp32 exactly like the HF reference (same op order), so parity tests agree to the last bits.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    return positions.float().unsqueeze(-1) * inv_freq
+
+
+def rope_angles_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """Rotation angles of MoonViT's 2D RoPE.
+
+    The head is ``dim / 2`` interleaved complex pairs sharing ``dim / 4`` frequencies ``theta^(-4i/dim)``: pair
+    ``2i`` rotates by ``col * freq_i`` (width) and pair ``2i + 1`` by ``row * freq_i`` (height), so a q-k logit
+    depends only on the (row, col) offset between the two patches.
+
+    Args:
+        rows: Integer row (height) position of each patch ``[T]``.
+        cols: Integer column (width) position of each patch ``[T]``.
+        dim: Head dim, divisible by 4.
+        theta: RoPE base.
+
+    Returns:
+        fp32 angles ``[T, dim / 2]``.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {dim}: change the number of vision heads.")
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 4, device=rows.device, dtype=torch.float32) / dim))
+    width = cols.float().unsqueeze(-1) * freqs
+    height = rows.float().unsqueeze(-1) * freqs
+    return torch.stack((width, height), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs ``(x[2j], x[2j+1])`` of every head by ``angles[..., j]``.
+
+    Args:
+        x: ``[T, H, D]`` (or any ``[..., T, H, D]``) with ``D = 2 * angles.shape[-1]``.
+        angles: ``[T, D / 2]`` fp32, broadcast over heads.
+
+    Returns:
+        The rotated tensor, same shape and dtype as ``x``.
+    """
+    cos = angles.cos().unsqueeze(-2)
+    sin = angles.sin().unsqueeze(-2)
+    # At least fp32: bf16 rotations lose the low bits of large angles.
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)

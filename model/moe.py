@@ -1,0 +1,162 @@
+"""DeepSeek-V3 mixture of experts: sigmoid router, aux-loss-free bias balancing, routed + shared SwiGLU experts.
+
+Routing of a token ``h``:
+
+* ``scores = sigmoid(W_router h)`` (fp32), one affinity per routed expert;
+* the ``k`` experts are chosen by top-k of ``scores + expert_bias``. The bias only steers the *choice*: it is a
+  buffer nudged after each step towards uniform load (:meth:`MoE.update_expert_bias`), never trained by gradients;
+* the combine weights are the unbiased ``scores`` of the chosen experts, normalized to sum 1 (``norm_topk_prob``)
+  and multiplied by ``routed_scaling_factor``.
+
+The output is ``sum_k weight_k * expert_k(h) + shared(h)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import DecoderArgs
+from model.layers import SwiGLU, init_default_weights
+
+__all__ = ["GroupedExperts", "MoE", "RoutingResult"]
+
+
+class GroupedExperts(nn.Module):
+    """The routed SwiGLU experts as stacked 3-D weights.
+
+    Dim 0 indexes the expert, so expert parallelism shards it and Muon orthogonalizes each ``[out, in]`` matrix on
+    its own.
+
+    Args:
+        num_experts: Number of routed experts ``E``.
+        dim: Model hidden size.
+        hidden_dim: Expert FFN size.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w_up = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w_down = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """Run the experts on token rows already sorted by expert.
+
+        Args:
+            x: ``[assignments, dim]``, the rows of expert 0 first, then expert 1, ...
+            tokens_per_expert: How many rows each local expert owns (``len == w_gate.shape[0]``).
+
+        Returns:
+            ``[assignments, dim]`` expert outputs in the same order.
+        """
+        outputs = []
+        for expert, rows in enumerate(x.split(tokens_per_expert)):
+            if rows.shape[0] == 0:  # only experts that received tokens do any work
+                continue
+            hidden = F.silu(rows @ self.w_gate[expert].t()) * (rows @ self.w_up[expert].t())
+            outputs.append(hidden @ self.w_down[expert].t())
+        if not outputs:
+            return x.new_zeros(0, self.w_down.shape[1])
+        return torch.cat(outputs)
+
+
+@dataclass
+class RoutingResult:
+    """What the router decided for ``T`` tokens: ``indices``/``weights`` ``[T, k]`` and the fp32 ``scores [T, E]``."""
+
+    scores: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+
+class MoE(nn.Module):
+    """Routed experts + shared experts of one decoder layer.
+
+    Args:
+        dim: Model hidden size.
+        args: Decoder hyper-parameters (expert counts, sizes, routing constants).
+    """
+
+    def __init__(self, dim: int, args: DecoderArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_token
+        self.norm_topk_prob = args.norm_topk_prob
+        self.routed_scaling_factor = args.routed_scaling_factor
+        self.bias_update_rate = args.bias_update_rate
+        self.aux_loss_enabled = args.aux_loss_coef > 0
+        self.router = nn.Linear(dim, args.num_routed_experts, bias=False)
+        # Persistent (checkpointed) but not a parameter: aux-loss-free balancing moves it by a sign rule.
+        self.register_buffer("expert_bias", torch.zeros(args.num_routed_experts, dtype=torch.float32))
+        self.experts = GroupedExperts(args.num_routed_experts, dim, args.moe_ffn_size)
+        self.shared_experts = SwiGLU(dim, args.moe_ffn_size * args.num_shared_experts)
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """Initialize every parameter from the current torch RNG; the balancing bias starts at zero."""
+        init_default_weights(self, std)  # router and shared experts
+        for weight in (self.experts.w_gate, self.experts.w_up, self.experts.w_down):
+            nn.init.normal_(weight, mean=0.0, std=std)
+        self.expert_bias.zero_()
+
+    def route(self, x: torch.Tensor) -> RoutingResult:
+        """Choose ``k`` experts per token of ``x [T, dim]`` and their combine weights."""
+        scores = torch.sigmoid(F.linear(x.float(), self.router.weight.float()))
+        indices = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return RoutingResult(scores, indices, weights * self.routed_scaling_factor)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Apply the layer to ``x [B, S, dim]``.
+
+        Returns:
+            ``(out [B, S, dim], expert_load [E] detached fp32 token counts, aux_loss)``; ``aux_loss`` is the
+            unweighted sequence-level balance loss (averaged over the B rows) when ``aux_loss_coef > 0``, else None.
+        """
+        rows, seq, dim = x.shape
+        flat = x.reshape(rows * seq, dim)
+        routing = self.route(flat)
+        num_experts = self.expert_bias.shape[0]
+        assigned = routing.indices.reshape(-1)  # [T * k], token t's choices at t*k .. t*k+k-1
+        counts = torch.bincount(assigned, minlength=num_experts)
+        # Sort the (token, expert) assignments by expert so each expert sees one contiguous slice; stable for a
+        # deterministic order within an expert.
+        order = torch.argsort(assigned, stable=True)
+        token_of = order // self.top_k
+        expert_out = self.experts(flat[token_of], counts.tolist())
+        weighted = expert_out * routing.weights.reshape(-1)[order].unsqueeze(-1).to(expert_out.dtype)
+        routed = torch.zeros_like(flat).index_add(0, token_of, weighted)
+        out = routed.view(rows, seq, dim) + self.shared_experts(x)
+        aux = self.balance_loss(routing, rows) if self.aux_loss_enabled else None
+        return out, counts.detach().float(), aux
+
+    def balance_loss(self, routing: RoutingResult, rows: int) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss ``sum_i f_i P_i``, averaged over the ``rows`` of the batch.
+
+        ``f_i = E / (k S) * #{tokens of the row choosing i}`` and ``P_i = mean_t s'_{i,t}`` with the scores
+        normalized over all experts, ``s'_{i,t} = s_{i,t} / sum_j s_{j,t}``. Not yet multiplied by the coefficient.
+        """
+        num_experts = routing.scores.shape[-1]
+        scores = routing.scores.view(rows, -1, num_experts)
+        seq = scores.shape[1]
+        probs = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
+        chosen = torch.zeros_like(scores).scatter_(-1, routing.indices.view(rows, seq, -1), 1.0).sum(1)  # [B, E]
+        fraction = chosen * num_experts / (self.top_k * seq)
+        return (fraction * probs).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_expert_bias(self, expert_load: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: ``expert_bias += rate * sign(mean_load - load)``.
+
+        Under-loaded experts become more attractive to the top-k choice, over-loaded ones less.
+
+        Args:
+            expert_load: ``[E]`` tokens routed to each expert over the step (summed over data-parallel ranks).
+        """
+        load = expert_load.to(self.expert_bias.device, torch.float32)
+        self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))

@@ -1,0 +1,124 @@
+"""Kimi-VL: MoonViT -> pixel-shuffle projector -> MoE decoder, plus the CoCa towers of the first stage.
+
+The trainer freezes parts by the submodule names ``vision``, ``projector``, ``decoder`` and ``coca``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.args import ModelArgs
+from model.coca import CocaOutput, CocaTowers
+from model.decoder import MoEAux, MoEDecoder
+from model.projector import PatchMergerProjector
+from model.vision import MoonViT
+
+__all__ = ["KimiVL"]
+
+
+class KimiVL(nn.Module):
+    """The whole vision-language model.
+
+    Args:
+        args: Hyper-parameters of every part.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.vision = MoonViT(args.vision)
+        self.projector = PatchMergerProjector(
+            args.vision.hidden_size, args.vision.merge_size, args.decoder.hidden_size, args.vision.layer_norm_eps)
+        self.decoder = MoEDecoder(args.decoder)
+        self.coca = CocaTowers(args.coca, args.vision.hidden_size, args.decoder.vocab_size)
+
+    def init_weights(self) -> None:
+        """Initialize every parameter and buffer from the current torch RNG, part after part (deterministic).
+
+        Weights ``normal(0, decoder.init_std)``, biases zeros, norms ones, the vision position table
+        ``normal(0, 0.02)``, MoE balancing biases zeros, SigLIP temperature and bias to their init values.
+        """
+        std = self.args.decoder.init_std
+        self.vision.init_weights(std)
+        self.projector.init_weights(std)
+        self.decoder.init_weights()
+        self.coca.init_weights(std)
+
+    def set_rope_theta(self, theta: float) -> None:
+        """Change the decoder's RoPE base (curriculum stages); the vision tower's 2D RoPE is unaffected."""
+        self.decoder.set_rope_theta(theta)
+
+    def embed_images(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
+        """Packed image patches ``[patches, C*p*p]`` -> decoder-width image tokens ``[patches / m^2, hidden]``."""
+        return self.projector(self.vision(pixel_values, grid_hw), grid_hw)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
+        image_token_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MoEAux]:
+        """Next-token logits of packed rows with images scattered into their placeholder positions.
+
+        Args:
+            input_ids: ``int64 [B, S]``.
+            position_ids: ``int64 [B, S]`` positions restarting at 0 in every document.
+            cu_seqlens: ``int32 [docs + 1]`` document boundaries over the flattened ``B * S`` tokens.
+            pixel_values: ``[patches, C*p*p]`` packed image patches, or None / empty for text-only batches.
+            image_grid_hw: ``int64 [images, 2]`` patch grids.
+            image_token_positions: ``int64 [image_tokens]`` flattened positions receiving the merged image tokens,
+                in the order the projector emits them.
+
+        Returns:
+            ``(logits [B, S, vocab], MoEAux)``.
+        """
+        embeds = self.decoder.embed_tokens(input_ids)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            embeds = self.scatter_images(embeds, pixel_values, image_grid_hw, image_token_positions)
+        hidden, aux = self.decoder(position_ids=position_ids, cu_seqlens=cu_seqlens, inputs_embeds=embeds)
+        return self.decoder.logits(hidden), aux
+
+    def scatter_images(
+        self,
+        embeds: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_hw: torch.Tensor,
+        image_token_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Replace the placeholder embeddings of ``embeds [B, S, hidden]`` by the image tokens (out of place, so
+        gradients reach the vision tower and the projector)."""
+        if image_grid_hw is None or image_token_positions is None:
+            raise ValueError("pixel_values were given without image_grid_hw and image_token_positions.")
+        image_tokens = self.embed_images(pixel_values, image_grid_hw)
+        if image_tokens.shape[0] != image_token_positions.shape[0]:
+            raise ValueError(f"the images yield {image_tokens.shape[0]} tokens but image_token_positions has "
+                             f"{image_token_positions.shape[0]} placeholders: the loader must insert "
+                             "(h / m) * (w / m) placeholders per image.")
+        rows, seq, hidden = embeds.shape
+        flat = embeds.reshape(rows * seq, hidden)
+        flat = flat.index_put((image_token_positions,), image_tokens.to(flat.dtype))
+        return flat.view(rows, seq, hidden)
+
+    def forward_coca(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_hw: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> CocaOutput:
+        """The ``vit_coca`` objective's forward: MoonViT features through the CoCa towers.
+
+        Args:
+            pixel_values: ``[patches, C*p*p]`` packed image patches.
+            image_grid_hw: ``int64 [N, 2]`` patch grids.
+            text_ids: ``int64 [N, L]`` paired texts.
+            text_mask: ``bool [N, L]`` True on real tokens.
+
+        Returns:
+            A :class:`~model.coca.CocaOutput`.
+        """
+        return self.coca(self.vision(pixel_values, image_grid_hw), image_grid_hw, text_ids, text_mask)

@@ -1,0 +1,125 @@
+"""The debug curriculum end to end through the real entry point: outputs, freezing, hand-off, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.registry import FLAVORS, build_model
+from train.__main__ import main
+from train.checkpoint import ModelState, load_checkpoint
+from train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
+FROZEN = {  # parts each stage must leave untouched
+    "vit_coca": ["projector", "decoder"],
+    "vit_align": ["decoder", "coca"],
+    "joint_pretrain": ["coca"],
+    "joint_cooldown": ["coca"],
+    "long_ctx_32k": ["coca"],
+    "long_ctx_128k": ["coca"],
+}
+METRIC_KEYS = {"stage", "step", "loss", "lr", "tokens", "grad_norm", "step_time_s", "tokens_per_s"}
+LOSS_PARTS = {"vit_coca": {"siglip_loss", "caption_loss"}, "joint_pretrain": {"lm_loss"}}
+
+
+def short_curriculum(out: Path, demo_root: Path, steps: int = 2, interval: int = 0) -> list[str]:
+    overrides = ["recipe=debug", f"output_dir={out}", "run_name=run", f"data.root={demo_root}",
+                 "log.progress_bar=false"]
+    for name in STAGES:
+        overrides.append(f"curriculum.stages.{name}.steps={steps}")
+        overrides.append(f"curriculum.stages.{name}.checkpoint_interval={interval}")
+        overrides.append(f"curriculum.stages.{name}.lr.warmup_steps=1")
+    return overrides
+
+
+def final_model_state(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
+    checkpoints = sorted((run_dir / stage / "checkpoints").iterdir())
+    model = build_model(FLAVORS["debug"])
+    load_checkpoint(checkpoints[-1], {"model": ModelState(model)})
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(demo_root, tmp_path_factory):
+    """The debug curriculum, 2 steps per stage, on 2 data-parallel processes through torchrun."""
+    out = tmp_path_factory.mktemp("outputs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+               *short_curriculum(out, demo_root)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out / "run", done.stdout
+
+
+def test_outputs_of_a_full_run(torchrun_run):
+    run_dir, stdout = torchrun_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary) == STAGES
+    for name in STAGES:
+        assert summary[name]["steps"] == 2
+        assert summary[name]["tokens"] > 0
+        assert summary[name]["first_loss"] > 0 and summary[name]["last_loss"] > 0
+        records = read_metrics(run_dir / name / "metrics.jsonl")
+        assert [r["step"] for r in records] == [1, 2]
+        for record in records:
+            assert METRIC_KEYS <= set(record)
+            assert LOSS_PARTS.get(name, {"lm_loss"}) <= set(record)
+            assert record["stage"] == name
+        assert (run_dir / name / "DONE.json").exists()
+        checkpoint = run_dir / name / "checkpoints" / "step-00000002"
+        assert (checkpoint / ".metadata").exists()
+    assert "long_ctx_128k" in stdout and "outputs:" in stdout
+
+
+def test_frozen_parts_are_bit_identical_and_trained_parts_change(torchrun_run):
+    run_dir, _ = torchrun_run
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in build_model(FLAVORS["debug"]).state_dict().items()}  # the seeded init
+    for name in STAGES:
+        after = final_model_state(run_dir, name)
+        for part in ("vision", "projector", "decoder", "coca"):
+            keys = [k for k in after if k.startswith(part + ".") and after[k].is_floating_point()]
+            same = all(torch.equal(before[k], after[k]) for k in keys)
+            if part in FROZEN[name]:
+                assert same, f"{name} changed frozen {part}"
+            else:
+                assert not same, f"{name} did not train {part}"
+        before = after
+
+
+def test_rerun_of_a_finished_run_trains_nothing(demo_root, tmp_path):
+    args = short_curriculum(tmp_path, demo_root, steps=1)
+    assert main(args) == 0
+    metrics = {n: (tmp_path / "run" / n / "metrics.jsonl").read_text() for n in STAGES}
+    assert main(args) == 0
+    assert metrics == {n: (tmp_path / "run" / n / "metrics.jsonl").read_text() for n in STAGES}
+
+
+def test_resume_equals_an_uninterrupted_run(demo_root, tmp_path):
+    straight = short_curriculum(tmp_path / "a", demo_root, steps=3, interval=2)
+    assert main(straight) == 0
+    resumed = short_curriculum(tmp_path / "b", demo_root, steps=3, interval=2)
+    invocations = 0
+    while not (tmp_path / "b" / "run" / "summary.json").exists():
+        # Leaves after 2 steps each time: mid-stage and exactly at stage boundaries.
+        assert main([*resumed, "exit_after_steps=2"]) == 0
+        invocations += 1
+        assert invocations <= 10
+    assert invocations == 9
+    for name in STAGES:
+        expected = read_metrics(tmp_path / "a" / "run" / name / "metrics.jsonl")
+        got = read_metrics(tmp_path / "b" / "run" / name / "metrics.jsonl")
+        assert [r["step"] for r in got] == [1, 2, 3]
+        for a, b in zip(expected, got):
+            assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["tokens"] == b["tokens"]
+    a_final = final_model_state(tmp_path / "a" / "run", "long_ctx_128k")
+    b_final = final_model_state(tmp_path / "b" / "run", "long_ctx_128k")
+    assert all(torch.equal(a_final[k], b_final[k]) for k in a_final)

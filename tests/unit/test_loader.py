@@ -1,0 +1,175 @@
+"""The stage loader: packed batch invariants, determinism, resume, mixture ramp, corrupt samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.loader import DataError, StageLoader
+from data.mixture import MixtureSampler
+from model.registry import FLAVORS
+from train.config import MixtureConfig, StageConfig, load_config
+
+VISION = FLAVORS["debug"].vision
+
+
+def stage_of(name: str, **changes) -> StageConfig:
+    stage = load_config(["recipe=debug"]).curriculum.stages[name]
+    for key, value in changes.items():
+        setattr(stage, key, value)
+    return stage
+
+
+def make_loader(root, tokenizer, name="joint_cooldown", rank=0, size=1, **changes) -> StageLoader:
+    return StageLoader(name, stage_of(name, **changes), root, tokenizer, VISION, seed=0, dp_rank=rank, dp_size=size)
+
+
+def batches_equal(a, b) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+
+
+def test_packed_batch_invariants(demo_root, tokenizer):
+    loader = make_loader(demo_root, tokenizer, micro_batch_size=3)
+    seen_images = 0
+    for _ in range(4):
+        batch = loader.next_packed_batch(progress=0.5)
+        rows, seq_len = batch.input_ids.shape
+        assert (rows, seq_len) == (3, 512)
+        cu = batch.cu_seqlens.tolist()
+        assert cu[0] == 0 and cu[-1] == rows * seq_len
+        # No document crosses a row boundary.
+        assert all(r * seq_len in cu for r in range(rows + 1))
+        flat_ids, flat_labels = batch.input_ids.view(-1), batch.labels.view(-1)
+        flat_mask, flat_pos = batch.loss_mask.view(-1), batch.position_ids.view(-1)
+        for start, end in zip(cu[:-1], cu[1:]):
+            assert flat_pos[start:end].tolist() == list(range(end - start))
+            # Labels are the next token of the same document; the last position of a document has no loss.
+            assert torch.equal(flat_labels[start : end - 1], flat_ids[start + 1 : end])
+            assert not flat_mask[end - 1]
+        # Placeholders are never targets, and their count matches the merged image grids.
+        assert not flat_mask[(flat_labels == tokenizer.image_id)].any()
+        merged = (batch.image_grid_hw // VISION.merge_size).prod(-1).sum()
+        assert batch.image_token_positions.numel() == int(merged)
+        assert (flat_ids[batch.image_token_positions] == tokenizer.image_id).all()
+        assert batch.pixel_values.shape == (int(batch.image_grid_hw.prod(-1).sum()), 3 * 14 * 14)
+        assert batch.image_grid_hw.prod(-1).max() <= 64  # the stage's pixel cap
+        seen_images += batch.image_grid_hw.shape[0]
+    assert seen_images > 0
+
+
+def test_same_seed_same_stream_and_ranks_differ(demo_root, tokenizer):
+    a, b = make_loader(demo_root, tokenizer), make_loader(demo_root, tokenizer)
+    other_rank = make_loader(demo_root, tokenizer, rank=1, size=2)
+    for _ in range(3):
+        first = a.next_packed_batch(0.3)
+        assert batches_equal(first, b.next_packed_batch(0.3))
+        assert not torch.equal(first.input_ids, other_rank.next_packed_batch(0.3).input_ids)
+
+
+@pytest.mark.parametrize("name", ["vit_coca", "joint_pretrain", "long_ctx_128k"])
+def test_resume_gives_the_identical_stream(demo_root, tokenizer, name):
+    changes = {"seq_len": 1024} if name == "long_ctx_128k" else {}
+    uninterrupted = make_loader(demo_root, tokenizer, name, **changes)
+    next_batch = "next_image_text_batch" if name == "vit_coca" else "next_packed_batch"
+    expected, state = [], None
+    for step in range(5):
+        if step == 2:
+            state = json.loads(json.dumps(uninterrupted.state_dict()))  # survives serialization
+        expected.append(getattr(uninterrupted, next_batch)(step / 5))
+    resumed = make_loader(demo_root, tokenizer, name, **changes)
+    resumed.load_state_dict(state)
+    for step in range(2, 5):
+        assert batches_equal(getattr(resumed, next_batch)(step / 5), expected[step])
+
+
+def test_image_text_batch(demo_root, tokenizer):
+    batch = make_loader(demo_root, tokenizer, "vit_coca").next_image_text_batch(0.0)
+    n = batch.image_grid_hw.shape[0]
+    assert n == 16 and batch.text_ids.shape[0] == n
+    assert (batch.text_ids[:, 0] == tokenizer.bos_id).all()
+    lengths = batch.text_mask.sum(1)
+    assert (batch.text_ids[torch.arange(n), lengths - 1] == tokenizer.eos_id).all()
+    assert batch.text_ids.shape[1] <= 48
+
+
+def test_mixture_ramp_and_long_share():
+    mix = MixtureConfig(text_sources={"text": 1.0}, multimodal_sources={"caption": 1.0, "ocr": 1.0},
+                        multimodal_share_start=0.0, multimodal_share_end=0.6)
+    sampler = MixtureSampler(mix, seed=0, stage="s")
+    at_start = [sampler.choose(i, 0.0) for i in range(4000)]
+    at_end = [sampler.choose(i, 1.0) for i in range(4000)]
+    assert set(at_start) == {"text"}
+    assert abs(np.mean([s != "text" for s in at_end]) - 0.6) < 0.03
+    long_mix = MixtureConfig(text_sources={"text": 1.0}, multimodal_sources={"caption": 1.0},
+                             multimodal_share_start=0.5, multimodal_share_end=0.5,
+                             long_sources={"long_doc": 1.0}, long_share=0.25)
+    draws = [MixtureSampler(long_mix, 0, "l").choose(i, 0.5) for i in range(8000)]
+    assert abs(np.mean([d == "long_doc" for d in draws]) - 0.25) < 0.02
+    replay = [d for d in draws if d != "long_doc"]
+    assert abs(np.mean([d == "caption" for d in replay]) - 0.5) < 0.03
+
+
+def _png(size=(56, 56)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_shard(path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_samples_are_skipped_counted_and_named(tmp_path, tokenizer, caplog):
+    def caption(text):
+        return json.dumps({"kind": "caption", "caption": text, "segments": [{"image": "0.png"}, {"text": text}]})
+
+    good = {f"good-{i}": {"json": caption(f"a red square {i}").encode(), "0.png": _png()} for i in range(6)}
+    bad = {
+        "bad-jpeg": {"json": caption("x").encode(), "0.png": b"\x89PNG not really"},
+        "bad-empty": {"json": caption("x").encode(), "0.png": b""},
+        "bad-utf8": {"json": b'{"kind": "caption", "segments": [{"text": "\xff\xfe"}]}', "0.png": _png()},
+        "bad-missing": {"json": json.dumps({"kind": "caption"}).encode()},
+        "bad-box": {"json": json.dumps({"kind": "grounding", "segments": [{"image": "0.png"}],
+                                        "objects": [{"label": "x", "box": [10, 10, 90, 90]}]}).encode(),
+                    "0.png": _png()},
+    }
+    (tmp_path / "mixed").mkdir()
+    _write_shard(tmp_path / "mixed" / "shard-000000.tar", {**good, **bad})
+    manifest = {"version": 1, "tokenizer": "tokenizer.json",
+                "sources": {"mixed": {"kind": "caption", "shards": ["mixed/shard-000000.tar"], "num_samples": 11}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    stage = stage_of("vit_align", micro_batch_size=1)
+    stage.mixture = MixtureConfig(multimodal_sources={"mixed": 1.0}, multimodal_share_start=1.0,
+                                  multimodal_share_end=1.0)
+    loader = StageLoader("s", stage, tmp_path, tokenizer, VISION, 0, 0, 1, max_corrupt_fraction=1.0)
+    with caplog.at_level(logging.WARNING, logger="data.loader"):
+        for _ in range(8):
+            loader.next_packed_batch(0.0)
+    assert loader.corrupt >= len(bad)  # one epoch of 11 samples has certainly been drawn
+    logged = caplog.text
+    for key in bad:
+        assert key in logged
+    assert "good-" not in logged
+    strict = StageLoader("s", stage, tmp_path, tokenizer, VISION, 0, 0, 1, max_corrupt_fraction=0.0)
+    with pytest.raises(DataError, match="corrupt"):
+        for _ in range(200):
+            strict.next_packed_batch(0.0)
+
+
+def test_unknown_source_is_a_clear_error(demo_root, tokenizer):
+    stage = stage_of("joint_pretrain")
+    stage.mixture.text_sources = {"wiki": 1.0}
+    with pytest.raises(DataError, match="wiki"):
+        StageLoader("joint_pretrain", stage, demo_root, tokenizer, VISION, 0, 0, 1)
