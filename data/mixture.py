@@ -45,9 +45,16 @@ class MixtureSampler:
         self.images_only = images_only
 
     def sources(self) -> list[str]:
-        groups = [self.mix.multimodal_sources]
-        if not self.images_only:
-            groups += [self.mix.text_sources, self.mix.long_sources]
+        """Every source a draw of this stage can come from (groups with zero chance are left out)."""
+        mix = self.mix
+        shares = (mix.multimodal_share_start, mix.multimodal_share_end)
+        groups = []
+        if self.images_only or max(shares) > 0:
+            groups.append(mix.multimodal_sources)
+        if not self.images_only and min(shares) < 1:
+            groups.append(mix.text_sources)
+        if not self.images_only and mix.long_share > 0:
+            groups.append(mix.long_sources)
         return sorted({name for group in groups for name, w in group.items() if w > 0})
 
     def choose(self, index: int, progress: float) -> str:
