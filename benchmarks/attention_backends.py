@@ -26,8 +26,8 @@ def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def masked_attention(q, k, v, mask):
-    return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                          attn_mask=mask).transpose(0, 1)
+    return F.scaled_dot_product_attention(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
+                                          attn_mask=mask)[0].transpose(0, 1)
 
 
 def time_fwd_bwd(fn, inputs, repeats: int) -> tuple[float, torch.Tensor]:

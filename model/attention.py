@@ -78,10 +78,10 @@ def _sdpa_per_document(q, k, v, cu_seqlens, causal: bool, scale: float | None) -
         if length == 0:
             continue
         end = start + length
-        # SDPA wants [heads, tokens, dim].
-        qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        # SDPA wants [batch, heads, tokens, dim]; without the batch dim it takes the slow math path on CPU.
+        qd, kd, vd = (t[None, start:end].transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale)
-        outputs.append(out.transpose(0, 1))
+        outputs.append(out[0].transpose(0, 1))
         start = end
     return torch.cat(outputs, dim=0)[..., :dv]
 
