@@ -101,12 +101,22 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    """``muon``: Muon (Moonlight rule) for weight matrices, AdamW for the rest; ``adamw``: AdamW for everything.
+    Both are ZeRO-1 sharded over the data-parallel group (optim/distributed.py)."""
+
+    name: str = "muon"
+    # AdamW (and Muon's non-matrix parameters).
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    # Decoupled, same for Muon and AdamW (Muon's update is scaled to AdamW's RMS, so they share lr and decay).
     weight_decay: float = 0.1
     grad_clip_norm: float = 1.0
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    # Newton-Schulz precision: bfloat16 as in Moonlight; float32 for bitwise-tight comparisons.
+    muon_ns_dtype: str = "bfloat16"
 
 
 @dataclass
@@ -230,7 +240,11 @@ def validate(cfg: RunConfig) -> None:
     """Check values that types cannot express; every message names the key and what is allowed."""
     _check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     _check(cfg.exit_after_steps >= 0, "exit_after_steps", cfg.exit_after_steps, "an integer >= 0 (0: no limit)")
-    _check(cfg.optim.name == "adamw", "optim.name", cfg.optim.name, "'adamw'")
+    _check(cfg.optim.name in ("muon", "adamw"), "optim.name", cfg.optim.name, "'muon' or 'adamw'")
+    _check(cfg.optim.muon_ns_dtype in ("bfloat16", "float32"), "optim.muon_ns_dtype", cfg.optim.muon_ns_dtype,
+           "'bfloat16' or 'float32'")
+    _check(0 <= cfg.optim.muon_momentum < 1, "optim.muon_momentum", cfg.optim.muon_momentum, "a value in [0, 1)")
+    _check(cfg.optim.muon_ns_steps >= 1, "optim.muon_ns_steps", cfg.optim.muon_ns_steps, ">= 1")
     _check(cfg.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", cfg.optim.grad_clip_norm, ">= 0 (0 disables)")
     _check(cfg.parallel.dp_degree == -1 or cfg.parallel.dp_degree >= 1, "parallel.dp_degree",
            cfg.parallel.dp_degree, "-1 (whole world) or >= 1")

@@ -47,10 +47,6 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> None:
         getattr(model, part).requires_grad_(part in stage.trainable)
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def init_stage_weights(model: nn.Module, cfg: RunConfig, name: str) -> str:
     """Load the weights a stage starts from (when it has no checkpoint of its own); returns where from."""
     stage = cfg.curriculum.stages[name]

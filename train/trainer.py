@@ -25,12 +25,12 @@ from data.loader import StageLoader, read_manifest
 from data.tokenizer import TextTokenizer
 from model.coca import caption_loss_sum, siglip_loss
 from model.registry import build_model
-from optim.build import build_optimizer
+from optim.distributed import ZeroOptimizer
+from optim.muon import AdamWHParams, MuonHParams
 from optim.schedules import lr_at
-from parallel.data_parallel import reduce_gradients
 from parallel.dims import ParallelDims
-from train.checkpoint import ModelState, OptimizerState, RNGState
-from train.config import ConfigError, RunConfig, StageConfig
+from train.checkpoint import ModelState, RNGState
+from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.metrics import MetricsWriter, format_summary, summarize_stage
 from train.stages import (
     apply_stage,
@@ -39,7 +39,6 @@ from train.stages import (
     is_done,
     mark_done,
     stage_dir,
-    trainable_parameters,
 )
 
 logger = logging.getLogger(__name__)
@@ -189,10 +188,10 @@ class Trainer:
     def _exit_reached(self) -> bool:
         return bool(self.cfg.exit_after_steps) and self.steps_this_run >= self.cfg.exit_after_steps
 
-    def _state(self, optimizer: torch.optim.Optimizer, train: TrainState, loader: StageLoader) -> dict[str, Any]:
+    def _state(self, optimizer: ZeroOptimizer, train: TrainState, loader: StageLoader) -> dict[str, Any]:
         return {
             "model": ModelState(self.model),
-            "optim": OptimizerState(self.model, optimizer),
+            "optim": optimizer,
             "train": train,
             f"loader.rank{self.rank}": loader,
             f"rng.rank{self.rank}": RNGState(),
@@ -202,7 +201,6 @@ class Trainer:
         """Train one stage to its end (True), or until ``exit_after_steps`` (False, checkpointed)."""
         cfg, stage = self.cfg, self.cfg.curriculum.stages[name]
         apply_stage(self.model, stage)
-        params = trainable_parameters(self.model)
         optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr)
         loader = StageLoader(name, stage, cfg.data.root, self.tokenizer, cfg.model.vision, cfg.seed,
                              self.dims.dp_rank(), self.dims.dp_degree, cfg.data.max_corrupt_fraction)
@@ -218,7 +216,7 @@ class Trainer:
         metrics = MetricsWriter(stage_dir(cfg, name) / "metrics.jsonl", train.step, self.rank == 0,
                                 cfg.log.progress_bar, stage.steps, name)
         while train.step < stage.steps:
-            record = self.train_step(name, stage, optimizer, params, loader, train)
+            record = self.train_step(name, stage, optimizer, loader, train)
             metrics.log(record)
             self.steps_this_run += 1
             leaving = self._exit_reached()
@@ -232,25 +230,22 @@ class Trainer:
         mark_done(cfg, name, train.step)
         return True
 
-    def train_step(self, name: str, stage: StageConfig, optimizer: torch.optim.Optimizer,
-                   params: list[nn.Parameter], loader: StageLoader, train: TrainState) -> dict[str, Any]:
-        """One optimizer step: micro-batches, backward, gradient reduction, clipping, update, bookkeeping."""
+    def train_step(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, loader: StageLoader,
+                   train: TrainState) -> dict[str, Any]:
+        """One optimizer step: micro-batches, backward, then the optimizer's gradient reduction, clipping and
+        update, and bookkeeping."""
         start = time.perf_counter()
         lr = lr_at(stage.lr, train.step, stage.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizer.lr = lr
         progress = train.step / stage.steps
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         if stage.objective == "coca":
             batches = [loader.next_image_text_batch(progress) for _ in range(stage.grad_accum_steps)]
             result = coca_step(self.model, batches, self.world)
         else:
             batches = [loader.next_packed_batch(progress) for _ in range(stage.grad_accum_steps)]
             result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world)
-        reduce_gradients(params, dist.group.WORLD)
-        clip = self.cfg.optim.grad_clip_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        optimizer.step()
+        grad_norm = optimizer.step(max_grad_norm=self.cfg.optim.grad_clip_norm)
         if result.expert_load is not None and "decoder" in stage.trainable:
             load = result.expert_load.clone()
             dist.all_reduce(load)
@@ -261,6 +256,16 @@ class Trainer:
         return {"stage": name, "step": train.step, "loss": result.loss, **result.parts, "lr": lr,
                 "tokens": train.tokens, "grad_norm": float(grad_norm), "step_time_s": elapsed,
                 "tokens_per_s": result.tokens / elapsed, "corrupt_samples": loader.corrupt, **result.extra}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> ZeroOptimizer:
+    """The stage's optimizer over the trainable parameters only (frozen ones are never touched, not even by weight
+    decay), ZeRO-1 sharded over the data-parallel group."""
+    muon = MuonHParams(momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
+                       ns_dtype=getattr(torch, cfg.muon_ns_dtype))
+    adamw = AdamWHParams(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
+    return ZeroOptimizer(model, lr=lr, weight_decay=cfg.weight_decay, use_muon=cfg.name == "muon", muon=muon,
+                         adamw=adamw, group=dist.group.WORLD)
 
 
 def run_curriculum(cfg: RunConfig) -> dict[str, dict[str, Any]]:
