@@ -22,7 +22,7 @@ from model.registry import FLAVORS
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 OBJECTIVES = ("coca", "lm")
 TRAINABLE_PARTS = ("vision", "projector", "decoder", "coca")
-LR_DECAYS = ("constant", "linear", "cosine")
+LR_DECAYS = ("constant", "linear", "cosine", "wsd")
 STAGE_OBJECTIVE_PARTS = {"coca": ("vision", "coca"), "lm": ("vision", "projector", "decoder")}
 
 
@@ -37,8 +37,13 @@ class LRScheduleConfig:
 
     peak_lr: float = 3e-4
     warmup_steps: int = 0
+    # constant | linear | cosine | wsd (optim/schedules.py)
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
+    # wsd: the share of the stage (after warmup) spent decaying.
+    decay_fraction: float = 0.2
+    # Start from the previous stage's final learning rate (no warmup; peak_lr unused).
+    continue_previous: bool = False
 
 
 @dataclass
@@ -289,6 +294,9 @@ def _validate_stage(key: str, stage: StageConfig, first: bool, cfg: RunConfig) -
            f"between 0 and steps={stage.steps}")
     _check(lr.decay in LR_DECAYS, f"{key}.lr.decay", lr.decay, f"one of {LR_DECAYS}")
     _check(0 <= lr.min_lr_ratio <= 1, f"{key}.lr.min_lr_ratio", lr.min_lr_ratio, "a ratio in [0, 1]")
+    _check(0 < lr.decay_fraction <= 1, f"{key}.lr.decay_fraction", lr.decay_fraction, "a fraction in (0, 1]")
+    _check(not (lr.continue_previous and first), f"{key}.lr.continue_previous", lr.continue_previous,
+           "false for the first stage (there is no previous schedule)")
     _validate_mixture(f"{key}.mixture", stage.mixture, stage.objective)
 
 

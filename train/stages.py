@@ -12,6 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 from torch import nn
 
+from optim.schedules import final_lr
 from train.checkpoint import CheckpointManager, ModelState, load_checkpoint
 from train.config import TRAINABLE_PARTS, RunConfig, StageConfig
 
@@ -64,3 +65,14 @@ def init_stage_weights(model: nn.Module, cfg: RunConfig, name: str) -> str:
         path = Path(stage.init_from)
     load_checkpoint(path, {"model": ModelState(model)})
     return str(path)
+
+
+def previous_final_lrs(cfg: RunConfig) -> dict[str, float | None]:
+    """For each stage, the learning rate the previous stage ends with (None for the first): what a
+    ``continue_previous`` schedule starts from. A pure function of the recipe, so it survives restarts."""
+    lrs, last = {}, None
+    for name in cfg.curriculum.order:
+        stage = cfg.curriculum.stages[name]
+        lrs[name] = last
+        last = final_lr(stage.lr, stage.steps, last)
+    return lrs

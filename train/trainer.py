@@ -38,6 +38,7 @@ from train.stages import (
     init_stage_weights,
     is_done,
     mark_done,
+    previous_final_lrs,
     stage_dir,
 )
 
@@ -150,6 +151,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
         self.steps_this_run = 0
+        self.previous_final_lr = previous_final_lrs(cfg)
 
     def _build_tokenizer(self) -> TextTokenizer:
         root = self.cfg.data.root
@@ -235,7 +237,7 @@ class Trainer:
         """One optimizer step: micro-batches, backward, then the optimizer's gradient reduction, clipping and
         update, and bookkeeping."""
         start = time.perf_counter()
-        lr = lr_at(stage.lr, train.step, stage.steps)
+        lr = lr_at(stage.lr, train.step, stage.steps, self.previous_final_lr[name])
         optimizer.lr = lr
         progress = train.step / stage.steps
         optimizer.zero_grad()
