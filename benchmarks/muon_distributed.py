@@ -45,7 +45,7 @@ def measure(rank: int, world: int, flavor: str, use_muon: bool, steps: int) -> d
         dist.barrier()
         if step > 0:  # the first step pays one-time allocation
             times.append(time.perf_counter() - start)
-    owned = optimizer.owned[rank]
+    owned = optimizer.owned_units()
     return {
         "comm_bytes": optimizer.communication_bytes(),
         "ns_flops": sum(u.flops() for u in owned),

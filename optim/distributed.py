@@ -118,11 +118,73 @@ def assign_owners(units: list[Unit], world: int) -> list[list[Unit]]:
     return owned
 
 
+class Partition:
+    """The units reduced and sharded over one process group, laid out as one flat buffer of equal rank segments."""
+
+    def __init__(self, units: list[Unit], group: dist.ProcessGroup | None):
+        self.group = group
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.owned = assign_owners(units, self.world)
+        self.segment = max((sum(u.numel for u in rank_units) for rank_units in self.owned), default=0)
+
+    @property
+    def mine(self) -> list[Unit]:
+        return self.owned[self.rank]
+
+    def _pack(self, source) -> torch.Tensor:
+        """Every rank's units, rank after rank, each rank's segment padded to ``self.segment`` elements."""
+        flat = torch.zeros(self.world * self.segment, dtype=torch.float32)
+        for rank, rank_units in enumerate(self.owned):
+            offset = rank * self.segment
+            for unit in rank_units:
+                flat[offset : offset + unit.numel] = source(unit).reshape(-1)
+                offset += unit.numel
+        return flat
+
+    def reduce_scatter_gradients(self) -> torch.Tensor:
+        """The gradients of this rank's units, summed over the group (missing gradients count as zeros)."""
+        def grad_of(unit: Unit) -> torch.Tensor:
+            if unit.param.grad is None:  # e.g. an expert no local token chose
+                return torch.zeros(unit.numel)
+            return unit.view(unit.param.grad)
+
+        flat = self._pack(grad_of)
+        if self.world == 1:
+            return flat[: self.segment]
+        mine = torch.empty(self.segment, dtype=torch.float32)
+        dist.reduce_scatter_single(mine, flat, group=self.group)
+        return mine
+
+    def all_gather_parameters(self) -> None:
+        """Copy every owner's updated units into every rank's parameters."""
+        if self.world == 1:
+            return
+        segment = torch.zeros(self.segment, dtype=torch.float32)
+        offset = 0
+        for unit in self.mine:
+            segment[offset : offset + unit.numel] = unit.view(unit.param.data).reshape(-1)
+            offset += unit.numel
+        gathered = torch.empty(self.world * self.segment, dtype=torch.float32)
+        dist.all_gather_single(gathered, segment, group=self.group)
+        for rank, rank_units in enumerate(self.owned):
+            if rank == self.rank:  # already up to date
+                continue
+            offset = rank * self.segment
+            for unit in rank_units:
+                target = unit.view(unit.param.data)
+                target.copy_(gathered[offset : offset + unit.numel].view_as(target))
+                offset += unit.numel
+
+    def communication_bytes(self) -> int:
+        return 2 * self.world * self.segment * 4 if self.world > 1 else 0
+
+
 class ZeroOptimizer:
-    """Muon for matrices and AdamW for the rest, with optimizer state sharded over ``group`` (ZeRO-1).
+    """Muon for matrices and AdamW for the rest, with optimizer state sharded ZeRO-1 style.
 
     Gradients on entry are each rank's local gradients of its share of the loss (the trainer scales by the global
-    token count); :meth:`step` sums them over the group. With ``group=None`` it is the single-process optimizer.
+    token count); :meth:`step` sums them over the groups. With no groups it is the single-process optimizer.
 
     Args:
         model: The model; its trainable parameters are optimized (frozen ones are never touched).
@@ -130,25 +192,34 @@ class ZeroOptimizer:
         weight_decay: Decoupled weight decay of matrices and embeddings (not of vectors and scalars).
         use_muon: False puts every parameter on AdamW (plain ZeRO-1 AdamW).
         muon: Muon hyper-parameters; adamw: AdamW hyper-parameters.
-        group: Data-parallel process group, or None for one process.
+        group: The group dense parameters are replicated over (data x context ranks), or None for one process.
+        expert_group: The group holding the same routed experts (the expert-data group: data x context ranks
+            divided by expert parallelism); defaults to ``group``.
+        norm_group: The group whose owned units together cover every parameter exactly once (the whole world,
+            pipeline stages included), for the global gradient norm; defaults to ``group``.
     """
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, use_muon: bool = True,
                  muon: MuonHParams | None = None, adamw: AdamWHParams | None = None,
-                 group: dist.ProcessGroup | None = None):
+                 group: dist.ProcessGroup | None = None, expert_group: dist.ProcessGroup | None = None,
+                 norm_group: dist.ProcessGroup | None = None):
         self.lr = lr
         self.weight_decay = weight_decay
         self.muon = muon or MuonHParams()
         self.adamw = adamw or AdamWHParams()
-        self.group = group
-        self.world = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
-        units = build_units(model) if use_muon else build_units_all_adamw(model)
-        self.units = units
-        self.owned = assign_owners(units, self.world)
-        self.segment = max(sum(u.numel for u in rank_units) for rank_units in self.owned)
-        self.params = list(dict.fromkeys(u.param for u in units))
-        self.state = {u.key: self._fresh_state(u) for u in self.owned[self.rank]}
+        self.norm_group = norm_group if norm_group is not None else group
+        self.units = build_units(model) if use_muon else build_units_all_adamw(model)
+        dense = [u for u in self.units if not u.route.per_expert]
+        experts = [u for u in self.units if u.route.per_expert]
+        self.partitions = [Partition(dense, group)]
+        if experts:
+            self.partitions.append(Partition(experts, expert_group if expert_group is not None else group))
+        self.params = list(dict.fromkeys(u.param for u in self.units))
+        self.state = {u.key: self._fresh_state(u) for u in self.owned_units()}
+
+    def owned_units(self) -> list[Unit]:
+        """The units whose optimizer state lives on this rank."""
+        return [unit for partition in self.partitions for unit in partition.mine]
 
     def _fresh_state(self, unit: Unit) -> dict[str, torch.Tensor]:
         zeros = torch.zeros(unit.numel, dtype=torch.float32, device=unit.param.device)
@@ -169,23 +240,22 @@ class ZeroOptimizer:
         Returns:
             The global gradient norm before clipping.
         """
-        mine = self._reduce_scatter_gradients()
-        total = mine.double().pow(2).sum()
-        if self.group is not None:
-            dist.all_reduce(total, group=self.group)
+        grads = [partition.reduce_scatter_gradients() for partition in self.partitions]
+        total = sum(g.double().pow(2).sum() for g in grads)
+        if self.norm_group is not None and dist.get_world_size(self.norm_group) > 1:
+            dist.all_reduce(total, group=self.norm_group)
         norm = float(total.sqrt())
         if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite gradients in: {', '.join(self._non_finite_names(mine))}")
-        if max_grad_norm > 0:
-            coefficient = max_grad_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+            raise FloatingPointError(f"non-finite gradients in: {', '.join(self._non_finite_names(grads))}")
+        coefficient = max_grad_norm / (norm + 1e-6) if max_grad_norm > 0 else 1.0  # clip_grad_norm_'s rule
+        for partition, grad in zip(self.partitions, grads):
             if coefficient < 1.0:
-                mine.mul_(coefficient)
-        offset = 0
-        for unit in self.owned[self.rank]:
-            grad = mine[offset : offset + unit.numel]
-            self._apply(unit, grad)
-            offset += unit.numel
-        self._all_gather_parameters()
+                grad.mul_(coefficient)
+            offset = 0
+            for unit in partition.mine:
+                self._apply(unit, grad[offset : offset + unit.numel])
+                offset += unit.numel
+            partition.all_gather_parameters()
         return norm
 
     def _apply(self, unit: Unit, grad: torch.Tensor) -> None:
@@ -199,57 +269,18 @@ class ZeroOptimizer:
             adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), self.lr,
                           decay, self.adamw)
 
-    def _pack(self, source) -> torch.Tensor:
-        """Every rank's units, rank after rank, each rank's segment padded to ``self.segment`` elements."""
-        flat = torch.zeros(self.world * self.segment, dtype=torch.float32)
-        for rank, rank_units in enumerate(self.owned):
-            offset = rank * self.segment
-            for unit in rank_units:
-                flat[offset : offset + unit.numel] = source(unit).reshape(-1)
+    def _non_finite_names(self, grads: list[torch.Tensor]) -> list[str]:
+        bad = []
+        for partition, grad in zip(self.partitions, grads):
+            offset = 0
+            for unit in partition.mine:
+                if not torch.isfinite(grad[offset : offset + unit.numel]).all():
+                    bad.append(unit.route.name)
                 offset += unit.numel
-        return flat
-
-    def _reduce_scatter_gradients(self) -> torch.Tensor:
-        def grad_of(unit: Unit) -> torch.Tensor:
-            if unit.param.grad is None:  # e.g. an expert no local token chose
-                return torch.zeros(unit.numel)
-            return unit.view(unit.param.grad)
-
-        flat = self._pack(grad_of)
-        if self.group is None or self.world == 1:
-            return flat[: self.segment]
-        mine = torch.empty(self.segment, dtype=torch.float32)
-        dist.reduce_scatter_single(mine, flat, group=self.group)
-        return mine
-
-    def _all_gather_parameters(self) -> None:
-        if self.group is None or self.world == 1:
-            return
-        segment = torch.zeros(self.segment, dtype=torch.float32)
-        offset = 0
-        for unit in self.owned[self.rank]:
-            segment[offset : offset + unit.numel] = unit.view(unit.param.data).reshape(-1)
-            offset += unit.numel
-        gathered = torch.empty(self.world * self.segment, dtype=torch.float32)
-        dist.all_gather_single(gathered, segment, group=self.group)
-        for rank, rank_units in enumerate(self.owned):
-            if rank == self.rank:
-                continue
-            offset = rank * self.segment
-            for unit in rank_units:
-                unit.view(unit.param.data).copy_(gathered[offset : offset + unit.numel].view_as(unit.view(
-                    unit.param.data)))
-                offset += unit.numel
-
-    def _non_finite_names(self, mine: torch.Tensor) -> list[str]:
-        offset, bad = 0, []
-        for unit in self.owned[self.rank]:
-            if not torch.isfinite(mine[offset : offset + unit.numel]).all():
-                bad.append(unit.route.name)
-            offset += unit.numel
-        if self.group is not None and self.world > 1:
-            everyone: list[list[str]] = [[] for _ in range(self.world)]
-            dist.all_gather_object(everyone, bad, group=self.group)
+        group = self.norm_group
+        if group is not None and dist.get_world_size(group) > 1:
+            everyone: list[list[str]] = [[] for _ in range(dist.get_world_size(group))]
+            dist.all_gather_object(everyone, bad, group=group)
             bad = [name for names in everyone for name in names]
         return sorted(set(bad))
 
@@ -261,7 +292,7 @@ class ZeroOptimizer:
 
     def communication_bytes(self) -> int:
         """Bytes one step hands to collectives on this rank (reduce-scatter input + all-gather output)."""
-        return 2 * self.world * self.segment * 4 if self.world > 1 else 0
+        return sum(partition.communication_bytes() for partition in self.partitions)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """The state of the units this rank owns, keyed by layout-independent unit keys (reshardable with DCP)."""

@@ -52,7 +52,7 @@ def train(rank: int, world: int, steps: int, group_world: bool = True) -> dict:
         rank_grads(model, step, rank)
         norms.append(optimizer.step(max_grad_norm=CLIP))
     return {"params": {k: v.detach().clone() for k, v in model.named_parameters()}, "norms": norms,
-            "state_bytes": optimizer.state_bytes(), "owned": len(optimizer.owned[optimizer.rank])}
+            "state_bytes": optimizer.state_bytes(), "owned": len(optimizer.owned_units())}
 
 
 def single_process(world: int, steps: int) -> dict:
@@ -129,3 +129,90 @@ def test_state_saved_at_dp4_loads_at_dp2_and_the_next_step_is_identical(tmp_path
     for name, expected in uninterrupted[0]["params"].items():
         for result in resumed:
             assert torch.allclose(result[name], expected, rtol=1e-6, atol=1e-9), name
+
+
+# ----- expert parameters sharded over their expert-data group ------------------------------------------------------
+
+GLOBAL_EXPERTS, EP = 4, 2
+
+
+class DenseAndExperts(nn.Module):
+    def __init__(self, experts: int):
+        super().__init__()
+        self.proj = nn.Linear(16, 37)
+        self.experts = GroupedExperts(experts, 16, 24)
+
+
+def global_model() -> DenseAndExperts:
+    torch.manual_seed(1)
+    model = DenseAndExperts(GLOBAL_EXPERTS)
+    for param in model.experts.parameters():
+        nn.init.normal_(param, std=0.05)
+    return model
+
+
+def local_model(ep_rank: int) -> DenseAndExperts:
+    """What one rank holds under expert parallelism: the dense part and its EP shard of the experts."""
+    full = global_model()
+    local = DenseAndExperts(GLOBAL_EXPERTS // EP)
+    local.proj.load_state_dict(full.proj.state_dict())
+    shard = slice(ep_rank * GLOBAL_EXPERTS // EP, (ep_rank + 1) * GLOBAL_EXPERTS // EP)
+    for name, param in local.experts.named_parameters():
+        param.data.copy_(getattr(full.experts, name)[shard])
+    return local
+
+
+def ep_rank_of(rank: int) -> int:
+    return rank % EP  # ranks 0,1 form one expert-parallel group; {0, 2} and {1, 3} hold the same experts
+
+
+def expert_grads(step: int, rank: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(77 * step + rank)
+    shapes = {n: p.shape for n, p in local_model(0).named_parameters()}
+    return {n: torch.randint(-512, 512, shape, generator=generator).float() / 1024 for n, shape in shapes.items()}
+
+
+def train_expert_parallel(rank: int, world: int, steps: int) -> dict:
+    expert_data_groups = [dist.new_group([r for r in range(world) if ep_rank_of(r) == e]) for e in range(EP)]
+    model = local_model(ep_rank_of(rank))
+    optimizer = ZeroOptimizer(model, lr=LR, weight_decay=WD, group=dist.group.WORLD,
+                              expert_group=expert_data_groups[ep_rank_of(rank)], norm_group=dist.group.WORLD)
+    for step in range(steps):
+        for name, param in model.named_parameters():
+            param.grad = expert_grads(step, rank)[name]
+        optimizer.step(max_grad_norm=CLIP)
+    return {"params": {k: v.detach().clone() for k, v in model.named_parameters()}, "ep_rank": ep_rank_of(rank),
+            "state_keys": sorted(optimizer.state)}
+
+
+def test_experts_are_sharded_over_their_expert_data_group():
+    world, steps = 4, 20
+    results = run_ranks(train_expert_parallel, world, steps)
+    reference = global_model()
+    optimizer = ZeroOptimizer(reference, lr=LR, weight_decay=WD)
+    per_ep = GLOBAL_EXPERTS // EP
+    for step in range(steps):
+        dense = {n: torch.zeros_like(p) for n, p in reference.proj.named_parameters()}
+        experts = {n: torch.zeros_like(p) for n, p in reference.experts.named_parameters()}
+        for rank in range(world):
+            grads = expert_grads(step, rank)
+            for name in dense:
+                dense[name] += grads[f"proj.{name}"]
+            shard = slice(ep_rank_of(rank) * per_ep, (ep_rank_of(rank) + 1) * per_ep)
+            for name in experts:
+                experts[name][shard] += grads[f"experts.{name}"]
+        for name, param in reference.proj.named_parameters():
+            param.grad = dense[name]
+        for name, param in reference.experts.named_parameters():
+            param.grad = experts[name]
+        optimizer.step(max_grad_norm=CLIP)
+    for result in results:
+        shard = slice(result["ep_rank"] * per_ep, (result["ep_rank"] + 1) * per_ep)
+        for name, param in reference.named_parameters():
+            expected = param.detach()[shard] if name.startswith("experts.") else param.detach()
+            error = (result["params"][name] - expected).norm() / expected.norm()
+            assert error <= 1e-6, f"{name}: relative error {error:.2e}"
+    # Each expert matrix's state lives on exactly one rank of its expert-data group.
+    for ep_rank in range(EP):
+        keys = [k for r in results if r["ep_rank"] == ep_rank for k in r["state_keys"] if k.startswith("experts.")]
+        assert len(keys) == len(set(keys)) == 3 * per_ep
