@@ -42,9 +42,13 @@ def main(argv: list[str]) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
-    from train.trainer import run_curriculum
+    from train.trainer import TrainingDiverged, run_curriculum
 
-    run_curriculum(cfg)
+    try:
+        run_curriculum(cfg)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -150,6 +150,8 @@ class RunConfig:
     # Leave after this many optimizer steps in this invocation (checkpointed; rerun to continue), as Megatron's
     # --exit-interval: fits a run into job time limits. 0 runs to the end.
     exit_after_steps: int = 0
+    # A non-finite loss or gradient skips the update; this many in a row stop the run (last good checkpoint kept).
+    max_nonfinite_steps: int = 3
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -245,6 +247,7 @@ def validate(cfg: RunConfig) -> None:
     """Check values that types cannot express; every message names the key and what is allowed."""
     _check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     _check(cfg.exit_after_steps >= 0, "exit_after_steps", cfg.exit_after_steps, "an integer >= 0 (0: no limit)")
+    _check(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", cfg.max_nonfinite_steps, "an integer >= 1")
     _check(cfg.optim.name in ("muon", "adamw"), "optim.name", cfg.optim.name, "'muon' or 'adamw'")
     _check(cfg.optim.muon_ns_dtype in ("bfloat16", "float32"), "optim.muon_ns_dtype", cfg.optim.muon_ns_dtype,
            "'bfloat16' or 'float32'")

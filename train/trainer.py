@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +45,8 @@ from train.stages import (
 )
 
 logger = logging.getLogger(__name__)
+# Preemption (torchrun forwards SIGTERM) and SLURM's `--signal=USR1@<seconds>` warning.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Weight of the caption loss in the CoCa objective: L = L_siglip + 2 * L_caption (report, section 2.3).
 CAPTION_LOSS_WEIGHT = 2.0
 
@@ -53,13 +57,17 @@ class TrainState(Stateful):
 
     step: int = 0
     tokens: int = 0
+    # Steps whose update was skipped for a non-finite loss or gradient, in all and in a row.
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens}
+        return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step = int(state_dict["step"])
-        self.tokens = int(state_dict["tokens"])
+        for key in ("step", "tokens", "skipped_steps", "nonfinite_in_a_row"):
+            setattr(self, key, int(state_dict[key]))
 
 
 @dataclass
@@ -139,11 +147,22 @@ def coca_step(model: nn.Module, batches: list[ImageTextBatch], world: int) -> St
     return StepResult(loss, {"siglip_loss": siglip_mean, "caption_loss": caption_mean}, int(tokens), extra=extra)
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row: the run stops, its last good checkpoint intact."""
+
+
 class Trainer:
-    """Runs the curriculum of a :class:`RunConfig`, resuming from whatever the run directory already holds."""
+    """Runs the curriculum of a :class:`RunConfig`, resuming from whatever the run directory already holds.
+
+    SIGTERM or SIGUSR1 (preemption, SLURM's warning signal) makes every rank checkpoint at the next step boundary and
+    leave cleanly; rerunning the same command continues.
+    """
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.stop_signal: str | None = None
+        self.exit_reason = ""
+        self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dims = ParallelDims.from_config(cfg.parallel, self.world)
@@ -175,10 +194,10 @@ class Trainer:
             if is_done(self.cfg, name):
                 logger.info("stage %s already finished: skipped", name)
                 continue
-            finished = not self._exit_reached() and self.run_stage(name)
+            finished = not self._leaving() and self.run_stage(name)
             if not finished:
-                logger.info("left after %d steps (exit_after_steps); rerun the same command to continue",
-                            self.steps_this_run)
+                logger.info("left after %d steps (%s), checkpointed; rerun the same command to continue",
+                            self.steps_this_run, self.exit_reason)
                 break
         summary = {n: summarize_stage(stage_dir(self.cfg, n) / "metrics.jsonl") for n in self.cfg.curriculum.order}
         if self.rank == 0 and finished:
@@ -187,8 +206,24 @@ class Trainer:
             print(f"outputs: {self.cfg.run_dir.resolve()}")
         return summary
 
-    def _exit_reached(self) -> bool:
-        return bool(self.cfg.exit_after_steps) and self.steps_this_run >= self.cfg.exit_after_steps
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+
+    def _leaving(self) -> bool:
+        """Whether to stop at this step boundary; all ranks agree (a signal may reach only some of them)."""
+        if self.cfg.exit_after_steps and self.steps_this_run >= self.cfg.exit_after_steps:
+            self.exit_reason = f"exit_after_steps={self.cfg.exit_after_steps}"
+            return True
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            self.exit_reason = f"received {self.stop_signal or 'a stop signal on another rank'}"
+            return True
+        return False
 
     def _state(self, optimizer: ZeroOptimizer, train: TrainState, loader: StageLoader) -> dict[str, Any]:
         return {
@@ -221,7 +256,7 @@ class Trainer:
             record = self.train_step(name, stage, optimizer, loader, train)
             metrics.log(record)
             self.steps_this_run += 1
-            leaving = self._exit_reached()
+            leaving = self._leaving()
             interval = stage.checkpoint_interval
             if train.step == stage.steps or leaving or (interval and train.step % interval == 0):
                 checkpoints.save(train.step, self._state(optimizer, train, loader))
@@ -247,17 +282,43 @@ class Trainer:
         else:
             batches = [loader.next_packed_batch(progress) for _ in range(stage.grad_accum_steps)]
             result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world)
-        grad_norm = optimizer.step(max_grad_norm=self.cfg.optim.grad_clip_norm)
-        if result.expert_load is not None and "decoder" in stage.trainable:
-            load = result.expert_load.clone()
-            dist.all_reduce(load)
-            self.model.decoder.update_expert_bias(load)
+        grad_norm = self._update(name, stage, optimizer, result, train)
         train.step += 1
         train.tokens += result.tokens
         elapsed = time.perf_counter() - start
         return {"stage": name, "step": train.step, "loss": result.loss, **result.parts, "lr": lr,
                 "tokens": train.tokens, "grad_norm": float(grad_norm), "step_time_s": elapsed,
-                "tokens_per_s": result.tokens / elapsed, "corrupt_samples": loader.corrupt, **result.extra}
+                "tokens_per_s": result.tokens / elapsed, "corrupt_samples": loader.corrupt,
+                "skipped_steps": train.skipped_steps, **result.extra}
+
+    def _update(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, result: StepResult,
+                train: TrainState) -> float:
+        """The optimizer step, unless the loss or a gradient is not finite: then the update is skipped and counted,
+        and after ``max_nonfinite_steps`` in a row the run stops (:class:`TrainingDiverged`)."""
+        reason = "" if math.isfinite(result.loss) else f"loss {result.loss}"
+        grad_norm = float("nan")
+        if not reason:
+            try:
+                grad_norm = optimizer.step(max_grad_norm=self.cfg.optim.grad_clip_norm)
+            except FloatingPointError as error:  # raised before any parameter changed
+                reason = str(error)
+        if not reason:
+            train.nonfinite_in_a_row = 0
+            if result.expert_load is not None and "decoder" in stage.trainable:
+                load = result.expert_load.clone()
+                dist.all_reduce(load)
+                self.model.decoder.update_expert_bias(load)
+            return grad_norm
+        train.skipped_steps += 1
+        train.nonfinite_in_a_row += 1
+        logger.warning("stage %s step %d: update skipped (%s); %d in a row", name, train.step + 1, reason,
+                       train.nonfinite_in_a_row)
+        if train.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            last = checkpoints_of(self.cfg, name).latest_step()
+            where = checkpoints_of(self.cfg, name).path(last) if last is not None else "the stage's start weights"
+            raise TrainingDiverged(f"{train.nonfinite_in_a_row} non-finite steps in a row in stage '{name}' (last: "
+                                   f"{reason}); stopping. The last good checkpoint is {where}.")
+        return grad_norm
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> ZeroOptimizer:
@@ -276,4 +337,5 @@ def run_curriculum(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     try:
         return trainer.run()
     finally:
+        trainer.restore_signal_handlers()
         dist.destroy_process_group()

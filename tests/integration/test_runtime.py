@@ -1,0 +1,77 @@
+"""Runtime guards: a stop signal checkpoints and leaves cleanly; non-finite steps are skipped, then stop the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.__main__ import main
+from train.config import load_config
+from train.metrics import read_metrics
+from train.trainer import Trainer, TrainingDiverged
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
+
+
+def overrides(out: Path, demo_root: Path, long_stage_steps: int = 2) -> list[str]:
+    args = ["recipe=debug", f"output_dir={out}", "run_name=run", f"data.root={demo_root}", "log.progress_bar=false"]
+    for name in STAGES:
+        steps = 12 if name == "joint_pretrain" else long_stage_steps if name.startswith("long") else 2
+        args += [f"curriculum.stages.{name}.steps={steps}", f"curriculum.stages.{name}.checkpoint_interval=0",
+                 f"curriculum.stages.{name}.lr.warmup_steps=1"]
+    return args
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_matches(demo_root, tmp_path):
+    args = overrides(tmp_path / "signalled", demo_root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "signalled" / "run" / "joint_pretrain" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while len(read_metrics(metrics)) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "received SIGTERM" in stderr
+    stopped_at = read_metrics(metrics)[-1]["step"]
+    assert 3 <= stopped_at < 12  # left mid-stage
+    checkpoints = sorted((metrics.parent / "checkpoints").iterdir())
+    assert checkpoints[-1].name == f"step-{stopped_at:08d}"
+    assert not (tmp_path / "signalled" / "run" / "summary.json").exists()
+    # Rerunning continues from there; the result equals an uninterrupted run.
+    assert main(args) == 0
+    assert main(overrides(tmp_path / "straight", demo_root)) == 0
+    for name in STAGES:
+        got = read_metrics(tmp_path / "signalled" / "run" / name / "metrics.jsonl")
+        expected = read_metrics(tmp_path / "straight" / "run" / name / "metrics.jsonl")
+        assert [r["loss"] for r in got] == [r["loss"] for r in expected], name
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(demo_root, tmp_path):
+    cfg = load_config([*overrides(tmp_path, demo_root), "max_nonfinite_steps=2",
+                       "curriculum.stages.vit_coca.steps=5"])
+    trainer = Trainer(cfg)
+    try:
+        # Broken weights (as after a bad update or a corrupt import): every loss is NaN.
+        with torch.no_grad():
+            trainer.model.vision.pos_table.fill_(float("nan"))
+        before = {k: v.clone() for k, v in trainer.model.coca.state_dict().items()}
+        with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row.*last good checkpoint"):
+            trainer.run()
+    finally:
+        trainer.restore_signal_handlers()
+        torch.distributed.destroy_process_group()
+    after = trainer.model.coca.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # skipped steps change nothing
+    records = read_metrics(tmp_path / "run" / "vit_coca" / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in records] == [1]  # the second skip raised before its line was written
