@@ -24,7 +24,7 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=resume_step, desc=desc, dynamic_ncols=True, leave=True)
 
@@ -43,9 +43,25 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; a last line cut short by a crash is dropped."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index != len(lines) - 1:
+                raise
+    return records
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a part (crash-safe)."""
+    staging = Path(path).with_name(Path(path).name + ".tmp")
+    staging.write_text(text)
+    staging.replace(path)
 
 
 def summarize_stage(path: Path) -> dict[str, Any]:

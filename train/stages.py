@@ -15,6 +15,7 @@ from torch import nn
 from optim.schedules import final_lr
 from train.checkpoint import CheckpointManager, ModelState, load_checkpoint
 from train.config import TRAINABLE_PARTS, RunConfig, StageConfig
+from train.metrics import write_atomic
 
 
 def stage_dir(cfg: RunConfig, name: str) -> Path:
@@ -32,7 +33,7 @@ def is_done(cfg: RunConfig, name: str) -> bool:
 def mark_done(cfg: RunConfig, name: str, final_step: int) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         path = stage_dir(cfg, name) / "DONE.json"
-        path.write_text(json.dumps({"stage": name, "final_step": final_step}) + "\n")
+        write_atomic(path, json.dumps({"stage": name, "final_step": final_step}) + "\n")
     if dist.is_initialized():
         dist.barrier()
 

@@ -33,7 +33,7 @@ from optim.schedules import lr_at
 from parallel.dims import ParallelDims
 from train.checkpoint import ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
-from train.metrics import MetricsWriter, format_summary, summarize_stage
+from train.metrics import MetricsWriter, format_summary, summarize_stage, write_atomic
 from train.stages import (
     apply_stage,
     checkpoints_of,
@@ -201,7 +201,7 @@ class Trainer:
                 break
         summary = {n: summarize_stage(stage_dir(self.cfg, n) / "metrics.jsonl") for n in self.cfg.curriculum.order}
         if self.rank == 0 and finished:
-            (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_atomic(self.cfg.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             print(format_summary(summary))
             print(f"outputs: {self.cfg.run_dir.resolve()}")
         return summary

@@ -1,0 +1,113 @@
+"""Crash-proof resume: SIGKILL the debug curriculum at random moments (some during checkpoint writes), rerun the same
+command each time, and compare the final parameters with an uninterrupted run's.
+
+Prints one JSON line with ``kills``, ``kills_during_checkpoint_write``, ``resumes``, ``max_abs_param_diff`` (goal:
+exactly 0 on CPU) and ``losses_identical``.
+
+    python benchmarks/crash_resume.py [--kills 10 --nproc 2 --seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
+
+
+def command(out: Path, data: Path, nproc: int) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", "train", "recipe=debug", f"output_dir={out}", "run_name=run", f"data.root={data}",
+            "log.progress_bar=false"]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A session of its own, so the kill reaches torchrun's workers too (as a node failure would).
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def kill_at(process: subprocess.Popen, run_dir: Path, delay: float, during_write: bool) -> bool:
+    """SIGKILL after ``delay`` seconds, or as soon as a checkpoint is being written; True if it was killed."""
+    deadline = time.monotonic() + delay
+    while process.poll() is None:
+        writing = during_write and any(run_dir.glob("*/checkpoints/*.tmp"))
+        if writing or (not during_write and time.monotonic() >= deadline):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return writing
+        time.sleep(0.002)
+    return False
+
+
+def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    from model.registry import FLAVORS, build_model
+    from train.checkpoint import ModelState, load_checkpoint
+
+    model = build_model(FLAVORS["debug"])
+    checkpoint = sorted((run_dir / STAGES[-1] / "checkpoints").iterdir())[-1]
+    load_checkpoint(checkpoint, {"model": ModelState(model)})
+    return model.state_dict()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="crash-resume-"))
+    data = work / "data"
+    from data.synthetic import generate_corpus
+
+    generate_corpus(data, seed=0)
+    began = time.monotonic()
+    straight = start(command(work / "straight", data, args.nproc))
+    if straight.wait() != 0:
+        raise SystemExit("the uninterrupted run failed")
+    duration = time.monotonic() - began
+    run_dir = work / "crashed" / "run"
+    kills = during_write = resumes = 0
+    for attempt in range(args.kills):
+        process = start(command(work / "crashed", data, args.nproc))
+        resumes += attempt > 0
+        # Every third kill waits for a checkpoint write; the others strike at a random moment.
+        targeted = attempt % 3 == 2
+        hit_write = kill_at(process, run_dir, rng.uniform(2.0, max(3.0, duration / 3)), targeted)
+        if process.returncode == 0:  # finished before the kill came
+            break
+        kills += 1
+        during_write += hit_write
+    final = start(command(work / "crashed", data, args.nproc))
+    resumes += 1
+    if final.wait() != 0:
+        raise SystemExit("the resumed run failed")
+    expected, got = final_parameters(work / "straight" / "run"), final_parameters(run_dir)
+    max_diff = max(float((expected[k].float() - got[k].float()).abs().max()) for k in expected)
+    from train.metrics import read_metrics
+
+    identical = all([r["loss"] for r in read_metrics(work / "straight" / "run" / n / "metrics.jsonl")]
+                    == [r["loss"] for r in read_metrics(run_dir / n / "metrics.jsonl")] for n in STAGES)
+    print(json.dumps({"benchmark": "crash_resume", "nproc": args.nproc, "kills": kills,
+                      "kills_during_checkpoint_write": during_write, "resumes": resumes,
+                      "uninterrupted_s": round(duration, 1), "max_abs_param_diff": max_diff,
+                      "losses_identical": identical}))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
