@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -189,6 +190,10 @@ class Trainer:
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Train every stage in order (skipping finished ones) and write ``summary.json``."""
+        if self.rank == 0:
+            self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            # The resolved configuration of every invocation, for reproducing the run (no credentials live in it).
+            write_atomic(self.cfg.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(self.cfg)))
         finished = True
         for name in self.cfg.curriculum.order:
             if is_done(self.cfg, name):

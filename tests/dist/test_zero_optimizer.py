@@ -44,6 +44,18 @@ def rank_grads(model: nn.Module, step: int, rank: int) -> None:
         param.grad = torch.randint(-512, 512, param.shape, generator=generator).float() / 1024
 
 
+def set_summed_grads(model: nn.Module, step: int, ranks: int, share: float = 1.0) -> None:
+    """Give ``model`` the sum over ``ranks`` of their :func:`rank_grads` (times ``share``, a power of two)."""
+    parts = mixed_model()
+    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for rank in range(ranks):
+        rank_grads(parts, step, rank)
+        for name, p in parts.named_parameters():
+            total[name] += p.grad
+    for name, p in model.named_parameters():
+        p.grad = total[name] * share
+
+
 def train(rank: int, world: int, steps: int, group_world: bool = True) -> dict:
     model = mixed_model()
     optimizer = ZeroOptimizer(model, lr=LR, weight_decay=WD, group=dist.group.WORLD if group_world else None)
@@ -59,16 +71,9 @@ def single_process(world: int, steps: int) -> dict:
     """The reference: one process, gradients summed over the ranks' contributions."""
     model = mixed_model()
     optimizer = ZeroOptimizer(model, lr=LR, weight_decay=WD)
-    parts = mixed_model()
     norms = []
     for step in range(steps):
-        total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-        for rank in range(world):
-            rank_grads(parts, step, rank)
-            for name, p in parts.named_parameters():
-                total[name] += p.grad
-        for name, p in model.named_parameters():
-            p.grad = total[name]
+        set_summed_grads(model, step, world)
         norms.append(optimizer.step(max_grad_norm=CLIP))
     return {"params": {k: v.detach().clone() for k, v in model.named_parameters()}, "norms": norms,
             "state_bytes": optimizer.state_bytes()}
@@ -108,15 +113,8 @@ def resume_and_step(rank: int, world: int, step: int, path: str, saved_world: in
     model_state = model.state_dict()
     dcp.load({"model": model_state, "optim": optimizer}, checkpoint_id=path)
     model.load_state_dict(model_state)
-    # The next step's gradients are what the saved layout's ranks would have produced, summed the same way.
-    grads = mixed_model()
-    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    for r in range(saved_world):
-        rank_grads(grads, step, r)
-        for name, p in grads.named_parameters():
-            total[name] += p.grad
-    for name, p in model.named_parameters():
-        p.grad = total[name] / world
+    # The next step's gradients are what the saved layout's ranks would have produced, split over this layout.
+    set_summed_grads(model, step, saved_world, share=1 / world)
     optimizer.step(max_grad_norm=CLIP)
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 

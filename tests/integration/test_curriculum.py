@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from model.registry import FLAVORS, build_model
 from train.__main__ import main
@@ -77,6 +78,8 @@ def test_outputs_of_a_full_run(torchrun_run):
         checkpoint = run_dir / name / "checkpoints" / "step-00000002"
         assert (checkpoint / ".metadata").exists()
     assert "long_ctx_128k" in stdout and "outputs:" in stdout
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["recipe"] == "debug" and saved["curriculum"]["stages"]["vit_coca"]["steps"] == 2
 
 
 def test_frozen_parts_are_bit_identical_and_trained_parts_change(torchrun_run):
