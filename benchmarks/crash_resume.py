@@ -35,9 +35,35 @@ def command(out: Path, data: Path, nproc: int) -> list[str]:
 
 def start(cmd: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A session of its own, so the kill reaches torchrun's workers too (as a node failure would).
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own, so a process-group kill
+    would miss them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker at once, as a node failure would."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
 
 
 def kill_at(process: subprocess.Popen, run_dir: Path, delay: float, during_write: bool) -> bool:
@@ -46,8 +72,7 @@ def kill_at(process: subprocess.Popen, run_dir: Path, delay: float, during_write
     while process.poll() is None:
         writing = during_write and any(run_dir.glob("*/checkpoints/*.tmp"))
         if writing or (not during_write and time.monotonic() >= deadline):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            kill_tree(process)
             return writing
         time.sleep(0.002)
     return False
@@ -100,13 +125,17 @@ def main() -> None:
     max_diff = max(float((expected[k].float() - got[k].float()).abs().max()) for k in expected)
     from train.metrics import read_metrics
 
-    identical = all([r["loss"] for r in read_metrics(work / "straight" / "run" / n / "metrics.jsonl")]
-                    == [r["loss"] for r in read_metrics(run_dir / n / "metrics.jsonl")] for n in STAGES)
+    differing = [n for n in STAGES
+                 if [(r["step"], r["loss"]) for r in read_metrics(work / "straight" / "run" / n / "metrics.jsonl")]
+                 != [(r["step"], r["loss"]) for r in read_metrics(run_dir / n / "metrics.jsonl")]]
     print(json.dumps({"benchmark": "crash_resume", "nproc": args.nproc, "kills": kills,
                       "kills_during_checkpoint_write": during_write, "resumes": resumes,
                       "uninterrupted_s": round(duration, 1), "max_abs_param_diff": max_diff,
-                      "losses_identical": identical}))
-    shutil.rmtree(work, ignore_errors=True)
+                      "losses_identical": not differing, "stages_with_differing_metrics": differing}))
+    if differing or max_diff != 0.0:
+        print(f"kept for inspection: {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

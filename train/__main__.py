@@ -42,11 +42,11 @@ def main(argv: list[str]) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
-    from train.trainer import TrainingDiverged, run_curriculum
+    from train.trainer import RunLocked, TrainingDiverged, run_curriculum
 
     try:
         run_curriculum(cfg)
-    except TrainingDiverged as error:
+    except (TrainingDiverged, RunLocked) as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     return 0

@@ -7,6 +7,7 @@ the whole global batch (token-mean loss, not a mean of per-rank means).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -14,7 +15,8 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
@@ -78,6 +80,23 @@ class StepResult:
     tokens: int
     expert_load: torch.Tensor | None = None
     extra: dict[str, float] = field(default_factory=dict)
+
+
+class RunLocked(RuntimeError):
+    """Another process is training the same run directory."""
+
+
+def lock_run_dir(run_dir: Path) -> IO:
+    """Hold an exclusive lock on the run directory, so two trainers (e.g. a restart while orphaned workers of a
+    killed launcher still run) never write the same checkpoints and metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = (run_dir / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunLocked(f"another process is training {run_dir}: stop it (or pick another run_name)") from None
+    return handle
 
 
 def init_distributed() -> None:
@@ -163,6 +182,7 @@ class Trainer:
         self.cfg = cfg
         self.stop_signal: str | None = None
         self.exit_reason = ""
+        self._lock = lock_run_dir(cfg.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -214,9 +234,13 @@ class Trainer:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_signal = signal.Signals(signum).name
 
-    def restore_signal_handlers(self) -> None:
+    def close(self) -> None:
+        """Restore the signal handlers and release the run directory."""
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _leaving(self) -> bool:
         """Whether to stop at this step boundary; all ranks agree (a signal may reach only some of them)."""
@@ -342,5 +366,5 @@ def run_curriculum(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     try:
         return trainer.run()
     finally:
-        trainer.restore_signal_handlers()
+        trainer.close()
         dist.destroy_process_group()

@@ -15,7 +15,7 @@ import torch
 from train.__main__ import main
 from train.config import load_config
 from train.metrics import read_metrics
-from train.trainer import Trainer, TrainingDiverged
+from train.trainer import RunLocked, Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
@@ -69,9 +69,20 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_root, tmp_path):
         with pytest.raises(TrainingDiverged, match="2 non-finite steps in a row.*last good checkpoint"):
             trainer.run()
     finally:
-        trainer.restore_signal_handlers()
+        trainer.close()
         torch.distributed.destroy_process_group()
     after = trainer.model.coca.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # skipped steps change nothing
     records = read_metrics(tmp_path / "run" / "vit_coca" / "metrics.jsonl")
     assert [r["skipped_steps"] for r in records] == [1]  # the second skip raised before its line was written
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(demo_root, tmp_path):
+    cfg = load_config(overrides(tmp_path, demo_root))
+    first = Trainer(cfg)
+    try:
+        with pytest.raises(RunLocked, match="another process is training"):
+            Trainer(cfg)
+    finally:
+        first.close()
+        torch.distributed.destroy_process_group()
