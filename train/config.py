@@ -138,7 +138,11 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     progress_bar: bool = True
-    log_every: int = 1
+    # Weights & Biases (offline unless WANDB_MODE is set; credentials only ever come from the environment).
+    wandb: bool = False
+    wandb_project: str = "kimi-vl"
+    # Peak FLOP/s of one device for MFU; 0 measures it with a matmul probe (CPU).
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -256,6 +260,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", cfg.optim.grad_clip_norm, ">= 0 (0 disables)")
     _check(cfg.parallel.dp_degree == -1 or cfg.parallel.dp_degree >= 1, "parallel.dp_degree",
            cfg.parallel.dp_degree, "-1 (whole world) or >= 1")
+    _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", cfg.log.peak_tflops, ">= 0 (0: measure)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     _check(0 <= cfg.data.max_corrupt_fraction <= 1, "data.max_corrupt_fraction", cfg.data.max_corrupt_fraction,
            "a fraction in [0, 1]")

@@ -36,7 +36,8 @@ from optim.schedules import lr_at
 from parallel.dims import ParallelDims
 from train.checkpoint import ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
-from train.metrics import MetricsWriter, format_summary, summarize_stage, write_atomic
+from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
+from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
 from train.stages import (
     apply_stage,
     checkpoints_of,
@@ -191,6 +192,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
         self.steps_this_run = 0
+        self.peak_flops = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0 else measure_peak_flops()
+        self.wandb = WandbLogger(cfg.log.wandb and self.rank == 0, cfg.log.wandb_project, cfg.run_dir,
+                                 OmegaConf.to_container(OmegaConf.structured(cfg)))
+        # Steps of the stages before each one: W&B's global step axis across the curriculum.
+        steps = [cfg.curriculum.stages[n].steps for n in cfg.curriculum.order]
+        self.step_offset = {n: sum(steps[:i]) for i, n in enumerate(cfg.curriculum.order)}
         self.previous_final_lr = previous_final_lrs(cfg)
 
     def _build_tokenizer(self) -> TextTokenizer:
@@ -235,7 +242,8 @@ class Trainer:
         self.stop_signal = signal.Signals(signum).name
 
     def close(self) -> None:
-        """Restore the signal handlers and release the run directory."""
+        """Finish W&B, restore the signal handlers and release the run directory."""
+        self.wandb.finish()
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         if self._lock is not None:
@@ -284,6 +292,7 @@ class Trainer:
         while train.step < stage.steps:
             record = self.train_step(name, stage, optimizer, loader, train)
             metrics.log(record)
+            self.wandb.log(record, self.step_offset[name] + record["step"])
             self.steps_this_run += 1
             leaving = self._leaving()
             interval = stage.checkpoint_interval
@@ -293,8 +302,21 @@ class Trainer:
                 metrics.close()
                 return False
         metrics.close()
+        self._report_stage(name)
         mark_done(cfg, name, train.step)
         return True
+
+    def _report_stage(self, name: str) -> None:
+        """The stage's throughput line and loss-curve PNG (rank 0)."""
+        records = read_metrics(stage_dir(self.cfg, name) / "metrics.jsonl")
+        if self.rank != 0 or not records:
+            return
+        plot_losses(records, stage_dir(self.cfg, name) / "loss.png", f"{self.cfg.run_dir.name}: {name}")
+        seconds = sum(r["step_time_s"] for r in records)
+        tokens_per_s = sum(r["tokens_per_s"] * r["step_time_s"] for r in records) / seconds
+        mfu = sum(r["mfu"] for r in records) / len(records)
+        logger.info("stage %s: %.0f tokens/s over %d ranks, model FLOPs utilization %.1f%% (of %.1f TFLOP/s per "
+                    "rank)", name, tokens_per_s, self.world, 100 * mfu, self.peak_flops / 1e12)
 
     def train_step(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, loader: StageLoader,
                    train: TrainState) -> dict[str, Any]:
@@ -315,10 +337,12 @@ class Trainer:
         train.step += 1
         train.tokens += result.tokens
         elapsed = time.perf_counter() - start
+        flops = step_model_flops(self.cfg.model, batches)
         return {"stage": name, "step": train.step, "loss": result.loss, **result.parts, "lr": lr,
                 "tokens": train.tokens, "grad_norm": float(grad_norm), "step_time_s": elapsed,
                 "tokens_per_s": result.tokens / elapsed, "corrupt_samples": loader.corrupt,
-                "skipped_steps": train.skipped_steps, **result.extra}
+                "skipped_steps": train.skipped_steps, "model_tflops_per_s": flops / elapsed / 1e12,
+                "mfu": flops / elapsed / self.peak_flops, **result.extra}
 
     def _update(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, result: StepResult,
                 train: TrainState) -> float:

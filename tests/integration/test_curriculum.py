@@ -77,6 +77,8 @@ def test_outputs_of_a_full_run(torchrun_run):
         assert (run_dir / name / "DONE.json").exists()
         checkpoint = run_dir / name / "checkpoints" / "step-00000002"
         assert (checkpoint / ".metadata").exists()
+        assert (run_dir / name / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert all(0 < r["mfu"] < 1 and r["model_tflops_per_s"] > 0 for r in records)
     assert "long_ctx_128k" in stdout and "outputs:" in stdout
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["recipe"] == "debug" and saved["curriculum"]["stages"]["vit_coca"]["steps"] == 2

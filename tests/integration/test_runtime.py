@@ -86,3 +86,13 @@ def test_a_second_trainer_on_the_same_run_is_refused(demo_root, tmp_path):
     finally:
         first.close()
         torch.distributed.destroy_process_group()
+
+
+def test_wandb_logs_offline_into_the_run(demo_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = [*overrides(tmp_path, demo_root), "log.wandb=true", "curriculum.order=[vit_coca,vit_align]"]
+    assert main(args) == 0
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))  # the offline event log, ready for `wandb sync`
