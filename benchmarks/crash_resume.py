@@ -33,9 +33,11 @@ def command(out: Path, data: Path, nproc: int) -> list[str]:
             "log.progress_bar=false"]
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as sink:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
 
 
 def descendants(pid: int) -> list[int]:
@@ -101,14 +103,14 @@ def main() -> None:
 
     generate_corpus(data, seed=0)
     began = time.monotonic()
-    straight = start(command(work / "straight", data, args.nproc))
+    straight = start(command(work / "straight", data, args.nproc), work / "logs" / "straight.log")
     if straight.wait() != 0:
-        raise SystemExit("the uninterrupted run failed")
+        raise SystemExit(f"the uninterrupted run failed: see {work / 'logs'}")
     duration = time.monotonic() - began
     run_dir = work / "crashed" / "run"
     kills = during_write = resumes = 0
     for attempt in range(args.kills):
-        process = start(command(work / "crashed", data, args.nproc))
+        process = start(command(work / "crashed", data, args.nproc), work / "logs" / f"attempt-{attempt}.log")
         resumes += attempt > 0
         # Every third kill waits for a checkpoint write; the others strike at a random moment.
         targeted = attempt % 3 == 2
@@ -117,10 +119,10 @@ def main() -> None:
             break
         kills += 1
         during_write += hit_write
-    final = start(command(work / "crashed", data, args.nproc))
+    final = start(command(work / "crashed", data, args.nproc), work / "logs" / "final.log")
     resumes += 1
     if final.wait() != 0:
-        raise SystemExit("the resumed run failed")
+        raise SystemExit(f"the resumed run failed: see {work / 'logs' / 'final.log'}")
     expected, got = final_parameters(work / "straight" / "run"), final_parameters(run_dir)
     max_diff = max(float((expected[k].float() - got[k].float()).abs().max()) for k in expected)
     from train.metrics import read_metrics

@@ -1,4 +1,12 @@
-"""Parallel degrees: validated before any process group exists, then turned into a DeviceMesh."""
+"""Parallel degrees: validated before any process group exists, then turned into a DeviceMesh and sub-groups.
+
+The world is a ``pp x dp x cp`` mesh (pipeline outermost, context innermost, so context ranks, which exchange the
+most, are neighbours). Expert parallelism is carved out of ``dp x cp``: the ``dp * cp`` ranks of a pipeline stage
+are cut into expert-parallel groups of ``ep`` consecutive ranks, each holding ``1 / ep`` of the routed experts;
+ranks at the same position of different groups hold the same experts and form an *expert-data* group, over which
+expert gradients are reduced and expert optimizer state is sharded (Megatron's "EP inside DP", torchtitan's EP over
+FSDP x CP).
+"""
 
 from __future__ import annotations
 
@@ -7,26 +15,112 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from model.args import ModelArgs
 from train.config import ConfigError, ParallelConfig
+
+MESH_DIMS = ("pp", "dp", "cp")
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """The layout of the world. Only data parallelism exists so far (pp, cp, ep arrive with the 4D engine)."""
+    """A validated layout of ``world_size`` ranks."""
 
+    pp_degree: int
     dp_degree: int
+    cp_degree: int
+    ep_degree: int
     world_size: int
 
     @classmethod
-    def from_config(cls, cfg: ParallelConfig, world_size: int) -> ParallelDims:
-        dp = world_size if cfg.dp_degree == -1 else cfg.dp_degree
-        if dp != world_size:
-            raise ConfigError(f"Invalid value parallel.dp_degree={cfg.dp_degree!r}: the product of the parallel "
-                              f"degrees must equal the world size {world_size}; use {world_size} or -1.")
-        return cls(dp_degree=dp, world_size=world_size)
+    def from_config(cls, cfg: ParallelConfig, world_size: int, model: ModelArgs | None = None,
+                    seq_lens: list[int] | None = None) -> ParallelDims:
+        """Check every degree against the world size, the model and the sequence lengths; say what would work.
+
+        Args:
+            cfg: The recipe's degrees (``dp_degree=-1`` takes what ``pp`` and ``cp`` leave).
+            world_size: Number of ranks.
+            model: The model (expert and layer counts), when known.
+            seq_lens: The stages' sequence lengths, when known.
+        """
+        pp, cp, ep = cfg.pp_degree, cfg.cp_degree, cfg.ep_degree
+        for key, value in (("pp_degree", pp), ("cp_degree", cp), ("ep_degree", ep)):
+            if value < 1:
+                raise ConfigError(f"Invalid value parallel.{key}={value}: allowed is an integer >= 1.")
+        if world_size % (pp * cp):
+            raise ConfigError(f"Invalid layout: pp_degree={pp} x cp_degree={cp} does not divide the world size "
+                              f"{world_size}; use degrees whose product divides it ({_divisors(world_size)}).")
+        dp = world_size // (pp * cp) if cfg.dp_degree == -1 else cfg.dp_degree
+        if pp * dp * cp != world_size:
+            raise ConfigError(f"Invalid layout: pp_degree={pp} x dp_degree={dp} x cp_degree={cp} = {pp * dp * cp} "
+                              f"ranks, but the world has {world_size}; set parallel.dp_degree="
+                              f"{world_size // (pp * cp)} or -1.")
+        if (dp * cp) % ep:
+            raise ConfigError(f"Invalid value parallel.ep_degree={ep}: expert parallelism is carved out of "
+                              f"dp_degree x cp_degree = {dp * cp} ranks; allowed: {_divisors(dp * cp)}.")
+        dims = cls(pp_degree=pp, dp_degree=dp, cp_degree=cp, ep_degree=ep, world_size=world_size)
+        if model is not None:
+            dims._check_model(model)
+        for seq_len in seq_lens or []:
+            if seq_len % (2 * cp):
+                raise ConfigError(f"Invalid layout: sequence length {seq_len} is not divisible by 2 x cp_degree = "
+                                  f"{2 * cp} (zig-zag context parallelism gives each rank two equal chunks); "
+                                  f"allowed cp_degree: {[c for c in _divisors(seq_len // 2)]}.")
+        return dims
+
+    def _check_model(self, model: ModelArgs) -> None:
+        experts, layers = model.decoder.num_routed_experts, model.decoder.num_layers
+        if experts % self.ep_degree:
+            raise ConfigError(f"Invalid value parallel.ep_degree={self.ep_degree}: the {experts} routed experts do "
+                              f"not divide over it; allowed: {_divisors(experts)}.")
+        if layers < self.pp_degree:
+            raise ConfigError(f"Invalid value parallel.pp_degree={self.pp_degree}: the decoder has only {layers} "
+                              f"layers, fewer than the pipeline stages; allowed is at most {layers}.")
+
+    @property
+    def expert_data_degree(self) -> int:
+        """Ranks holding the same experts (expert gradients and optimizer state go over them)."""
+        return self.dp_degree * self.cp_degree // self.ep_degree
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """The mesh position of ``rank``: pp, dp, cp indices plus its ep index and expert-data index."""
+        pp, rest = divmod(rank, self.dp_degree * self.cp_degree)
+        dp, cp = divmod(rest, self.cp_degree)
+        expert_data, ep = divmod(rest, self.ep_degree)
+        return {"pp": pp, "dp": dp, "cp": cp, "ep": ep, "expert_data": expert_data}
+
+    def expert_group_ranks(self) -> tuple[list[list[int]], list[list[int]]]:
+        """All expert-parallel groups and all expert-data groups, as lists of global ranks."""
+        stage = self.dp_degree * self.cp_degree
+        ep_groups, expert_data_groups = [], []
+        for pp in range(self.pp_degree):
+            base = pp * stage
+            ep_groups += [[base + g * self.ep_degree + e for e in range(self.ep_degree)]
+                          for g in range(self.expert_data_degree)]
+            expert_data_groups += [[base + g * self.ep_degree + e for g in range(self.expert_data_degree)]
+                                   for e in range(self.ep_degree)]
+        return ep_groups, expert_data_groups
 
     def build_mesh(self, device_type: str = "cpu") -> DeviceMesh:
-        return init_device_mesh(device_type, (self.dp_degree,), mesh_dim_names=("dp",))
+        """The ``pp x dp x cp`` DeviceMesh over the initialized default process group."""
+        return init_device_mesh(device_type, (self.pp_degree, self.dp_degree, self.cp_degree),
+                                mesh_dim_names=MESH_DIMS)
 
-    def dp_rank(self) -> int:
-        return dist.get_rank() % self.dp_degree
+    def build_expert_groups(self) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+        """This rank's expert-parallel group and expert-data group (every rank creates every group, in order)."""
+        ep_groups, expert_data_groups = self.expert_group_ranks()
+        rank = dist.get_rank()
+        mine = {}
+        for kind, groups in (("ep", ep_groups), ("expert_data", expert_data_groups)):
+            for ranks in groups:
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    mine[kind] = group
+        return mine["ep"], mine["expert_data"]
+
+    def dp_rank(self, rank: int | None = None) -> int:
+        """This rank's index among the data-parallel replicas (the data loader's shard)."""
+        return self.coordinates(dist.get_rank() if rank is None else rank)["dp"]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -8,6 +8,7 @@ defaults. ``load_config`` composes a recipe with command-line overrides, checks 
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,8 +127,13 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    # Data-parallel degree; -1 takes the whole world (pure data parallelism).
+    """Degrees of the ``pp x dp x cp`` mesh, with ``ep`` carved out of ``dp x cp`` (parallel/dims.py)."""
+
+    # Data-parallel degree; -1 takes what the other degrees leave of the world.
     dp_degree: int = -1
+    pp_degree: int = 1
+    cp_degree: int = 1
+    ep_degree: int = 1
 
 
 @dataclass
@@ -276,6 +282,17 @@ def validate(cfg: RunConfig) -> None:
            "each stage at most once")
     for index, name in enumerate(cfg.curriculum.order):
         _validate_stage(f"curriculum.stages.{name}", cfg.curriculum.stages[name], first=index == 0, cfg=cfg)
+    _validate_layout(cfg)
+
+
+def _validate_layout(cfg: RunConfig) -> None:
+    """The parallel degrees against the model, the sequence lengths and (under torchrun) the world size."""
+    from parallel.dims import ParallelDims  # imported here: parallel.dims builds on this module
+
+    par = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", "0")) or par.pp_degree * max(par.dp_degree, 1) * par.cp_degree
+    seq_lens = [cfg.curriculum.stages[name].seq_len for name in cfg.curriculum.order]
+    ParallelDims.from_config(par, world, cfg.model, seq_lens)
 
 
 def _validate_stage(key: str, stage: StageConfig, first: bool, cfg: RunConfig) -> None:

@@ -187,7 +187,15 @@ class Trainer:
         self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.dims = ParallelDims.from_config(cfg.parallel, self.world)
+        seq_lens = [cfg.curriculum.stages[n].seq_len for n in cfg.curriculum.order]
+        self.dims = ParallelDims.from_config(cfg.parallel, self.world, cfg.model, seq_lens)
+        if self.dims.world_size != self.dims.dp_degree:
+            raise ConfigError(f"Invalid layout pp_degree={self.dims.pp_degree}, cp_degree={self.dims.cp_degree}: "
+                              "the trainer runs data parallelism only so far (pipeline, context and expert "
+                              "parallelism are the 4D-engine issue); use pp_degree=1, cp_degree=1.")
+        if self.dims.ep_degree != 1:
+            raise ConfigError(f"Invalid value parallel.ep_degree={self.dims.ep_degree}: the trainer does not "
+                              "shard experts yet (the 4D-engine issue); use 1.")
         self.tokenizer = self._build_tokenizer()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
