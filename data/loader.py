@@ -1,10 +1,10 @@
-"""The stateful per-rank data stream of one stage.
+"""The stateful data stream of one stage, as seen by one data-parallel rank.
 
-Each rank draws its own sub-stream: draw ``k`` of rank ``r`` has the global index ``k * dp_size + r``; its source
-comes from :class:`~data.mixture.MixtureSampler` and its sample from the source's epoch permutation, the ``c``-th
-draw of a source taking position ``c * dp_size + r`` of that order (ranks interleave, so they see different
-samples). The state is a handful of counters plus the identity of the one document waiting for the next row, so a
-resumed loader reproduces the uninterrupted stream exactly.
+Every random choice is a pure function of ``(seed, stage, index)``: the source of a draw comes from
+:class:`~data.mixture.MixtureSampler`, its sample from the source's epoch permutation. The global batch is cut into
+slots (rows or image-text pairs), each an independent stream, so the global stream does not depend on the
+data-parallel size. The state is a handful of counters per slot plus the identity of the one document waiting for
+the next row, so a resumed loader reproduces the uninterrupted stream exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from data.batch import ImageTextBatch, PackedBatch
 from data.mixture import MixtureSampler, epoch_permutation
-from data.packing import RowBuilder, collate_image_text, collate_rows
+from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
 from data.samples import (
     Document,
     ImagePatches,
@@ -48,113 +48,21 @@ def read_manifest(root: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-class StageLoader:
-    """Batches of one stage for one data-parallel rank; ``state_dict`` / ``load_state_dict`` make it resumable."""
+class SlotStream:
+    """The documents of one slot of the global batch: draws ``k`` of slot ``v`` (of ``V``) have the global index
+    ``k * V + v``; the ``c``-th draw of a source from this slot takes position ``c * V + v`` of that source's epoch
+    order. State: counters and the identity of the one document waiting for the next row."""
 
-    def __init__(
-        self, stage_name: str, stage: StageConfig, root: str | Path, tokenizer: TextTokenizer, vision: VisionArgs,
-        seed: int, dp_rank: int, dp_size: int, max_corrupt_fraction: float = 0.01,
-    ):
-        self.stage_name = stage_name
-        self.stage = stage
-        self.tokenizer = tokenizer
-        self.vision = vision
-        self.seed = seed
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.max_corrupt_fraction = max_corrupt_fraction
-        self.sampler = MixtureSampler(stage.mixture, seed, stage_name, images_only=stage.objective == "coca")
-        manifest = read_manifest(root)
-        known = manifest["sources"]
-        missing = [name for name in self.sampler.sources() if name not in known]
-        if missing:
-            raise DataError(f"stage '{stage_name}' mixes sources {missing} that {Path(root) / 'manifest.json'} "
-                            f"does not have; available: {sorted(known)}")
-        self.sources = {name: ShardSource(name, Path(root), known[name]["shards"]) for name in self.sampler.sources()}
+    def __init__(self, slot: int, num_slots: int, sources: list[str]):
+        self.slot = slot
+        self.num_slots = num_slots
         self.draws = 0
-        self.source_draws = {name: 0 for name in self.sources}
+        # Every source is listed from the start: a checkpoint template (torch.distributed.checkpoint loads into the
+        # keys it is given) must hold every counter.
+        self.source_draws = {name: 0 for name in sources}
         self.corrupt = 0
         self.pending: tuple[str, int] | None = None
-        self._pending_doc: Document | None = None
-        self._orders: dict[tuple[str, int], Any] = {}
-
-    # ----- drawing samples -------------------------------------------------------------------------------------
-
-    def _draw(self, progress: float) -> tuple[str, int]:
-        """The next (source, position) of this rank's stream; advances the counters."""
-        name = self.sampler.choose(self.draws * self.dp_size + self.dp_rank, progress)
-        slot = self.source_draws[name] * self.dp_size + self.dp_rank
-        self.draws += 1
-        self.source_draws[name] += 1
-        size = len(self.sources[name])
-        epoch, offset = divmod(slot, size)
-        order = self._orders.get((name, epoch))
-        if order is None:
-            self._orders = {k: v for k, v in self._orders.items() if k[0] != name}  # keep one epoch per source
-            order = self._orders[(name, epoch)] = epoch_permutation(self.seed, self.stage_name, name, epoch, size)
-        return name, int(order[offset])
-
-    def _read(self, name: str, position: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
-        raw = self.sources[name].read(position)
-        meta = load_meta(raw)
-        images = load_images(raw, meta, self.vision.patch_size, self.vision.merge_size, self.stage.max_image_patches)
-        return raw, meta, images
-
-    def _skip(self, name: str, position: int, error: Exception) -> None:
-        self.corrupt += 1
-        where = self.sources[name].locate(position)
-        logger.warning("skipped corrupt sample of source '%s' at %s: %s", name, where, error)
-        if self.draws >= MIN_DRAWS_FOR_CORRUPT_CHECK and self.corrupt > self.max_corrupt_fraction * self.draws:
-            raise DataError(f"{self.corrupt} of {self.draws} samples drawn in stage '{self.stage_name}' were corrupt, "
-                            f"above data.max_corrupt_fraction={self.max_corrupt_fraction}")
-
-    def _render(self, name: str, position: int) -> Document:
-        _, meta, images = self._read(name, position)
-        return render_document(meta, images, self.tokenizer, self.vision.merge_size, self.stage.seq_len)
-
-    def _next_document(self, progress: float) -> tuple[tuple[str, int], Document]:
-        while True:
-            name, position = self._draw(progress)
-            try:
-                return (name, position), self._render(name, position)
-            except SampleError as error:
-                self._skip(name, position, error)
-
-    # ----- batches ---------------------------------------------------------------------------------------------
-
-    def next_packed_batch(self, progress: float) -> PackedBatch:
-        """``micro_batch_size`` rows of ``seq_len`` tokens for the language-model objective."""
-        builder = RowBuilder(self.stage.seq_len, self.tokenizer.pad_id)
-        rows = []
-        while len(rows) < self.stage.micro_batch_size:
-            if self._pending_doc is None:
-                self.pending, self._pending_doc = self._next_document(progress)
-            if builder.fits(self._pending_doc):
-                builder.add(self._pending_doc)
-                self.pending, self._pending_doc = None, None
-            else:
-                rows.append(builder.finish())
-        patch_dim = self.vision.in_channels * self.vision.patch_size**2
-        return collate_rows(rows, self.tokenizer.image_id, patch_dim, self.vision.merge_size)
-
-    def next_image_text_batch(self, progress: float) -> ImageTextBatch:
-        """``micro_batch_size`` (image, text) pairs for the CoCa objective (first image of each sample)."""
-        pairs = []
-        tok = self.tokenizer
-        while len(pairs) < self.stage.micro_batch_size:
-            name, position = self._draw(progress)
-            try:
-                raw, meta, images = self._read(name, position)
-                if not images:
-                    raise SampleError("no image for the image-text objective")
-                first = next(s["image"] for s in meta["segments"] if "image" in s)
-                ids = tok.encode(caption_text(meta))[: self.stage.max_text_len - 2]
-                pairs.append((images[first], [tok.bos_id, *ids, tok.eos_id]))
-            except SampleError as error:
-                self._skip(name, position, error)
-        return collate_image_text(pairs, tok.pad_id)
-
-    # ----- Stateful ----------------------------------------------------------------------------------------------
+        self.pending_doc: Document | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -166,9 +74,143 @@ class StageLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.draws = int(state["draws"])
-        self.source_draws = {name: int(state["source_draws"].get(name, 0)) for name in self.sources}
+        self.source_draws = {name: int(count) for name, count in state["source_draws"].items()}
         self.corrupt = int(state["corrupt"])
         pending = state.get("pending")
         self.pending = (pending[0], int(pending[1])) if pending else None
-        # The waiting document is re-rendered from its identity: rendering is a pure function of the sample.
-        self._pending_doc = self._render(*self.pending) if self.pending else None
+        self.pending_doc = None  # re-rendered from its identity on first use
+
+
+class StageLoader:
+    """Batches of one stage for one data-parallel rank; ``state_dict`` / ``load_state_dict`` make it resumable.
+
+    The global batch of a micro-step has ``micro_batch_size x dp_size`` slots (packed rows, or image-text pairs);
+    each slot is an independent stream (:class:`SlotStream`) and rank ``r`` serves slots ``r * m .. r * m + m - 1``.
+    So the global stream depends only on the number of slots, not on how they are split: dp=2 with 2 rows per rank
+    and dp=4 with 1 row per rank train on the same rows, and a checkpoint (one state per slot) resumes at either.
+    """
+
+    def __init__(
+        self, stage_name: str, stage: StageConfig, root: str | Path, tokenizer: TextTokenizer, vision: VisionArgs,
+        seed: int, dp_rank: int, dp_size: int, max_corrupt_fraction: float = 0.01,
+    ):
+        self.stage_name = stage_name
+        self.stage = stage
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.seed = seed
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.sampler = MixtureSampler(stage.mixture, seed, stage_name, images_only=stage.objective == "coca")
+        manifest = read_manifest(root)
+        known = manifest["sources"]
+        missing = [name for name in self.sampler.sources() if name not in known]
+        if missing:
+            raise DataError(f"stage '{stage_name}' mixes sources {missing} that {Path(root) / 'manifest.json'} "
+                            f"does not have; available: {sorted(known)}")
+        self.sources = {name: ShardSource(name, Path(root), known[name]["shards"]) for name in self.sampler.sources()}
+        per_rank = stage.micro_batch_size
+        num_slots = per_rank * dp_size
+        self.slots = [SlotStream(v, num_slots, list(self.sources))
+                      for v in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
+        self._orders: dict[tuple[str, int], Any] = {}
+
+    @property
+    def corrupt(self) -> int:
+        return sum(slot.corrupt for slot in self.slots)
+
+    # ----- drawing samples -------------------------------------------------------------------------------------
+
+    def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int]:
+        """The next (source, position) of a slot's stream; advances its counters."""
+        name = self.sampler.choose(stream.draws * stream.num_slots + stream.slot, progress)
+        count = stream.source_draws[name]
+        index = count * stream.num_slots + stream.slot
+        stream.draws += 1
+        stream.source_draws[name] = count + 1
+        size = len(self.sources[name])
+        epoch, offset = divmod(index, size)
+        order = self._orders.get((name, epoch))
+        if order is None:
+            if len(self._orders) > 4 * len(self.sources):  # slots move through epochs together: keep a few
+                self._orders.clear()
+            order = self._orders[(name, epoch)] = epoch_permutation(self.seed, self.stage_name, name, epoch, size)
+        return name, int(order[offset])
+
+    def _read(self, name: str, position: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
+        raw = self.sources[name].read(position)
+        meta = load_meta(raw)
+        images = load_images(raw, meta, self.vision.patch_size, self.vision.merge_size, self.stage.max_image_patches)
+        return raw, meta, images
+
+    def _skip(self, stream: SlotStream, name: str, position: int, error: Exception) -> None:
+        stream.corrupt += 1
+        where = self.sources[name].locate(position)
+        logger.warning("skipped corrupt sample of source '%s' at %s: %s", name, where, error)
+        draws = sum(slot.draws for slot in self.slots)
+        if draws >= MIN_DRAWS_FOR_CORRUPT_CHECK and self.corrupt > self.max_corrupt_fraction * draws:
+            raise DataError(f"{self.corrupt} of {draws} samples drawn in stage '{self.stage_name}' were corrupt, "
+                            f"above data.max_corrupt_fraction={self.max_corrupt_fraction}")
+
+    def _render(self, name: str, position: int) -> Document:
+        _, meta, images = self._read(name, position)
+        return render_document(meta, images, self.tokenizer, self.vision.merge_size, self.stage.seq_len)
+
+    def _next_document(self, stream: SlotStream, progress: float) -> tuple[tuple[str, int], Document]:
+        while True:
+            name, position = self._draw(stream, progress)
+            try:
+                return (name, position), self._render(name, position)
+            except SampleError as error:
+                self._skip(stream, name, position, error)
+
+    # ----- batches ---------------------------------------------------------------------------------------------
+
+    def _next_row(self, stream: SlotStream, progress: float) -> PackedRow:
+        builder = RowBuilder(self.stage.seq_len, self.tokenizer.pad_id)
+        while True:
+            if stream.pending is None:
+                stream.pending, stream.pending_doc = self._next_document(stream, progress)
+            elif stream.pending_doc is None:  # restored from a checkpoint: rendering is a pure function
+                stream.pending_doc = self._render(*stream.pending)
+            if not builder.fits(stream.pending_doc):
+                return builder.finish()
+            builder.add(stream.pending_doc)
+            stream.pending, stream.pending_doc = None, None
+
+    def next_packed_batch(self, progress: float) -> PackedBatch:
+        """One packed row of ``seq_len`` tokens from each of this rank's slots (the language-model objective)."""
+        rows = [self._next_row(stream, progress) for stream in self.slots]
+        patch_dim = self.vision.in_channels * self.vision.patch_size**2
+        return collate_rows(rows, self.tokenizer.image_id, patch_dim, self.vision.merge_size)
+
+    def _next_pair(self, stream: SlotStream, progress: float) -> tuple[ImagePatches, list[int]]:
+        tok = self.tokenizer
+        while True:
+            name, position = self._draw(stream, progress)
+            try:
+                raw, meta, images = self._read(name, position)
+                if not images:
+                    raise SampleError("no image for the image-text objective")
+                first = next(s["image"] for s in meta["segments"] if "image" in s)
+                ids = tok.encode(caption_text(meta))[: self.stage.max_text_len - 2]
+                return images[first], [tok.bos_id, *ids, tok.eos_id]
+            except SampleError as error:
+                self._skip(stream, name, position, error)
+
+    def next_image_text_batch(self, progress: float) -> ImageTextBatch:
+        """One (image, text) pair from each of this rank's slots (the CoCa objective; first image of a sample)."""
+        pairs = [self._next_pair(stream, progress) for stream in self.slots]
+        return collate_image_text(pairs, self.tokenizer.pad_id)
+
+    # ----- Stateful ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """One entry per slot, keyed by its global slot index: reshardable across data-parallel sizes."""
+        return {f"slot{stream.slot}": stream.state_dict() for stream in self.slots}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for stream in self.slots:
+            key = f"slot{stream.slot}"
+            if key not in state:
+                raise DataError(f"the loader state has no {key}: it was saved with a different global batch")
+            stream.load_state_dict(state[key])

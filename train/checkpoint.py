@@ -39,7 +39,7 @@ class ModelState(Stateful):
 
 
 class RNGState(Stateful):
-    """This process's torch CPU generator (per rank: ranks may diverge)."""
+    """The torch CPU generator."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"cpu": torch.get_rng_state()}

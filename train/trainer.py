@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
@@ -143,25 +144,45 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
     return StepResult(lm_loss, parts, int(tokens), expert_load=torch.stack(loads).sum(0))
 
 
-def coca_step(model: nn.Module, batches: list[ImageTextBatch], world: int) -> StepResult:
+def global_siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                       logit_bias: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the SigLIP loss of the whole micro-step batch (all ranks' pairs).
+
+    Each rank scores its images against every rank's texts (gathered with autograd, so the gradient of the texts
+    returns to their rank), and divides by the global pair count: summed over ranks this is exactly the loss one
+    process computes on the whole batch, negatives from every rank included.
+    """
+    world = dist.get_world_size()
+    if world == 1:
+        return siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias)
+    texts = torch.cat(dist_nn.all_gather(text_embeds), dim=0)
+    local, total = image_embeds.shape[0], texts.shape[0]
+    logits = logit_scale.exp() * image_embeds @ texts.t() + logit_bias
+    labels = -torch.ones_like(logits)
+    rows = torch.arange(local)
+    labels[rows, dist.get_rank() * local + rows] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / total
+
+
+def coca_step(model: nn.Module, batches: list[ImageTextBatch]) -> StepResult:
     """Forward and backward of ``L = L_siglip + 2 * L_caption`` over this rank's micro-batches.
 
-    The SigLIP loss is computed within each micro-batch (its pairs are the negatives) and averaged; the caption
-    loss is a global token mean.
+    The SigLIP loss of each micro-step takes every rank's pairs as negatives (as one process with the whole batch
+    would) and is averaged over micro-steps; the caption loss is a global token mean.
     """
     (global_targets,) = _all_reduce_sum([sum(b.num_loss_tokens for b in batches)])
     siglip_total, caption_total = 0.0, 0.0
     for batch in batches:
         out = model.forward_coca(batch.pixel_values, batch.image_grid_hw, batch.text_ids, batch.text_mask)
-        siglip = siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
+        siglip = global_siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
         caption_sum, _ = caption_loss_sum(out.caption_logits, batch.text_ids, batch.text_mask)
-        loss = siglip / (len(batches) * world) + CAPTION_LOSS_WEIGHT * caption_sum / max(global_targets, 1.0)
+        loss = siglip / len(batches) + CAPTION_LOSS_WEIGHT * caption_sum / max(global_targets, 1.0)
         loss.backward()
         siglip_total += float(siglip.detach())
         caption_total += float(caption_sum.detach())
     local_tokens = sum(b.num_tokens for b in batches)
     siglip_total, caption_total, tokens = _all_reduce_sum([siglip_total, caption_total, local_tokens])
-    siglip_mean = siglip_total / (len(batches) * world)
+    siglip_mean = siglip_total / len(batches)
     caption_mean = caption_total / max(global_targets, 1.0)
     loss = siglip_mean + CAPTION_LOSS_WEIGHT * caption_mean
     extra = {"logit_scale": float(model.coca.logit_scale.detach().exp())}
@@ -275,8 +296,10 @@ class Trainer:
             "model": ModelState(self.model),
             "optim": optimizer,
             "train": train,
-            f"loader.rank{self.rank}": loader,
-            f"rng.rank{self.rank}": RNGState(),
+            # One state per global-batch slot: a checkpoint resumes at another data-parallel size.
+            "loader": loader,
+            # Ranks start from the same seed and draw no rank-specific randomness, so one generator state serves all.
+            "rng": RNGState(),
         }
 
     def run_stage(self, name: str) -> bool:
@@ -337,7 +360,7 @@ class Trainer:
         optimizer.zero_grad()
         if stage.objective == "coca":
             batches = [loader.next_image_text_batch(progress) for _ in range(stage.grad_accum_steps)]
-            result = coca_step(self.model, batches, self.world)
+            result = coca_step(self.model, batches)
         else:
             batches = [loader.next_packed_batch(progress) for _ in range(stage.grad_accum_steps)]
             result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world)

@@ -173,3 +173,32 @@ def test_unknown_source_is_a_clear_error(demo_root, tokenizer):
     stage.mixture.text_sources = {"wiki": 1.0}
     with pytest.raises(DataError, match="wiki"):
         StageLoader("joint_pretrain", stage, demo_root, tokenizer, VISION, 0, 0, 1)
+
+
+def test_same_global_stream_at_any_data_parallel_size_and_resharded_resume(demo_root, tokenizer, tmp_path):
+    """4 slots split as dp=1 x 4 rows, dp=2 x 2 rows or dp=4 x 1 row give the same global rows; a checkpoint of
+    the dp=2 loaders (torch.distributed.checkpoint, fresh loaders as templates) resumes at dp=4."""
+    import torch.distributed.checkpoint as dcp
+
+    def loaders(dp):
+        return [make_loader(demo_root, tokenizer, "joint_pretrain", rank=r, size=dp, micro_batch_size=4 // dp)
+                for r in range(dp)]
+
+    def global_rows(group, progress):
+        batches = [loader.next_packed_batch(progress) for loader in group]
+        return torch.cat([b.input_ids for b in batches]), torch.cat([b.pixel_values for b in batches])
+
+    one, two, four = loaders(1), loaders(2), loaders(4)
+    for step in range(3):
+        expected = global_rows(one, step / 6)
+        for group in (two, four):
+            ids, pixels = global_rows(group, step / 6)
+            assert torch.equal(ids, expected[0]) and torch.equal(pixels, expected[1])
+    merged = {key: value for loader in two for key, value in loader.state_dict().items()}
+    dcp.save({"loader": merged}, checkpoint_id=tmp_path / "ckpt")
+    resumed = loaders(4)
+    for loader in resumed:
+        dcp.load({"loader": loader}, checkpoint_id=tmp_path / "ckpt")
+    for step in range(3, 6):
+        expected = global_rows(one, step / 6)
+        assert torch.equal(global_rows(resumed, step / 6)[0], expected[0])
