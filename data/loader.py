@@ -14,8 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from data.augment import augment
 from data.batch import ImageTextBatch, PackedBatch
-from data.mixture import MixtureSampler, epoch_permutation
+from data.mixture import MixtureSampler, draw_rng, epoch_permutation
 from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
 from data.samples import (
     Document,
@@ -61,7 +62,8 @@ class SlotStream:
         # keys it is given) must hold every counter.
         self.source_draws = {name: 0 for name in sources}
         self.corrupt = 0
-        self.pending: tuple[str, int] | None = None
+        # The waiting document's (source, position, global draw index): enough to render it again.
+        self.pending: tuple[str, int, int] | None = None
         self.pending_doc: Document | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -77,7 +79,7 @@ class SlotStream:
         self.source_draws = {name: int(count) for name, count in state["source_draws"].items()}
         self.corrupt = int(state["corrupt"])
         pending = state.get("pending")
-        self.pending = (pending[0], int(pending[1])) if pending else None
+        self.pending = (pending[0], int(pending[1]), int(pending[2])) if pending else None
         self.pending_doc = None  # re-rendered from its identity on first use
 
 
@@ -120,9 +122,10 @@ class StageLoader:
 
     # ----- drawing samples -------------------------------------------------------------------------------------
 
-    def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int]:
-        """The next (source, position) of a slot's stream; advances its counters."""
-        name = self.sampler.choose(stream.draws * stream.num_slots + stream.slot, progress)
+    def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int, int]:
+        """The next (source, position, global draw index) of a slot's stream; advances its counters."""
+        draw = stream.draws * stream.num_slots + stream.slot
+        name = self.sampler.choose(draw, progress)
         count = stream.source_draws[name]
         index = count * stream.num_slots + stream.slot
         stream.draws += 1
@@ -134,12 +137,19 @@ class StageLoader:
             if len(self._orders) > 4 * len(self.sources):  # slots move through epochs together: keep a few
                 self._orders.clear()
             order = self._orders[(name, epoch)] = epoch_permutation(self.seed, self.stage_name, name, epoch, size)
-        return name, int(order[offset])
+        return name, int(order[offset]), draw
 
-    def _read(self, name: str, position: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
+    def _read(self, name: str, position: int, draw: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
         raw = self.sources[name].read(position)
         meta = load_meta(raw)
-        images = load_images(raw, meta, self.vision.patch_size, self.vision.merge_size, self.stage.max_image_patches)
+        transform = None
+        cfg = self.stage.augment
+        if cfg.enabled and meta.get("kind") in cfg.kinds:
+            # A pure function of the draw: the same sample drawn again (or re-rendered after resume) looks the same.
+            rng = draw_rng(self.seed, self.stage_name, draw, "augment")
+            transform = lambda image, objects: augment(image, objects, cfg, rng)  # noqa: E731
+        images = load_images(raw, meta, self.vision.patch_size, self.vision.merge_size, self.stage.max_image_patches,
+                             transform)
         return raw, meta, images
 
     def _skip(self, stream: SlotStream, name: str, position: int, error: Exception) -> None:
@@ -151,15 +161,15 @@ class StageLoader:
             raise DataError(f"{self.corrupt} of {draws} samples drawn in stage '{self.stage_name}' were corrupt, "
                             f"above data.max_corrupt_fraction={self.max_corrupt_fraction}")
 
-    def _render(self, name: str, position: int) -> Document:
-        _, meta, images = self._read(name, position)
+    def _render(self, name: str, position: int, draw: int) -> Document:
+        _, meta, images = self._read(name, position, draw)
         return render_document(meta, images, self.tokenizer, self.vision.merge_size, self.stage.seq_len)
 
-    def _next_document(self, stream: SlotStream, progress: float) -> tuple[tuple[str, int], Document]:
+    def _next_document(self, stream: SlotStream, progress: float) -> tuple[tuple[str, int, int], Document]:
         while True:
-            name, position = self._draw(stream, progress)
+            name, position, draw = self._draw(stream, progress)
             try:
-                return (name, position), self._render(name, position)
+                return (name, position, draw), self._render(name, position, draw)
             except SampleError as error:
                 self._skip(stream, name, position, error)
 
@@ -186,9 +196,9 @@ class StageLoader:
     def _next_pair(self, stream: SlotStream, progress: float) -> tuple[ImagePatches, list[int]]:
         tok = self.tokenizer
         while True:
-            name, position = self._draw(stream, progress)
+            name, position, draw = self._draw(stream, progress)
             try:
-                raw, meta, images = self._read(name, position)
+                raw, meta, images = self._read(name, position, draw)
                 if not images:
                     raise SampleError("no image for the image-text objective")
                 first = next(s["image"] for s in meta["segments"] if "image" in s)

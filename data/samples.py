@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from data.images import ImageError, decode_image, image_to_patches
 from data.tokenizer import TextTokenizer
@@ -122,8 +124,14 @@ def load_meta(sample: RawSample) -> dict:
     return meta
 
 
-def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patches: int) -> dict[str, ImagePatches]:
-    """Decode and patchify every image the segments reference, keyed by member extension."""
+def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patches: int,
+                transform: Callable[[Image.Image, list[dict]], tuple[Image.Image, list[dict]]] | None = None,
+                ) -> dict[str, ImagePatches]:
+    """Decode and patchify every image the segments reference, keyed by member extension.
+
+    ``transform`` (augmentation) is applied to each image with the sample's grounding objects, which belong to its
+    first image; ``meta["objects"]`` is replaced by the transformed ones.
+    """
     images = {}
     for segment in meta["segments"]:
         ext = segment.get("image")
@@ -133,7 +141,13 @@ def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patch
             image = decode_image(sample.members[ext])
         except ImageError as error:
             raise SampleError(f"image '{ext}': {error}") from None
-        _check_objects(meta, image.size)
+        first = not images
+        if first:
+            _check_objects(meta, image.size)
+        if transform is not None:
+            image, objects = transform(image, meta.get("objects", []) if first else [])
+            if first and "objects" in meta:
+                meta["objects"] = objects
         patches, grid = image_to_patches(image, patch, merge, max_patches)
         images[ext] = ImagePatches(patches, grid, image.size)
     return images

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.augment import AugmentConfig
 from model.args import ModelArgs
 from model.registry import FLAVORS
 
@@ -85,6 +86,7 @@ class StageConfig:
     max_text_len: int = 64
     lr: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Save a checkpoint every this many steps (0: only at the end of the stage).
     checkpoint_interval: int = 0
 
@@ -323,6 +325,15 @@ def _validate_stage(key: str, stage: StageConfig, first: bool, cfg: RunConfig) -
     _check(not (lr.continue_previous and first), f"{key}.lr.continue_previous", lr.continue_previous,
            "false for the first stage (there is no previous schedule)")
     _validate_mixture(f"{key}.mixture", stage.mixture, stage.objective)
+    aug = stage.augment
+    _check(0 < aug.crop_min_scale <= 1, f"{key}.augment.crop_min_scale", aug.crop_min_scale, "a share in (0, 1]")
+    _check(0 <= aug.crop_min_visible <= 1, f"{key}.augment.crop_min_visible", aug.crop_min_visible,
+           "a share in [0, 1]")
+    _check(0 <= aug.flip_prob <= 1, f"{key}.augment.flip_prob", aug.flip_prob, "a probability in [0, 1]")
+    _check(0 <= aug.max_rotation_deg <= 180, f"{key}.augment.max_rotation_deg", aug.max_rotation_deg,
+           "degrees in [0, 180]")
+    for knob in ("resize_jitter", "color_jitter"):
+        _check(0 <= getattr(aug, knob) < 1, f"{key}.augment.{knob}", getattr(aug, knob), "a value in [0, 1)")
 
 
 def _validate_mixture(key: str, mix: MixtureConfig, objective: str) -> None:

@@ -202,3 +202,22 @@ def test_same_global_stream_at_any_data_parallel_size_and_resharded_resume(demo_
     for step in range(3, 6):
         expected = global_rows(one, step / 6)
         assert torch.equal(global_rows(resumed, step / 6)[0], expected[0])
+
+
+def test_augmentation_changes_grounding_documents_and_is_reproducible(demo_root, tokenizer):
+    from data.augment import AugmentConfig
+
+    def grounding_loader(enabled):
+        grounding_only = MixtureConfig(multimodal_sources={"grounding": 1.0}, multimodal_share_start=1.0,
+                                       multimodal_share_end=1.0)
+        return make_loader(demo_root, tokenizer, "vit_align", micro_batch_size=1, mixture=grounding_only,
+                           augment=AugmentConfig(enabled=enabled))
+
+    plain, first, second = grounding_loader(False), grounding_loader(True), grounding_loader(True)
+    differ = 0
+    for _ in range(4):
+        a, b, c = (loader.next_packed_batch(0.0) for loader in (plain, first, second))
+        assert torch.equal(b.input_ids, c.input_ids) and torch.equal(b.pixel_values, c.pixel_values)
+        differ += not torch.equal(a.input_ids, b.input_ids) or a.pixel_values.shape != b.pixel_values.shape \
+            or not torch.equal(a.pixel_values, b.pixel_values)
+    assert differ > 0

@@ -1,0 +1,75 @@
+"""Augmentations keep boxes right: after crop, flip, rotation and resize every object still lies inside its box."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.augment import AugmentConfig, augment
+from data.synthetic import COLORS
+from tests.unit.test_synthetic import samples_of
+
+STRONG = AugmentConfig(enabled=True, crop_min_scale=0.7, flip_prob=0.5, max_rotation_deg=25.0, resize_jitter=0.3,
+                       color_jitter=0.0)
+
+
+def object_mask(image: Image.Image, obj: dict) -> Image.Image:
+    """A white-on-black picture of exactly this object's pixels (its colour, inside its original box)."""
+    pixels = np.asarray(image)
+    x0, y0, x1, y1 = obj["box"]
+    inside = np.zeros(pixels.shape[:2], dtype=bool)
+    inside[y0:y1, x0:x1] = np.all(pixels[y0:y1, x0:x1] == COLORS[obj["label"].split()[0]], axis=-1)
+    return Image.fromarray((inside * 255).astype(np.uint8)).convert("RGB")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_boxes_still_enclose_their_objects(demo_root, seed):
+    checked = 0
+    for index, (_, members) in enumerate(samples_of(demo_root, "grounding")):
+        meta = json.loads(members["json"])
+        image = Image.open(io.BytesIO(members["0.png"])).convert("RGB")
+        out, objects = augment(image, meta["objects"], STRONG, np.random.default_rng([seed, index]))
+        kept = {o["label"] + str(o["box"]) for o in objects}
+        for original in meta["objects"]:
+            # The same generator state moves the object's own mask exactly as it moved the image.
+            mask_out, moved = augment(object_mask(image, original), [original], STRONG,
+                                      np.random.default_rng([seed, index]))
+            assert mask_out.size == out.size
+            if not moved:
+                continue  # cropped away (both runs drop it: same crop, same rule)
+            x0, y0, x1, y1 = moved[0]["box"]
+            assert 0 <= x0 < x1 <= out.width and 0 <= y0 < y1 <= out.height
+            core = np.asarray(mask_out)[..., 0] > 191  # object: 255, background: 0, rotation fill: 128
+            outside = core.copy()
+            outside[y0:y1, x0:x1] = False
+            assert not outside.any(), f"{original['label']}: object pixels outside its box after augmentation"
+            if min(x1 - x0, y1 - y0) >= 8:
+                assert core[y0:y1, x0:x1].any(), "the box lost its object"
+            checked += 1
+        assert len(kept) <= len(meta["objects"])
+    assert checked > 50
+
+
+def test_same_generator_state_same_result(demo_root):
+    _, members = next(iter(samples_of(demo_root, "grounding")))
+    meta = json.loads(members["json"])
+    image = Image.open(io.BytesIO(members["0.png"])).convert("RGB")
+    a = augment(image, meta["objects"], AugmentConfig(enabled=True), np.random.default_rng(7))
+    b = augment(image, meta["objects"], AugmentConfig(enabled=True), np.random.default_rng(7))
+    assert a[0].tobytes() == b[0].tobytes() and a[1] == b[1]
+
+
+def test_flip_is_exact():
+    image = Image.new("RGB", (60, 40), (255, 255, 255))
+    image.paste((200, 0, 0), (5, 10, 15, 20))  # x in [5, 15), y in [10, 20)
+    cfg = AugmentConfig(enabled=True, crop_min_scale=1.0, flip_prob=1.0, max_rotation_deg=0, resize_jitter=0,
+                        color_jitter=0)
+    out, objects = augment(image, [{"label": "red square", "box": [5, 10, 15, 20], "point": [9, 14]}], cfg,
+                           np.random.default_rng(0))
+    assert objects[0]["box"] == [45, 10, 55, 20] and objects[0]["point"] == [50, 14]
+    red = np.argwhere(np.all(np.asarray(out) == (200, 0, 0), axis=-1))
+    assert red[:, 1].min() == 45 and red[:, 1].max() == 54
