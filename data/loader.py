@@ -62,8 +62,8 @@ class SlotStream:
         # keys it is given) must hold every counter.
         self.source_draws = {name: 0 for name in sources}
         self.corrupt = 0
-        # The waiting document's (source, position, global draw index): enough to render it again.
-        self.pending: tuple[str, int, int] | None = None
+        # The waiting document's (source, position, global draw index, patch cap): enough to render it again.
+        self.pending: tuple[str, int, int, int] | None = None
         self.pending_doc: Document | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -79,7 +79,7 @@ class SlotStream:
         self.source_draws = {name: int(count) for name, count in state["source_draws"].items()}
         self.corrupt = int(state["corrupt"])
         pending = state.get("pending")
-        self.pending = (pending[0], int(pending[1]), int(pending[2])) if pending else None
+        self.pending = (pending[0], int(pending[1]), int(pending[2]), int(pending[3])) if pending else None
         self.pending_doc = None  # re-rendered from its identity on first use
 
 
@@ -122,8 +122,14 @@ class StageLoader:
 
     # ----- drawing samples -------------------------------------------------------------------------------------
 
-    def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int, int]:
-        """The next (source, position, global draw index) of a slot's stream; advances its counters."""
+    def image_patch_cap(self, progress: float) -> int:
+        """Progressive resolution: the per-image patch cap grows linearly over the stage from
+        ``min_image_patches`` (0: no ramp) to ``max_image_patches``."""
+        low, high = self.stage.min_image_patches or self.stage.max_image_patches, self.stage.max_image_patches
+        return int(low + min(max(progress, 0.0), 1.0) * (high - low))
+
+    def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int, int, int]:
+        """The next (source, position, global draw index, patch cap) of a slot's stream; advances its counters."""
         draw = stream.draws * stream.num_slots + stream.slot
         name = self.sampler.choose(draw, progress)
         count = stream.source_draws[name]
@@ -137,9 +143,9 @@ class StageLoader:
             if len(self._orders) > 4 * len(self.sources):  # slots move through epochs together: keep a few
                 self._orders.clear()
             order = self._orders[(name, epoch)] = epoch_permutation(self.seed, self.stage_name, name, epoch, size)
-        return name, int(order[offset]), draw
+        return name, int(order[offset]), draw, self.image_patch_cap(progress)
 
-    def _read(self, name: str, position: int, draw: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
+    def _read(self, name: str, position: int, draw: int, cap: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
         raw = self.sources[name].read(position)
         meta = load_meta(raw)
         transform = None
@@ -148,8 +154,7 @@ class StageLoader:
             # A pure function of the draw: the same sample drawn again (or re-rendered after resume) looks the same.
             rng = draw_rng(self.seed, self.stage_name, draw, "augment")
             transform = lambda image, objects: augment(image, objects, cfg, rng)  # noqa: E731
-        images = load_images(raw, meta, self.vision.patch_size, self.vision.merge_size, self.stage.max_image_patches,
-                             transform)
+        images = load_images(raw, meta, self.vision.patch_size, self.vision.merge_size, cap, transform)
         return raw, meta, images
 
     def _skip(self, stream: SlotStream, name: str, position: int, error: Exception) -> None:
@@ -161,15 +166,15 @@ class StageLoader:
             raise DataError(f"{self.corrupt} of {draws} samples drawn in stage '{self.stage_name}' were corrupt, "
                             f"above data.max_corrupt_fraction={self.max_corrupt_fraction}")
 
-    def _render(self, name: str, position: int, draw: int) -> Document:
-        _, meta, images = self._read(name, position, draw)
+    def _render(self, name: str, position: int, draw: int, cap: int) -> Document:
+        _, meta, images = self._read(name, position, draw, cap)
         return render_document(meta, images, self.tokenizer, self.vision.merge_size, self.stage.seq_len)
 
-    def _next_document(self, stream: SlotStream, progress: float) -> tuple[tuple[str, int, int], Document]:
+    def _next_document(self, stream: SlotStream, progress: float) -> tuple[tuple[str, int, int, int], Document]:
         while True:
-            name, position, draw = self._draw(stream, progress)
+            name, position, draw, cap = self._draw(stream, progress)
             try:
-                return (name, position, draw), self._render(name, position, draw)
+                return (name, position, draw, cap), self._render(name, position, draw, cap)
             except SampleError as error:
                 self._skip(stream, name, position, error)
 
@@ -196,9 +201,9 @@ class StageLoader:
     def _next_pair(self, stream: SlotStream, progress: float) -> tuple[ImagePatches, list[int]]:
         tok = self.tokenizer
         while True:
-            name, position, draw = self._draw(stream, progress)
+            name, position, draw, cap = self._draw(stream, progress)
             try:
-                raw, meta, images = self._read(name, position, draw)
+                raw, meta, images = self._read(name, position, draw, cap)
                 if not images:
                     raise SampleError("no image for the image-text objective")
                 first = next(s["image"] for s in meta["segments"] if "image" in s)

@@ -82,6 +82,8 @@ class StageConfig:
     init_from: str = "previous"
     # Pixel cap: at most this many ViT patches per image (larger images are downscaled, aspect kept).
     max_image_patches: int = 4096
+    # Progressive resolution: the cap starts here and grows linearly to max_image_patches (0: no ramp).
+    min_image_patches: int = 0
     # Caption length for the CoCa objective (tokens, with bos/eos).
     max_text_len: int = 64
     lr: LRScheduleConfig = field(default_factory=LRScheduleConfig)
@@ -304,6 +306,8 @@ def _validate_stage(key: str, stage: StageConfig, first: bool, cfg: RunConfig) -
     merge = cfg.model.vision.merge_size
     _check(stage.max_image_patches >= merge * merge, f"{key}.max_image_patches", stage.max_image_patches,
            f">= {merge * merge} (one merged token)")
+    _check(0 <= stage.min_image_patches <= stage.max_image_patches, f"{key}.min_image_patches",
+           stage.min_image_patches, f"0 (no ramp) up to max_image_patches={stage.max_image_patches}")
     _check(stage.checkpoint_interval >= 0, f"{key}.checkpoint_interval", stage.checkpoint_interval, ">= 0")
     _check(stage.rope_theta > 0, f"{key}.rope_theta", stage.rope_theta, "> 0")
     bad = [part for part in stage.trainable if part not in TRAINABLE_PARTS]

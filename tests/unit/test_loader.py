@@ -221,3 +221,11 @@ def test_augmentation_changes_grounding_documents_and_is_reproducible(demo_root,
         differ += not torch.equal(a.input_ids, b.input_ids) or a.pixel_values.shape != b.pixel_values.shape \
             or not torch.equal(a.pixel_values, b.pixel_values)
     assert differ > 0
+
+
+def test_progressive_resolution_raises_the_patch_cap_over_the_stage(demo_root, tokenizer):
+    loader = make_loader(demo_root, tokenizer, "vit_coca", min_image_patches=16, max_image_patches=64)
+    assert [loader.image_patch_cap(p) for p in (0.0, 0.5, 1.0)] == [16, 40, 64]
+    early = loader.next_image_text_batch(0.0).image_grid_hw.prod(-1)
+    late = loader.next_image_text_batch(1.0).image_grid_hw.prod(-1)
+    assert early.max() <= 16 and late.max() <= 64 and late.float().mean() > early.float().mean()
