@@ -20,7 +20,9 @@ from PIL import Image
 from data.images import ImageError, decode_image, image_to_patches
 from data.tokenizer import TextTokenizer
 
-KINDS = ("caption", "ocr", "grounding", "interleaved", "text", "long_doc")
+KINDS = ("caption", "ocr", "grounding", "interleaved", "text", "long_doc", "dialogue")
+# ChatML roles of dialogue segments; only assistant turns are loss targets.
+ROLES = ("system", "user", "assistant")
 # Grounding coordinates are written as integers on a 0..1000 grid of the image, independent of its resolution.
 BOX_GRID = 1000
 BOX_START, BOX_END = "<|box_start|>", "<|box_end|>"
@@ -121,6 +123,8 @@ def load_meta(sample: RawSample) -> dict:
             raise SampleError(f"bad segment {segment!r}: expected {{'text': str}} or {{'image': ext}}")
         if "image" in segment and segment["image"] not in sample.members:
             raise SampleError(f"missing field: image member '{segment['image']}'")
+        if segment.get("role", "user") not in ROLES:
+            raise SampleError(f"bad role {segment['role']!r}: expected one of {ROLES}")
     return meta
 
 
@@ -177,10 +181,11 @@ def render_document(
 ) -> Document:
     """Tokens of a sample for the language-model objective, cut to at most ``max_len`` tokens.
 
-    Text is truncated at the limit; an image span that does not fit whole is dropped with everything after it.
-    Placeholder tokens are never loss targets (their content comes from the vision tower).
+    Segments with a ``role`` (ChatML dialogue) are wrapped in ``<|im_start|>role\n ... <|im_end|>\n`` turns and only
+    assistant turns are loss targets; other samples are supervised on all their text. Placeholder tokens are never
+    targets (their content comes from the vision tower). A cut never splits an image span: an image that does not
+    fit whole is dropped with everything after it.
     """
-    doc = Document([tokenizer.bos_id], [False])
     pieces = list(meta["segments"])
     if meta.get("kind") == "grounding":
         first_image = next(s["image"] for s in pieces if "image" in s)
@@ -188,29 +193,58 @@ def render_document(
         text = " ".join(f"{o['label']} {BOX_START}{format_box(o['box'], size)}{BOX_END}"
                         for o in meta.get("objects", []))
         pieces.append({"text": text})
+    doc = Document([tokenizer.bos_id], [False])
+    spans: list[tuple[int, int]] = []  # [start, end) of each image's placeholder span
+    role = None
     for segment in pieces:
-        room = max_len - len(doc.tokens)
+        if segment.get("role") != role:
+            _close_turn(doc, tokenizer, role)
+            role = segment.get("role")
+            if role is not None:
+                header = [tokenizer.im_start_id, *tokenizer.encode(f"{role}\n")]
+                doc.tokens += header
+                doc.supervised += [False] * len(header)
         if "image" in segment:
             patches = images[segment["image"]]
             count = (patches.grid[0] // merge) * (patches.grid[1] // merge)
-            if count + 2 > room:
-                break
-            span = [tokenizer.image_start_id] + [tokenizer.image_id] * count + [tokenizer.image_end_id]
-            doc.tokens += span
-            doc.supervised += [False] * len(span)
+            spans.append((len(doc.tokens), len(doc.tokens) + count + 2))
+            doc.tokens += [tokenizer.image_start_id] + [tokenizer.image_id] * count + [tokenizer.image_end_id]
+            doc.supervised += [False] * (count + 2)
             doc.images.append(patches)
         else:
-            ids = tokenizer.encode(segment["text"])[:room]
+            ids = tokenizer.encode(segment["text"])
             doc.tokens += ids
-            doc.supervised += [True] * len(ids)
-        if len(doc.tokens) >= max_len:
-            break
-    if len(doc.tokens) < max_len:
-        doc.tokens.append(tokenizer.eos_id)
-        doc.supervised.append(True)
+            doc.supervised += [role in (None, "assistant")] * len(ids)
+    _close_turn(doc, tokenizer, role)
+    doc.tokens.append(tokenizer.eos_id)
+    doc.supervised.append(role is None or role == "assistant")
+    _cut(doc, spans, max_len)
     if sum(doc.supervised) == 0:
         raise SampleError("renders to no supervised token")
     return doc
+
+
+def _close_turn(doc: Document, tokenizer: TextTokenizer, role: str | None) -> None:
+    if role is None:
+        return
+    closing = [tokenizer.im_end_id, *tokenizer.encode("\n")]
+    doc.tokens += closing
+    # The model learns to end its own turns, not the user's.
+    doc.supervised += [role == "assistant"] + [False] * (len(closing) - 1)
+
+
+def _cut(doc: Document, spans: list[tuple[int, int]], max_len: int) -> None:
+    """Truncate to ``max_len`` tokens without splitting an image span."""
+    if len(doc.tokens) <= max_len:
+        return
+    cut = max_len
+    kept = 0
+    for start, end in spans:
+        if end > cut:
+            cut = min(cut, start)
+            break
+        kept += 1
+    del doc.tokens[cut:], doc.supervised[cut:], doc.images[kept:]
 
 
 def caption_text(meta: dict) -> str:

@@ -1,7 +1,8 @@
 """The embedded demo corpus: a small, deterministic multimodal world rendered with Pillow.
 
-``python -m data.synthetic --out demo_data [--seed 0] [--scale 1.0]`` writes webdataset tar shards for six sources
-(``caption``, ``ocr``, ``grounding``, ``interleaved``, ``text``, ``long_doc``), a byte-level BPE tokenizer trained
+``python -m data.synthetic --out demo_data [--seed 0] [--scale 1.0]`` writes webdataset tar shards for seven sources
+(``caption``, ``ocr``, ``grounding``, ``interleaved``, ``text``, ``long_doc``, ``dialogue``: ChatML visual QA with
+``role`` on each segment), a byte-level BPE tokenizer trained
 on all their text, and ``manifest.json``. The same seed gives byte-identical files. Scenes are coloured shapes on a
 plain background; objects never overlap, so a grounding box encloses exactly one object's pixels.
 
@@ -34,7 +35,8 @@ BACKGROUNDS = {"white": (255, 255, 255), "light gray": (215, 215, 215), "beige":
                "pale blue": (205, 225, 245)}
 SHAPES = ("circle", "square", "triangle", "diamond", "ellipse")
 SIDES = tuple(range(56, 225, 28))  # image sides: multiples of 28 (patch 14 x merge 2)
-SOURCE_SIZES = {"caption": 600, "ocr": 300, "grounding": 300, "interleaved": 200, "text": 800, "long_doc": 40}
+SOURCE_SIZES = {"caption": 600, "ocr": 300, "grounding": 300, "interleaved": 200, "text": 800, "long_doc": 40,
+                "dialogue": 200}
 SAMPLES_PER_SHARD = 100
 WORDS = ("river stone cloud garden lamp window paper music bridge forest tiger silver morning harbor candle "
          "valley letter planet engine market winter summer orchard ladder basket mirror signal island").split()
@@ -204,8 +206,32 @@ def make_interleaved(rng: random.Random) -> tuple[dict, list[bytes]]:
     return {"kind": "interleaved", "segments": segments}, images
 
 
+def _questions(image: Image.Image, objects: list[SceneObject], rng: random.Random) -> list[tuple[str, str]]:
+    """Question-answer pairs about a scene, answerable from the picture alone."""
+    target = rng.choice(objects)
+    count = len(objects)
+    pairs = [
+        ("How many shapes are in the picture?", f"There {'is' if count == 1 else 'are'} {count}."),
+        (f"What colour is the {target.shape}?", f"It is {target.color}."),
+        (f"Where is the {target.label}?", f"It is in the {_where(target, *image.size)}."),
+        (f"Is there a {target.label} in the image?", "Yes."),
+    ]
+    rng.shuffle(pairs)
+    return pairs[: rng.randint(1, 3)]
+
+
+def make_dialogue(rng: random.Random) -> tuple[dict, list[bytes]]:
+    """ChatML-style visual QA: the user shows a scene and asks; only the assistant's turns are loss targets."""
+    image, _, objects = render_scene(rng)
+    segments = [{"role": "system", "text": "You answer questions about pictures briefly."},
+                {"role": "user", "image": "0.png"}]
+    for question, answer in _questions(image, objects, rng):
+        segments += [{"role": "user", "text": question}, {"role": "assistant", "text": answer}]
+    return {"kind": "dialogue", "segments": segments}, [_png(image)]
+
+
 MAKERS = {"caption": make_caption, "ocr": make_ocr, "grounding": make_grounding, "interleaved": make_interleaved,
-          "text": make_text, "long_doc": make_long_doc}
+          "text": make_text, "long_doc": make_long_doc, "dialogue": make_dialogue}
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -229,3 +229,25 @@ def test_progressive_resolution_raises_the_patch_cap_over_the_stage(demo_root, t
     early = loader.next_image_text_batch(0.0).image_grid_hw.prod(-1)
     late = loader.next_image_text_batch(1.0).image_grid_hw.prod(-1)
     assert early.max() <= 16 and late.max() <= 64 and late.float().mean() > early.float().mean()
+
+
+def test_dialogue_supervises_assistant_turns_only(demo_root, tokenizer):
+    from data.samples import ShardSource, load_images, load_meta, render_document
+    from tests.unit.test_synthetic import samples_of
+
+    manifest = json.loads((demo_root / "manifest.json").read_text())
+    source = ShardSource("dialogue", demo_root, manifest["sources"]["dialogue"]["shards"])
+    raw = source.read(0)
+    meta = load_meta(raw)
+    images = load_images(raw, meta, 14, 2, 64)
+    doc = render_document(meta, images, tokenizer, 2, 512)
+    supervised = tokenizer.decode([t for t, s in zip(doc.tokens, doc.supervised) if s])
+    answers = [s["text"] for s in meta["segments"] if s.get("role") == "assistant"]
+    questions = [s["text"] for s in meta["segments"] if s.get("role") == "user" and "text" in s]
+    # The conversation ends with an assistant turn, so the end of the document is a target too.
+    assert supervised == "".join(answer + "<|im_end|>" for answer in answers) + "<|eos|>"
+    assert all(q not in supervised for q in questions)
+    text = tokenizer.decode(doc.tokens)
+    assert text.startswith("<|bos|><|im_start|>system\n") and "<|im_start|>assistant\n" in text
+    assert doc.tokens.count(tokenizer.image_id) == (images["0.png"].grid[0] // 2) * (images["0.png"].grid[1] // 2)
+    assert len(list(samples_of(demo_root, "dialogue"))) == manifest["sources"]["dialogue"]["num_samples"]

@@ -41,7 +41,8 @@ def test_same_seed_is_byte_identical_and_seeds_differ(tmp_path):
 
 def test_manifest_and_sample_format(demo_root):
     manifest = json.loads((demo_root / "manifest.json").read_text())
-    assert set(manifest["sources"]) == {"caption", "ocr", "grounding", "interleaved", "text", "long_doc"}
+    assert set(manifest["sources"]) == {"caption", "ocr", "grounding", "interleaved", "text", "long_doc",
+                                        "dialogue"}
     for source, entry in manifest["sources"].items():
         count, images = 0, 0
         for key, members in samples_of(demo_root, source):
@@ -59,7 +60,7 @@ def test_manifest_and_sample_format(demo_root):
                 assert meta["caption"] == meta["segments"][1]["text"]
             count += 1
         assert count == entry["num_samples"] and images == entry["num_images"]
-        if source in ("caption", "ocr", "grounding", "interleaved"):
+        if source in ("caption", "ocr", "grounding", "interleaved", "dialogue"):
             assert images > 0
         if entry["num_samples"] >= 200:
             assert len(entry["shards"]) >= 2
