@@ -36,6 +36,10 @@ from train.config import StageConfig
 logger = logging.getLogger(__name__)
 # Below this many draws a few corrupt samples say nothing about the corrupt fraction.
 MIN_DRAWS_FOR_CORRUPT_CHECK = 100
+# A document continues into the next row only in pieces of at least this many tokens (shorter heads are padding).
+MIN_PIECE_TOKENS = 16
+# Documents are rendered up to this many rows long; the rest of a longer one is dropped.
+MAX_ROWS_PER_DOCUMENT = 8
 
 
 class DataError(RuntimeError):
@@ -62,8 +66,9 @@ class SlotStream:
         # keys it is given) must hold every counter.
         self.source_draws = {name: 0 for name in sources}
         self.corrupt = 0
-        # The waiting document's (source, position, global draw index, patch cap): enough to render it again.
-        self.pending: tuple[str, int, int, int] | None = None
+        # The waiting document's (source, position, global draw index, patch cap) -- enough to render it again --
+        # and the offset of its first token not yet placed in a row.
+        self.pending: tuple[str, int, int, int, int] | None = None
         self.pending_doc: Document | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -79,7 +84,7 @@ class SlotStream:
         self.source_draws = {name: int(count) for name, count in state["source_draws"].items()}
         self.corrupt = int(state["corrupt"])
         pending = state.get("pending")
-        self.pending = (pending[0], int(pending[1]), int(pending[2]), int(pending[3])) if pending else None
+        self.pending = (pending[0], *map(int, pending[1:])) if pending else None
         self.pending_doc = None  # re-rendered from its identity on first use
 
 
@@ -168,29 +173,43 @@ class StageLoader:
 
     def _render(self, name: str, position: int, draw: int, cap: int) -> Document:
         _, meta, images = self._read(name, position, draw, cap)
-        return render_document(meta, images, self.tokenizer, self.vision.merge_size, self.stage.seq_len)
+        limit = self.stage.seq_len * MAX_ROWS_PER_DOCUMENT
+        return render_document(meta, images, self.tokenizer, self.vision.merge_size, limit)
 
-    def _next_document(self, stream: SlotStream, progress: float) -> tuple[tuple[str, int, int, int], Document]:
+    def _next_document(self, stream: SlotStream, progress: float) -> tuple[tuple[str, int, int, int, int], Document]:
         while True:
             name, position, draw, cap = self._draw(stream, progress)
             try:
-                return (name, position, draw, cap), self._render(name, position, draw, cap)
+                return (name, position, draw, cap, 0), self._render(name, position, draw, cap)
             except SampleError as error:
                 self._skip(stream, name, position, error)
 
     # ----- batches ---------------------------------------------------------------------------------------------
 
     def _next_row(self, stream: SlotStream, progress: float) -> PackedRow:
+        """Fill one row: whole documents while they fit, then the head of the next one (never inside an image
+        span; the rest opens the next row), so rows carry almost no padding and long documents are not lost."""
         builder = RowBuilder(self.stage.seq_len, self.tokenizer.pad_id)
         while True:
             if stream.pending is None:
                 stream.pending, stream.pending_doc = self._next_document(stream, progress)
             elif stream.pending_doc is None:  # restored from a checkpoint: rendering is a pure function
-                stream.pending_doc = self._render(*stream.pending)
-            if not builder.fits(stream.pending_doc):
-                return builder.finish()
-            builder.add(stream.pending_doc)
-            stream.pending, stream.pending_doc = None, None
+                stream.pending_doc = self._render(*stream.pending[:4])
+            doc, offset = stream.pending_doc, stream.pending[4]
+            if len(doc.tokens) - offset <= builder.free:
+                builder.add(doc.piece(offset, len(doc.tokens)))
+                stream.pending, stream.pending_doc = None, None
+                continue
+            cut = doc.split_point(offset, offset + builder.free)
+            if cut - offset >= MIN_PIECE_TOKENS:
+                builder.add(doc.piece(offset, cut))
+                stream.pending = (*stream.pending[:4], cut)
+            elif builder.free == self.stage.seq_len:  # an image span longer than a whole row: cannot be placed
+                self._skip(stream, stream.pending[0], stream.pending[1],
+                           SampleError(f"an image of more than {self.stage.seq_len} tokens; lower max_image_patches"))
+                stream.pending, stream.pending_doc = None, None
+                continue
+            return builder.finish()
 
     def next_packed_batch(self, progress: float) -> PackedBatch:
         """One packed row of ``seq_len`` tokens from each of this rank's slots (the language-model objective)."""

@@ -23,7 +23,7 @@ class PackedRow:
 
 
 class RowBuilder:
-    """Fills one row with documents; a document that does not fit waits for the next row (never split)."""
+    """Fills one row with documents (the loader decides what goes in: whole documents or pieces of one)."""
 
     def __init__(self, seq_len: int, pad_id: int):
         self.seq_len = seq_len

@@ -54,6 +54,21 @@ class Document:
     tokens: list[int]
     supervised: list[bool]
     images: list[ImagePatches] = field(default_factory=list)
+    # [start, end) of each image's placeholder span, in the order of ``images``.
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+    def split_point(self, start: int, limit: int) -> int:
+        """The largest cut at most ``limit`` that does not split an image span (pieces start at ``start``)."""
+        for span_start, span_end in self.spans:
+            if span_start < limit < span_end:
+                return max(span_start, start)
+        return limit
+
+    def piece(self, start: int, stop: int) -> Document:
+        """Tokens ``[start, stop)`` as a document of their own, with the images whose spans lie inside."""
+        inside = [i for i, (a, b) in enumerate(self.spans) if start <= a and b <= stop]
+        return Document(self.tokens[start:stop], self.supervised[start:stop], [self.images[i] for i in inside],
+                        [(self.spans[i][0] - start, self.spans[i][1] - start) for i in inside])
 
 
 class ShardSource:
@@ -194,7 +209,7 @@ def render_document(
                         for o in meta.get("objects", []))
         pieces.append({"text": text})
     doc = Document([tokenizer.bos_id], [False])
-    spans: list[tuple[int, int]] = []  # [start, end) of each image's placeholder span
+    spans = doc.spans
     role = None
     for segment in pieces:
         if segment.get("role") != role:
@@ -244,7 +259,7 @@ def _cut(doc: Document, spans: list[tuple[int, int]], max_len: int) -> None:
             cut = min(cut, start)
             break
         kept += 1
-    del doc.tokens[cut:], doc.supervised[cut:], doc.images[kept:]
+    del doc.tokens[cut:], doc.supervised[cut:], doc.images[kept:], doc.spans[kept:]
 
 
 def caption_text(meta: dict) -> str:

@@ -251,3 +251,21 @@ def test_dialogue_supervises_assistant_turns_only(demo_root, tokenizer):
     assert text.startswith("<|bos|><|im_start|>system\n") and "<|im_start|>assistant\n" in text
     assert doc.tokens.count(tokenizer.image_id) == (images["0.png"].grid[0] // 2) * (images["0.png"].grid[1] // 2)
     assert len(list(samples_of(demo_root, "dialogue"))) == manifest["sources"]["dialogue"]["num_samples"]
+
+
+def test_documents_continue_across_rows_and_rows_are_nearly_full(demo_root, tokenizer):
+    loader = make_loader(demo_root, tokenizer, "long_ctx_32k", seq_len=2048, micro_batch_size=1)
+    rows = [loader.next_packed_batch(0.5) for _ in range(12)]
+    filled = sum(int((b.input_ids != tokenizer.pad_id).sum()) for b in rows) / sum(b.input_ids.numel() for b in rows)
+    assert filled > 0.99
+    continued = 0
+    for before, after in zip(rows, rows[1:]):
+        # A row that ends inside a document hands the rest to the next row: its last document is cut (no eos) and
+        # the next row starts mid-document (no bos), positions restarting at 0.
+        last_doc_end = before.input_ids[0, -1].item()
+        if last_doc_end not in (tokenizer.eos_id, tokenizer.pad_id):
+            assert after.input_ids[0, 0].item() != tokenizer.bos_id
+            assert after.position_ids[0, 0].item() == 0
+            assert not before.loss_mask[0, -1]  # its successor is in the next row: no target
+            continued += 1
+    assert continued >= 3
