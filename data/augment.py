@@ -79,7 +79,13 @@ def _crop(image, boxes, points, min_scale, min_visible, rng):
     w = max(1, round(width * rng.uniform(min_scale, 1.0)))
     h = max(1, round(height * rng.uniform(min_scale, 1.0)))
     left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-    image = image.crop((left, top, left + w, top + h))
+    new_boxes, new_points = _crop_annotations(boxes, points, left, top, w, h, min_visible)
+    if any(b is not None for b in boxes) and all(b is None for b in new_boxes):
+        return image, boxes, points  # a crop that removes every object would leave nothing to ground: skip it
+    return image.crop((left, top, left + w, top + h)), new_boxes, new_points
+
+
+def _crop_annotations(boxes, points, left, top, w, h, min_visible):
     new_boxes, new_points = [], []
     for box, point in zip(boxes, points):
         if box is None:
@@ -91,7 +97,7 @@ def _crop(image, boxes, points, min_scale, min_visible, rng):
         new_boxes.append(clipped if visible else None)
         inside = point is not None and 0 <= point[0] - left < w and 0 <= point[1] - top < h
         new_points.append([point[0] - left, point[1] - top] if inside else None)
-    return image, new_boxes, new_points
+    return new_boxes, new_points
 
 
 def _flip(image, boxes, points):
