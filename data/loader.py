@@ -29,6 +29,7 @@ from data.samples import (
     load_meta,
     render_document,
 )
+from data.storage import Storage, open_storage
 from data.tokenizer import TextTokenizer
 from model.args import VisionArgs
 from train.config import StageConfig
@@ -46,11 +47,12 @@ class DataError(RuntimeError):
     """The data cannot feed the run (missing sources, too many corrupt samples)."""
 
 
-def read_manifest(root: str | Path) -> dict:
-    path = Path(root) / "manifest.json"
-    if not path.exists():
-        raise DataError(f"no manifest at {path}: generate the demo data with `python -m data.synthetic --out {root}`")
-    return json.loads(path.read_text())
+def read_manifest(storage: Storage) -> dict:
+    try:
+        return json.loads(storage.read("manifest.json"))
+    except FileNotFoundError:
+        raise DataError(f"no manifest.json in {storage.url}: generate the demo data with "
+                        f"`python -m data.synthetic --out DIR` or build shards with your own tooling") from None
 
 
 class SlotStream:
@@ -98,8 +100,8 @@ class StageLoader:
     """
 
     def __init__(
-        self, stage_name: str, stage: StageConfig, root: str | Path, tokenizer: TextTokenizer, vision: VisionArgs,
-        seed: int, dp_rank: int, dp_size: int, max_corrupt_fraction: float = 0.01,
+        self, stage_name: str, stage: StageConfig, root: str | Path | Storage, tokenizer: TextTokenizer,
+        vision: VisionArgs, seed: int, dp_rank: int, dp_size: int, max_corrupt_fraction: float = 0.01,
     ):
         self.stage_name = stage_name
         self.stage = stage
@@ -108,13 +110,13 @@ class StageLoader:
         self.seed = seed
         self.max_corrupt_fraction = max_corrupt_fraction
         self.sampler = MixtureSampler(stage.mixture, seed, stage_name, images_only=stage.objective == "coca")
-        manifest = read_manifest(root)
-        known = manifest["sources"]
+        storage = root if hasattr(root, "read_range") else open_storage(root)
+        known = read_manifest(storage)["sources"]
         missing = [name for name in self.sampler.sources() if name not in known]
         if missing:
-            raise DataError(f"stage '{stage_name}' mixes sources {missing} that {Path(root) / 'manifest.json'} "
+            raise DataError(f"stage '{stage_name}' mixes sources {missing} that {storage.url}/manifest.json "
                             f"does not have; available: {sorted(known)}")
-        self.sources = {name: ShardSource(name, Path(root), known[name]["shards"]) for name in self.sampler.sources()}
+        self.sources = {name: ShardSource(name, storage, known[name]["shards"]) for name in self.sampler.sources()}
         per_rank = stage.micro_batch_size
         num_slots = per_rank * dp_size
         self.slots = [SlotStream(v, num_slots, list(self.sources))

@@ -8,6 +8,7 @@ images. Rendering turns it into a :class:`Document`: token ids with image placeh
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from data.images import ImageError, decode_image, image_to_patches
+from data.storage import Storage
 from data.tokenizer import TextTokenizer
 
 KINDS = ("caption", "ocr", "grounding", "interleaved", "text", "long_doc", "dialogue")
@@ -72,29 +74,35 @@ class Document:
 
 
 class ShardSource:
-    """One named source: every sample of its tar shards, addressable by index (random access, no full read)."""
+    """One named source: every sample of its tar shards, addressable by index.
 
-    def __init__(self, name: str, root: Path, shards: list[str]):
+    The index (member offsets) comes from one read of each shard; samples are then fetched with ranged reads of
+    just their members, so random access costs one request per member, locally or on S3.
+    """
+
+    def __init__(self, name: str, storage: Storage, shards: list[str]):
         self.name = name
-        self.paths = [root / shard for shard in shards]
-        self._index: list[tuple[int, str, dict[str, tarfile.TarInfo]]] | None = None
-        self._open: dict[int, tarfile.TarFile] = {}
+        self.storage = storage
+        self.shards = list(shards)
+        self._index: list[tuple[int, str, dict[str, tuple[int, int]]]] | None = None
 
-    def _build_index(self) -> list[tuple[int, str, dict[str, tarfile.TarInfo]]]:
+    def _build_index(self) -> list[tuple[int, str, dict[str, tuple[int, int]]]]:
         index = []
-        for shard_id, path in enumerate(self.paths):
-            if not path.exists():
-                raise FileNotFoundError(f"source '{self.name}': shard {path} is missing")
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            with tarfile.open(path) as tar:
+        for shard_id, shard in enumerate(self.shards):
+            try:
+                data = self.storage.read(shard)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"source '{self.name}': shard {self.storage.url}/{shard} is missing") from None
+            groups: dict[str, dict[str, tuple[int, int]]] = {}
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 for info in tar.getmembers():
                     if not info.isfile():
                         continue
                     key, _, ext = Path(info.name).name.partition(".")
-                    groups.setdefault(key, {})[ext] = info
+                    groups.setdefault(key, {})[ext] = (info.offset_data, info.size)
             index.extend((shard_id, key, members) for key, members in groups.items())
         if not index:
-            raise ValueError(f"source '{self.name}' has no samples in {[str(p) for p in self.paths]}")
+            raise ValueError(f"source '{self.name}' has no samples in {self.storage.url}: {self.shards}")
         return index
 
     def __len__(self) -> int:
@@ -106,18 +114,15 @@ class ShardSource:
         """``shard:key`` of sample ``position``, for logs."""
         len(self)
         shard_id, key, _ = self._index[position]
-        return f"{self.paths[shard_id]}:{key}"
+        return f"{self.storage.url}/{self.shards[shard_id]}:{key}"
 
     def read(self, position: int) -> RawSample:
         """The raw members of sample ``position`` (0 <= position < len(self))."""
-        if self._index is None:
-            self._index = self._build_index()
-        shard_id, key, infos = self._index[position]
-        tar = self._open.get(shard_id)
-        if tar is None:
-            tar = self._open[shard_id] = tarfile.open(self.paths[shard_id])
-        members = {ext: tar.extractfile(info).read() for ext, info in infos.items()}
-        return RawSample(self.name, str(self.paths[shard_id]), key, members)
+        len(self)
+        shard_id, key, members = self._index[position]
+        shard = self.shards[shard_id]
+        data = {ext: self.storage.read_range(shard, offset, size) for ext, (offset, size) in members.items()}
+        return RawSample(self.name, f"{self.storage.url}/{shard}", key, data)
 
 
 def load_meta(sample: RawSample) -> dict:

@@ -52,6 +52,11 @@ class TextTokenizer:
             raise FileNotFoundError(f"no tokenizer at {path}")
         return cls(Tokenizer.from_file(str(path)))
 
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TextTokenizer:
+        """A tokenizer from the contents of a ``tokenizer.json`` (e.g. read from object storage)."""
+        return cls(Tokenizer.from_str(data.decode("utf-8")))
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()

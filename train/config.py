@@ -101,8 +101,13 @@ class CurriculumConfig:
 
 @dataclass
 class DataConfig:
-    # Folder (file://) holding manifest.json, tokenizer.json and the shards.
+    # Where manifest.json, tokenizer.json and the shards are: a folder (or file://...) or s3://bucket/prefix.
     root: str = "demo_data"
+    # S3: endpoint of a non-AWS server (empty: AWS), region, attempts per request. Credentials come only from the
+    # standard chain (environment, config files, instance roles), never from the recipe.
+    endpoint_url: str = ""
+    region: str = ""
+    max_attempts: int = 8
     # Generate the embedded synthetic corpus into ``root`` when it has no manifest yet.
     generate_if_missing: bool = True
     # Corrupt samples are skipped and counted; more than this fraction of draws aborts the run.
@@ -272,6 +277,7 @@ def validate(cfg: RunConfig) -> None:
            cfg.parallel.dp_degree, "-1 (whole world) or >= 1")
     _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", cfg.log.peak_tflops, ">= 0 (0: measure)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    _check(cfg.data.max_attempts >= 1, "data.max_attempts", cfg.data.max_attempts, "an integer >= 1")
     _check(0 <= cfg.data.max_corrupt_fraction <= 1, "data.max_corrupt_fraction", cfg.data.max_corrupt_fraction,
            "a fraction in [0, 1]")
     vision = cfg.model.vision

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from data.batch import ImageTextBatch, PackedBatch
 from data.loader import StageLoader, read_manifest
+from data.storage import LocalStorage, S3Options, open_storage
 from data.tokenizer import TextTokenizer
 from model.coca import caption_loss_sum, siglip_loss
 from model.registry import build_model
@@ -230,14 +231,18 @@ class Trainer:
         self.previous_final_lr = previous_final_lrs(cfg)
 
     def _build_tokenizer(self) -> TextTokenizer:
-        root = self.cfg.data.root
-        if self.rank == 0 and self.cfg.data.generate_if_missing and not os.path.exists(f"{root}/manifest.json"):
+        data = self.cfg.data
+        root = data.root
+        self.storage = open_storage(root, S3Options(endpoint_url=data.endpoint_url, region=data.region,
+                                                    max_attempts=data.max_attempts))
+        local = isinstance(self.storage, LocalStorage)
+        if self.rank == 0 and data.generate_if_missing and local and not self.storage.exists("manifest.json"):
             from data.synthetic import generate_corpus
 
             logger.info("generating the demo corpus into %s", root)
-            generate_corpus(root, seed=self.cfg.seed)
+            generate_corpus(self.storage.root, seed=self.cfg.seed)
         dist.barrier()
-        tokenizer = TextTokenizer.from_file(os.path.join(root, read_manifest(root)["tokenizer"]))
+        tokenizer = TextTokenizer.from_bytes(self.storage.read(read_manifest(self.storage)["tokenizer"]))
         vocab = self.cfg.model.decoder.vocab_size
         if tokenizer.vocab_size > vocab:
             raise ConfigError(f"Invalid value model.decoder.vocab_size={vocab}: the tokenizer of {root} has "
@@ -307,7 +312,7 @@ class Trainer:
         cfg, stage = self.cfg, self.cfg.curriculum.stages[name]
         apply_stage(self.model, stage)
         optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr)
-        loader = StageLoader(name, stage, cfg.data.root, self.tokenizer, cfg.model.vision, cfg.seed,
+        loader = StageLoader(name, stage, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
                              self.dims.dp_rank(), self.dims.dp_degree, cfg.data.max_corrupt_fraction)
         train = TrainState()
         checkpoints = checkpoints_of(cfg, name)

@@ -233,10 +233,11 @@ def test_progressive_resolution_raises_the_patch_cap_over_the_stage(demo_root, t
 
 def test_dialogue_supervises_assistant_turns_only(demo_root, tokenizer):
     from data.samples import ShardSource, load_images, load_meta, render_document
+    from data.storage import LocalStorage
     from tests.unit.test_synthetic import samples_of
 
     manifest = json.loads((demo_root / "manifest.json").read_text())
-    source = ShardSource("dialogue", demo_root, manifest["sources"]["dialogue"]["shards"])
+    source = ShardSource("dialogue", LocalStorage(demo_root), manifest["sources"]["dialogue"]["shards"])
     raw = source.read(0)
     meta = load_meta(raw)
     images = load_images(raw, meta, 14, 2, 64)
