@@ -92,8 +92,9 @@ class S3Storage:
         self.options = options or S3Options()
         bucket, _, prefix = url[len("s3://"):].partition("/")
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        # Our own retry loop covers body reads too; botocore's standard mode handles the request side first.
-        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=30)
+        # One retry loop for everything (requests and body reads), ours: botocore's own would nest inside it and
+        # multiply the waits.
+        config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=30)
         self.client = boto3.client("s3", endpoint_url=self.options.endpoint_url or None,
                                    region_name=self.options.region or None, config=config)
 
