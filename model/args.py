@@ -26,7 +26,8 @@ class VisionArgs:
     # 2D RoPE on q/k (height/width); switchable so the tower can be compared with a plain SigLIP ViT.
     use_rope: bool = True
     rope_theta: float = 10000.0
-    layer_norm_eps: float = 1e-6
+    # Kimi-VL's MoonViT blocks, final norm and projector pre-norm use LayerNorm's default 1e-5 (SigLIP: 1e-6).
+    layer_norm_eps: float = 1e-5
     # Side of the square patch block merged into one LLM token by the projector (pixel shuffle).
     merge_size: int = 2
 
