@@ -18,6 +18,7 @@ from data.augment import augment
 from data.batch import ImageTextBatch, PackedBatch
 from data.mixture import MixtureSampler, draw_rng, epoch_permutation
 from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
+from data.prefetch import Prefetcher
 from data.samples import (
     Document,
     ImagePatches,
@@ -32,7 +33,7 @@ from data.samples import (
 from data.storage import Storage, open_storage
 from data.tokenizer import TextTokenizer
 from model.args import VisionArgs
-from train.config import StageConfig
+from train.config import DataConfig, StageConfig
 
 logger = logging.getLogger(__name__)
 # Below this many draws a few corrupt samples say nothing about the corrupt fraction.
@@ -97,11 +98,16 @@ class StageLoader:
     each slot is an independent stream (:class:`SlotStream`) and rank ``r`` serves slots ``r * m .. r * m + m - 1``.
     So the global stream depends only on the number of slots, not on how they are split: dp=2 with 2 rows per rank
     and dp=4 with 1 row per rank train on the same rows, and a checkpoint (one state per slot) resumes at either.
+
+    ``data`` (optional) brings the run's storage options: ``prefetch_samples`` draws per slot read ahead on
+    ``prefetch_threads`` background threads (which also read shard indexes in parallel), and
+    ``skip_missing_shards``. None of them changes the stream.
     """
 
     def __init__(
         self, stage_name: str, stage: StageConfig, root: str | Path | Storage, tokenizer: TextTokenizer,
         vision: VisionArgs, seed: int, dp_rank: int, dp_size: int, max_corrupt_fraction: float = 0.01,
+        data: DataConfig | None = None,
     ):
         self.stage_name = stage_name
         self.stage = stage
@@ -116,7 +122,15 @@ class StageLoader:
         if missing:
             raise DataError(f"stage '{stage_name}' mixes sources {missing} that {storage.url}/manifest.json "
                             f"does not have; available: {sorted(known)}")
-        self.sources = {name: ShardSource(name, storage, known[name]["shards"]) for name in self.sampler.sources()}
+        data = data or DataConfig(prefetch_samples=0)
+        self.sources = {name: ShardSource(name, storage, known[name]["shards"], data.skip_missing_shards,
+                                          data.prefetch_threads) for name in self.sampler.sources()}
+        self.prefetch_samples = data.prefetch_samples
+        self.prefetcher = None
+        if data.prefetch_samples > 0:
+            capacity = 2 * data.prefetch_samples * stage.micro_batch_size
+            self.prefetcher = Prefetcher(lambda name, position: self.sources[name].read(position),
+                                         data.prefetch_threads, capacity)
         per_rank = stage.micro_batch_size
         num_slots = per_rank * dp_size
         self.slots = [SlotStream(v, num_slots, list(self.sources))
@@ -127,6 +141,17 @@ class StageLoader:
     def corrupt(self) -> int:
         return sum(slot.corrupt for slot in self.slots)
 
+    @property
+    def missing_shards(self) -> list[str]:
+        """Shards of this stage's sources that were missing and skipped (``data.skip_missing_shards``)."""
+        return [shard for source in self.sources.values() for shard in source.missing_shards]
+
+    def close(self) -> None:
+        """Stop the prefetch threads (the loader keeps working, reading in the foreground)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+
     # ----- drawing samples -------------------------------------------------------------------------------------
 
     def image_patch_cap(self, progress: float) -> int:
@@ -135,25 +160,44 @@ class StageLoader:
         low, high = self.stage.min_image_patches or self.stage.max_image_patches, self.stage.max_image_patches
         return int(low + min(max(progress, 0.0), 1.0) * (high - low))
 
-    def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int, int, int]:
-        """The next (source, position, global draw index, patch cap) of a slot's stream; advances its counters."""
-        draw = stream.draws * stream.num_slots + stream.slot
-        name = self.sampler.choose(draw, progress)
-        count = stream.source_draws[name]
-        index = count * stream.num_slots + stream.slot
-        stream.draws += 1
-        stream.source_draws[name] = count + 1
-        size = len(self.sources[name])
-        epoch, offset = divmod(index, size)
+    def _plan(self, stream: SlotStream, progress: float, count: int) -> list[tuple[str, int, int, int]]:
+        """The next ``count`` (source, position, global draw index, patch cap) of a slot's stream, without
+        advancing it (a pure function of its counters and ``progress``)."""
+        planned, source_draws = [], dict(stream.source_draws)
+        for ahead in range(count):
+            draw = (stream.draws + ahead) * stream.num_slots + stream.slot
+            name = self.sampler.choose(draw, progress)
+            index = source_draws[name] * stream.num_slots + stream.slot
+            source_draws[name] += 1
+            epoch, offset = divmod(index, len(self.sources[name]))
+            planned.append((name, int(self._order(name, epoch)[offset]), draw, self.image_patch_cap(progress)))
+        return planned
+
+    def _order(self, name: str, epoch: int) -> Any:
         order = self._orders.get((name, epoch))
         if order is None:
             if len(self._orders) > 4 * len(self.sources):  # slots move through epochs together: keep a few
                 self._orders.clear()
+            size = len(self.sources[name])
             order = self._orders[(name, epoch)] = epoch_permutation(self.seed, self.stage_name, name, epoch, size)
-        return name, int(order[offset]), draw, self.image_patch_cap(progress)
+        return order
+
+    def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int, int, int]:
+        """The next (source, position, global draw index, patch cap) of a slot's stream; advances its counters."""
+        drawn = self._plan(stream, progress, 1)[0]
+        stream.draws += 1
+        stream.source_draws[drawn[0]] += 1
+        return drawn
+
+    def _prefetch(self, progress: float) -> None:
+        """Ask for the members of every slot's next draws (predicted at the current progress)."""
+        if self.prefetcher is not None:
+            for stream in self.slots:
+                self.prefetcher.want((name, position) for name, position, *_ in
+                                     self._plan(stream, progress, self.prefetch_samples))
 
     def _read(self, name: str, position: int, draw: int, cap: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
-        raw = self.sources[name].read(position)
+        raw = self.prefetcher.get(name, position) if self.prefetcher else self.sources[name].read(position)
         meta = load_meta(raw)
         transform = None
         cfg = self.stage.augment
@@ -215,6 +259,7 @@ class StageLoader:
 
     def next_packed_batch(self, progress: float) -> PackedBatch:
         """One packed row of ``seq_len`` tokens from each of this rank's slots (the language-model objective)."""
+        self._prefetch(progress)
         rows = [self._next_row(stream, progress) for stream in self.slots]
         patch_dim = self.vision.in_channels * self.vision.patch_size**2
         return collate_rows(rows, self.tokenizer.image_id, patch_dim, self.vision.merge_size)
@@ -235,6 +280,7 @@ class StageLoader:
 
     def next_image_text_batch(self, progress: float) -> ImageTextBatch:
         """One (image, text) pair from each of this rank's slots (the CoCa objective; first image of a sample)."""
+        self._prefetch(progress)
         pairs = [self._next_pair(stream, progress) for stream in self.slots]
         return collate_image_text(pairs, self.tokenizer.pad_id)
 

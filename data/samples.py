@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,8 @@ ROLES = ("system", "user", "assistant")
 # Grounding coordinates are written as integers on a 0..1000 grid of the image, independent of its resolution.
 BOX_GRID = 1000
 BOX_START, BOX_END = "<|box_start|>", "<|box_end|>"
+
+logger = logging.getLogger(__name__)
 
 
 class SampleError(ValueError):
@@ -76,34 +80,54 @@ class Document:
 class ShardSource:
     """One named source: every sample of its tar shards, addressable by index.
 
-    The index (member offsets) comes from one read of each shard; samples are then fetched with ranged reads of
-    just their members, so random access costs one request per member, locally or on S3.
+    The index (member offsets) comes from one read of each shard (``threads`` shards at a time, assembled in shard
+    order whatever finishes first); samples are then fetched with ranged reads of just their members, so random
+    access costs one request per member, locally or on S3. A shard that does not exist fails by name, or, with
+    ``skip_missing``, is logged, counted in ``missing_shards`` and left out.
     """
 
-    def __init__(self, name: str, storage: Storage, shards: list[str]):
+    def __init__(self, name: str, storage: Storage, shards: list[str], skip_missing: bool = False,
+                 threads: int = 1):
         self.name = name
         self.storage = storage
         self.shards = list(shards)
+        self.skip_missing = skip_missing
+        self.threads = max(1, threads)
+        self.missing_shards: list[str] = []
         self._index: list[tuple[int, str, dict[str, tuple[int, int]]]] | None = None
+
+    def _read_shard(self, shard: str) -> bytes | None:
+        try:
+            return self.storage.read(shard)
+        except FileNotFoundError:
+            if not self.skip_missing:
+                raise FileNotFoundError(f"source '{self.name}': shard {self.storage.url}/{shard} is missing "
+                                        f"(data.skip_missing_shards=true skips it)") from None
+            return None
 
     def _build_index(self) -> list[tuple[int, str, dict[str, tuple[int, int]]]]:
         index = []
-        for shard_id, shard in enumerate(self.shards):
-            try:
-                data = self.storage.read(shard)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"source '{self.name}': shard {self.storage.url}/{shard} is missing") from None
-            groups: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                for info in tar.getmembers():
-                    if not info.isfile():
-                        continue
-                    key, _, ext = Path(info.name).name.partition(".")
-                    groups.setdefault(key, {})[ext] = (info.offset_data, info.size)
-            index.extend((shard_id, key, members) for key, members in groups.items())
+        with ThreadPoolExecutor(self.threads) as pool:
+            # map yields in shard order; each shard's bytes are dropped once its members are indexed.
+            for shard_id, (shard, data) in enumerate(zip(self.shards, pool.map(self._read_shard, self.shards))):
+                self._index_shard(index, shard_id, shard, data)
         if not index:
             raise ValueError(f"source '{self.name}' has no samples in {self.storage.url}: {self.shards}")
         return index
+
+    def _index_shard(self, index: list, shard_id: int, shard: str, data: bytes | None) -> None:
+        if data is None:
+            self.missing_shards.append(shard)
+            logger.warning("source '%s': shard %s/%s is missing; skipped", self.name, self.storage.url, shard)
+            return
+        groups: dict[str, dict[str, tuple[int, int]]] = {}
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for info in tar.getmembers():
+                if not info.isfile():
+                    continue
+                key, _, ext = Path(info.name).name.partition(".")
+                groups.setdefault(key, {})[ext] = (info.offset_data, info.size)
+        index.extend((shard_id, key, members) for key, members in groups.items())
 
     def __len__(self) -> int:
         if self._index is None:

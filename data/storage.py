@@ -5,13 +5,20 @@ to a root. S3 goes through boto3 (the standard credential chain; ``endpoint_url`
 GETs, and retries what storage services do under load: throttling (503 SlowDown), 500s, dropped connections,
 timeouts and bodies cut short (botocore retries requests, not body reads, so a short body is re-requested here for
 its missing bytes). A key that does not exist fails at once, by name.
+
+Every S3 request (retries included) first takes a token from a per-process :class:`TokenBucket`, so a process never
+sends more than ``burst + rate * t`` requests in any ``t`` seconds; a throttling answer (503 SlowDown) halves the
+bucket's rate, which then climbs back with each success (adaptive, like AWS's "adaptive" retry mode). A bounded
+local disk cache of whole objects (:mod:`data.cache`) sits in front when configured (:func:`build_storage`).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,6 +50,69 @@ class S3Options:
     # Backoff before attempt k: base * 2^k seconds, with full jitter, at most cap.
     backoff_base_s: float = 0.05
     backoff_cap_s: float = 5.0
+    # Per-process request-rate limit (0: none) and the burst allowed above it.
+    requests_per_second: float = 0.0
+    request_burst: int = 32
+
+
+class TokenBucket:
+    """A thread-safe token bucket: at most ``burst + rate * t`` grants in any window of ``t`` seconds.
+
+    A caller that finds the bucket empty reserves the next token (the count goes negative) and sleeps until it is
+    due, so concurrent callers queue fairly instead of waking together. ``rate <= 0`` means no limit.
+
+    Args:
+        rate: Tokens per second.
+        burst: Bucket size (at least 1).
+        clock: Monotonic seconds; injectable so the arithmetic can be checked without sleeping.
+        sleep: How to wait.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.max_rate = self.rate = float(rate)
+        self.burst = max(1, int(burst))
+        self.clock, self.sleep = clock, sleep
+        self.tokens = float(self.burst)
+        self.stamp = clock()
+        self.lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token, waiting if needed; returns the seconds waited."""
+        if self.rate <= 0:
+            return 0.0
+        with self.lock:
+            now = self.clock()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= 1
+            wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
+        if wait > 0:
+            self.sleep(wait)
+        return wait
+
+    def throttled(self) -> None:
+        """The server asked us to slow down: halve the rate (down to a sixteenth of the configured one)."""
+        if self.max_rate > 0:
+            with self.lock:
+                self.rate = max(self.max_rate / 16, self.rate / 2)
+
+    def succeeded(self) -> None:
+        """Additive recovery towards the configured rate (about 20 successes from the floor)."""
+        if self.max_rate > 0 and self.rate < self.max_rate:
+            with self.lock:
+                self.rate = min(self.max_rate, self.rate + self.max_rate / 20)
+
+
+_BUCKETS: dict[tuple[float, int], TokenBucket] = {}
+_BUCKETS_LOCK = threading.Lock()
+
+
+def process_bucket(rate: float, burst: int) -> TokenBucket:
+    """The one bucket of this process for these settings: every storage object (and prefetch thread) of a
+    process shares it, so the limit holds per process however many are opened."""
+    with _BUCKETS_LOCK:
+        return _BUCKETS.setdefault((float(rate), int(burst)), TokenBucket(rate, burst))
 
 
 class LocalStorage:
@@ -94,9 +164,10 @@ class S3Storage:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         # One retry loop for everything (requests and body reads), ours: botocore's own would nest inside it and
         # multiply the waits.
-        config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=30)
+        config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=30)
         self.client = boto3.client("s3", endpoint_url=self.options.endpoint_url or None,
                                    region_name=self.options.region or None, config=config)
+        self.bucket_limit = process_bucket(self.options.requests_per_second, self.options.request_burst)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -105,8 +176,11 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         for attempt in range(self.options.max_attempts):
+            self.bucket_limit.acquire()  # every attempt is a request: retries count against the limit too
             try:
-                return call()
+                result = call()
+                self.bucket_limit.succeeded()
+                return result
             except ClientError as error:
                 code = error.response.get("Error", {}).get("Code", "")
                 if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
@@ -114,6 +188,8 @@ class S3Storage:
                 if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                     raise PermissionError(f"{what} {self.url}/{key}: {code}") from None
                 failure = f"{code or 'error'}"
+                if code in ("SlowDown", "503", "Throttling", "ThrottlingException", "RequestLimitExceeded"):
+                    self.bucket_limit.throttled()
             except (BotoCoreError, ConnectionError, TimeoutError, ShortRead) as error:
                 failure = type(error).__name__
             delay = random.uniform(0, min(self.options.backoff_cap_s, self.options.backoff_base_s * 2**attempt))
@@ -176,6 +252,23 @@ class S3Storage:
 
 class ShortRead(OSError):
     """A response body shorter than its Content-Length (a connection cut mid-transfer)."""
+
+
+def build_storage(data) -> Storage:
+    """The storage a run reads from, from its ``DataConfig``: S3 with the rate limit and, if ``cache_dir`` is set,
+    the bounded disk cache in front; a local folder as it is (caching local files would only copy them)."""
+    if data.requests_per_second < 0 or data.request_burst < 1 or data.cache_max_bytes < 0:
+        raise ValueError(f"data.requests_per_second={data.requests_per_second} (>= 0), data.request_burst="
+                         f"{data.request_burst} (>= 1), data.cache_max_bytes={data.cache_max_bytes} (>= 0): "
+                         "one of them is out of range")
+    options = S3Options(endpoint_url=data.endpoint_url, region=data.region, max_attempts=data.max_attempts,
+                        requests_per_second=data.requests_per_second, request_burst=data.request_burst)
+    storage = open_storage(data.root, options)
+    if data.cache_dir and isinstance(storage, S3Storage):
+        from data.cache import CachedStorage, DiskCache
+
+        storage = CachedStorage(storage, DiskCache(data.cache_dir, data.cache_max_bytes))
+    return storage
 
 
 def open_storage(url: str | Path, options: S3Options | None = None) -> Storage:

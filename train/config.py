@@ -25,6 +25,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 OBJECTIVES = ("coca", "lm")
 TRAINABLE_PARTS = ("vision", "projector", "decoder", "coca")
 LR_DECAYS = ("constant", "linear", "cosine", "wsd")
+ACTIVATION_CHECKPOINT_POLICIES = ("auto", "none", "selective", "full")
 STAGE_OBJECTIVE_PARTS = {"coca": ("vision", "coca"), "lm": ("vision", "projector", "decoder")}
 
 
@@ -112,6 +113,21 @@ class DataConfig:
     generate_if_missing: bool = True
     # Corrupt samples are skipped and counted; more than this fraction of draws aborts the run.
     max_corrupt_fraction: float = 0.01
+    # S3: per-process request-rate limit (0: none) and the burst allowed above it; throttling halves the rate,
+    # which then recovers. Retries count against the limit.
+    requests_per_second: float = 0.0
+    request_burst: int = 32
+    # S3: a local disk cache of whole shards ("": none), bounded in bytes (LRU), shared safely by the processes of
+    # a node.
+    cache_dir: str = ""
+    cache_max_bytes: int = 16 * 2**30
+    # Draws per slot read ahead on background threads (0: none), and the threads (they also read shard indexes
+    # in parallel). Prefetch changes timing only, never the stream.
+    prefetch_samples: int = 8
+    prefetch_threads: int = 4
+    # A shard listed in the manifest but missing from storage fails the run naming it, unless this skips (and
+    # counts) it.
+    skip_missing_shards: bool = False
 
 
 @dataclass
@@ -143,6 +159,8 @@ class ParallelConfig:
     pp_degree: int = 1
     cp_degree: int = 1
     ep_degree: int = 1
+    # none | selective | full | auto (selective up to 32K-token rows, full beyond: parallel/activation_checkpoint.py)
+    activation_checkpoint: str = "auto"
 
 
 @dataclass
@@ -275,6 +293,11 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", cfg.optim.grad_clip_norm, ">= 0 (0 disables)")
     _check(cfg.parallel.dp_degree == -1 or cfg.parallel.dp_degree >= 1, "parallel.dp_degree",
            cfg.parallel.dp_degree, "-1 (whole world) or >= 1")
+    _check(cfg.parallel.activation_checkpoint in ACTIVATION_CHECKPOINT_POLICIES, "parallel.activation_checkpoint",
+           cfg.parallel.activation_checkpoint, f"one of {ACTIVATION_CHECKPOINT_POLICIES}")
+    _check(cfg.parallel.cp_degree == 1 or cfg.model.decoder.aux_loss_coef == 0, "model.decoder.aux_loss_coef",
+           cfg.model.decoder.aux_loss_coef, "0 with parallel.cp_degree > 1 (the sequence-wise balance loss needs "
+           "whole rows; use the aux-loss-free bias balancing)")
     _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", cfg.log.peak_tflops, ">= 0 (0: measure)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     _check(cfg.data.max_attempts >= 1, "data.max_attempts", cfg.data.max_attempts, "an integer >= 1")

@@ -2,7 +2,8 @@
 
 Faults (on object GETs): ``503`` SlowDown, ``500`` InternalError, ``reset`` (the connection closes with no
 response), ``truncate`` (the headers promise the whole body, half of it arrives, the connection closes) and
-``slow`` (a delay before answering). Everything else is forwarded unchanged.
+``slow`` (a delay before answering). Everything else is forwarded unchanged. Every request is logged in
+``requests`` as ``(monotonic arrival time, method, path)``, so tests can count what reached the server and when.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class FaultProxy:
         self.slow_seconds = slow_seconds
         self.lock = threading.Lock()
         self.injected: dict[str, int] = {}
+        self.requests: list[tuple[float, str, str]] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,7 +65,14 @@ class FaultProxy:
             self.injected[fault] = self.injected.get(fault, 0) + 1
         return fault
 
+    def object_gets(self) -> list[float]:
+        """Arrival times of the object reads (GETs that are not listings) so far."""
+        with self.lock:
+            return [t for t, method, path in self.requests if method == "GET" and "?" not in path]
+
     def handle(self, request: BaseHTTPRequestHandler, method: str) -> None:
+        with self.lock:
+            self.requests.append((time.monotonic(), method, request.path))
         fault = self._next_fault(method, request.path)
         if fault in ("503", "500"):
             code = "SlowDown" if fault == "503" else "InternalError"

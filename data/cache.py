@@ -1,0 +1,150 @@
+"""A bounded local disk cache of whole objects in front of remote storage, safe to share between processes.
+
+Only shards (``*.tar``) are cached: the manifest and tokenizer are small and may be rewritten (``data.prepare
+--merge``), while shards are immutable once written (a changed dataset gets new shard names), so a cached copy never
+goes stale. Objects read whole (the shard index reads each shard once) are kept; a ranged read of a cached object is
+served from disk, a ranged read of an uncached one goes to the remote storage and is not cached (random access over
+many shards would otherwise fill the cache with fragments). Entries are written to a private temporary file and
+renamed into place, so a reader in another process sees a whole file or none; eviction removes the least recently
+used entries (by modification time, refreshed on every hit) until the cache holds at most ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from pathlib import Path
+
+from data.storage import Storage
+
+SUFFIX = ".obj"
+
+
+class DiskCache:
+    """Whole objects by key under ``root``, at most ``max_bytes`` in total (LRU by bytes).
+
+    Args:
+        root: Cache folder (created); several processes may share it.
+        max_bytes: Size bound; an object larger than it is never cached.
+    """
+
+    def __init__(self, root: str | Path, max_bytes: int):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+        return self.root / f"{digest}{SUFFIX}"
+
+    def _hit(self, path: Path) -> None:
+        self.hits += 1
+        try:
+            os.utime(path)  # the LRU clock: a hit makes the entry the most recently used
+        except FileNotFoundError:
+            pass  # evicted by another process after our read: the bytes we read are still whole
+
+    def get(self, key: str) -> bytes | None:
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        self._hit(path)
+        return data
+
+    def get_range(self, key: str, start: int, length: int) -> bytes | None:
+        path = self._path(key)
+        try:
+            with path.open("rb") as f:
+                f.seek(start)
+                data = f.read(length)
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        self._hit(path)
+        return data
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        path = self._path(key)
+        # Unique per process and thread: two writers of the same key never share a temporary file, and the
+        # rename is atomic, so readers never see a partial entry.
+        staging = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        staging.write_bytes(data)
+        os.replace(staging, path)
+        self.evict()
+
+    def discard(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def evict(self) -> None:
+        """Remove least recently used entries until the cache holds at most ``max_bytes``."""
+        with self._lock:
+            entries = []
+            for path in self.root.glob(f"*{SUFFIX}"):
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue  # removed by another process meanwhile
+                entries.append((stat.st_mtime_ns, stat.st_size, path))
+            total = sum(size for _, size, _ in entries)
+            for _, size, path in sorted(entries):
+                if total <= self.max_bytes:
+                    break
+                path.unlink(missing_ok=True)
+                total -= size
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob(f"*{SUFFIX}"))
+
+
+class CachedStorage:
+    """``storage`` with a :class:`DiskCache` in front (same calls as :class:`~data.storage.Storage`)."""
+
+    def __init__(self, storage: Storage, cache: DiskCache):
+        self.storage = storage
+        self.cache = cache
+        self.url = storage.url
+
+    def _key(self, key: str) -> str:
+        return f"{self.url}/{key}"
+
+    def read(self, key: str) -> bytes:
+        if not key.endswith(".tar"):
+            return self.storage.read(key)
+        data = self.cache.get(self._key(key))
+        if data is None:
+            data = self.storage.read(key)
+            self.cache.put(self._key(key), data)
+        return data
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        data = self.cache.get_range(self._key(key), start, length) if key.endswith(".tar") else None
+        return data if data is not None else self.storage.read_range(key, start, length)
+
+    def size(self, key: str) -> int:
+        size = self.cache.size(self._key(key))
+        return size if size is not None else self.storage.size(key)
+
+    def exists(self, key: str) -> bool:
+        return self.cache.size(self._key(key)) is not None or self.storage.exists(key)
+
+    def write(self, key: str, data: bytes) -> None:
+        self.cache.discard(self._key(key))
+        self.storage.write(key, data)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return self.storage.list(prefix)

@@ -1,0 +1,138 @@
+"""Storage features against moto's S3 server over HTTP (through a request-logging proxy): the per-process rate
+limit, adaptive slow-down on throttling, the bounded disk cache, missing shards, prefetch that keeps the stream."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import boto3
+import pytest
+import torch
+
+from data.cache import CachedStorage, DiskCache
+from data.loader import StageLoader
+from data.samples import ShardSource
+from data.storage import LocalStorage, S3Options, S3Storage
+from model.registry import FLAVORS
+from tests.integration.fault_proxy import FaultProxy
+from tests.integration.test_s3_loader import BUCKET, s3_corpus  # noqa: F401  (the module-scoped S3 server)
+from train.config import DataConfig, load_config
+
+
+def upstream(endpoint: str) -> int:
+    return int(endpoint.rsplit(":", 1)[1])
+
+
+def through(proxy: FaultProxy, prefix: str = "corpus", **options) -> S3Storage:
+    return S3Storage(f"s3://{BUCKET}/{prefix}", S3Options(endpoint_url=f"http://127.0.0.1:{proxy.port}",
+                                                          backoff_base_s=0.001, **options))
+
+
+def test_rate_limit_bounds_the_requests_in_every_window(s3_corpus):  # noqa: F811
+    rate, burst, count = 25.0, 2, 14
+    with FaultProxy(upstream(s3_corpus), ["ok"]) as proxy:
+        storage = through(proxy, requests_per_second=rate, request_burst=burst)
+        start = time.monotonic()
+        for i in range(count):
+            storage.read_range("caption/shard-000000.tar", 512 * i, 100)
+        elapsed = time.monotonic() - start
+        arrivals = proxy.object_gets()
+    assert len(arrivals) == count
+    # The limiter sleeps until each token is due, so this lower bound holds however slow the machine is.
+    assert elapsed >= (count - burst) / rate
+    # Seen by the server: no window holds more than burst + rate * width (one request of slack for arrival
+    # jitter between the grant and the proxy). Unlimited, these requests arrive within a few milliseconds.
+    for i in range(count):
+        for j in range(i + 1, count):
+            assert j - i + 1 <= burst + rate * (arrivals[j] - arrivals[i]) + 1, (i, j, arrivals[j] - arrivals[i])
+
+
+def test_throttling_halves_the_rate_then_it_recovers(s3_corpus):  # noqa: F811
+    with FaultProxy(upstream(s3_corpus), ["503", "503"] + ["ok"] * 100) as proxy:
+        storage = through(proxy, requests_per_second=1000.0, request_burst=50)
+        data = storage.read_range("caption/shard-000000.tar", 0, 100)
+        assert len(data) == 100
+        # Two SlowDowns halve the rate twice (1000 -> 250), the success adds a twentieth back.
+        assert storage.bucket_limit.rate == pytest.approx(300.0)
+        for _ in range(30):
+            storage.read_range("caption/shard-000000.tar", 0, 10)
+        assert storage.bucket_limit.rate == 1000.0
+    assert proxy.injected["503"] >= 2
+
+
+def read_all(source: ShardSource) -> dict[str, dict[str, bytes]]:
+    return {sample.key: sample.members for sample in map(source.read, range(len(source)))}
+
+
+def test_cache_second_pass_issues_no_request_and_stays_bounded(s3_corpus, demo_root, tmp_path):  # noqa: F811
+    manifest = json.loads((demo_root / "manifest.json").read_text())
+    shards = manifest["sources"]["caption"]["shards"]
+    reference = read_all(ShardSource("caption", LocalStorage(demo_root), shards))
+    with FaultProxy(upstream(s3_corpus), ["ok"]) as proxy:
+        first = read_all(ShardSource("caption", CachedStorage(through(proxy), DiskCache(tmp_path / "c", 2**30)),
+                                     shards))
+        before = len(proxy.requests)
+        # A new storage and cache object on the same folder: as another process (or the next epoch) sees it.
+        second = read_all(ShardSource("caption", CachedStorage(through(proxy), DiskCache(tmp_path / "c", 2**30)),
+                                      shards))
+        assert before > 0 and len(proxy.requests) == before
+    assert first == second == reference
+
+    sizes = [(demo_root / shard).stat().st_size for shard in manifest["sources"]["ocr"]["shards"]]
+    sizes += [(demo_root / shard).stat().st_size for shard in shards]
+    bound = max(sizes)  # room for any one shard, never two
+    small = DiskCache(tmp_path / "small", bound)
+    with FaultProxy(upstream(s3_corpus), ["ok"]) as proxy:
+        storage = CachedStorage(through(proxy), small)
+        for shard in [*manifest["sources"]["ocr"]["shards"], *shards]:
+            assert storage.read(shard) == (demo_root / shard).read_bytes()
+            assert small.total_bytes() <= bound
+        # The most recently read shard is served from disk, an evicted one from the server.
+        before = len(proxy.object_gets())
+        assert storage.read_range(shards[-1], 0, 64) == (demo_root / shards[-1]).read_bytes()[:64]
+        assert len(proxy.object_gets()) == before
+        assert storage.read_range(shards[0], 0, 64) == (demo_root / shards[0]).read_bytes()[:64]
+        assert len(proxy.object_gets()) == before + 1
+
+
+@pytest.fixture(scope="module")
+def broken_corpus(s3_corpus, demo_root):  # noqa: F811
+    """s3://kimi-demo/broken: the demo corpus whose grounding source lists one shard that was never uploaded."""
+    client = boto3.client("s3", endpoint_url=s3_corpus, region_name="us-east-1")
+    manifest = json.loads((demo_root / "manifest.json").read_text())
+    manifest["sources"]["grounding"]["shards"].append("grounding/shard-000099.tar")
+    local = LocalStorage(demo_root)
+    for key in local.list():
+        body = json.dumps(manifest).encode() if key == "manifest.json" else local.read(key)
+        client.put_object(Bucket=BUCKET, Key=f"broken/{key}", Body=body)
+    return f"s3://{BUCKET}/broken"
+
+
+def test_a_missing_shard_fails_by_name_or_is_skipped_and_counted(s3_corpus, broken_corpus, tokenizer):  # noqa: F811
+    storage = S3Storage(broken_corpus, S3Options(endpoint_url=s3_corpus, max_attempts=2))
+    stage = load_config(["recipe=debug"]).curriculum.stages["vit_coca"]
+    vision = FLAVORS["debug"].vision
+    strict = StageLoader("vit_coca", stage, storage, tokenizer, vision, 0, 0, 1)
+    with pytest.raises(FileNotFoundError, match="grounding/shard-000099.tar"):
+        strict.next_image_text_batch(0.0)
+    lenient = StageLoader("vit_coca", stage, storage, tokenizer, vision, 0, 0, 1,
+                          data=DataConfig(skip_missing_shards=True, prefetch_samples=0))
+    batch = lenient.next_image_text_batch(0.0)
+    assert batch.text_ids.shape[0] == stage.micro_batch_size
+    assert lenient.missing_shards == ["grounding/shard-000099.tar"]
+
+
+def test_prefetch_over_a_slow_flaky_server_keeps_the_stream(s3_corpus, demo_root, tokenizer):  # noqa: F811
+    stage = load_config(["recipe=debug"]).curriculum.stages["joint_cooldown"]
+    vision = FLAVORS["debug"].vision
+    local = StageLoader("joint_cooldown", stage, demo_root, tokenizer, vision, 0, 0, 1)
+    with FaultProxy(upstream(s3_corpus), ["ok", "slow", "ok", "503", "slow", "reset", "ok"], 0.02) as proxy:
+        data = DataConfig(prefetch_samples=6, prefetch_threads=4)
+        fetched = StageLoader("joint_cooldown", stage, through(proxy, max_attempts=10), tokenizer, vision, 0, 0, 1,
+                              data=data)
+        for step in range(4):
+            a, b = fetched.next_packed_batch(step / 4), local.next_packed_batch(step / 4)
+            assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+        assert fetched.prefetcher.hits > 0
+        fetched.close()

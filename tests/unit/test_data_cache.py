@@ -1,0 +1,67 @@
+"""The disk cache shared by processes, and the token bucket's arithmetic."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+
+from data.cache import DiskCache
+from data.storage import TokenBucket
+
+
+def payload(i: int) -> bytes:
+    return hashlib.sha256(str(i).encode()).digest() * (50 + i % 7)  # 1.6-1.8 KB, content tied to its key
+
+
+def _writer(root: str, bound: int, offset: int) -> None:
+    cache = DiskCache(root, bound)
+    for i in range(60):
+        key = f"k{(i + offset) % 40}"
+        cache.put(key, payload((i + offset) % 40))
+        got = cache.get(f"k{(i * 7) % 40}")
+        assert got is None or got == payload((i * 7) % 40)
+
+
+def test_processes_sharing_a_cache_see_whole_entries_and_the_bound_holds(tmp_path):
+    bound = 12_000
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_writer, args=(str(tmp_path), bound, 13 * w)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    cache = DiskCache(tmp_path, bound)
+    assert 0 < cache.total_bytes() <= bound
+    present = [i for i in range(40) if (data := cache.get(f"k{i}")) is not None and data == payload(i)]
+    assert len(present) == len(list(tmp_path.glob("*.obj")))  # every entry is whole and under its own key
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_least_recently_used_goes_first(tmp_path):
+    cache = DiskCache(tmp_path, 3 * len(payload(0)) + 10)
+    for i in range(3):
+        cache.put(f"k{i}", payload(0))
+    assert cache.get("k0") == payload(0)  # k0 is now the most recently used
+    cache.put("k3", payload(0))
+    assert cache.get("k1") is None and cache.get("k0") == payload(0) and cache.get("k3") == payload(0)
+
+
+def test_token_bucket_grants_at_most_burst_plus_rate_times_t():
+    now = [0.0]
+    grants = []
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    bucket = TokenBucket(rate=10.0, burst=3, clock=lambda: now[0], sleep=sleep)
+    for _ in range(23):
+        bucket.acquire()
+        grants.append(now[0])
+    assert grants[:3] == [0.0, 0.0, 0.0]
+    assert abs(grants[-1] - 2.0) < 1e-9  # 20 tokens beyond the burst at 10 per second
+    for i in range(len(grants)):
+        for j in range(i, len(grants)):
+            assert j - i + 1 <= 3 + 10.0 * (grants[j] - grants[i]) + 1e-9
+    bucket.throttled()
+    assert bucket.rate == 5.0
