@@ -20,22 +20,27 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from data.formats import (  # noqa: F401  (SampleError, BOX_* and format_box are part of this module's interface)
+    BOX_END,
+    BOX_GRID,
+    BOX_START,
+    SampleError,
+    check_actions,
+    check_point,
+    expand_segments,
+    format_action,
+    format_box,
+    grounding_text,
+)
 from data.images import ImageError, decode_image, image_to_patches
 from data.storage import Storage
 from data.tokenizer import TextTokenizer
 
-KINDS = ("caption", "ocr", "grounding", "interleaved", "text", "long_doc", "dialogue")
+KINDS = ("caption", "ocr", "grounding", "interleaved", "text", "long_doc", "dialogue", "video", "agent")
 # ChatML roles of dialogue segments; only assistant turns are loss targets.
 ROLES = ("system", "user", "assistant")
-# Grounding coordinates are written as integers on a 0..1000 grid of the image, independent of its resolution.
-BOX_GRID = 1000
-BOX_START, BOX_END = "<|box_start|>", "<|box_end|>"
 
 logger = logging.getLogger(__name__)
-
-
-class SampleError(ValueError):
-    """A corrupt or invalid sample: skipped by the loader, counted and logged with its shard and key."""
 
 
 @dataclass
@@ -165,10 +170,12 @@ def load_meta(sample: RawSample) -> dict:
     for segment in segments:
         if not isinstance(segment, dict) or not (isinstance(segment.get("text"), str) or "image" in segment):
             raise SampleError(f"bad segment {segment!r}: expected {{'text': str}} or {{'image': ext}}")
-        if "image" in segment and segment["image"] not in sample.members:
-            raise SampleError(f"missing field: image member '{segment['image']}'")
         if segment.get("role", "user") not in ROLES:
             raise SampleError(f"bad role {segment['role']!r}: expected one of {ROLES}")
+    expand_segments(meta)  # video frames and agent steps become segments
+    for segment in meta["segments"]:
+        if "image" in segment and segment["image"] not in sample.members:
+            raise SampleError(f"missing field: image member '{segment['image']}'")
     return meta
 
 
@@ -198,25 +205,26 @@ def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patch
                 meta["objects"] = objects
         patches, grid = image_to_patches(image, patch, merge, max_patches)
         images[ext] = ImagePatches(patches, grid, image.size)
+    # Before augmentation would matter: agent steps are never augmented, their screenshots keep their frame.
+    check_actions(meta, {ext: patches.size for ext, patches in images.items()})
     return images
 
 
 def _check_objects(meta: dict, size: tuple[int, int]) -> None:
     width, height = size
     for obj in meta.get("objects", []):
-        box = obj.get("box") if isinstance(obj, dict) else None
-        if not (isinstance(box, list) and len(box) == 4 and isinstance(obj.get("label"), str)):
-            raise SampleError(f"bad grounding object {obj!r}: expected {{'label': str, 'box': [x0, y0, x1, y1]}}")
-        x0, y0, x1, y1 = box
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise SampleError(f"box {box} outside the {width}x{height} image")
-
-
-def format_box(box: list[float], size: tuple[int, int]) -> str:
-    """A pixel box as text on the resolution-independent 0..1000 grid: ``(x0,y0),(x1,y1)``."""
-    width, height = size
-    x0, y0, x1, y1 = (round(v * BOX_GRID / s) for v, s in zip(box, (width, height, width, height)))
-    return f"({x0},{y0}),({x1},{y1})"
+        if not (isinstance(obj, dict) and isinstance(obj.get("label"), str) and ("box" in obj or "point" in obj)):
+            raise SampleError(f"bad grounding object {obj!r}: expected {{'label': str, 'box': [x0, y0, x1, y1]}} "
+                              "and/or 'point': [x, y]")
+        if "box" in obj:
+            box = obj["box"]
+            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+                raise SampleError(f"bad box {box!r}: expected [x0, y0, x1, y1]")
+            x0, y0, x1, y1 = box
+            if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+                raise SampleError(f"box {box} outside the {width}x{height} image")
+        if "point" in obj:
+            check_point(obj["point"], size)
 
 
 def render_document(
@@ -233,10 +241,7 @@ def render_document(
     pieces = list(meta["segments"])
     if meta.get("kind") == "grounding":
         first_image = next(s["image"] for s in pieces if "image" in s)
-        size = images[first_image].size
-        text = " ".join(f"{o['label']} {BOX_START}{format_box(o['box'], size)}{BOX_END}"
-                        for o in meta.get("objects", []))
-        pieces.append({"text": text})
+        pieces.append({"text": grounding_text(meta.get("objects", []), images[first_image].size)})
     doc = Document([tokenizer.bos_id], [False])
     spans = doc.spans
     role = None
@@ -248,6 +253,9 @@ def render_document(
                 header = [tokenizer.im_start_id, *tokenizer.encode(f"{role}\n")]
                 doc.tokens += header
                 doc.supervised += [False] * len(header)
+        if "action" in segment:  # an agent step: text with coordinates on its screenshot's grid
+            size = images[segment["screen"]].size if segment["screen"] else None
+            segment = {"text": format_action(segment["action"], size) + "\n"}
         if "image" in segment:
             patches = images[segment["image"]]
             count = (patches.grid[0] // merge) * (patches.grid[1] // merge)

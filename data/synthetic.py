@@ -1,14 +1,16 @@
 """The embedded demo corpus: a small, deterministic multimodal world rendered with Pillow.
 
-``python -m data.synthetic --out demo_data [--seed 0] [--scale 1.0]`` writes webdataset tar shards for seven sources
+``python -m data.synthetic --out demo_data [--seed 0] [--scale 1.0]`` writes webdataset tar shards for nine sources
 (``caption``, ``ocr``, ``grounding``, ``interleaved``, ``text``, ``long_doc``, ``dialogue``: ChatML visual QA with
-``role`` on each segment), a byte-level BPE tokenizer trained
+``role`` on each segment, ``video``: a shape moving over timestamped frames, ``agent``: screenshots of a toy app
+with the clicks and typing that complete a task), a byte-level BPE tokenizer trained
 on all their text, and ``manifest.json``. The same seed gives byte-identical files. Scenes are coloured shapes on a
 plain background; objects never overlap, so a grounding box encloses exactly one object's pixels.
 
 Sample format (see :mod:`data.samples`): ``<key>.json`` with ``kind``, ordered ``segments`` (``{"text": ...}`` or
 ``{"image": "<ext>"}``) and kind-specific fields (``caption``; grounding ``objects`` with pixel ``box`` [x0, y0,
-x1, y1), x1/y1 exclusive, and ``point``), plus ``<key>.0.png``, ``<key>.1.png``, ...
+x1, y1), x1/y1 exclusive, and ``point``; video ``frames``; agent ``steps``; see :mod:`data.formats`),
+plus ``<key>.0.png``, ``<key>.1.png``, ...
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ BACKGROUNDS = {"white": (255, 255, 255), "light gray": (215, 215, 215), "beige":
 SHAPES = ("circle", "square", "triangle", "diamond", "ellipse")
 SIDES = tuple(range(56, 225, 28))  # image sides: multiples of 28 (patch 14 x merge 2)
 SOURCE_SIZES = {"caption": 600, "ocr": 300, "grounding": 300, "interleaved": 200, "text": 800, "long_doc": 40,
-                "dialogue": 200}
+                "dialogue": 200, "video": 60, "agent": 60}
 SAMPLES_PER_SHARD = 100
 WORDS = ("river stone cloud garden lamp window paper music bridge forest tiger silver morning harbor candle "
          "valley letter planet engine market winter summer orchard ladder basket mirror signal island").split()
@@ -230,8 +232,66 @@ def make_dialogue(rng: random.Random) -> tuple[dict, list[bytes]]:
     return {"kind": "dialogue", "segments": segments}, [_png(image)]
 
 
+def make_video(rng: random.Random) -> tuple[dict, list[bytes]]:
+    """A shape moving in a straight line over 3-6 frames at 1 or 2 frames per second."""
+    width, height = rng.choice(SIDES[:5]), rng.choice(SIDES[:5])
+    background, shape, color = rng.choice(sorted(BACKGROUNDS)), rng.choice(SHAPES), rng.choice(sorted(COLORS))
+    side = rng.randint(12, min(width, height) // 3)
+    start = (rng.randint(1, width - side - 1), rng.randint(1, height - side - 1))
+    end = (rng.randint(1, width - side - 1), rng.randint(1, height - side - 1))
+    count, fps = rng.randint(3, 6), rng.choice([1, 2])
+    frames, pngs, boxes = [], [], []
+    for i in range(count):
+        x = round(start[0] + (end[0] - start[0]) * i / (count - 1))
+        y = round(start[1] + (end[1] - start[1]) * i / (count - 1))
+        image = Image.new("RGB", (width, height), BACKGROUNDS[background])
+        _draw_shape(ImageDraw.Draw(image), shape, (x, y, x + side, y + side), COLORS[color])
+        frames.append({"image": f"{i}.png", "time": i / fps})
+        pngs.append(_png(image))
+        boxes.append(SceneObject(shape, color, [x, y, x + side, y + side]))
+    where = [_where(box, width, height) for box in (boxes[0], boxes[-1])]
+    motion = f"moves from the {where[0]} to the {where[1]}" if where[0] != where[1] else f"stays in the {where[0]}"
+    caption = f"A {color} {shape} {motion} on a {background} background, over {(count - 1) / fps:.1f} seconds."
+    return {"kind": "video", "caption": caption, "frames": frames, "segments": [{"text": caption}]}, pngs
+
+
+def _screen(buttons: list[tuple[str, tuple[int, int, int, int]]], height: int, field: bool) -> Image.Image:
+    """A toy app window: a title bar, labelled buttons and optionally a text field."""
+    image = Image.new("RGB", (224, height), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, 223, 15), fill=(60, 90, 160))
+    font = _font(12)
+    for label, box in buttons:
+        draw.rectangle(box, fill=(220, 220, 235), outline=(90, 90, 90))
+        draw.text((box[0] + 4, box[1] + 4), label, fill=(10, 10, 10), font=font)
+    if field:
+        draw.rectangle((12, height - 40, 211, height - 16), fill=(255, 255, 255), outline=(40, 40, 40))
+    return image
+
+
+def make_agent(rng: random.Random) -> tuple[dict, list[bytes]]:
+    """A GUI trajectory: click the named button, click the search field that opens, type a word, done."""
+    height = rng.choice([112, 140, 168])
+    labels = rng.sample(WORDS, rng.randint(2, 4))
+    buttons = [(label, (8 + 54 * i, 24, 58 + 54 * i, 48)) for i, label in enumerate(labels)]
+    target, query = rng.choice(labels), rng.choice(WORDS)
+    box = dict(buttons)[target]
+    steps = [
+        {"image": "0.png", "action": "click", "point": [(box[0] + box[2]) // 2, (box[1] + box[3]) // 2]},
+        {"image": "1.png", "action": "click", "point": [rng.randint(20, 200), height - 28]},
+        {"action": "type", "text": query},
+    ]
+    if rng.random() < 0.3:
+        steps.append({"action": "scroll", "direction": rng.choice(["up", "down"])})
+    steps.append({"action": "done"})
+    pngs = [_png(_screen(buttons, height, False)), _png(_screen(buttons, height, True))]
+    task = f"Task: open {target} and search for {query}."
+    return {"kind": "agent", "segments": [{"text": task}], "steps": steps}, pngs
+
+
 MAKERS = {"caption": make_caption, "ocr": make_ocr, "grounding": make_grounding, "interleaved": make_interleaved,
-          "text": make_text, "long_doc": make_long_doc, "dialogue": make_dialogue}
+          "text": make_text, "long_doc": make_long_doc, "dialogue": make_dialogue, "video": make_video,
+          "agent": make_agent}
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -241,7 +301,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def sample_texts(meta: dict) -> list[str]:
+    """The text a sample renders to (without coordinates), for training the tokenizer."""
     texts = [s["text"] for s in meta["segments"] if "text" in s]
+    texts += [f"<t={frame['time']:.1f}s>" for frame in meta.get("frames", [])]
+    texts += [f"Action: {step['action']} {step.get('text', step.get('direction', ''))}" for step in
+              meta.get("steps", [])]
     return texts + [o["label"] for o in meta.get("objects", [])]
 
 

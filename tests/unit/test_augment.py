@@ -1,4 +1,5 @@
-"""Augmentations keep boxes right: after crop, flip, rotation and resize every object still lies inside its box."""
+"""Augmentations keep boxes and points right: after crop, flip, rotation and resize every object still lies inside
+its box and its point still lies on it."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def object_mask(image: Image.Image, obj: dict) -> Image.Image:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_boxes_still_enclose_their_objects(demo_root, seed):
-    checked = 0
+def test_boxes_and_points_still_mark_their_objects(demo_root, seed):
+    checked = points = 0
     for index, (_, members) in enumerate(samples_of(demo_root, "grounding")):
         meta = json.loads(members["json"])
         image = Image.open(io.BytesIO(members["0.png"])).convert("RGB")
@@ -50,9 +51,15 @@ def test_boxes_still_enclose_their_objects(demo_root, seed):
             assert not outside.any(), f"{original['label']}: object pixels outside its box after augmentation"
             if min(x1 - x0, y1 - y0) >= 8:
                 assert core[y0:y1, x0:x1].any(), "the box lost its object"
+            # The point (the object's centre pixel) moved with the pixels: it is still on the object, to within the
+            # pixel that resampling blurs at a crop edge (unless the crop cut it away, and then it is gone).
+            if "point" in kept[original["id"]]:
+                px, py = kept[original["id"]]["point"]
+                assert core[max(py - 1, 0):py + 2, max(px - 1, 0):px + 2].any(), f"{original['label']}: point moved"
+                points += 1
             checked += 1
         assert 1 <= len(kept) <= len(meta["objects"])
-    assert checked > 50
+    assert checked > 50 and points > 0.8 * checked
 
 
 def test_same_generator_state_same_result(demo_root):
@@ -84,3 +91,15 @@ def test_a_crop_never_removes_every_object():
     for seed in range(50):
         _, objects = augment(image, [{"label": "red square", "box": [0, 0, 6, 6]}], cfg, np.random.default_rng(seed))
         assert len(objects) == 1
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_points_follow_exact_rotations(degrees):
+    from data.augment import _rotate
+
+    image = Image.new("RGB", (60, 40), (255, 255, 255))
+    image.putpixel((7, 31), (200, 0, 0))
+    rotated, _, points = _rotate(image, [None], [[7.0, 31.0]], degrees)
+    x, y = (round(v) for v in points[0])
+    red = np.argwhere(np.asarray(rotated)[..., 1] < 100)  # the one red pixel (green channel 0)
+    assert red.tolist() == [[y, x]]

@@ -42,14 +42,16 @@ def test_same_seed_is_byte_identical_and_seeds_differ(tmp_path):
 def test_manifest_and_sample_format(demo_root):
     manifest = json.loads((demo_root / "manifest.json").read_text())
     assert set(manifest["sources"]) == {"caption", "ocr", "grounding", "interleaved", "text", "long_doc",
-                                        "dialogue"}
+                                        "dialogue", "video", "agent"}
     for source, entry in manifest["sources"].items():
         count, images = 0, 0
         for key, members in samples_of(demo_root, source):
             meta = json.loads(members["json"].decode("utf-8"))
             assert meta["kind"] == source and key.startswith(source + "-")
             assert meta["segments"]
-            for segment in meta["segments"]:
+            screenshots = [step for step in meta.get("steps", []) if "image" in step]
+            referenced = [*meta["segments"], *meta.get("frames", []), *screenshots]
+            for segment in referenced:
                 assert isinstance(segment.get("text"), str) or segment["image"] in members
                 if "image" in segment:
                     image = Image.open(io.BytesIO(members[segment["image"]]))
@@ -60,7 +62,7 @@ def test_manifest_and_sample_format(demo_root):
                 assert meta["caption"] == meta["segments"][1]["text"]
             count += 1
         assert count == entry["num_samples"] and images == entry["num_images"]
-        if source in ("caption", "ocr", "grounding", "interleaved", "dialogue"):
+        if source in ("caption", "ocr", "grounding", "interleaved", "dialogue", "video", "agent"):
             assert images > 0
         if entry["num_samples"] >= 200:
             assert len(entry["shards"]) >= 2
