@@ -117,11 +117,15 @@ class StageLoader:
         self.max_corrupt_fraction = max_corrupt_fraction
         self.sampler = MixtureSampler(stage.mixture, seed, stage_name, images_only=stage.objective == "coca")
         storage = root if hasattr(root, "read_range") else open_storage(root)
-        known = read_manifest(storage)["sources"]
+        manifest = read_manifest(storage)
+        known = manifest["sources"]
         missing = [name for name in self.sampler.sources() if name not in known]
         if missing:
+            hint = ""
+            if "scale" in manifest:  # the generated demo corpus, from before these sources existed
+                hint = f"; regenerate the demo corpus: python -m data.synthetic --out {storage.url}"
             raise DataError(f"stage '{stage_name}' mixes sources {missing} that {storage.url}/manifest.json "
-                            f"does not have; available: {sorted(known)}")
+                            f"does not have; available: {sorted(known)}{hint}")
         data = data or DataConfig(prefetch_samples=0)
         self.sources = {name: ShardSource(name, storage, known[name]["shards"], data.skip_missing_shards,
                                           data.prefetch_threads) for name in self.sampler.sources()}
