@@ -1,0 +1,78 @@
+"""Bad image input stops at preprocessing (resized or rejected with a message), never as a shape error inside the
+model: every grid the preprocessing emits runs through MoonViT and the 2x2 projector."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import data.images as images
+from data.images import ImageError, decode_image, fit_grid, image_to_patches
+from model.args import VisionArgs
+from model.projector import PatchMergerProjector
+from model.vision import MoonViT
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 50)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_fit_grid_always_respects_merge_position_and_patch_limits():
+    rng = random.Random(0)
+    for _ in range(2000):
+        patch, merge = rng.choice([(14, 2), (4, 2), (16, 3)])
+        max_patches = rng.randint(merge * merge, 20000)
+        max_side = rng.randint(merge, 600)
+        width, height = rng.randint(1, 30000), rng.randint(1, 30000)
+        rows, cols = fit_grid(width, height, patch, merge, max_patches, max_side)
+        assert rows % merge == 0 and cols % merge == 0 and rows >= merge and cols >= merge
+        assert rows * cols <= max(max_patches, merge * merge) and max(rows, cols) <= max_side, (width, height)
+
+
+def test_huge_and_thin_images_are_resized_within_the_rope_range():
+    # 100k x 2k pixels: 7143 x 143 patches unconstrained; the long side is cut to Kimi-VL's 512, aspect kept.
+    rows, cols = fit_grid(100_000, 2_000, 14, 2, max_patches=10**9)
+    assert cols == images.MAX_GRID_SIDE and rows == 10  # 512 * 2000 / 100000 ~ 10 patches, a multiple of 2
+    assert fit_grid(10, 10, 14, 2, max_patches=64) == (2, 2)  # tiny images grow to one merge block
+
+
+def test_preprocessed_images_run_through_the_tower_and_projector():
+    args = VisionArgs(patch_size=4, hidden_size=32, num_layers=1, num_heads=2, mlp_hidden_size=32, pos_table_size=6)
+    torch.manual_seed(0)
+    vit = MoonViT(args)
+    vit.init_weights()
+    projector = PatchMergerProjector(32, 2, 16, 1e-5)
+    projector.init_weights()
+    pieces, grids = [], []
+    for width, height in [(37, 101), (3, 3), (1000, 7), (64, 64), (250, 9)]:  # odd sizes, thin, tiny
+        patches, grid = image_to_patches(Image.new("RGB", (width, height)), 4, 2, max_patches=96, max_grid_side=24)
+        pieces.append(patches)
+        grids.append(grid)
+    grid_hw = torch.tensor(grids)
+    with torch.no_grad():
+        tokens = projector(vit(torch.cat(pieces), grid_hw), grid_hw)
+    assert tokens.shape == (sum(h * w for h, w in grids) // 4, 16)
+
+
+def test_unusable_images_are_rejected_with_a_message(monkeypatch):
+    with pytest.raises(ImageError, match="aspect ratio above 200:1"):
+        decode_image(_png(2010, 10))
+    assert decode_image(_png(1990, 10)).size == (1990, 10)
+    monkeypatch.setattr(images, "MAX_DECODED_PIXELS", 1000)
+    with pytest.raises(ImageError, match="exceeds the 1000 pixel limit"):
+        decode_image(_png(50, 50))
+    with pytest.raises(ImageError, match="empty"):
+        decode_image(b"")
+
+
+def test_limits_that_admit_no_grid_are_configuration_errors():
+    with pytest.raises(ValueError, match="max_patches=3"):
+        fit_grid(100, 100, 14, 2, max_patches=3)
+    with pytest.raises(ValueError, match="max_grid_side=1"):
+        fit_grid(100, 100, 14, 2, max_patches=100, max_grid_side=1)
