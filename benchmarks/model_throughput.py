@@ -1,0 +1,172 @@
+"""Model throughput on CPU, same weights, same run, forward + backward:
+
+* ``decoder_speedup_vs_hf``: tokens/s of our ``small`` MoE decoder over transformers' ``DeepseekV3ForCausalLM``
+  loaded with the same weights (through :mod:`model.hf`), both in their default kernels (the reference picks SDPA
+  attention and its grouped-GEMM experts). Goal >= 1.5.
+* ``vit_packed_speedup_vs_padded``: a mixed-resolution batch through our packed MoonViT (``small``) vs the same
+  images padded to the largest grid and run as one batch with a key-padding mask (what a tower without packing
+  has to do), same modules and weights. Goal >= 1.5.
+
+Runs alternate between the two sides and keep each side's best time, so load from other processes hits both.
+Prints one JSON line, with the max abs difference of the outputs as a sanity check.
+
+    python benchmarks/model_throughput.py [--rows 4 --seq 512 --repeats 5 --threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model.attention import apply_rotary, rope_angles_2d
+from model.decoder import MoEDecoder
+from model.hf import export_state_dict
+from model.registry import FLAVORS, build_model
+from model.vision import MoonViT, interpolate_pos_table
+
+# Kimi-VL-like mix of native resolutions (patch grids), from a full 32 x 32 page down to a small thumbnail.
+VIT_GRIDS = [(32, 32), (16, 24), (8, 8), (12, 20), (24, 16), (8, 32), (20, 12), (4, 8)]
+
+
+def best_of(fns: list, repeats: int) -> list[float]:
+    """Best wall time (s) of each no-arg callable, interleaved across repeats after one warm-up each."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def hf_reference(decoder: MoEDecoder, flavor: str):
+    """transformers' DeepseekV3ForCausalLM holding ``decoder``'s weights."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from model.hf import hf_config
+
+    args = FLAVORS[flavor]
+    config = hf_config("deepseek_v3", args)
+    config = DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    reference = DeepseekV3ForCausalLM(config)
+    ours = {f"decoder.{name}": t for name, t in decoder.state_dict().items()}
+    theirs = export_state_dict(ours, "deepseek_v3", args, fused_experts=True)
+    missing, unexpected = reference.load_state_dict(theirs, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weights did not map: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return reference
+
+
+def bench_decoder(rows: int, seq: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(FLAVORS["small"])
+    decoder = model.decoder
+    reference = hf_reference(decoder, "small")
+    vocab = FLAVORS["small"].decoder.vocab_size
+    ids = torch.randint(0, vocab, (rows, seq))
+    labels = torch.randint(0, vocab, (rows, seq))
+
+    def ours_step():
+        decoder.zero_grad(set_to_none=True)
+        logits = decoder.logits(decoder(ids)[0])
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+
+    def hf_step():
+        reference.zero_grad(set_to_none=True)
+        logits = reference(ids).logits
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+
+    with torch.no_grad():
+        diff = float((decoder.logits(decoder(ids)[0]) - reference(ids).logits).abs().max())
+    ours_s, hf_s = best_of([ours_step, hf_step], repeats)
+    tokens = rows * seq
+    return {"decoder_tokens": tokens, "decoder_ours_tok_s": round(tokens / ours_s, 1),
+            "decoder_hf_tok_s": round(tokens / hf_s, 1), "decoder_speedup_vs_hf": round(hf_s / ours_s, 2),
+            "decoder_logits_max_abs_diff": diff,
+            "hf_attn_implementation": reference.config._attn_implementation,
+            "hf_experts_implementation": reference.config._experts_implementation}
+
+
+def padded_vit_forward(vit: MoonViT, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+    """The tower on images padded to the longest one: ``pixels [N, L, C*p*p]`` -> ``[N, L, hidden]``.
+
+    Same modules and math as :meth:`MoonViT.forward`; padded keys are masked out, so real patches get the same
+    features, and the cost is that of ``N`` images of the largest size.
+    """
+    images, length, _ = pixels.shape
+    p = vit.patch_size
+    x = vit.patch_embed(pixels.view(images * length, -1, p, p)).view(images, length, -1)
+    pos = x.new_zeros(x.shape)
+    rows = torch.zeros(images, length, dtype=torch.long)
+    cols = torch.zeros(images, length, dtype=torch.long)
+    mask = torch.zeros(images, 1, 1, length, dtype=torch.bool)
+    for i, (h, w) in enumerate(grids):
+        pos[i, : h * w] = interpolate_pos_table(vit.pos_table, h, w)
+        rows[i, : h * w] = torch.arange(h).repeat_interleave(w)
+        cols[i, : h * w] = torch.arange(w).repeat(h)
+        mask[i, ..., : h * w] = True
+    x = x + pos
+    angles = rope_angles_2d(rows.flatten(), cols.flatten(), vit.head_dim, vit.rope_theta)
+    for block in vit.blocks:
+        q, k, v = block.qkv(block.norm1(x)).view(images * length, 3, -1, vit.head_dim).unbind(1)
+        q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        q, k, v = (t.view(images, length, -1, vit.head_dim).transpose(1, 2) for t in (q, k, v))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(images, length, -1)
+        x = x + block.proj(attn)
+        x = x + block.fc2(F.gelu(block.fc1(block.norm2(x)), approximate="tanh"))
+    return vit.norm(x)
+
+
+def bench_vit(repeats: int) -> dict:
+    torch.manual_seed(0)
+    vit = build_model(FLAVORS["small"]).vision
+    patch_dim = 3 * vit.patch_size**2
+    lengths = [h * w for h, w in VIT_GRIDS]
+    grid_hw = torch.tensor(VIT_GRIDS)
+    packed = torch.randn(sum(lengths), patch_dim)
+    padded = torch.zeros(len(VIT_GRIDS), max(lengths), patch_dim)
+    for i, image in enumerate(packed.split(lengths)):
+        padded[i, : len(image)] = image
+
+    def packed_step():
+        vit.zero_grad(set_to_none=True)
+        vit(packed, grid_hw).square().mean().backward()
+
+    def padded_step():
+        vit.zero_grad(set_to_none=True)
+        out = padded_vit_forward(vit, padded, VIT_GRIDS)
+        torch.cat([o[:n] for o, n in zip(out, lengths, strict=True)]).square().mean().backward()
+
+    with torch.no_grad():
+        real = torch.cat([o[:n] for o, n in zip(padded_vit_forward(vit, padded, VIT_GRIDS), lengths, strict=True)])
+        diff = float((vit(packed, grid_hw) - real).abs().max())
+    packed_s, padded_s = best_of([packed_step, padded_step], repeats)
+    return {"vit_images": len(VIT_GRIDS), "vit_patches": sum(lengths),
+            "vit_padded_patches": len(lengths) * max(lengths),
+            "vit_packed_ms": round(packed_s * 1e3, 1), "vit_padded_ms": round(padded_s * 1e3, 1),
+            "vit_packed_speedup_vs_padded": round(padded_s / packed_s, 2), "vit_max_abs_diff": diff}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = {"benchmark": "model_throughput", "flavor": "small", "threads": torch.get_num_threads()}
+    result.update(bench_decoder(args.rows, args.seq, args.repeats))
+    result.update(bench_vit(args.repeats))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
