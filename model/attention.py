@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:  # The optional ``gpu`` extra; only ever used for CUDA tensors.
     from flash_attn import flash_attn_varlen_func
@@ -20,6 +21,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_varlen_func = None
 
 __all__ = [
+    "DocumentAttention",
     "apply_rotary",
     "document_lengths",
     "rope_angles_1d",
@@ -57,6 +59,28 @@ def varlen_attention(
     if q.is_cuda and flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_varlen(q, k, v, cu_seqlens, causal, scale)
     return _sdpa_per_document(q, k, v, cu_seqlens, causal, scale)
+
+
+class DocumentAttention(nn.Module):
+    """The attention core (no parameters) as a module of its own, so that the parallel engine can act on it by name:
+    context parallelism swaps it for an exchange of keys and values over the context-parallel ranks, and selective
+    activation checkpointing recomputes it instead of storing its inputs.
+
+    Args:
+        causal: Whether a token attends only to itself and earlier tokens of its document.
+    """
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                scale: float | None = None) -> torch.Tensor:
+        """:func:`varlen_attention` of ``q``, ``k`` ``[T, H, Dqk]`` and ``v [T, H, Dv]`` within each document."""
+        return varlen_attention(q, k, v, cu_seqlens, causal=self.causal, scale=scale)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}"
 
 
 def _sdpa_per_document(q, k, v, cu_seqlens, causal: bool, scale: float | None) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from model.args import DecoderArgs
-from model.attention import apply_rotary, rope_angles_1d, varlen_attention
+from model.attention import DocumentAttention, apply_rotary, rope_angles_1d
 from model.layers import RMSNorm, SwiGLU, init_default_weights
 from model.moe import MoE
 
@@ -60,6 +60,7 @@ class MLA(nn.Module):
         self.kv_a_norm = RMSNorm(args.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, args.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(args.num_heads * self.v_dim, args.hidden_size, bias=False)
+        self.core = DocumentAttention(causal=True)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Causal attention within documents.
@@ -85,7 +86,7 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, apply_rotary(q_rope, angles)), dim=-1)
         k = torch.cat((k_nope, k_rope), dim=-1)
         scale = (self.nope_dim + self.rope_dim) ** -0.5
-        out = varlen_attention(q, k, v, cu_seqlens, causal=True, scale=scale)
+        out = self.core(q, k, v, cu_seqlens, scale=scale)
         return self.o_proj(out.reshape(rows, seq, -1))
 
 

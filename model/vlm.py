@@ -76,11 +76,26 @@ class KimiVL(nn.Module):
         Returns:
             ``(logits [B, S, vocab], MoEAux)``.
         """
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_hw, image_token_positions)
+        hidden, aux = self.decoder(position_ids=position_ids, cu_seqlens=cu_seqlens, inputs_embeds=embeds)
+        return self.decoder.logits(hidden), aux
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
+        image_token_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings ``[B, S, hidden]`` of packed rows with the image tokens scattered in.
+
+        The first half of :meth:`forward`; context parallelism shards its output (images are whole only before the
+        sequence is cut).
+        """
         embeds = self.decoder.embed_tokens(input_ids)
         if pixel_values is not None and pixel_values.shape[0] > 0:
             embeds = self.scatter_images(embeds, pixel_values, image_grid_hw, image_token_positions)
-        hidden, aux = self.decoder(position_ids=position_ids, cu_seqlens=cu_seqlens, inputs_embeds=embeds)
-        return self.decoder.logits(hidden), aux
+        return embeds
 
     def scatter_images(
         self,

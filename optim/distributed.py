@@ -77,7 +77,10 @@ def build_units(model: nn.Module) -> list[Unit]:
     for route in route_parameters(model):
         param = params[route.name]
         if route.rule == MUON and route.per_expert:
-            units += [Unit(f"{route.name}#{e}", route, param, expert=e) for e in range(route.shape[0])]
+            # Keys carry the *global* expert index (an expert-parallel shard knows its offset), so the state
+            # reshards across expert-parallel degrees as it does across data-parallel ones.
+            offset = getattr(model.get_submodule(route.name.rpartition(".")[0]), "expert_offset", 0)
+            units += [Unit(f"{route.name}#{offset + e}", route, param, expert=e) for e in range(route.shape[0])]
         elif route.rule == MUON:
             units.append(Unit(route.name, route, param))
         else:

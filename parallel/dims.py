@@ -21,6 +21,19 @@ from train.config import ConfigError, ParallelConfig
 MESH_DIMS = ("pp", "dp", "cp")
 
 
+@dataclass
+class ParallelGroups:
+    """This rank's process groups: ``dense`` (data x context ranks of its pipeline stage: dense gradients and
+    optimizer state), ``cp`` (context), ``ep`` (expert parallel) and ``expert_data`` (same experts: expert gradients
+    and their optimizer state); ``expert_mesh`` is the ``(pp, expert_data, ep)`` mesh when experts are sharded."""
+
+    dense: dist.ProcessGroup
+    cp: dist.ProcessGroup
+    ep: dist.ProcessGroup
+    expert_data: dist.ProcessGroup
+    expert_mesh: DeviceMesh | None = None
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """A validated layout of ``world_size`` ranks."""
@@ -116,6 +129,29 @@ class ParallelDims:
                 if rank in ranks:
                     mine[kind] = group
         return mine["ep"], mine["expert_data"]
+
+    def build_groups(self) -> ParallelGroups:
+        """Every process group this rank takes part in (every rank creates every group, in the same order)."""
+        stage = self.dp_degree * self.cp_degree
+        rank = dist.get_rank()
+        mine: dict[str, dist.ProcessGroup] = {}
+        layouts = {
+            # dense parameters are replicated over the data x context ranks of a pipeline stage
+            "dense": [list(range(p * stage, (p + 1) * stage)) for p in range(self.pp_degree)],
+            "cp": [[p * stage + d * self.cp_degree + c for c in range(self.cp_degree)]
+                   for p in range(self.pp_degree) for d in range(self.dp_degree)],
+        }
+        layouts["ep"], layouts["expert_data"] = self.expert_group_ranks()
+        for kind, groups in layouts.items():
+            for ranks in groups:
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    mine[kind] = group
+        # A mesh over which expert shards are DTensors in checkpoints (sharded over ep, replicated elsewhere).
+        expert_mesh = init_device_mesh("cpu", (self.pp_degree, self.expert_data_degree, self.ep_degree),
+                                       mesh_dim_names=("pp", "expert_data", "ep")) if self.ep_degree > 1 else None
+        return ParallelGroups(dense=mine["dense"], cp=mine["cp"], ep=mine["ep"], expert_data=mine["expert_data"],
+                              expert_mesh=expert_mesh)
 
     def dp_rank(self, rank: int | None = None) -> int:
         """This rank's index among the data-parallel replicas (the data loader's shard)."""

@@ -17,25 +17,55 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     set_model_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 class ModelState(Stateful):
-    """The full model (trainable and frozen parameters, persistent buffers) under its module names."""
+    """The full model (trainable and frozen parameters, persistent buffers) under its module names.
 
-    def __init__(self, model: nn.Module):
+    Expert-parallel shards (modules with an ``expert_offset``) are saved as DTensors sharded over the ``ep`` dim of
+    ``expert_mesh``: the checkpoint holds every expert once, at its global index, and loads into any expert-parallel
+    degree (or none).
+
+    Args:
+        model: The model.
+        expert_mesh: The ``(pp, expert_data, ep)`` mesh when experts are sharded, else None.
+    """
+
+    def __init__(self, model: nn.Module, expert_mesh: DeviceMesh | None = None):
         self.model = model
+        self.expert_mesh = expert_mesh
+
+    def _expert_shards(self) -> dict[str, torch.Tensor]:
+        if self.expert_mesh is None:
+            return {}
+        return {f"{module_name}.{name}": param for module_name, module in self.model.named_modules()
+                if hasattr(module, "expert_offset") for name, param in module.named_parameters(recurse=False)}
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        state = get_model_state_dict(self.model)
+        for name, param in self._expert_shards().items():
+            # Shares the parameter's storage: loading in place fills the parameter directly.
+            state[name] = DTensor.from_local(param.data, self.expert_mesh, [Replicate(), Replicate(), Shard(0)],
+                                             run_check=False)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state_dict)
+        shards = self._expert_shards()
+        for name, param in shards.items():
+            loaded = state_dict.pop(name)
+            local = loaded.to_local() if isinstance(loaded, DTensor) else loaded
+            if local.data_ptr() != param.data_ptr():
+                param.data.copy_(local)
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=not shards))
 
 
 class RNGState(Stateful):

@@ -35,7 +35,9 @@ from model.registry import build_model
 from optim.distributed import ZeroOptimizer
 from optim.muon import AdamWHParams, MuonHParams
 from optim.schedules import lr_at
-from parallel.dims import ParallelDims
+from parallel.context import forward_context_parallel
+from parallel.dims import ParallelDims, ParallelGroups
+from parallel.parallelize import apply_stage_parallel, parallelize_model
 from train.checkpoint import ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
@@ -119,15 +121,25 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, world: int) -> StepResult:
-    """Forward and backward of the next-token objective over ``batches`` (this rank's micro-batches)."""
-    (global_targets,) = _all_reduce_sum([sum(b.num_loss_tokens for b in batches)])
+def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, world: int,
+            cp_group: dist.ProcessGroup | None = None) -> StepResult:
+    """Forward and backward of the next-token objective over ``batches`` (this rank's micro-batches).
+
+    With a context-parallel group of ``cp`` ranks, every rank of it receives the same rows and computes the loss of
+    its share of their tokens (parallel/context.py); counts are divided by ``cp`` so that no token counts twice.
+    """
+    cp = dist.get_world_size(cp_group) if cp_group is not None else 1
+    (global_targets,) = _all_reduce_sum([sum(b.num_loss_tokens for b in batches) / cp])
     loss_sum, aux_sum, loads = 0.0, 0.0, []
     for batch in batches:
-        logits, aux = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.pixel_values,
-                            batch.image_grid_hw, batch.image_token_positions)
-        mask = batch.loss_mask.view(-1)
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1])[mask], batch.labels.view(-1)[mask], reduction="sum")
+        if cp > 1:
+            logits, labels, loss_mask, aux = forward_context_parallel(model, batch, cp_group)
+        else:
+            logits, aux = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.pixel_values,
+                                batch.image_grid_hw, batch.image_token_positions)
+            labels, loss_mask = batch.labels, batch.loss_mask
+        mask = loss_mask.reshape(-1)
+        ce = F.cross_entropy(logits.view(-1, logits.shape[-1])[mask], labels.reshape(-1)[mask], reduction="sum")
         loss = ce / max(global_targets, 1.0)
         if aux_loss_coef > 0:
             # The balance loss is a mean per micro-batch; average it over every micro-batch of every rank.
@@ -136,7 +148,7 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
         loss.backward()
         loss_sum += float(ce.detach())
         loads.append(aux.expert_load)
-    local_tokens = sum(b.num_tokens for b in batches)
+    local_tokens = sum(b.num_tokens for b in batches) / cp
     total_ce, total_aux, tokens = _all_reduce_sum([loss_sum, aux_sum, local_tokens])
     lm_loss = total_ce / max(global_targets, 1.0)
     parts = {"lm_loss": lm_loss}
@@ -211,16 +223,16 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         seq_lens = [cfg.curriculum.stages[n].seq_len for n in cfg.curriculum.order]
         self.dims = ParallelDims.from_config(cfg.parallel, self.world, cfg.model, seq_lens)
-        if self.dims.world_size != self.dims.dp_degree:
-            raise ConfigError(f"Invalid layout pp_degree={self.dims.pp_degree}, cp_degree={self.dims.cp_degree}: "
-                              "the trainer runs data parallelism only so far (pipeline, context and expert "
-                              "parallelism are the 4D-engine issue); use pp_degree=1, cp_degree=1.")
-        if self.dims.ep_degree != 1:
-            raise ConfigError(f"Invalid value parallel.ep_degree={self.dims.ep_degree}: the trainer does not "
-                              "shard experts yet (the 4D-engine issue); use 1.")
+        if self.dims.pp_degree != 1:
+            raise ConfigError(f"Invalid value parallel.pp_degree={self.dims.pp_degree}: the trainer runs data, "
+                              "expert and context parallelism so far (pipeline parallelism is open work of the "
+                              "4D-engine issue); use 1.")
+        self.groups = self.dims.build_groups()
         self.tokenizer = self._build_tokenizer()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
+        # Every rank builds the same full model from the same seed, then keeps its shards.
+        self.activation_checkpointing = parallelize_model(self.model, self.dims, self.groups)
         self.steps_this_run = 0
         self.peak_flops = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0 else measure_peak_flops()
         self.wandb = WandbLogger(cfg.log.wandb and self.rank == 0, cfg.log.wandb_project, cfg.run_dir,
@@ -296,9 +308,18 @@ class Trainer:
             return True
         return False
 
+    def _data_shard(self, stage: StageConfig) -> tuple[int, int]:
+        """``(rank, size)`` of this rank's share of the global batch. Context-parallel ranks split the tokens of
+        the same rows; the CoCa objective has no token sequence to split (whole images), so there they serve
+        batch slots of their own, like data-parallel ranks."""
+        coords = self.dims.coordinates(self.rank)
+        if stage.objective == "coca":
+            return coords["dp"] * self.dims.cp_degree + coords["cp"], self.dims.dp_degree * self.dims.cp_degree
+        return coords["dp"], self.dims.dp_degree
+
     def _state(self, optimizer: ZeroOptimizer, train: TrainState, loader: StageLoader) -> dict[str, Any]:
         return {
-            "model": ModelState(self.model),
+            "model": ModelState(self.model, self.groups.expert_mesh),
             "optim": optimizer,
             "train": train,
             # One state per global-batch slot: a checkpoint resumes at another data-parallel size.
@@ -311,9 +332,11 @@ class Trainer:
         """Train one stage to its end (True), or until ``exit_after_steps`` (False, checkpointed)."""
         cfg, stage = self.cfg, self.cfg.curriculum.stages[name]
         apply_stage(self.model, stage)
-        optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr)
+        apply_stage_parallel(self.model, self.dims, self.groups, self.activation_checkpointing,
+                             cfg.parallel.activation_checkpoint, stage.seq_len)
+        optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr, self.groups)
         loader = StageLoader(name, stage, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
-                             self.dims.dp_rank(), self.dims.dp_degree, cfg.data.max_corrupt_fraction)
+                             *self._data_shard(stage), cfg.data.max_corrupt_fraction)
         train = TrainState()
         checkpoints = checkpoints_of(cfg, name)
         latest = checkpoints.latest_step()
@@ -368,7 +391,8 @@ class Trainer:
             result = coca_step(self.model, batches)
         else:
             batches = [loader.next_packed_batch(progress) for _ in range(stage.grad_accum_steps)]
-            result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world)
+            result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
+                             self.groups.cp if self.dims.cp_degree > 1 else None)
         grad_norm = self._update(name, stage, optimizer, result, train)
         train.step += 1
         train.tokens += result.tokens
@@ -410,14 +434,17 @@ class Trainer:
         return grad_norm
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> ZeroOptimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, groups: ParallelGroups | None = None
+                    ) -> ZeroOptimizer:
     """The stage's optimizer over the trainable parameters only (frozen ones are never touched, not even by weight
-    decay), ZeRO-1 sharded over the data-parallel group."""
+    decay), ZeRO-1 sharded: dense state over the data x context ranks, expert state over the expert-data ranks,
+    the gradient norm over the whole world."""
     muon = MuonHParams(momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
                        ns_dtype=getattr(torch, cfg.muon_ns_dtype))
     adamw = AdamWHParams(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
     return ZeroOptimizer(model, lr=lr, weight_decay=cfg.weight_decay, use_muon=cfg.name == "muon", muon=muon,
-                         adamw=adamw, group=dist.group.WORLD)
+                         adamw=adamw, group=groups.dense if groups else dist.group.WORLD,
+                         expert_group=groups.expert_data if groups else None, norm_group=dist.group.WORLD)
 
 
 def run_curriculum(cfg: RunConfig) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,178 @@
+"""Context parallelism: each packed row is split over the ``cp`` ranks of a context-parallel group.
+
+Layout (zig-zag load balancing): a row of ``S`` tokens is cut into ``2 * cp`` equal chunks and rank ``r`` holds
+chunks ``r`` and ``2 * cp - 1 - r``. Under causal attention the cost of a chunk grows with its position, so pairing
+an early chunk with a late one gives every rank the same work.
+
+Order of operations in a step (see :func:`forward_context_parallel`):
+
+1. every rank of the group embeds the *whole* rows, images included: vision features are scattered into their
+   placeholder positions before the sequence is cut, so no image is ever split. The vision tower's work is repeated
+   on each context rank; its gradient is not: each rank back-propagates only its own tokens' loss, and the sum over
+   the group (done by the optimizer's reduction over data x context ranks) is the full gradient;
+2. the embeddings, position ids, labels and loss mask are sharded by the zig-zag layout (RoPE uses the original
+   per-document positions, so rotations are unchanged);
+3. every decoder attention core is swapped (by module name) for :class:`ContextParallelAttention`, which all-gathers
+   keys and values over the group (autograd-aware: the backward reduce-scatters their gradients) and attends each
+   local query chunk to the keys of its own document up to itself, so document masks and causality are exact
+   across chunk and rank boundaries;
+4. the loss is a sum over local tokens divided by the global token count: summed over ranks, it is the token mean
+   one process computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import DocumentAttention, document_lengths
+
+__all__ = ["ContextParallelAttention", "ZigzagLayout", "apply_context_parallel", "forward_context_parallel"]
+
+
+@dataclass(frozen=True)
+class ZigzagLayout:
+    """Where the tokens of ``rows`` packed rows of ``seq_len`` tokens live on ``cp_degree`` ranks."""
+
+    rows: int
+    seq_len: int
+    cp_degree: int
+
+    def __post_init__(self):
+        if self.seq_len % (2 * self.cp_degree):
+            raise ValueError(f"sequence length {self.seq_len} is not divisible by 2 x cp_degree = "
+                             f"{2 * self.cp_degree}")
+
+    @property
+    def chunk(self) -> int:
+        return self.seq_len // (2 * self.cp_degree)
+
+    def chunk_starts(self, cp_rank: int) -> list[int]:
+        """Global flat index of the first token of each local chunk, in local order (row by row, two per row)."""
+        pair = (cp_rank, 2 * self.cp_degree - 1 - cp_rank)
+        return [row * self.seq_len + c * self.chunk for row in range(self.rows) for c in pair]
+
+    def local_indices(self, cp_rank: int) -> torch.Tensor:
+        """``int64 [rows * seq_len / cp]``: the global flat index of every local token, in local order."""
+        offsets = torch.arange(self.chunk)
+        return torch.cat([start + offsets for start in self.chunk_starts(cp_rank)])
+
+    def shard(self, tensor: torch.Tensor, cp_rank: int) -> torch.Tensor:
+        """This rank's tokens of a ``[rows, seq_len, ...]`` tensor, as ``[rows, seq_len / cp, ...]``."""
+        flat = tensor.reshape(self.rows * self.seq_len, *tensor.shape[2:])
+        local = flat[self.local_indices(cp_rank).to(tensor.device)]
+        return local.view(self.rows, self.seq_len // self.cp_degree, *tensor.shape[2:])
+
+
+def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    # Functional and differentiable (the backward reduce-scatters): selective checkpointing keeps its output.
+    return funcol.wait_tensor(funcol.all_gather_tensor_autograd(x.contiguous(), 0, group))
+
+
+class ContextParallelAttention(nn.Module):
+    """Drop-in for :class:`~model.attention.DocumentAttention` on sequence-sharded inputs (all-gather-KV).
+
+    Args:
+        causal: Causal attention within documents.
+        group: The context-parallel group.
+        seq_len: Tokens per packed row (the stage's sequence length): fixes the layout of the local tokens.
+    """
+
+    def __init__(self, causal: bool, group: dist.ProcessGroup, seq_len: int):
+        super().__init__()
+        self.causal = causal
+        self.group = group
+        self.seq_len = seq_len
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                scale: float | None = None) -> torch.Tensor:
+        """Attention of the local queries ``q [T_local, H, D]`` against every rank's keys and values.
+
+        Args:
+            q, k, v: This rank's tokens, in :class:`ZigzagLayout` local order.
+            cu_seqlens: ``int32 [docs + 1]`` document boundaries over the *global* flattened rows.
+            scale: Softmax scale (``1 / sqrt(D)`` when None).
+        """
+        cp, cp_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        local_tokens = q.shape[0]
+        layout = ZigzagLayout(rows=local_tokens * cp // self.seq_len, seq_len=self.seq_len, cp_degree=cp)
+        if layout.rows * self.seq_len != local_tokens * cp or int(cu_seqlens[-1]) != local_tokens * cp:
+            raise ValueError(f"{local_tokens} local tokens on {cp} context ranks do not form rows of {self.seq_len} "
+                             f"tokens covered by cu_seqlens (ending at {int(cu_seqlens[-1])})")
+        dv = v.shape[-1]
+        if dv < q.shape[-1]:  # one head dim for q, k and v keeps SDPA on its fused CPU kernel (see attention.py)
+            v = F.pad(v, (0, q.shape[-1] - dv))
+        # Gather in rank order, then put every token at its global index.
+        gathered_order = torch.cat([layout.local_indices(r) for r in range(cp)]).to(q.device)
+        to_global = torch.argsort(gathered_order)
+        keys = _all_gather(k, self.group)[to_global]
+        values = _all_gather(v, self.group)[to_global]
+        boundaries = [0, *torch.cumsum(torch.tensor(document_lengths(cu_seqlens)), 0).tolist()]
+        outputs = []
+        for index, start in enumerate(layout.chunk_starts(cp_rank)):
+            local_start = index * layout.chunk
+            outputs += self._attend_chunk(q[local_start : local_start + layout.chunk], keys, values, start,
+                                          boundaries, scale)
+        return torch.cat(outputs)[..., :dv]
+
+    def _attend_chunk(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+                      boundaries: list[int], scale: float | None) -> list[torch.Tensor]:
+        # The chunk covers global tokens [start, end); each document overlapping it is one SDPA call whose keys
+        # run from the document's first token to the chunk's last (causal) or the document's end.
+        end = start + q.shape[0]
+        pieces = []
+        for doc_start, doc_end in zip(boundaries[:-1], boundaries[1:]):
+            q_start, q_end = max(start, doc_start), min(end, doc_end)
+            if q_start >= q_end:
+                continue
+            k_end = q_end if self.causal else doc_end
+            qd = q[q_start - start : q_end - start].transpose(0, 1)[None]
+            kd = keys[doc_start:k_end].transpose(0, 1)[None]
+            vd = values[doc_start:k_end].transpose(0, 1)[None]
+            mask = None
+            if self.causal:  # query at global i sees keys j <= i; the query block is bottom-right aligned
+                query_pos = torch.arange(q_start, q_end, device=q.device)[:, None]
+                mask = query_pos >= torch.arange(doc_start, k_end, device=q.device)[None, :]
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
+            pieces.append(out[0].transpose(0, 1))
+        return pieces
+
+
+def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup, seq_len: int) -> int:
+    """Swap every causal :class:`DocumentAttention` (the decoder's) for :class:`ContextParallelAttention`, in place.
+
+    Called at the start of each stage (the sequence length fixes the layout); the vision tower's bidirectional cores
+    stay as they are, since images are embedded whole before the sequence is cut.
+
+    Returns:
+        The number of attention cores swapped.
+    """
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (DocumentAttention, ContextParallelAttention)) and module.causal:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, ContextParallelAttention(True, group, seq_len))
+            swapped += 1
+    return swapped
+
+
+def forward_context_parallel(model: nn.Module, batch, group: dist.ProcessGroup):
+    """Logits and labels of this rank's tokens of a :class:`~data.batch.PackedBatch` under context parallelism.
+
+    Returns:
+        ``(logits [B, S / cp, vocab], labels [B, S / cp], loss_mask [B, S / cp], MoEAux)``.
+    """
+    cp, cp_rank = dist.get_world_size(group), dist.get_rank(group)
+    rows, seq_len = batch.input_ids.shape
+    layout = ZigzagLayout(rows, seq_len, cp)
+    embeds = model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_grid_hw,
+                                batch.image_token_positions)
+    hidden, aux = model.decoder(position_ids=layout.shard(batch.position_ids, cp_rank), cu_seqlens=batch.cu_seqlens,
+                                inputs_embeds=layout.shard(embeds, cp_rank))
+    return (model.decoder.logits(hidden), layout.shard(batch.labels, cp_rank),
+            layout.shard(batch.loss_mask, cp_rank), aux)
