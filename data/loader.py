@@ -99,8 +99,8 @@ class StageLoader:
     So the global stream depends only on the number of slots, not on how they are split: dp=2 with 2 rows per rank
     and dp=4 with 1 row per rank train on the same rows, and a checkpoint (one state per slot) resumes at either.
 
-    ``data`` (optional) brings the run's storage options: ``prefetch_samples`` draws per slot read ahead on
-    ``prefetch_threads`` background threads (which also read shard indexes in parallel), and
+    ``data`` (optional) brings the run's storage options: ``prefetch_samples`` draws per slot read and decoded ahead
+    on ``prefetch_threads`` background threads (which also read shard indexes in parallel), and
     ``skip_missing_shards``. None of them changes the stream.
     """
 
@@ -132,9 +132,9 @@ class StageLoader:
         self.prefetch_samples = data.prefetch_samples
         self.prefetcher = None
         if data.prefetch_samples > 0:
+            # Whole reads (fetch, decode, augment, patchify) run ahead: decoding and resizing release the GIL.
             capacity = 2 * data.prefetch_samples * stage.micro_batch_size
-            self.prefetcher = Prefetcher(lambda name, position: self.sources[name].read(position),
-                                         data.prefetch_threads, capacity)
+            self.prefetcher = Prefetcher(self._load, data.prefetch_threads, capacity)
         per_rank = stage.micro_batch_size
         num_slots = per_rank * dp_size
         self.slots = [SlotStream(v, num_slots, list(self.sources))
@@ -197,11 +197,15 @@ class StageLoader:
         """Ask for the members of every slot's next draws (predicted at the current progress)."""
         if self.prefetcher is not None:
             for stream in self.slots:
-                self.prefetcher.want((name, position) for name, position, *_ in
-                                     self._plan(stream, progress, self.prefetch_samples))
+                self.prefetcher.want(self._plan(stream, progress, self.prefetch_samples))
 
     def _read(self, name: str, position: int, draw: int, cap: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
-        raw = self.prefetcher.get(name, position) if self.prefetcher else self.sources[name].read(position)
+        if self.prefetcher is not None:  # the same pure function, maybe already computed on a background thread
+            return self.prefetcher.get(name, position, draw, cap)
+        return self._load(name, position, draw, cap)
+
+    def _load(self, name: str, position: int, draw: int, cap: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
+        raw = self.sources[name].read(position)
         meta = load_meta(raw)
         transform = None
         cfg = self.stage.augment

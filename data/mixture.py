@@ -43,6 +43,18 @@ class MixtureSampler:
         self.seed = seed
         self.stage = stage
         self.images_only = images_only
+        # The two uniforms of each draw, memoized: prefetch plans the same draws again every step.
+        self._uniforms: dict[int, tuple[float, float]] = {}
+
+    def uniforms(self, index: int) -> tuple[float, float]:
+        """The (group, source) uniforms of draw ``index``: a pure function of (seed, stage, index)."""
+        pair = self._uniforms.get(index)
+        if pair is None:
+            if len(self._uniforms) >= 1 << 16:
+                self._uniforms.clear()
+            u_group, u_source = draw_rng(self.seed, self.stage, index, "mixture").random(2)
+            pair = self._uniforms[index] = (float(u_group), float(u_source))
+        return pair
 
     def sources(self) -> list[str]:
         """Every source a draw of this stage can come from (groups with zero chance are left out)."""
@@ -60,7 +72,7 @@ class MixtureSampler:
     def choose(self, index: int, progress: float) -> str:
         """Source of draw ``index`` at stage ``progress``: long (``long_share``), else multimodal by the ramp,
         else text."""
-        u_group, u_source = draw_rng(self.seed, self.stage, index, "mixture").random(2)
+        u_group, u_source = self.uniforms(index)
         if self.images_only:
             return _pick(self.mix.multimodal_sources, u_source)
         long_share = self.mix.long_share

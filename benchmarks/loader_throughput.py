@@ -1,0 +1,332 @@
+"""The data loader against its floors, from a real S3 HTTP server (moto's, in its own process on 127.0.0.1).
+
+Prints one JSON line:
+
+- ``throughput_vs_decode_floor``: image-text samples/s through our whole loader (ranged reads from S3 through the
+  disk cache and prefetch threads, JSON, decode, augmentation, patchify, tokenize, collate) ÷ samples/s of bare
+  image decoding (PIL, bytes already in memory, one thread) of the same shards. Goal >= 0.8. On the demo shards
+  (PNGs of 56-224 px, 0.3 ms to decode) the loader's fixed per-sample work dominates; ``photos_*`` repeats the
+  measurement on 1024x768 JPEGs built with ``data.prepare``, where decoding is most of the work.
+- ``packing_efficiency``: real tokens ÷ row tokens of 8K rows of the demo ``joint_pretrain`` mixture. Goal >= 0.99.
+- ``resume_latency_ratio``: time to the first batch of a new loader resumed at global sample 1,000,000 ÷ at
+  sample 0 (medians, alternating). Goal <= 1.2.
+- The same throughput and resume figures for torchdata's ``StatefulDataLoader`` (a map-style dataset doing the
+  same per-sample work on the same storage, 2 workers) and megatron-energon, or the reason one was not measured.
+
+    python benchmarks/loader_throughput.py [--scale 0.5 --batches 30 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+SOURCES = ("caption", "ocr", "grounding")  # the image-text sources of vit_coca
+RESUME_AT = 1_000_000
+BUCKET = "bench-data"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_s3(root: Path) -> tuple[subprocess.Popen, str]:
+    """moto's server in its own process (it must not share our GIL), with the corpus uploaded."""
+    import boto3
+
+    port = free_port()
+    code = ("from moto.server import ThreadedMotoServer; import time; "
+            f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}).start(); time.sleep(10**6)")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        client.put_object(Bucket=BUCKET, Key=f"demo/{path.relative_to(root)}", Body=path.read_bytes())
+    return server, endpoint
+
+
+def decode_floor(storage, sources: tuple[str, ...]) -> float:
+    """Samples/s of decoding every image of the sources' shards, bytes already in memory, one thread."""
+    manifest = json.loads(storage.read("manifest.json"))
+    images = []
+    for source in sources:
+        for shard in manifest["sources"][source]["shards"]:
+            with tarfile.open(fileobj=io.BytesIO(storage.read(shard))) as tar:
+                images += [tar.extractfile(m).read() for m in tar.getmembers() if not m.name.endswith(".json")]
+    start = time.perf_counter()
+    for data in images:
+        Image.open(io.BytesIO(data)).convert("RGB")
+    return len(images) / (time.perf_counter() - start)
+
+
+def coca_stage(sources: tuple[str, ...] = SOURCES):
+    from train.config import MixtureConfig, load_config
+
+    stage = load_config(["recipe=debug"]).curriculum.stages["vit_coca"]
+    # Native resolution up to 256 patches (the demo images, at most 224 px, fit whole); no progressive ramp.
+    stage.max_image_patches, stage.min_image_patches, stage.micro_batch_size = 256, 0, 16
+    if sources != SOURCES:
+        stage.mixture = MixtureConfig(multimodal_sources={s: 1.0 for s in sources}, multimodal_share_start=1.0,
+                                      multimodal_share_end=1.0)
+    return stage
+
+
+def our_loader(url: str, endpoint: str, tokenizer, cache: str, sources: tuple[str, ...] = SOURCES):
+    from data.loader import StageLoader
+    from data.storage import build_storage
+    from model.registry import FLAVORS
+    from train.config import DataConfig
+
+    data = DataConfig(root=url, endpoint_url=endpoint, cache_dir=cache, prefetch_samples=8, prefetch_threads=4)
+    return StageLoader("vit_coca", coca_stage(sources), build_storage(data), tokenizer, FLAVORS["debug"].vision, 0,
+                       0, 1, data=data)
+
+
+def samples_per_s(url: str, endpoint: str, tokenizer, cache: str, batches: int, sources=SOURCES) -> float:
+    loader = our_loader(url, endpoint, tokenizer, cache, sources)
+    loader.next_image_text_batch(0.0)  # shard indexes (and the cache fill)
+    start = time.perf_counter()
+    for step in range(batches):
+        loader.next_image_text_batch(step / batches)
+    rate = batches * 16 / (time.perf_counter() - start)
+    loader.close()
+    return rate
+
+
+def photos(tmp: Path, endpoint: str, count: int) -> str:
+    """``count`` 1024x768 JPEG photos-like images with captions, built into shards on S3 with data.prepare."""
+    import numpy as np
+
+    from data.prepare import prepare
+    from data.storage import S3Options
+
+    folder = tmp / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        # Smooth gradients with grain: decodes like a photo (neither flat nor pure noise).
+        y, x = np.mgrid[0:768, 0:1024]
+        base = np.stack([x * rng.uniform(0.1, 0.25), y * rng.uniform(0.1, 0.3), (x + y) * rng.uniform(0.05, 0.12)],
+                        -1)
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+        text = f"photo {i} of a {rng.choice(['lake', 'street', 'forest', 'market'])}"
+        lines.append({"kind": "caption", "caption": text, "segments": [{"image": "0.jpg"}, {"text": text}],
+                      "images": {"0.jpg": f"photos/{i}.jpg"}})
+    (tmp / "photos.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    url = f"s3://{BUCKET}/photos"
+    prepare(tmp / "photos.jsonl", url, "photos", 100, options=S3Options(endpoint_url=endpoint))
+    return url
+
+
+def ours(url: str, endpoint: str, tokenizer, batches: int, tmp: Path, repeats: int) -> dict:
+    results = {"loader_samples_per_s": samples_per_s(url, endpoint, tokenizer, str(tmp / "cache"), batches),
+               "loader_samples_per_s_no_cache": samples_per_s(url, endpoint, tokenizer, "", batches)}
+    state = {}
+    for slot in range(16):  # a state at global sample 1,000,000: each of the 16 slots has drawn 62,500
+        draws = RESUME_AT // 16
+        shares = [int(draws * w) for w in (0.5, 0.25)]  # vit_coca's mixture weights
+        state[f"slot{slot}"] = {"draws": draws, "corrupt": 0, "pending": None,
+                                "source_draws": {"caption": shares[0], "grounding": shares[1],
+                                                 "ocr": draws - sum(shares)}}
+    latencies = {0: [], RESUME_AT: []}
+    for _ in range(repeats):
+        for at in (0, RESUME_AT):
+            start = time.perf_counter()
+            loader = our_loader(url, endpoint, tokenizer, "")  # no cache: both pay the same shard indexing
+            if at:
+                loader.load_state_dict(state)
+            loader.next_image_text_batch(0.5)
+            latencies[at].append(time.perf_counter() - start)
+            loader.close()
+    results["first_batch_s_at_0"] = statistics.median(latencies[0])
+    results["first_batch_s_at_1M"] = statistics.median(latencies[RESUME_AT])
+    return results
+
+
+class ShardsDataset:
+    """A map-style dataset over the same shards doing the loader's per-sample work (ranged reads from S3, JSON,
+    decode, patchify, tokenize); virtually long (index modulo the corpus) so that sample 1,000,000 exists."""
+
+    def __init__(self, url: str, endpoint: str, tokenizer_json: str, cache: str):
+        self.url, self.endpoint, self.tokenizer_json, self.cache = url, endpoint, tokenizer_json, cache
+        self.sources = None
+
+    def _open(self):
+        from data.samples import ShardSource
+        from data.storage import build_storage
+        from data.tokenizer import TextTokenizer
+        from train.config import DataConfig
+
+        storage = build_storage(DataConfig(root=self.url, endpoint_url=self.endpoint, cache_dir=self.cache))
+        manifest = json.loads(storage.read("manifest.json"))
+        self.sources = [ShardSource(s, storage, manifest["sources"][s]["shards"], threads=4) for s in SOURCES]
+        self.items = [(s, i) for s in self.sources for i in range(len(s))]
+        self.tokenizer = TextTokenizer.from_bytes(self.tokenizer_json.encode())
+
+    def __len__(self) -> int:
+        return 2 * RESUME_AT
+
+    def __getitem__(self, index: int):
+        from data.samples import caption_text, load_images, load_meta
+
+        if self.sources is None:  # per worker process: boto3 clients do not survive a fork
+            self._open()
+        source, position = self.items[index % len(self.items)]
+        raw = source.read(position)
+        meta = load_meta(raw)
+        images = load_images(raw, meta, 14, 2, 256)
+        return next(iter(images.values())).patches, self.tokenizer.encode(caption_text(meta))
+
+
+def torchdata_figures(url: str, endpoint: str, tokenizer_json: str, batches: int, tmp: Path, repeats: int) -> dict:
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError as error:
+        return {"torchdata_error": f"torchdata not installed ({error}): pip install -e .[bench]"}
+
+    def build(cache: str):
+        return StatefulDataLoader(ShardsDataset(url, endpoint, tokenizer_json, cache), batch_size=16, shuffle=True,
+                                  num_workers=2, collate_fn=list, multiprocessing_context="fork")
+
+    results = {}
+    loader = build(str(tmp / "td_cache"))
+    batches_iter = iter(loader)
+    next(batches_iter)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(batches_iter)
+    results["torchdata_samples_per_s"] = batches * 16 / (time.perf_counter() - start)
+    # Its state after 2 batches, with the sample counters moved to sample 1,000,000 (batches of 16).
+    state = json.loads(json.dumps(loader.state_dict(), default=str))
+    seen = (batches + 1) * 16
+
+    def advance(node):
+        if isinstance(node, dict):
+            return {k: advance(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [advance(v) for v in node]
+        if isinstance(node, int) and not isinstance(node, bool):
+            return RESUME_AT if node == seen else RESUME_AT // 16 if node == batches + 1 else node
+        return node
+
+    resumed_state = loader.state_dict()
+    resumed_state = {k: advance(v) if k != "_snapshot" else v for k, v in resumed_state.items()}
+    del batches_iter, loader, state
+    latencies = {0: [], RESUME_AT: []}
+    for _ in range(repeats):
+        for at in (0, RESUME_AT):
+            start = time.perf_counter()
+            fresh = build("")
+            if at:
+                fresh.load_state_dict(resumed_state)
+            next(iter(fresh))
+            latencies[at].append(time.perf_counter() - start)
+            del fresh
+    results["torchdata_first_batch_s_at_0"] = statistics.median(latencies[0])
+    results["torchdata_first_batch_s_at_1M"] = statistics.median(latencies[RESUME_AT])
+    results["torchdata_resume_latency_ratio"] = results["torchdata_first_batch_s_at_1M"] / results[
+        "torchdata_first_batch_s_at_0"]
+    return results
+
+
+def packing_efficiency(root: Path, tokenizer, rows: int) -> float:
+    from data.loader import StageLoader
+    from model.registry import FLAVORS
+    from train.config import load_config
+
+    stage = load_config(["recipe=debug"]).curriculum.stages["joint_pretrain"]
+    stage.seq_len, stage.micro_batch_size = 8192, 1
+    loader = StageLoader("joint_pretrain", stage, root, tokenizer, FLAVORS["debug"].vision, 0, 0, 1)
+    real = total = 0
+    for step in range(rows):
+        batch = loader.next_packed_batch(step / rows)
+        real += int((batch.input_ids != tokenizer.pad_id).sum())
+        total += batch.input_ids.numel()
+    return real / total
+
+
+ENERGON_REASON = ("not installed: megatron-energon 7.4.1 keeps torch but pulls s3fs/aiobotocore, which would "
+                  "downgrade botocore 1.44 -> 1.43.117 under boto3 1.44.5 in the shared environment "
+                  "(pip install --dry-run megatron-energon==7.4.1)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=0.5)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--rows", type=int, default=24, help="8K rows for packing efficiency")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--photos", type=int, default=160, help="1024x768 JPEG samples for the large-image figure")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(name, "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    from data.storage import LocalStorage, S3Options, S3Storage
+    from data.synthetic import generate_corpus
+    from data.tokenizer import TextTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        root = tmp / "demo"
+        generate_corpus(root, seed=0, scale=args.scale)
+        tokenizer = TextTokenizer.from_file(root / "tokenizer.json")
+        server, endpoint = start_s3(root)
+        try:
+            url = f"s3://{BUCKET}/demo"
+            result = {"decode_floor_samples_per_s": decode_floor(LocalStorage(root), SOURCES)}
+            result.update(ours(url, endpoint, tokenizer, args.batches, tmp, args.repeats))
+            result["throughput_vs_decode_floor"] = result["loader_samples_per_s"] / result[
+                "decode_floor_samples_per_s"]
+            if args.photos:
+                photos_url = photos(tmp, endpoint, args.photos)
+                storage = S3Storage(photos_url, S3Options(endpoint_url=endpoint))
+                photo_tokenizer = TextTokenizer.from_bytes(storage.read("tokenizer.json"))
+                result["photos_decode_floor_samples_per_s"] = decode_floor(storage, ("photos",))
+                result["photos_loader_samples_per_s"] = samples_per_s(photos_url, endpoint, photo_tokenizer,
+                                                                      str(tmp / "photo_cache"), args.batches,
+                                                                      ("photos",))
+                result["photos_throughput_vs_decode_floor"] = result["photos_loader_samples_per_s"] / result[
+                    "photos_decode_floor_samples_per_s"]
+            result["resume_latency_ratio"] = result["first_batch_s_at_1M"] / result["first_batch_s_at_0"]
+            result["packing_efficiency"] = packing_efficiency(root, tokenizer, args.rows)
+            tokenizer_json = (root / "tokenizer.json").read_text()
+            result.update(torchdata_figures(url, endpoint, tokenizer_json, args.batches, tmp, args.repeats))
+            if "torchdata_samples_per_s" in result:
+                result["torchdata_throughput_vs_decode_floor"] = result["torchdata_samples_per_s"] / result[
+                    "decode_floor_samples_per_s"]
+            result["energon_error"] = ENERGON_REASON
+        finally:
+            server.terminate()
+            server.wait()
+    result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    result["config"] = {"scale": args.scale, "batches": args.batches, "batch": 16, "sources": list(SOURCES),
+                        "photos": args.photos, "cpus": os.cpu_count(), "prefetch_samples": 8, "prefetch_threads": 4}
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
