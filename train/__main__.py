@@ -16,6 +16,8 @@ USAGE = """usage: python -m train recipe=<name> [key=value ...]
   key=value          Hydra overrides of any key of the schema (train/config.py), e.g.
                      curriculum.stages.joint_pretrain.steps=100  optim.weight_decay=0.05  run_name=try2
   --print-config     print the composed, validated configuration and exit
+  dry_run=true world_size=N [device_memory_gb=80]
+                     build the real model on meta under N simulated ranks and print per-rank memory per stage
 
 Rerunning the same command continues a stopped run from its last checkpoint.
 """
@@ -39,6 +41,14 @@ def main(argv: list[str]) -> int:
 
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0
+    if cfg.dry_run:
+        from train.dry_run import run_dry_run
+
+        try:
+            return run_dry_run(cfg)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")

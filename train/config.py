@@ -189,6 +189,11 @@ class RunConfig:
     exit_after_steps: int = 0
     # A non-finite loss or gradient skips the update; this many in a row stop the run (last good checkpoint kept).
     max_nonfinite_steps: int = 3
+    # Dry run (train/dry_run.py): build the real model on meta under a fake process group of ``world_size`` ranks
+    # and print per-rank memory per stage; fail if a rank needs more than ``device_memory_gb`` (0: no limit).
+    dry_run: bool = False
+    world_size: int = 0
+    device_memory_gb: float = 0.0
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -298,6 +303,9 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.parallel.cp_degree == 1 or cfg.model.decoder.aux_loss_coef == 0, "model.decoder.aux_loss_coef",
            cfg.model.decoder.aux_loss_coef, "0 with parallel.cp_degree > 1 (the sequence-wise balance loss needs "
            "whole rows; use the aux-loss-free bias balancing)")
+    _check(not cfg.dry_run or cfg.world_size >= 1, "world_size", cfg.world_size,
+           "the number of ranks to simulate, >= 1 (with dry_run=true)")
+    _check(cfg.device_memory_gb >= 0, "device_memory_gb", cfg.device_memory_gb, ">= 0 (0: no limit)")
     _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", cfg.log.peak_tflops, ">= 0 (0: measure)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     _check(cfg.data.max_attempts >= 1, "data.max_attempts", cfg.data.max_attempts, "an integer >= 1")
@@ -323,7 +331,8 @@ def _validate_layout(cfg: RunConfig) -> None:
     from parallel.dims import ParallelDims  # imported here: parallel.dims builds on this module
 
     par = cfg.parallel
-    world = int(os.environ.get("WORLD_SIZE", "0")) or par.pp_degree * max(par.dp_degree, 1) * par.cp_degree
+    world = (cfg.world_size if cfg.dry_run else int(os.environ.get("WORLD_SIZE", "0"))) or \
+        par.pp_degree * max(par.dp_degree, 1) * par.cp_degree
     seq_lens = [cfg.curriculum.stages[name].seq_len for name in cfg.curriculum.order]
     ParallelDims.from_config(par, world, cfg.model, seq_lens)
 
