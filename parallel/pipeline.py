@@ -1,0 +1,459 @@
+"""Pipeline parallelism of :class:`~model.vlm.KimiVL` on ``torch.distributed.pipelining``.
+
+Split. The decoder's layers are cut into ``pp_degree * virtual_stages`` contiguous stages balanced by a per-layer
+cost estimate (:func:`layer_costs`, :func:`split_layers`): stage 0 also carries the token embedding, the vision tower
+and the projector (images are scattered into the sequence there), the last stage the final norm and the output head.
+Each rank keeps a *pruned* KimiVL holding only its stages' parts (layers keep their ``decoder.layers.<i>`` names, so
+the optimizer, checkpoints and ``update_expert_bias`` work unchanged); one :class:`StageModule` per stage references
+the modules it runs.
+
+What crosses stages. Every stage sends ``(hidden [B, S, H], position_ids [B, S] int64, doc_ids [B, S] int32)``: the
+per-token document index, from which each stage rebuilds ``cu_seqlens`` for its attention. Rows are packed to a
+fixed length, so these shapes are the same for every micro-batch and step, and the stages are declared with static
+shapes (no metadata-inference forward, which would run MoE routing on meta tensors and count expert loads twice).
+
+Images. Only stage 0 needs them and their patch count varies per micro-batch. They are passed as keyword inputs,
+each micro-batch's patches / grids / placeholder positions padded to the step's largest and stacked on a leading
+micro-batch dimension, with the true counts alongside; the schedule chunks them along that dimension like any other
+input, and stage 0 slices the padding off. Keyword inputs are not shape-checked against the static stage metadata,
+so the cap can change from step to step without any communication (it never leaves stage 0).
+
+Loss. The last stage's loss is ``CE sum / global loss-token count`` (the count of the whole step over every
+data-parallel replica, passed per step), and the schedules do *not* divide gradients by the number of micro-batches
+(``scale_grads=False``): summed over micro-batches and replicas the gradients are exactly one process's.
+
+MoE side outputs. Each stage adds up the expert loads of its MoE layers over the step's micro-batches
+(:meth:`PipelineRunner.expert_load`, in the pruned decoder's layer order, ready for ``update_expert_bias``). The
+optional balance loss of a layer is attached to the hidden state with :class:`AttachAuxLoss` (its gradient enters
+the backward where the layer is, as Megatron's ``MoEAuxLossAutoScaler`` does), so it needs no extra stage output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    PipelineScheduleSingle,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+
+from data.batch import PackedBatch
+from model.args import ModelArgs
+from model.attention import rope_angles_1d
+from model.vlm import KimiVL
+
+__all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "build_pipeline", "doc_ids_from_cu_seqlens",
+           "cu_seqlens_from_doc_ids", "layer_costs", "split_layers", "stage_ranks"]
+
+IGNORE_INDEX = -100
+# name -> (schedule class, layout of stages over ranks: "loop" puts stage s on rank s % pp, "v" puts stages r and
+# 2 pp - 1 - r on rank r, fixed stages per rank or None for ``virtual_stages``)
+SCHEDULES: dict[str, tuple[type, str, int | None]] = {
+    "gpipe": (ScheduleGPipe, "loop", 1),
+    "1f1b": (Schedule1F1B, "loop", 1),
+    "interleaved_1f1b": (ScheduleInterleaved1F1B, "loop", None),
+    "interleaved_zero_bubble": (ScheduleInterleavedZeroBubble, "loop", None),
+    "zero_bubble": (ScheduleZBVZeroBubble, "v", 2),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- split
+
+
+def layer_costs(args: ModelArgs, seq_len: int, patches_per_token: float = 0.5) -> tuple[list[float], float, float]:
+    """Forward FLOPs per decoder token of each decoder layer, of stage 0's extras and of the last stage's extras.
+
+    Estimates (matmuls only, ``2 * params`` per token, attention core with the mean causal context ``seq_len / 2``):
+    MoE layers count their router, ``k`` routed and the shared experts; stage 0 counts the vision tower and projector
+    for ``patches_per_token`` image patches per decoder token; the last stage counts the output head.
+
+    Args:
+        args: Model hyper-parameters.
+        seq_len: Tokens per packed row.
+        patches_per_token: Expected vision patches per decoder token in the stage's data.
+
+    Returns:
+        ``(per-layer costs, first-stage extra, last-stage extra)``.
+    """
+    d = args.decoder
+    heads, qk = d.num_heads, d.qk_nope_head_dim + d.qk_rope_head_dim
+    attn_params = (d.hidden_size * heads * qk + d.hidden_size * (d.kv_lora_rank + d.qk_rope_head_dim)
+                   + d.kv_lora_rank * heads * (d.qk_nope_head_dim + d.v_head_dim)
+                   + heads * d.v_head_dim * d.hidden_size)
+    attention = 2 * attn_params + 2 * heads * (qk + d.v_head_dim) * seq_len / 2
+    dense = 2 * 3 * d.hidden_size * d.dense_ffn_size
+    moe = 2 * (d.hidden_size * d.num_routed_experts
+               + 3 * d.hidden_size * d.moe_ffn_size * (d.num_experts_per_token + d.num_shared_experts))
+    costs = [attention + (dense if i < d.num_dense_layers else moe) for i in range(d.num_layers)]
+    v = args.vision
+    patch_dim = v.in_channels * v.patch_size**2
+    vision_block = 2 * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.mlp_hidden_size) + 4 * v.hidden_size * seq_len / 2
+    merged = v.hidden_size * v.merge_size**2
+    projector = 2 * (merged * merged + merged * d.hidden_size) / v.merge_size**2
+    first = patches_per_token * (2 * patch_dim * v.hidden_size + v.num_layers * vision_block + projector)
+    last = 2 * d.hidden_size * d.vocab_size
+    return costs, first, last
+
+
+def split_layers(costs: list[float], num_stages: int, first_extra: float = 0.0,
+                 last_extra: float = 0.0) -> list[list[int]]:
+    """Cut layers into ``num_stages`` contiguous stages (at least one layer each) minimizing the costliest stage.
+
+    Exact dynamic programming over cut points (``O(layers^2 * stages)``, trivial for real depths).
+
+    Args:
+        costs: Cost of each layer, in order.
+        num_stages: Number of stages (all virtual stages of all ranks).
+        first_extra: Cost added to the first stage (embeddings, vision tower, projector).
+        last_extra: Cost added to the last stage (final norm, output head).
+
+    Returns:
+        The layer indices of each stage.
+    """
+    n = len(costs)
+    if not 1 <= num_stages <= n:
+        raise ValueError(f"cannot cut {n} decoder layers into {num_stages} pipeline stages of at least one layer "
+                         f"each: use at most {n} stages (pp_degree x virtual stages) or a deeper model.")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def stage_cost(start: int, stop: int, index: int) -> float:
+        extra = (first_extra if index == 0 else 0.0) + (last_extra if index == num_stages - 1 else 0.0)
+        return prefix[stop] - prefix[start] + extra
+
+    # best[s][j]: smallest max-cost of cutting the first j layers into s stages; cut[s][j]: where stage s starts.
+    best = [[math.inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        for j in range(s, n - (num_stages - s) + 1):
+            for i in range(s - 1, j):
+                value = max(best[s - 1][i], stage_cost(i, j, s - 1))
+                if value < best[s][j]:
+                    best[s][j], cut[s][j] = value, i
+    stages, stop = [], n
+    for s in range(num_stages, 0, -1):
+        start = cut[s][stop]
+        stages.append(list(range(start, stop)))
+        stop = start
+    return stages[::-1]
+
+
+def stage_ranks(num_stages: int, pp_degree: int, layout: str) -> list[int]:
+    """The pipeline rank of each stage: round robin (``loop``) or the ZBV ``v`` shape (rank r: r and 2pp-1-r)."""
+    if layout == "loop":
+        return [s % pp_degree for s in range(num_stages)]
+    if num_stages != 2 * pp_degree:
+        raise ValueError(f"the V layout needs exactly 2 stages per rank, got {num_stages} for pp={pp_degree}")
+    return [s if s < pp_degree else 2 * pp_degree - 1 - s for s in range(num_stages)]
+
+
+# ---------------------------------------------------------------------------------------------------------- stages
+
+
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, rows: int, seq: int) -> torch.Tensor:
+    """``int32 [rows, seq]`` index of the document of every token (what crosses stages instead of ``cu_seqlens``,
+    whose length varies)."""
+    tokens = torch.arange(rows * seq, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).to(torch.int32).view(rows, seq)
+
+
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """``int32 [docs + 1]`` boundaries rebuilt from per-token document indices (empty documents vanish, which
+    changes no attention)."""
+    flat = doc_ids.reshape(-1)
+    starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    edges = torch.tensor([0, flat.numel()], device=flat.device)
+    return torch.cat((edges[:1], starts, edges[1:])).to(torch.int32)
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``x`` whose backward also sends ``weight`` as the gradient of ``aux`` (so ``weight * aux`` is
+    part of the loss without being an output of the stage)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        # A copy, not a view: zero-bubble schedules detach stage outputs in place, which views do not allow.
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full(ctx.aux_shape, ctx.weight, dtype=ctx.aux_dtype, device=grad.device), None
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: the modules of ``model`` it runs (registered here, so ``parameters()`` is exactly this
+    stage's, as zero-bubble weight gradients require).
+
+    Args:
+        model: This rank's pruned model.
+        layers: Keys of this stage's decoder layers.
+        is_first: Whether it embeds tokens and images.
+        is_last: Whether it applies the final norm and output head.
+    """
+
+    def __init__(self, model: KimiVL, layers: list[str], is_first: bool, is_last: bool):
+        super().__init__()
+        # Not registered (object.__setattr__): only its methods are used, on the modules registered below.
+        object.__setattr__(self, "vlm", model)
+        self.is_first, self.is_last = is_first, is_last
+        if is_first:
+            self.embed_tokens, self.vision, self.projector = model.decoder.embed_tokens, model.vision, model.projector
+        self.layers = nn.ModuleDict({key: model.decoder.layers[key] for key in layers})
+        if is_last:
+            self.norm, self.output = model.decoder.norm, model.decoder.output
+        self.aux_weight = 0.0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Zero the expert loads and the balance-loss sum added up over a step's micro-batches."""
+        self.expert_load: dict[str, torch.Tensor] = {}
+        self.aux_loss_sum = 0.0
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, image_grid_hw: torch.Tensor | None = None,
+                image_token_positions: torch.Tensor | None = None, image_counts: torch.Tensor | None = None):
+        """Run the stage on one micro-batch.
+
+        Args:
+            x: Token ids ``[B, S]`` on the first stage, else the hidden states ``[B, S, H]``.
+            position_ids: ``int64 [B, S]``.
+            doc_ids: ``int32 [B, S]`` document index of every token.
+            pixel_values, image_grid_hw, image_token_positions: This micro-batch's images, padded, with a leading
+                micro-batch dimension of 1 (first stage only; other stages ignore them).
+            image_counts: ``[1, 3]`` true numbers of patches, images and placeholder positions.
+
+        Returns:
+            Logits ``[B, S, vocab]`` on the last stage, else ``(hidden, position_ids, doc_ids)``.
+        """
+        if self.is_first:
+            x = self._embed(x, pixel_values, image_grid_hw, image_token_positions, image_counts)
+        decoder = self.vlm.decoder
+        cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
+        angles = rope_angles_1d(position_ids.reshape(-1), decoder.rope_dim, decoder.rope_theta)
+        aux_losses = []
+        for key, layer in self.layers.items():
+            x, load, aux = layer(x, angles, cu_seqlens)
+            if load is not None:
+                self.expert_load[key] = self.expert_load[key] + load if key in self.expert_load else load
+            if aux is not None:
+                aux_losses.append(aux)
+        if aux_losses:  # once per stage: one copy of the hidden state, whatever the number of MoE layers
+            aux = torch.stack(aux_losses).sum()
+            self.aux_loss_sum += float(aux.detach())
+            x = AttachAuxLoss.apply(x, aux, self.aux_weight)
+        if self.is_last:
+            return self.output(self.norm(x))
+        return x, position_ids, doc_ids
+
+    def _embed(self, input_ids, pixel_values, image_grid_hw, image_token_positions, image_counts) -> torch.Tensor:
+        if image_counts is None or int(image_counts[0, 0]) == 0:
+            return self.vlm.embed_inputs(input_ids)
+        patches, images, tokens = image_counts[0].tolist()
+        return self.vlm.embed_inputs(input_ids, pixel_values[0, :patches], image_grid_hw[0, :images],
+                                     image_token_positions[0, :tokens])
+
+
+def prune_model(model: KimiVL, keep_layers: set[str], first: bool, last: bool) -> KimiVL:
+    """Drop, in place, everything this rank's stages do not run (names of what stays are unchanged)."""
+    decoder = model.decoder
+    for key in [k for k in decoder.layers if k not in keep_layers]:
+        del decoder.layers[key]
+    if not first:
+        # The CoCa towers belong to the vision side: kept with the tower, so the state stays whole over the ranks.
+        model.vision = model.projector = model.coca = decoder.embed_tokens = None
+    if not last:
+        decoder.norm = decoder.output = None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------- runner
+
+
+def pipeline_loss(logits: torch.Tensor, target: torch.Tensor, num_targets: float) -> torch.Tensor:
+    """The last stage's loss of one micro-batch: cross-entropy *sum* over its loss tokens / the step's global count."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum") / num_targets
+
+
+@dataclass
+class PipelineRunner:
+    """This rank's part of the pipeline: the pruned model, its stages and the schedule.
+
+    Attributes:
+        model: The pruned KimiVL (hand it to the optimizer).
+        stages: This rank's stage modules, in stage order.
+        schedule: The ``torch.distributed.pipelining`` schedule.
+        layout: Layer keys of every stage (all ranks).
+        group: The pipeline process group.
+    """
+
+    model: KimiVL
+    stages: list[StageModule]
+    schedule: PipelineScheduleSingle | PipelineScheduleMulti
+    layout: list[list[str]]
+    group: dist.ProcessGroup
+    microbatches: int
+    losses: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def has_first(self) -> bool:
+        return any(s.is_first for s in self.stages)
+
+    @property
+    def has_last(self) -> bool:
+        return any(s.is_last for s in self.stages)
+
+    def step(self, batches: list[PackedBatch], num_targets: float, aux_weight: float = 0.0) -> torch.Tensor:
+        """Forward and backward of ``batches`` (one per micro-batch) through the pipeline; gradients accumulate.
+
+        Args:
+            batches: This data-parallel replica's micro-batches (every rank of the pipeline passes the same).
+            num_targets: Loss tokens of the whole step over every replica.
+            aux_weight: Gradient weight of each MoE layer's balance loss of each micro-batch.
+
+        Returns:
+            The sum of this replica's micro-batch losses (0 on ranks without the last stage).
+        """
+        if len(batches) != self.microbatches:
+            raise ValueError(f"the schedule was built for {self.microbatches} micro-batches, got {len(batches)}")
+        for stage in self.stages:
+            stage.reset_stats()
+            stage.aux_weight = aux_weight
+        args, kwargs = pack_microbatches(batches) if self.has_first else ((), {})
+        target = None
+        if self.has_last:
+            target = torch.cat([b.labels.masked_fill(~b.loss_mask, IGNORE_INDEX) for b in batches])
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*args, target=target, losses=losses, return_outputs=False,
+                           loss_kwargs={"num_targets": max(float(num_targets), 1.0)}, **kwargs)
+        return torch.stack(losses).detach().sum() if losses else torch.zeros(())
+
+    def expert_load(self) -> torch.Tensor:
+        """``[local MoE layers, E]`` loads of the last step in the pruned decoder's layer order."""
+        loads = {k: v for stage in self.stages for k, v in stage.expert_load.items()}
+        keys = [k for k, layer in self.model.decoder.layers.items() if layer.moe is not None]
+        if not keys:
+            return torch.zeros(0, self.model.decoder.num_experts)
+        return torch.stack([loads[k] for k in keys])
+
+    def aux_loss_sum(self) -> float:
+        """Sum of the (unweighted) balance losses of this rank's layers over the last step's micro-batches."""
+        return sum(stage.aux_loss_sum for stage in self.stages)
+
+
+def pack_microbatches(batches: list[PackedBatch]) -> tuple[tuple, dict]:
+    """The schedule's whole-step inputs: token tensors concatenated over micro-batches along rows (chunked back by
+    the schedule), images padded to the step's largest micro-batch and stacked along a leading micro-batch dim."""
+    rows, seq = batches[0].input_ids.shape
+    input_ids = torch.cat([b.input_ids for b in batches])
+    position_ids = torch.cat([b.position_ids for b in batches])
+    doc_ids = torch.cat([doc_ids_from_cu_seqlens(b.cu_seqlens, rows, seq) for b in batches])
+    counts = torch.tensor([[b.pixel_values.shape[0], b.image_grid_hw.shape[0], b.image_token_positions.shape[0]]
+                           for b in batches], dtype=torch.int64).view(len(batches), 3)
+    caps = counts.max(0).values.tolist()
+    patch_dim = batches[0].pixel_values.shape[-1]
+
+    def padded(tensors: list[torch.Tensor], cap: int, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros(len(tensors), cap, *tail, dtype=dtype)
+        for i, t in enumerate(tensors):
+            out[i, : t.shape[0]] = t
+        return out
+
+    kwargs = {
+        "pixel_values": padded([b.pixel_values for b in batches], caps[0], (patch_dim,), batches[0].pixel_values.dtype),
+        "image_grid_hw": padded([b.image_grid_hw.view(-1, 2) for b in batches], caps[1], (2,), torch.int64),
+        "image_token_positions": padded([b.image_token_positions for b in batches], caps[2], (), torch.int64),
+        "image_counts": counts,
+    }
+    return (input_ids, position_ids, doc_ids), kwargs
+
+
+def _stage_metas(model_args: ModelArgs, rows: int, seq: int, dtype: torch.dtype, first: bool, last: bool):
+    """Static input / output examples of a stage (on ``meta``: only shapes, dtypes and requires_grad matter)."""
+    hidden = model_args.decoder.hidden_size
+    ints = (torch.empty(rows, seq, dtype=torch.int64, device="meta"),
+            torch.empty(rows, seq, dtype=torch.int32, device="meta"))
+    act = torch.empty(rows, seq, hidden, dtype=dtype, device="meta", requires_grad=True)
+    inputs = (torch.empty(rows, seq, dtype=torch.int64, device="meta"), *ints) if first else (act, *ints)
+    if last:
+        outputs = (torch.empty(rows, seq, model_args.decoder.vocab_size, dtype=dtype, device="meta",
+                               requires_grad=True),)
+    else:
+        outputs = (act, *ints)
+    return inputs, outputs
+
+
+def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, microbatches: int, rows: int,
+                   seq_len: int, virtual_stages: int = 2, patches_per_token: float = 0.5,
+                   device: torch.device | str = "cpu") -> PipelineRunner:
+    """Cut ``model`` (built identically on every rank) into stages, prune it to this rank's and build the schedule.
+
+    Args:
+        model: The whole model; pruned in place.
+        schedule: One of :data:`SCHEDULES`.
+        group: The pipeline process group (ranks of one data-parallel replica, in stage order).
+        microbatches: Micro-batches per step.
+        rows: Rows per micro-batch.
+        seq_len: Tokens per row.
+        virtual_stages: Stages per rank of the interleaved schedules.
+        patches_per_token: Expected image patches per token, for the cost estimate of stage 0.
+        device: Where the stages run.
+
+    Returns:
+        The :class:`PipelineRunner`.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule '{schedule}': allowed are {sorted(SCHEDULES)}")
+    schedule_cls, layout_kind, per_rank = SCHEDULES[schedule]
+    per_rank = per_rank or virtual_stages
+    if per_rank < 2 and issubclass(schedule_cls, PipelineScheduleMulti):
+        raise ValueError(f"schedule '{schedule}' needs at least 2 virtual stages per rank, got {per_rank}")
+    pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
+    num_stages = pp * per_rank
+    costs, first_extra, last_extra = layer_costs(model.args, seq_len, patches_per_token)
+    layout = [[str(i) for i in stage] for stage in split_layers(costs, num_stages, first_extra, last_extra)]
+    owners = stage_ranks(num_stages, pp, layout_kind)
+    mine = [s for s in range(num_stages) if owners[s] == pp_rank]
+    prune_model(model, {k for s in mine for k in layout[s]}, first=0 in mine, last=num_stages - 1 in mine)
+    dtype = next(model.decoder.layers.values().__iter__()).attention_norm.weight.dtype
+    stages, modules = [], []
+    for s in mine:
+        module = StageModule(model, layout[s], is_first=s == 0, is_last=s == num_stages - 1)
+        inputs, outputs = _stage_metas(model.args, rows, seq_len, dtype, s == 0, s == num_stages - 1)
+        stages.append(PipelineStage(module, s, num_stages, torch.device(device), input_args=inputs,
+                                    output_args=outputs, group=group))
+        modules.append(module)
+    # Sum, not mean, over micro-batches: the loss is already divided by the global token count.
+    if issubclass(schedule_cls, PipelineScheduleSingle):
+        built = schedule_cls(stages[0], microbatches, loss_fn=pipeline_loss, scale_grads=False)
+    else:
+        built = schedule_cls(stages, microbatches, loss_fn=pipeline_loss, scale_grads=False)
+    return PipelineRunner(model=model, stages=modules, schedule=built, layout=layout, group=group,
+                          microbatches=microbatches)
+
+
+def build_pp_groups(pp_degree: int, replicas: int) -> dist.ProcessGroup:
+    """This rank's pipeline group in a ``pp x (dp * cp)`` world (pipeline outermost, as in parallel/dims.py): ranks
+    ``r, r + replicas, r + 2 replicas, ...``; every rank creates every group, in the same order."""
+    rank, mine = dist.get_rank(), None
+    for r in range(replicas):
+        ranks = [r + p * replicas for p in range(pp_degree)]
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine

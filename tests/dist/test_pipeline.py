@@ -1,0 +1,196 @@
+"""Pipeline parallelism equals one process: every schedule, on forked gloo ranks, through the real model.
+
+The ``debug`` flavor (4 decoder layers here, so interleaved schedules get one layer per virtual stage; balance loss
+on, so its gradient path through the stages is exercised) trains one step on micro-batches of packed rows with
+images of different sizes. The pipelined loss, every parameter's gradient, the expert loads and every parameter
+after one ZeRO-1 Muon/AdamW step (norm clipping over the whole world) must equal a single-process ``lm_step`` on
+the same micro-batches (fp32, 1e-5 relative to each tensor's norm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from data.batch import PackedBatch
+from model.registry import FLAVORS, build_model
+from optim.distributed import ZeroOptimizer
+from optim.muon import MuonHParams
+from parallel.forked import run_ranks
+from parallel.pipeline import (
+    build_pipeline,
+    build_pp_groups,
+    cu_seqlens_from_doc_ids,
+    doc_ids_from_cu_seqlens,
+    layer_costs,
+    split_layers,
+    stage_ranks,
+)
+from train.trainer import lm_step
+
+BASE = FLAVORS["debug"]
+ARGS = dataclasses.replace(BASE, decoder=dataclasses.replace(BASE.decoder, num_layers=4, aux_loss_coef=0.1))
+ROWS, SEQ, MICRO = 2, 32, 4
+PATCH_DIM = 3 * ARGS.vision.patch_size**2
+# Relative to each tensor's norm (summation order is the only difference).
+TOLERANCE = 1e-5
+LR, CLIP = 0.02, 1.0
+
+
+def make_batches(seed: int = 0, count: int = MICRO) -> list[PackedBatch]:
+    """Micro-batches of ``ROWS x SEQ`` packed documents; each has 0-2 images of different grids inside a document,
+    and some positions without loss."""
+    gen = torch.Generator().manual_seed(seed)
+    grids = [(4, 6), (2, 4), (6, 4), (2, 2)]
+    batches = []
+    for index in range(count):
+        lengths = []
+        for _ in range(ROWS):
+            cut = int(torch.randint(8, SEQ - 8, (), generator=gen))
+            lengths += [cut, SEQ - cut]
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        position_ids = torch.cat([torch.arange(n) for n in lengths]).view(ROWS, SEQ)
+        input_ids = torch.randint(5, ARGS.decoder.vocab_size, (ROWS, SEQ), generator=gen)
+        chosen = [grids[(index + k) % len(grids)] for k in range(index % 3)]
+        positions, start = [], 1
+        for h, w in chosen:  # document 0 of row 0 is long enough for the merged tokens of these grids
+            positions += list(range(start, start + h * w // 4))
+            start += h * w // 4 + 1
+        positions = torch.tensor(positions, dtype=torch.int64)
+        input_ids.view(-1)[positions] = 1
+        patches = sum(h * w for h, w in chosen)
+        loss_mask = torch.rand(ROWS, SEQ, generator=gen) > 0.2
+        loss_mask.view(-1)[positions] = False
+        batches.append(PackedBatch(
+            input_ids=input_ids, labels=torch.roll(input_ids, -1, dims=1), loss_mask=loss_mask,
+            position_ids=position_ids, cu_seqlens=cu_seqlens,
+            pixel_values=torch.randn(patches, PATCH_DIM, generator=gen),
+            image_grid_hw=torch.tensor(chosen, dtype=torch.int64).view(-1, 2), image_token_positions=positions))
+    return batches
+
+
+def build_reference_model():
+    torch.manual_seed(0)
+    model = build_model(ARGS)
+    model.coca.requires_grad_(False)  # not part of the next-token objective (the trainer freezes it too)
+    return model
+
+
+def optimizer_for(model, group) -> ZeroOptimizer:
+    return ZeroOptimizer(model, lr=LR, weight_decay=0.1, use_muon=True, muon=MuonHParams(ns_dtype=torch.float32),
+                         group=group, norm_group=dist.group.WORLD)
+
+
+def reference_rank(rank: int, world: int) -> dict:
+    model = build_reference_model()
+    result = lm_step(model, make_batches(), ARGS.decoder.aux_loss_coef, world=1)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    moe_keys = [k for k, layer in model.decoder.layers.items() if layer.moe is not None]
+    optimizer_for(model, dist.group.WORLD).step(max_grad_norm=CLIP)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"loss": result.loss, "grads": grads, "params": params,
+            "loads": dict(zip(moe_keys, result.expert_load, strict=True))}
+
+
+def pipeline_rank(rank: int, world: int, schedule: str, pp: int) -> dict:
+    replicas = world // pp
+    model = build_reference_model()
+    pp_group = build_pp_groups(pp, replicas)
+    dense_group = None
+    for p in range(pp):  # the replicas of one stage: dense gradients and optimizer state
+        group = dist.new_group([p * replicas + r for r in range(replicas)])
+        dense_group = group if rank // replicas == p else dense_group
+    batches = make_batches()
+    num_targets = sum(b.num_loss_tokens for b in batches)
+    mine = batches[rank % replicas :: replicas]
+    runner = build_pipeline(model, schedule, pp_group, len(mine), ROWS, SEQ, virtual_stages=2)
+    aux_weight = ARGS.decoder.aux_loss_coef / len(batches)
+    loss = runner.step(mine, num_targets, aux_weight)
+    dist.all_reduce(loss)
+    loads = runner.expert_load()
+    dist.all_reduce(loads, group=dense_group)
+    moe_keys = [k for k, layer in model.decoder.layers.items() if layer.moe is not None]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for grad in grads.values():  # what the optimizer's reduction sums over the replicas (on copies)
+        dist.all_reduce(grad, group=dense_group)
+    optimizer_for(model, dense_group).step(max_grad_norm=CLIP)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"loss": float(loss), "grads": grads, "params": params, "layout": runner.layout,
+            "loads": dict(zip(moe_keys, loads, strict=True))}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_ranks(reference_rank, 1)[0]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+CASES = {
+    "gpipe_pp2": ("gpipe", 2, 2),
+    "1f1b_pp2": ("1f1b", 2, 2),
+    "interleaved_1f1b_pp2": ("interleaved_1f1b", 2, 2),
+    "interleaved_zero_bubble_pp2": ("interleaved_zero_bubble", 2, 2),
+    "zero_bubble_pp2": ("zero_bubble", 2, 2),
+    "1f1b_pp2_dp2": ("1f1b", 2, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_equals_one_process(case, reference):
+    schedule, pp, world = CASES[case]
+    results = run_ranks(pipeline_rank, world, schedule, pp)
+    worst = {"grad": 0.0, "param": 0.0}
+    for rank, result in enumerate(results):
+        assert abs(result["loss"] - reference["loss"]) <= TOLERANCE * abs(reference["loss"]), (rank, result["loss"])
+        for name, grad in result["grads"].items():
+            error = relative_error(grad, reference["grads"][name])
+            worst["grad"] = max(worst["grad"], error)
+            assert error <= TOLERANCE, f"{case} rank {rank}: gradient of {name} differs by {error:.2e}"
+        for name, param in result["params"].items():
+            error = relative_error(param, reference["params"][name])
+            worst["param"] = max(worst["param"], error)
+            assert error <= TOLERANCE, f"{case} rank {rank}: {name} after the step differs by {error:.2e}"
+        for key, load in result["loads"].items():
+            assert torch.equal(load, reference["loads"][key]), f"{case} rank {rank}: expert load of layer {key}"
+    # Every parameter that has a gradient in one process lives on exactly one stage of each replica.
+    replicas = world // pp
+    for replica in range(replicas):
+        owned = [set(results[p * replicas + replica]["grads"]) for p in range(pp)]
+        assert sum(len(o) for o in owned) == len(reference["grads"]) and set().union(*owned) == set(reference["grads"])
+    print(f"{case}: worst relative error gradient {worst['grad']:.2e}, parameter {worst['param']:.2e}")
+
+
+def test_split_balances_costs_and_keeps_vision_on_stage_zero():
+    costs, first, last = layer_costs(FLAVORS["kimi_vl_a3b"], seq_len=8192, patches_per_token=0.5)
+    assert costs[0] != costs[1]  # dense first layer vs MoE layers
+    stages = split_layers(costs, 4, first, last)
+    assert [i for s in stages for i in s] == list(range(27)) and all(stages)
+    loads = [sum(costs[i] for i in s) for s in stages]
+    loads[0] += first
+    loads[-1] += last
+    naive = [list(range(i * 27 // 4, (i + 1) * 27 // 4)) for i in range(4)]
+    naive_loads = [sum(costs[i] for i in s) for s in naive]
+    naive_loads[0] += first
+    naive_loads[-1] += last
+    assert max(loads) <= max(naive_loads)
+    assert len(stages[0]) < len(stages[1])  # the vision tower's cost takes layers off stage 0
+    # A heavy first stage gets a single layer; exact optimum on a small case.
+    assert split_layers([1, 1, 1, 1], 2, first_extra=10) == [[0], [1, 2, 3]]
+    assert split_layers([1, 2, 3, 4, 5], 3) == [[0, 1, 2], [3], [4]]
+    with pytest.raises(ValueError, match="at most 3 stages"):
+        split_layers([1, 1, 1], 4)
+
+
+def test_stage_ranks_and_document_ids_round_trip():
+    assert stage_ranks(4, 2, "loop") == [0, 1, 0, 1]
+    assert stage_ranks(4, 2, "v") == [0, 1, 1, 0]
+    cu = torch.tensor([0, 5, 16, 20, 32], dtype=torch.int32)
+    doc_ids = doc_ids_from_cu_seqlens(cu, 2, 16)
+    assert doc_ids.dtype == torch.int32 and doc_ids.shape == (2, 16)
+    assert torch.equal(cu_seqlens_from_doc_ids(doc_ids), cu)
