@@ -36,7 +36,12 @@ class Route:
 
 
 def _vocab_sizes(model: nn.Module) -> set[int]:
-    return {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+    sizes = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+    # A pipeline stage holding the output head but not the embedding still knows its vocabulary from its args.
+    decoder_args = getattr(getattr(model, "args", None), "decoder", None)
+    if decoder_args is not None:
+        sizes.add(decoder_args.vocab_size)
+    return sizes
 
 
 def route_parameters(model: nn.Module, trainable_only: bool = True) -> list[Route]:
