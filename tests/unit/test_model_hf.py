@@ -340,3 +340,16 @@ def test_cli_round_trip_through_a_trainer_checkpoint(tmp_path: Path):
     torch.manual_seed(5)
     fresh.coca.init_weights(args.decoder.init_std)
     assert all(torch.equal(back["coca." + n], t) for n, t in fresh.coca.state_dict().items())
+
+
+def test_kimi_k25_export_loads_with_from_pretrained(tmp_path: Path):
+    from transformers import Kimi_K25ForConditionalGeneration
+
+    from model.hf import hf_config
+
+    ours = _random_ours()
+    exported = export_state_dict(ours, "kimi_k25", ARGS)
+    save_safetensors(exported, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("kimi_k25", ARGS)))
+    loaded = Kimi_K25ForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    assert loaded.keys() == exported.keys() and all(torch.equal(loaded[n], t) for n, t in exported.items())
