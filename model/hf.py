@@ -17,8 +17,8 @@ initializes them (and any part the format does not carry) from the seed, export 
 CLI (our side is a ``torch.distributed.checkpoint`` directory as written by ``train/checkpoint.py``, model state
 under ``model.``, or a plain ``.pt`` / ``.safetensors`` state dict)::
 
-    python -m model.hf import --format kimi_vl --flavor kimi_vl_a3b HF_DIR OUT_DCP_DIR
-    python -m model.hf export --format deepseek_v3 --flavor small CKPT_DIR HF_DIR
+    python -m train.hf_convert import --format kimi_vl --flavor kimi_vl_a3b HF_DIR OUT_DCP_DIR
+    python -m train.hf_convert export --format deepseek_v3 --flavor small CKPT_DIR HF_DIR
 """
 
 from __future__ import annotations
@@ -226,8 +226,3 @@ def hf_config(fmt: str, args: ModelArgs) -> dict | None:
     _spec(fmt)
     return None
 
-
-if __name__ == "__main__":
-    from model.hf_cli import main
-
-    main()

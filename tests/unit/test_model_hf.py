@@ -13,10 +13,10 @@ import torch
 
 from model.args import CocaArgs, DecoderArgs, ModelArgs, VisionArgs
 from model.hf import FORMATS, export_state_dict, import_state_dict, load_safetensors, save_safetensors
-from model.hf_cli import main as hf_main
 from model.registry import FLAVORS, build_model
 from model.vision import MoonViT, interpolate_pos_table
 from model.vlm import KimiVL
+from train.hf_convert import main as hf_main
 
 VISION = VisionArgs(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_hidden_size=64, pos_table_size=6)
 DECODER = DecoderArgs(vocab_size=97, hidden_size=32, num_layers=3, num_dense_layers=1, dense_ffn_size=48, num_heads=4,
@@ -325,7 +325,7 @@ def test_cli_round_trip_through_a_trainer_checkpoint(tmp_path: Path):
         torch.testing.assert_close(reference(ids).logits, model.decoder.logits(model.decoder(ids)[0]),
                                    atol=1e-4, rtol=0)
     vlm_dir = tmp_path / "kimi_vl"
-    subprocess.run([sys.executable, "-m", "model.hf", "export", "--format", "kimi_vl", "--flavor", "debug",
+    subprocess.run([sys.executable, "-m", "train.hf_convert", "export", "--format", "kimi_vl", "--flavor", "debug",
                     str(saved), str(vlm_dir)], check=True, cwd=Path(__file__).parents[2], capture_output=True)
     imported_dir = tmp_path / "imported"
     hf_main(["import", "--format", "kimi_vl", "--flavor", "debug", "--seed", "5", str(vlm_dir), str(imported_dir)])

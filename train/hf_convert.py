@@ -1,11 +1,11 @@
-"""``python -m model.hf {import,export}``: convert checkpoint directories between our format and Hugging Face's.
+"""``python -m train.hf_convert {import,export}``: convert checkpoint directories between our format and Hugging Face's.
 
 Our side is a ``torch.distributed.checkpoint`` directory with the model state under ``model.`` (the layout
 ``train/checkpoint.py`` writes and ``load_checkpoint(path, {"model": ModelState(model)})`` reads), or a plain state
 dict file (``.pt`` / ``.safetensors``). Their side is a directory of safetensors shards.
 
-Reading and writing a DCP directory is file-format work in one process without any process group; it is the only
-use of ``torch.distributed`` in ``model/`` and is imported lazily, so the model code itself stays free of it.
+The name and layout mappings live in ``model/hf.py`` (pure tensor work); this CLI is in ``train/`` because it reads
+and writes ``torch.distributed.checkpoint`` directories, which ``model/`` never touches.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def read_our_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Our model state from a DCP directory (only the ``model.*`` entries are read) or a plain state dict file."""
     path = Path(path)
     if path.is_dir():
-        import torch.distributed.checkpoint as dcp  # noqa: TID251 (single-process file I/O, see module docstring)
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: TID251
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         reader = dcp.FileSystemReader(path)
         entries = reader.read_metadata().state_dict_metadata
@@ -59,7 +59,7 @@ def write_our_checkpoint(state: dict[str, torch.Tensor], path: str | Path) -> No
     elif path.suffix == ".pt":
         torch.save(state, path)
     else:
-        import torch.distributed.checkpoint as dcp  # noqa: TID251 (single-process file I/O, see module docstring)
+        import torch.distributed.checkpoint as dcp
 
         dcp.save({MODEL_KEY: state}, storage_writer=dcp.FileSystemWriter(path))
 
@@ -95,7 +95,7 @@ def complete_state(imported: dict[str, torch.Tensor], args: ModelArgs, seed: int
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and convert one checkpoint; prints a one-line JSON summary."""
-    parser = argparse.ArgumentParser(prog="python -m model.hf", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.hf_convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for command, src_help, dst_help in (
         ("import", "HF safetensors file or directory", "our DCP directory (or .pt / .safetensors file)"),
