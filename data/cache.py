@@ -1,12 +1,13 @@
-"""A bounded local disk cache of whole objects in front of remote storage, safe to share between processes.
+"""A bounded local disk cache of whole shards in front of remote storage, safe to share between processes.
 
-Only shards (``*.tar``) are cached: the manifest and tokenizer are small and may be rewritten (``data.prepare
---merge``), while shards are immutable once written (a changed dataset gets new shard names), so a cached copy never
-goes stale. Objects read whole (the shard index reads each shard once) are kept; a ranged read of a cached object is
-served from disk, a ranged read of an uncached one goes to the remote storage and is not cached (random access over
-many shards would otherwise fill the cache with fragments). Entries are written to a private temporary file and
-renamed into place, so a reader in another process sees a whole file or none; eviction removes the least recently
-used entries (by modification time, refreshed on every hit) until the cache holds at most ``max_bytes``.
+Only shards (``*.tar``) and their sidecar indexes are cached: the manifest and tokenizer are small and may be
+rewritten (``data.prepare`` adds sources), while shards are immutable once written (a changed dataset gets new
+shard names), so a cached copy never goes stale. The first read of a shard, ranged or not, brings the whole shard
+(one request) if it fits the cache; later reads of it are served from disk. Size the cache for the shards in
+rotation: when it is much smaller than that, random access keeps evicting and fetching whole shards, and reading
+without a cache (ranged requests only) is cheaper. Entries are written to a private temporary file and renamed into
+place, so a reader in another process sees a whole file or none; eviction removes the least recently used entries
+(by modification time, refreshed on every hit) until the cache holds at most ``max_bytes``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from data.storage import Storage
 
 SUFFIX = ".obj"
+CACHED_SUFFIXES = (".tar", ".idx.json")
 
 
 class DiskCache:
@@ -118,12 +120,18 @@ class CachedStorage:
         self.storage = storage
         self.cache = cache
         self.url = storage.url
+        self._fills: dict[str, threading.Lock] = {}
+        self._fills_lock = threading.Lock()
 
     def _key(self, key: str) -> str:
         return f"{self.url}/{key}"
 
+    @staticmethod
+    def cacheable(key: str) -> bool:
+        return key.endswith(CACHED_SUFFIXES)
+
     def read(self, key: str) -> bytes:
-        if not key.endswith(".tar"):
+        if not self.cacheable(key):
             return self.storage.read(key)
         data = self.cache.get(self._key(key))
         if data is None:
@@ -132,8 +140,23 @@ class CachedStorage:
         return data
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
-        data = self.cache.get_range(self._key(key), start, length) if key.endswith(".tar") else None
-        return data if data is not None else self.storage.read_range(key, start, length)
+        if not self.cacheable(key):
+            return self.storage.read_range(key, start, length)
+        data = self.cache.get_range(self._key(key), start, length)
+        if data is not None:
+            return data
+        with self._fills_lock:
+            fill = self._fills.setdefault(key, threading.Lock())
+        with fill:  # prefetch threads drawing from the same new shard wait for one download
+            data = self.cache.get_range(self._key(key), start, length)
+            if data is not None:
+                return data
+            size = self.storage.size(key)
+            if size > self.cache.max_bytes:  # never fits: ranged reads only
+                return self.storage.read_range(key, start, length)
+            whole = self.storage.read_range(key, 0, size) if size else b""
+            self.cache.put(self._key(key), whole)
+        return whole[start:start + length]
 
     def size(self, key: str) -> int:
         size = self.cache.size(self._key(key))

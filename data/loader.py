@@ -101,7 +101,8 @@ class StageLoader:
 
     ``data`` (optional) brings the run's storage options: ``prefetch_samples`` draws per slot read and decoded ahead
     on ``prefetch_threads`` background threads (which also read shard indexes in parallel), and
-    ``skip_missing_shards``. None of them changes the stream.
+    ``skip_missing_shards``, and its ``max_corrupt_fraction`` replaces the argument. None of them changes the
+    stream.
     """
 
     def __init__(
@@ -126,9 +127,13 @@ class StageLoader:
                 hint = f"; regenerate the demo corpus: python -m data.synthetic --out {storage.url}"
             raise DataError(f"stage '{stage_name}' mixes sources {missing} that {storage.url}/manifest.json "
                             f"does not have; available: {sorted(known)}{hint}")
+        if data is not None:  # the run's data config: its corrupt-sample limit too
+            self.max_corrupt_fraction = data.max_corrupt_fraction
         data = data or DataConfig(prefetch_samples=0)
-        self.sources = {name: ShardSource(name, storage, known[name]["shards"], data.skip_missing_shards,
-                                          data.prefetch_threads) for name in self.sampler.sources()}
+        self.sources = {
+            name: ShardSource(name, storage, known[name]["shards"], data.skip_missing_shards, data.prefetch_threads,
+                              known[name].get("shard_samples"), known[name].get("index_suffix", ""))
+            for name in self.sampler.sources()}
         self.prefetch_samples = data.prefetch_samples
         self.prefetcher = None
         if data.prefetch_samples > 0:

@@ -12,9 +12,11 @@ Input, either:
 
 Every sample is validated as the loader would read it (JSON, fields, images decodable and under the pixel limit,
 boxes, points and actions on their image); invalid ones are left out and reported by key. Shards go to
-``<out>/<source>/shard-NNNNNN.tar``; ``<out>/manifest.json`` gets (or replaces) the source's entry: shards, samples,
-images, words, text tokens and image-size statistics, which ``python -m data.stats`` summarizes. Text tokens are
-counted with ``<out>/tokenizer.json``, ``--tokenizer``, or a byte-level BPE trained on the text when neither exists.
+``<out>/<source>/shard-NNNNNN.tar``, each with its sidecar index ``.tar.idx.json`` (member offsets, so the loader
+starts without reading shards); ``<out>/manifest.json`` gets (or replaces) the source's entry: shards, samples per
+shard, samples, images, words, text tokens and image-size statistics, which ``python -m data.stats`` summarizes.
+Text tokens are counted with ``<out>/tokenizer.json``, ``--tokenizer``, or a byte-level BPE trained on the text
+when neither exists.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data.samples import RawSample, SampleError, load_images, load_meta
+from data.shards import INDEX_SUFFIX, index_bytes
 from data.storage import S3Options, Storage, open_storage
 from data.synthetic import sample_texts
 from data.tokenizer import TextTokenizer, train_tokenizer
@@ -124,13 +127,17 @@ def prepare(input_path: str | Path, out: str, source: str, samples_per_shard: in
     tok, write_tokenizer = _tokenizer(storage, tokenizer, texts)
     if write_tokenizer:
         storage.write("tokenizer.json", tok.tokenizer.to_str().encode("utf-8"))
-    shards = []
+    shards, counts = [], []
     for start in range(0, len(kept), samples_per_shard):
         shard = f"{source}/shard-{len(shards):06d}.tar"
-        storage.write(shard, _tar(kept[start:start + samples_per_shard]))
+        data = _tar(kept[start:start + samples_per_shard])
+        storage.write(shard, data)
+        storage.write(shard + INDEX_SUFFIX, index_bytes(data))  # the loader starts without reading shards
         shards.append(shard)
+        counts.append(len(kept[start:start + samples_per_shard]))
     entry = {
-        "kind": kinds.pop() if len(kinds) == 1 else "mixed", "shards": shards, "num_samples": len(kept),
+        "kind": kinds.pop() if len(kinds) == 1 else "mixed", "shards": shards, "shard_samples": counts,
+        "index_suffix": INDEX_SUFFIX, "num_samples": len(kept),
         "num_images": len(widths), "num_words": sum(len(t.split()) for t in texts),
         "num_tokens": sum(len(tok.encode(t)) for t in texts), "num_skipped": len(skipped),
         "image_stats": {"width": _stats(widths), "height": _stats(heights),

@@ -1,4 +1,5 @@
-"""Sample formats: reading webdataset tar shards and rendering samples into token documents.
+"""Sample formats: checking samples read from the shards (:mod:`data.shards`) and rendering them into token
+documents.
 
 A sample is a group of tar members sharing a key: ``<key>.json`` (``kind``, ordered ``segments`` of
 ``{"text": ...}`` / ``{"image": "<member ext>"}``, plus kind-specific fields such as grounding ``objects``) and its
@@ -8,14 +9,9 @@ images. Rendering turns it into a :class:`Document`: token ids with image placeh
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import tarfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -33,22 +29,13 @@ from data.formats import (  # noqa: F401  (SampleError, BOX_* and format_box are
     grounding_text,
 )
 from data.images import ImageError, decode_image, image_to_patches
-from data.storage import Storage
+from data.shards import RawSample, ShardSource  # noqa: F401  (part of this module's interface)
 from data.tokenizer import TextTokenizer
 
 KINDS = ("caption", "ocr", "grounding", "interleaved", "text", "long_doc", "dialogue", "video", "agent")
 # ChatML roles of dialogue segments; only assistant turns are loss targets.
 ROLES = ("system", "user", "assistant")
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RawSample:
-    source: str
-    shard: str
-    key: str
-    members: dict[str, bytes]
 
 
 @dataclass
@@ -80,78 +67,6 @@ class Document:
         inside = [i for i, (a, b) in enumerate(self.spans) if start <= a and b <= stop]
         return Document(self.tokens[start:stop], self.supervised[start:stop], [self.images[i] for i in inside],
                         [(self.spans[i][0] - start, self.spans[i][1] - start) for i in inside])
-
-
-class ShardSource:
-    """One named source: every sample of its tar shards, addressable by index.
-
-    The index (member offsets) comes from one read of each shard (``threads`` shards at a time, assembled in shard
-    order whatever finishes first); samples are then fetched with ranged reads of just their members, so random
-    access costs one request per member, locally or on S3. A shard that does not exist fails by name, or, with
-    ``skip_missing``, is logged, counted in ``missing_shards`` and left out.
-    """
-
-    def __init__(self, name: str, storage: Storage, shards: list[str], skip_missing: bool = False,
-                 threads: int = 1):
-        self.name = name
-        self.storage = storage
-        self.shards = list(shards)
-        self.skip_missing = skip_missing
-        self.threads = max(1, threads)
-        self.missing_shards: list[str] = []
-        self._index: list[tuple[int, str, dict[str, tuple[int, int]]]] | None = None
-
-    def _read_shard(self, shard: str) -> bytes | None:
-        try:
-            return self.storage.read(shard)
-        except FileNotFoundError:
-            if not self.skip_missing:
-                raise FileNotFoundError(f"source '{self.name}': shard {self.storage.url}/{shard} is missing "
-                                        f"(data.skip_missing_shards=true skips it)") from None
-            return None
-
-    def _build_index(self) -> list[tuple[int, str, dict[str, tuple[int, int]]]]:
-        index = []
-        with ThreadPoolExecutor(self.threads) as pool:
-            # map yields in shard order; each shard's bytes are dropped once its members are indexed.
-            for shard_id, (shard, data) in enumerate(zip(self.shards, pool.map(self._read_shard, self.shards))):
-                self._index_shard(index, shard_id, shard, data)
-        if not index:
-            raise ValueError(f"source '{self.name}' has no samples in {self.storage.url}: {self.shards}")
-        return index
-
-    def _index_shard(self, index: list, shard_id: int, shard: str, data: bytes | None) -> None:
-        if data is None:
-            self.missing_shards.append(shard)
-            logger.warning("source '%s': shard %s/%s is missing; skipped", self.name, self.storage.url, shard)
-            return
-        groups: dict[str, dict[str, tuple[int, int]]] = {}
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            for info in tar.getmembers():
-                if not info.isfile():
-                    continue
-                key, _, ext = Path(info.name).name.partition(".")
-                groups.setdefault(key, {})[ext] = (info.offset_data, info.size)
-        index.extend((shard_id, key, members) for key, members in groups.items())
-
-    def __len__(self) -> int:
-        if self._index is None:
-            self._index = self._build_index()
-        return len(self._index)
-
-    def locate(self, position: int) -> str:
-        """``shard:key`` of sample ``position``, for logs."""
-        len(self)
-        shard_id, key, _ = self._index[position]
-        return f"{self.storage.url}/{self.shards[shard_id]}:{key}"
-
-    def read(self, position: int) -> RawSample:
-        """The raw members of sample ``position`` (0 <= position < len(self))."""
-        len(self)
-        shard_id, key, members = self._index[position]
-        shard = self.shards[shard_id]
-        data = {ext: self.storage.read_range(shard, offset, size) for ext, (offset, size) in members.items()}
-        return RawSample(self.name, f"{self.storage.url}/{shard}", key, data)
 
 
 def load_meta(sample: RawSample) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data.shards import INDEX_SUFFIX, index_bytes
 from data.tokenizer import train_tokenizer
 
 COLORS = {
@@ -313,7 +314,7 @@ def write_source(out: Path, name: str, count: int, seed: int) -> tuple[dict, lis
     """Write one source's shards; returns its manifest entry and all its text (for the tokenizer)."""
     rng = random.Random(zlib.crc32(f"{seed}/{name}".encode()))
     (out / name).mkdir(parents=True, exist_ok=True)
-    shards, texts, images = [], [], 0
+    shards, counts, texts, images = [], [], [], 0
     for start in range(0, count, SAMPLES_PER_SHARD):
         shard = f"{name}/shard-{len(shards):06d}.tar"
         with tarfile.open(out / shard, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -325,9 +326,13 @@ def write_source(out: Path, name: str, count: int, seed: int) -> tuple[dict, lis
                     _add(tar, f"{key}.{i}.png", png)
                 texts += sample_texts(meta)
                 images += len(pngs)
+        # The sidecar index lets the loader start without reading the shards (data/shards.py).
+        (out / (shard + INDEX_SUFFIX)).write_bytes(index_bytes((out / shard).read_bytes()))
         shards.append(shard)
+        counts.append(min(count, start + SAMPLES_PER_SHARD) - start)
     words = sum(len(t.split()) for t in texts)
-    entry = {"kind": name, "shards": shards, "num_samples": count, "num_images": images, "num_words": words}
+    entry = {"kind": name, "shards": shards, "shard_samples": counts, "index_suffix": INDEX_SUFFIX,
+             "num_samples": count, "num_images": images, "num_words": words}
     return entry, texts
 
 

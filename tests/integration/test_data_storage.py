@@ -79,6 +79,18 @@ def test_cache_second_pass_issues_no_request_and_stays_bounded(s3_corpus, demo_r
         assert before > 0 and len(proxy.requests) == before
     assert first == second == reference
 
+    # Indexed lazily (sidecars), random access: each shard and sidecar is fetched once, then a pass is free.
+    entry = manifest["sources"]["caption"]
+    with FaultProxy(upstream(s3_corpus), ["ok"]) as proxy:
+        for attempt in range(2):
+            lazy = ShardSource("caption", CachedStorage(through(proxy), DiskCache(tmp_path / "lazy", 2**30)),
+                               shards, shard_samples=entry["shard_samples"], index_suffix=entry["index_suffix"])
+            assert {sample.key: sample.members for sample in map(lazy.read, range(len(lazy) - 1, -1, -3))} == {
+                key: members for i, (key, members) in enumerate(reference.items()) if (len(lazy) - 1 - i) % 3 == 0}
+            if attempt == 0:
+                assert len(proxy.object_gets()) == 2 * len(shards)
+        assert len(proxy.object_gets()) == 2 * len(shards)
+
     sizes = [(demo_root / shard).stat().st_size for shard in manifest["sources"]["ocr"]["shards"]]
     sizes += [(demo_root / shard).stat().st_size for shard in shards]
     bound = max(sizes)  # room for any one shard, never two
@@ -98,29 +110,41 @@ def test_cache_second_pass_issues_no_request_and_stays_bounded(s3_corpus, demo_r
 
 @pytest.fixture(scope="module")
 def broken_corpus(s3_corpus, demo_root):  # noqa: F811
-    """s3://kimi-demo/broken: the demo corpus whose grounding source lists one shard that was never uploaded."""
+    """s3://kimi-demo/broken-{lazy,eager}: the demo corpus whose grounding source lists a shard that was never
+    uploaded, with shard counts in the manifest (indexed shard by shard on first use) and without (all at once)."""
     client = boto3.client("s3", endpoint_url=s3_corpus, region_name="us-east-1")
-    manifest = json.loads((demo_root / "manifest.json").read_text())
-    manifest["sources"]["grounding"]["shards"].append("grounding/shard-000099.tar")
     local = LocalStorage(demo_root)
-    for key in local.list():
-        body = json.dumps(manifest).encode() if key == "manifest.json" else local.read(key)
-        client.put_object(Bucket=BUCKET, Key=f"broken/{key}", Body=body)
+    for mode in ("lazy", "eager"):
+        manifest = json.loads((demo_root / "manifest.json").read_text())
+        grounding = manifest["sources"]["grounding"]
+        grounding["shards"].append("grounding/shard-000099.tar")
+        grounding["shard_samples"].append(100)
+        if mode == "eager":
+            del grounding["shard_samples"]
+        for key in local.list():
+            body = json.dumps(manifest).encode() if key == "manifest.json" else local.read(key)
+            client.put_object(Bucket=BUCKET, Key=f"broken-{mode}/{key}", Body=body)
     return f"s3://{BUCKET}/broken"
 
 
-def test_a_missing_shard_fails_by_name_or_is_skipped_and_counted(s3_corpus, broken_corpus, tokenizer):  # noqa: F811
-    storage = S3Storage(broken_corpus, S3Options(endpoint_url=s3_corpus, max_attempts=2))
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_a_missing_shard_fails_by_name_or_is_skipped_and_counted(s3_corpus, broken_corpus, tokenizer,  # noqa: F811
+                                                                 mode):
+    storage = S3Storage(f"{broken_corpus}-{mode}", S3Options(endpoint_url=s3_corpus, max_attempts=2))
     stage = load_config(["recipe=debug"]).curriculum.stages["vit_coca"]
     vision = FLAVORS["debug"].vision
     strict = StageLoader("vit_coca", stage, storage, tokenizer, vision, 0, 0, 1)
     with pytest.raises(FileNotFoundError, match="grounding/shard-000099.tar"):
-        strict.next_image_text_batch(0.0)
+        for _ in range(10):  # lazily, the shard is looked for when a draw first lands in it
+            strict.next_image_text_batch(0.0)
     lenient = StageLoader("vit_coca", stage, storage, tokenizer, vision, 0, 0, 1,
-                          data=DataConfig(skip_missing_shards=True, prefetch_samples=0))
-    batch = lenient.next_image_text_batch(0.0)
-    assert batch.text_ids.shape[0] == stage.micro_batch_size
+                          data=DataConfig(skip_missing_shards=True, prefetch_samples=0, max_corrupt_fraction=1.0))
+    for _ in range(4):
+        batch = lenient.next_image_text_batch(0.0)
+        assert batch.text_ids.shape[0] == stage.micro_batch_size
     assert lenient.missing_shards == ["grounding/shard-000099.tar"]
+    # Eagerly its samples are left out; lazily its draws are skipped and counted like corrupt samples.
+    assert (lenient.corrupt > 0) == (mode == "lazy")
 
 
 def test_prefetch_over_a_slow_flaky_server_keeps_the_stream(s3_corpus, demo_root, tokenizer):  # noqa: F811
