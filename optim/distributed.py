@@ -122,27 +122,60 @@ def assign_owners(units: list[Unit], world: int) -> list[list[Unit]]:
 
 
 class Partition:
-    """The units reduced and sharded over one process group, laid out as one flat buffer of equal rank segments."""
+    """The units reduced and sharded over one process group, laid out as one flat buffer of equal rank segments.
 
-    def __init__(self, units: list[Unit], group: dist.ProcessGroup | None):
+    Communication is bucketed: the segments are processed ``bucket_elements`` at a time (each collective moves
+    ``world x bucket`` elements), so the temporary buffers stay bounded whatever the model size, and the packing of
+    the next bucket overlaps the collective of the previous one (at most two in flight).
+
+    Args:
+        units: The units of this partition.
+        group: The process group (None: one process).
+        bucket_elements: Elements of each rank's segment per collective.
+    """
+
+    def __init__(self, units: list[Unit], group: dist.ProcessGroup | None, bucket_elements: int = 1 << 24):
+        if bucket_elements < 1:
+            raise ValueError(f"bucket_elements must be >= 1, got {bucket_elements}")
         self.group = group
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.owned = assign_owners(units, self.world)
         self.segment = max((sum(u.numel for u in rank_units) for rank_units in self.owned), default=0)
+        self.bucket_elements = bucket_elements
+        # Each rank's units with their offset inside the rank's segment.
+        self.layout = []
+        for rank_units in self.owned:
+            offsets, offset = [], 0
+            for unit in rank_units:
+                offsets.append((unit, offset))
+                offset += unit.numel
+            self.layout.append(offsets)
 
     @property
     def mine(self) -> list[Unit]:
         return self.owned[self.rank]
 
-    def _pack(self, source) -> torch.Tensor:
-        """Every rank's units, rank after rank, each rank's segment padded to ``self.segment`` elements."""
-        flat = torch.zeros(self.world * self.segment, dtype=torch.float32)
-        for rank, rank_units in enumerate(self.owned):
-            offset = rank * self.segment
-            for unit in rank_units:
-                flat[offset : offset + unit.numel] = source(unit).reshape(-1)
-                offset += unit.numel
+    def buckets(self) -> list[tuple[int, int]]:
+        """``[lo, hi)`` element ranges of a segment, one per collective."""
+        return [(lo, min(lo + self.bucket_elements, self.segment)) for lo in range(0, self.segment,
+                                                                                   self.bucket_elements)]
+
+    def _pieces(self, rank: int, lo: int, hi: int):
+        """``(unit, start, stop, at)``: elements ``start:stop`` of ``unit`` sit at ``at`` in the bucket ``[lo, hi)``."""
+        for unit, offset in self.layout[rank]:
+            start, stop = max(lo, offset), min(hi, offset + unit.numel)
+            if start < stop:
+                yield unit, start - offset, stop - offset, start - lo
+
+    def _pack(self, source, lo: int, hi: int, ranks) -> torch.Tensor:
+        """The ``[lo, hi)`` slice of the segments of ``ranks``, rank after rank (padding stays zero)."""
+        width = hi - lo
+        flat = torch.zeros(len(ranks) * width, dtype=torch.float32)
+        for index, rank in enumerate(ranks):
+            base = index * width
+            for unit, start, stop, at in self._pieces(rank, lo, hi):
+                flat[base + at : base + at + stop - start] = source(unit).reshape(-1)[start:stop]
         return flat
 
     def reduce_scatter_gradients(self) -> torch.Tensor:
@@ -152,32 +185,36 @@ class Partition:
                 return torch.zeros(unit.numel)
             return unit.view(unit.param.grad)
 
-        flat = self._pack(grad_of)
-        if self.world == 1:
-            return flat[: self.segment]
-        mine = torch.empty(self.segment, dtype=torch.float32)
-        dist.reduce_scatter_single(mine, flat, group=self.group)
+        mine = torch.zeros(self.segment, dtype=torch.float32)
+        everyone = range(self.world)
+        pending: list = []
+        for lo, hi in self.buckets():
+            flat = self._pack(grad_of, lo, hi, everyone)
+            if self.world == 1:
+                mine[lo:hi] = flat
+                continue
+            pending.append(dist.reduce_scatter_single(mine[lo:hi], flat, group=self.group, async_op=True))
+            if len(pending) > 1:  # keep at most two buckets in flight
+                pending.pop(0).wait()
+        for work in pending:
+            work.wait()
         return mine
 
     def all_gather_parameters(self) -> None:
         """Copy every owner's updated units into every rank's parameters."""
         if self.world == 1:
             return
-        segment = torch.zeros(self.segment, dtype=torch.float32)
-        offset = 0
-        for unit in self.mine:
-            segment[offset : offset + unit.numel] = unit.view(unit.param.data).reshape(-1)
-            offset += unit.numel
-        gathered = torch.empty(self.world * self.segment, dtype=torch.float32)
-        dist.all_gather_single(gathered, segment, group=self.group)
-        for rank, rank_units in enumerate(self.owned):
-            if rank == self.rank:  # already up to date
-                continue
-            offset = rank * self.segment
-            for unit in rank_units:
-                target = unit.view(unit.param.data)
-                target.copy_(gathered[offset : offset + unit.numel].view_as(target))
-                offset += unit.numel
+        for lo, hi in self.buckets():
+            segment = self._pack(lambda unit: unit.view(unit.param.data), lo, hi, [self.rank])
+            gathered = torch.empty(self.world * (hi - lo), dtype=torch.float32)
+            dist.all_gather_single(gathered, segment, group=self.group)
+            for rank in range(self.world):
+                if rank == self.rank:  # already up to date
+                    continue
+                base = rank * (hi - lo)
+                for unit, start, stop, at in self._pieces(rank, lo, hi):
+                    target = unit.view(unit.param.data).reshape(-1)
+                    target[start:stop] = gathered[base + at : base + at + stop - start]
 
     def communication_bytes(self) -> int:
         return 2 * self.world * self.segment * 4 if self.world > 1 else 0
@@ -200,12 +237,13 @@ class ZeroOptimizer:
             divided by expert parallelism); defaults to ``group``.
         norm_group: The group whose owned units together cover every parameter exactly once (the whole world,
             pipeline stages included), for the global gradient norm; defaults to ``group``.
+        bucket_elements: Elements of a rank's segment per reduce-scatter / all-gather (bounds temporary memory).
     """
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, use_muon: bool = True,
                  muon: MuonHParams | None = None, adamw: AdamWHParams | None = None,
                  group: dist.ProcessGroup | None = None, expert_group: dist.ProcessGroup | None = None,
-                 norm_group: dist.ProcessGroup | None = None):
+                 norm_group: dist.ProcessGroup | None = None, bucket_elements: int = 1 << 24):
         self.lr = lr
         self.weight_decay = weight_decay
         self.muon = muon or MuonHParams()
@@ -214,9 +252,10 @@ class ZeroOptimizer:
         self.units = build_units(model) if use_muon else build_units_all_adamw(model)
         dense = [u for u in self.units if not u.route.per_expert]
         experts = [u for u in self.units if u.route.per_expert]
-        self.partitions = [Partition(dense, group)]
+        self.partitions = [Partition(dense, group, bucket_elements)]
         if experts:
-            self.partitions.append(Partition(experts, expert_group if expert_group is not None else group))
+            self.partitions.append(Partition(experts, expert_group if expert_group is not None else group,
+                                             bucket_elements))
         self.params = list(dict.fromkeys(u.param for u in self.units))
         self.state = {u.key: self._fresh_state(u) for u in self.owned_units()}
 

@@ -148,6 +148,8 @@ class OptimConfig:
     muon_ns_steps: int = 5
     # Newton-Schulz precision: bfloat16 as in Moonlight; float32 for bitwise-tight comparisons.
     muon_ns_dtype: str = "bfloat16"
+    # ZeRO-1 communication bucket: MiB of each rank's gradient/parameter segment per collective.
+    reduce_bucket_mb: float = 64.0
 
 
 @dataclass
@@ -159,6 +161,10 @@ class ParallelConfig:
     pp_degree: int = 1
     cp_degree: int = 1
     ep_degree: int = 1
+    # Pipeline schedule (parallel/pipeline.py): gpipe | 1f1b | interleaved_1f1b | interleaved_zero_bubble |
+    # zero_bubble (ZBV); the interleaved ones run pp_virtual_stages stages per rank.
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 2
     # none | selective | full | auto (selective up to 32K-token rows, full beyond: parallel/activation_checkpoint.py)
     activation_checkpoint: str = "auto"
 
@@ -295,6 +301,7 @@ def validate(cfg: RunConfig) -> None:
            "'bfloat16' or 'float32'")
     _check(0 <= cfg.optim.muon_momentum < 1, "optim.muon_momentum", cfg.optim.muon_momentum, "a value in [0, 1)")
     _check(cfg.optim.muon_ns_steps >= 1, "optim.muon_ns_steps", cfg.optim.muon_ns_steps, ">= 1")
+    _check(cfg.optim.reduce_bucket_mb > 0, "optim.reduce_bucket_mb", cfg.optim.reduce_bucket_mb, "> 0")
     _check(cfg.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", cfg.optim.grad_clip_norm, ">= 0 (0 disables)")
     _check(cfg.parallel.dp_degree == -1 or cfg.parallel.dp_degree >= 1, "parallel.dp_degree",
            cfg.parallel.dp_degree, "-1 (whole world) or >= 1")

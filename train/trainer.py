@@ -38,6 +38,7 @@ from optim.schedules import lr_at
 from parallel.context import forward_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
 from parallel.parallelize import apply_stage_parallel, parallelize_model
+from parallel.pipeline import build_pipeline, build_pp_groups, check_pipeline_config, pipeline_lm_step
 from train.checkpoint import ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
@@ -223,16 +224,19 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         seq_lens = [cfg.curriculum.stages[n].seq_len for n in cfg.curriculum.order]
         self.dims = ParallelDims.from_config(cfg.parallel, self.world, cfg.model, seq_lens)
-        if self.dims.pp_degree != 1:
-            raise ConfigError(f"Invalid value parallel.pp_degree={self.dims.pp_degree}: the trainer runs data, "
-                              "expert and context parallelism so far (pipeline parallelism is open work of the "
-                              "4D-engine issue); use 1.")
+        if self.dims.pp_degree > 1:
+            check_pipeline_config(cfg, self.dims)
         self.groups = self.dims.build_groups()
         self.tokenizer = self._build_tokenizer()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
         # Every rank builds the same full model from the same seed, then keeps its shards.
         self.activation_checkpointing = parallelize_model(self.model, self.dims, self.groups)
+        self.pipeline = None
+        if self.dims.pp_degree > 1:  # keeps only this rank's stages of the model (parameter names unchanged)
+            self.pipeline = build_pipeline(
+                self.model, cfg.parallel.pp_schedule, build_pp_groups(self.dims.pp_degree, self.dims.dp_degree),
+                max(seq_lens), cfg.parallel.pp_virtual_stages)
         self.steps_this_run = 0
         self.peak_flops = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0 else measure_peak_flops()
         self.wandb = WandbLogger(cfg.log.wandb and self.rank == 0, cfg.log.wandb_project, cfg.run_dir,
@@ -391,8 +395,14 @@ class Trainer:
             result = coca_step(self.model, batches)
         else:
             batches = [loader.next_packed_batch(progress) for _ in range(stage.grad_accum_steps)]
-            result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
-                             self.groups.cp if self.dims.cp_degree > 1 else None)
+            if self.pipeline is not None:
+                lm_loss, aux_loss, tokens, load = pipeline_lm_step(
+                    self.pipeline, batches, self.cfg.model.decoder.aux_loss_coef, self.dims.pp_degree)
+                parts = {"lm_loss": lm_loss, **({"aux_loss": aux_loss} if self.cfg.model.decoder.aux_loss_coef else {})}
+                result = StepResult(lm_loss, parts, tokens, expert_load=load)
+            else:
+                    result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
+                                 self.groups.cp if self.dims.cp_degree > 1 else None)
         grad_norm = self._update(name, stage, optimizer, result, train)
         train.step += 1
         train.tokens += result.tokens
@@ -419,7 +429,7 @@ class Trainer:
             train.nonfinite_in_a_row = 0
             if result.expert_load is not None and "decoder" in stage.trainable:
                 load = result.expert_load.clone()
-                dist.all_reduce(load)
+                dist.all_reduce(load, group=self.groups.dense)  # the replicas of this rank's layers
                 self.model.decoder.update_expert_bias(load)
             return grad_norm
         train.skipped_steps += 1
@@ -444,7 +454,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, groups: Paral
     adamw = AdamWHParams(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
     return ZeroOptimizer(model, lr=lr, weight_decay=cfg.weight_decay, use_muon=cfg.name == "muon", muon=muon,
                          adamw=adamw, group=groups.dense if groups else dist.group.WORLD,
-                         expert_group=groups.expert_data if groups else None, norm_group=dist.group.WORLD)
+                         expert_group=groups.expert_data if groups else None, norm_group=dist.group.WORLD,
+                         bucket_elements=max(1, int(cfg.reduce_bucket_mb * 2**20) // 4))
 
 
 def run_curriculum(cfg: RunConfig) -> dict[str, dict[str, Any]]:

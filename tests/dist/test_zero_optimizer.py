@@ -56,9 +56,10 @@ def set_summed_grads(model: nn.Module, step: int, ranks: int, share: float = 1.0
         p.grad = total[name] * share
 
 
-def train(rank: int, world: int, steps: int, group_world: bool = True) -> dict:
+def train(rank: int, world: int, steps: int, group_world: bool = True, bucket_elements: int = 1 << 24) -> dict:
     model = mixed_model()
-    optimizer = ZeroOptimizer(model, lr=LR, weight_decay=WD, group=dist.group.WORLD if group_world else None)
+    optimizer = ZeroOptimizer(model, lr=LR, weight_decay=WD, group=dist.group.WORLD if group_world else None,
+                              bucket_elements=bucket_elements)
     norms = []
     for step in range(steps):
         rank_grads(model, step, rank)
@@ -79,9 +80,10 @@ def single_process(world: int, steps: int) -> dict:
             "state_bytes": optimizer.state_bytes()}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_distributed_equals_single_process_over_50_steps(world):
-    results = run_ranks(train, world, 50)
+# The default bucket holds a whole segment; 37 elements cut units (and their rows) across many collectives.
+@pytest.mark.parametrize("world,bucket", [(2, 1 << 24), (4, 1 << 24), (4, 37)])
+def test_distributed_equals_single_process_over_50_steps(world, bucket):
+    results = run_ranks(train, world, 50, True, bucket)
     reference = single_process(world, 50)
     for result in results:
         assert result["norms"] == pytest.approx(reference["norms"], rel=1e-9)
