@@ -90,3 +90,19 @@ def test_layout_equals_one_process(layout, reference, demo_root, tmp_path):
             assert param.shape == expected.shape, name
             error = relative_error(param, expected)
             assert error <= TOLERANCE, f"{layout} rank {rank}: {name} differs by {error:.2e} (relative)"
+
+
+def test_checkpoint_of_dp2_cp2_ep2_resumes_in_one_process(reference, demo_root, tmp_path):
+    """Saved after 2 steps at dp2 x cp2 x ep2 (experts as DTensors, optimizer state by global unit keys, one loader
+    state per batch slot), resumed by one process: the third step and the final parameters are the uninterrupted
+    single-process run's."""
+    spec = dict(cp_degree=2, ep_degree=2, activation_checkpoint="none")
+    run_ranks(train_rank, 4, [*overrides(tmp_path, demo_root, GLOBAL_ROWS // 2, **spec), "exit_after_steps=2"])
+    checkpoints = sorted((tmp_path / "run" / "joint_pretrain" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-00000002"]
+    resumed = run_ranks(train_rank, 1, overrides(tmp_path, demo_root, GLOBAL_ROWS, activation_checkpoint="none"))[0]
+    assert len(resumed["losses"]) == STEPS
+    assert abs(resumed["losses"][-1] - reference["losses"][-1]) <= TOLERANCE * abs(reference["losses"][-1])
+    for name, param in resumed["params"].items():
+        error = relative_error(param, reference["params"][name])
+        assert error <= TOLERANCE, f"{name} differs by {error:.2e} (relative) after the resharded resume"
