@@ -31,7 +31,6 @@ the backward where the layer is, as Megatron's ``MoEAuxLossAutoScaler`` does), s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -52,9 +51,12 @@ from data.batch import PackedBatch
 from model.args import ModelArgs
 from model.attention import rope_angles_1d
 from model.vlm import KimiVL
+from parallel.dims import ParallelDims
+from train.config import ConfigError, RunConfig
 
-__all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "build_pipeline", "doc_ids_from_cu_seqlens",
-           "cu_seqlens_from_doc_ids", "layer_costs", "split_layers", "stage_ranks"]
+__all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "build_pipeline", "build_pp_groups",
+           "check_pipeline_config", "cu_seqlens_from_doc_ids", "doc_ids_from_cu_seqlens", "layer_costs",
+           "pipeline_lm_step", "split_layers", "stage_ranks"]
 
 IGNORE_INDEX = -100
 # name -> (schedule class, layout of stages over ranks: "loop" puts stage s on rank s % pp, "v" puts stages r and
@@ -290,25 +292,29 @@ def pipeline_loss(logits: torch.Tensor, target: torch.Tensor, num_targets: float
                            reduction="sum") / num_targets
 
 
-@dataclass
 class PipelineRunner:
-    """This rank's part of the pipeline: the pruned model, its stages and the schedule.
+    """This rank's part of the pipeline: the pruned model, its stage modules, and the schedule of the current batch
+    shape (built on first use and rebuilt when micro-batch count, rows or sequence length change between curriculum
+    stages; every rank of the pipeline sees the same shapes, since they all receive their replica's batches).
 
-    Attributes:
+    Args:
         model: The pruned KimiVL (hand it to the optimizer).
         stages: This rank's stage modules, in stage order.
-        schedule: The ``torch.distributed.pipelining`` schedule.
-        layout: Layer keys of every stage (all ranks).
+        stage_indices: Their global stage indices.
+        num_stages: Stages of the whole pipeline.
+        layout: Layer keys of every stage.
+        schedule_name: One of :data:`SCHEDULES`.
         group: The pipeline process group.
+        device: Where the stages run.
     """
 
-    model: KimiVL
-    stages: list[StageModule]
-    schedule: PipelineScheduleSingle | PipelineScheduleMulti
-    layout: list[list[str]]
-    group: dist.ProcessGroup
-    microbatches: int
-    losses: list[torch.Tensor] = field(default_factory=list)
+    def __init__(self, model: KimiVL, stages: list[StageModule], stage_indices: list[int], num_stages: int,
+                 layout: list[list[str]], schedule_name: str, group: dist.ProcessGroup, device: torch.device):
+        self.model, self.stages, self.stage_indices = model, stages, stage_indices
+        self.num_stages, self.layout, self.schedule_name = num_stages, layout, schedule_name
+        self.group, self.device = group, device
+        self._schedule: PipelineScheduleSingle | PipelineScheduleMulti | None = None
+        self._shape: tuple[int, int, int] | None = None
 
     @property
     def has_first(self) -> bool:
@@ -317,6 +323,25 @@ class PipelineRunner:
     @property
     def has_last(self) -> bool:
         return any(s.is_last for s in self.stages)
+
+    def schedule_for(self, microbatches: int, rows: int, seq: int) -> PipelineScheduleSingle | PipelineScheduleMulti:
+        """The schedule for micro-batches of ``rows x seq`` tokens (static stage shapes), cached."""
+        if self._schedule is not None and self._shape == (microbatches, rows, seq):
+            return self._schedule
+        schedule_cls = SCHEDULES[self.schedule_name][0]
+        dtype = next(iter(self.model.decoder.layers.values())).attention_norm.weight.dtype
+        pipeline_stages = []
+        for index, module in zip(self.stage_indices, self.stages, strict=True):
+            inputs, outputs = _stage_metas(self.model.args, rows, seq, dtype, module.is_first, module.is_last)
+            pipeline_stages.append(PipelineStage(module, index, self.num_stages, self.device, input_args=inputs,
+                                                 output_args=outputs, group=self.group))
+        # Sum, not mean, over micro-batches: the loss is already divided by the global token count.
+        if issubclass(schedule_cls, PipelineScheduleSingle):
+            self._schedule = schedule_cls(pipeline_stages[0], microbatches, loss_fn=pipeline_loss, scale_grads=False)
+        else:
+            self._schedule = schedule_cls(pipeline_stages, microbatches, loss_fn=pipeline_loss, scale_grads=False)
+        self._shape = (microbatches, rows, seq)
+        return self._schedule
 
     def step(self, batches: list[PackedBatch], num_targets: float, aux_weight: float = 0.0) -> torch.Tensor:
         """Forward and backward of ``batches`` (one per micro-batch) through the pipeline; gradients accumulate.
@@ -329,8 +354,8 @@ class PipelineRunner:
         Returns:
             The sum of this replica's micro-batch losses (0 on ranks without the last stage).
         """
-        if len(batches) != self.microbatches:
-            raise ValueError(f"the schedule was built for {self.microbatches} micro-batches, got {len(batches)}")
+        rows, seq = batches[0].input_ids.shape
+        schedule = self.schedule_for(len(batches), rows, seq)
         for stage in self.stages:
             stage.reset_stats()
             stage.aux_weight = aux_weight
@@ -339,8 +364,8 @@ class PipelineRunner:
         if self.has_last:
             target = torch.cat([b.labels.masked_fill(~b.loss_mask, IGNORE_INDEX) for b in batches])
         losses: list[torch.Tensor] = []
-        self.schedule.step(*args, target=target, losses=losses, return_outputs=False,
-                           loss_kwargs={"num_targets": max(float(num_targets), 1.0)}, **kwargs)
+        schedule.step(*args, target=target, losses=losses, return_outputs=False,
+                      loss_kwargs={"num_targets": max(float(num_targets), 1.0)}, **kwargs)
         return torch.stack(losses).detach().sum() if losses else torch.zeros(())
 
     def expert_load(self) -> torch.Tensor:
@@ -398,18 +423,15 @@ def _stage_metas(model_args: ModelArgs, rows: int, seq: int, dtype: torch.dtype,
     return inputs, outputs
 
 
-def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, microbatches: int, rows: int,
-                   seq_len: int, virtual_stages: int = 2, patches_per_token: float = 0.5,
-                   device: torch.device | str = "cpu") -> PipelineRunner:
-    """Cut ``model`` (built identically on every rank) into stages, prune it to this rank's and build the schedule.
+def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, seq_len: int, virtual_stages: int = 2,
+                   patches_per_token: float = 0.5, device: torch.device | str = "cpu") -> PipelineRunner:
+    """Cut ``model`` (built identically on every rank) into stages and prune it to this rank's, in place.
 
     Args:
         model: The whole model; pruned in place.
         schedule: One of :data:`SCHEDULES`.
         group: The pipeline process group (ranks of one data-parallel replica, in stage order).
-        microbatches: Micro-batches per step.
-        rows: Rows per micro-batch.
-        seq_len: Tokens per row.
+        seq_len: Tokens per row, for the cost estimate (attention grows with it).
         virtual_stages: Stages per rank of the interleaved schedules.
         patches_per_token: Expected image patches per token, for the cost estimate of stage 0.
         device: Where the stages run.
@@ -430,21 +452,8 @@ def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, micro
     owners = stage_ranks(num_stages, pp, layout_kind)
     mine = [s for s in range(num_stages) if owners[s] == pp_rank]
     prune_model(model, {k for s in mine for k in layout[s]}, first=0 in mine, last=num_stages - 1 in mine)
-    dtype = next(model.decoder.layers.values().__iter__()).attention_norm.weight.dtype
-    stages, modules = [], []
-    for s in mine:
-        module = StageModule(model, layout[s], is_first=s == 0, is_last=s == num_stages - 1)
-        inputs, outputs = _stage_metas(model.args, rows, seq_len, dtype, s == 0, s == num_stages - 1)
-        stages.append(PipelineStage(module, s, num_stages, torch.device(device), input_args=inputs,
-                                    output_args=outputs, group=group))
-        modules.append(module)
-    # Sum, not mean, over micro-batches: the loss is already divided by the global token count.
-    if issubclass(schedule_cls, PipelineScheduleSingle):
-        built = schedule_cls(stages[0], microbatches, loss_fn=pipeline_loss, scale_grads=False)
-    else:
-        built = schedule_cls(stages, microbatches, loss_fn=pipeline_loss, scale_grads=False)
-    return PipelineRunner(model=model, stages=modules, schedule=built, layout=layout, group=group,
-                          microbatches=microbatches)
+    modules = [StageModule(model, layout[s], is_first=s == 0, is_last=s == num_stages - 1) for s in mine]
+    return PipelineRunner(model, modules, mine, num_stages, layout, schedule, group, torch.device(device))
 
 
 def build_pp_groups(pp_degree: int, replicas: int) -> dist.ProcessGroup:
@@ -457,3 +466,63 @@ def build_pp_groups(pp_degree: int, replicas: int) -> dist.ProcessGroup:
         if rank in ranks:
             mine = group
     return mine
+
+
+def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_loss_coef: float, pp_degree: int
+                     ) -> tuple[float, float, int, torch.Tensor]:
+    """The trainer's next-token step under pipeline parallelism (what ``train.trainer.lm_step`` is without it).
+
+    Every rank of a pipeline holds its replica's batches, so world-wide sums of per-rank counts are divided by
+    ``pp_degree``; losses exist on last stages only. The balance loss is averaged over every micro-batch of every
+    replica, as in ``lm_step``.
+
+    Args:
+        runner: This rank's pipeline.
+        batches: This replica's micro-batches.
+        aux_loss_coef: Weight of the MoE balance loss.
+        pp_degree: Pipeline ranks per replica.
+
+    Returns:
+        ``(lm_loss, aux_loss, tokens, expert_load)``: global token-mean loss, mean balance loss, tokens of the step
+        (all replicas), this rank's ``[local MoE layers, E]`` loads (still to be summed over the stage's replicas).
+    """
+    counts = torch.tensor([sum(b.num_loss_tokens for b in batches), sum(b.num_tokens for b in batches)],
+                          dtype=torch.float64)
+    dist.all_reduce(counts)
+    num_targets, tokens = (counts / pp_degree).tolist()
+    replicas = dist.get_world_size() // pp_degree
+    loss = runner.step(batches, num_targets, aux_loss_coef / (len(batches) * replicas))
+    totals = torch.tensor([float(loss), runner.aux_loss_sum()], dtype=torch.float64)
+    dist.all_reduce(totals)
+    lm_loss, aux_total = totals.tolist()
+    return lm_loss, aux_total / (len(batches) * replicas), int(tokens), runner.expert_load()
+
+
+def check_pipeline_config(cfg: RunConfig, dims: ParallelDims) -> None:
+    """Reject, before any process group exists, what the pipeline does not run; say what would work."""
+    par = cfg.parallel
+    if par.pp_schedule not in SCHEDULES:
+        raise ConfigError(f"Invalid value parallel.pp_schedule={par.pp_schedule}: allowed are {sorted(SCHEDULES)}.")
+    per_rank = SCHEDULES[par.pp_schedule][2] or par.pp_virtual_stages
+    if per_rank < 1 or (SCHEDULES[par.pp_schedule][2] is None and per_rank < 2):
+        raise ConfigError(f"Invalid value parallel.pp_virtual_stages={par.pp_virtual_stages}: the interleaved "
+                          "schedules need at least 2 stages per rank.")
+    layers = cfg.model.decoder.num_layers
+    if dims.pp_degree * per_rank > layers:
+        raise ConfigError(f"Invalid layout: pp_degree={dims.pp_degree} x {per_rank} stages per rank "
+                          f"({par.pp_schedule}) = {dims.pp_degree * per_rank} stages, but the decoder has {layers} "
+                          "layers; use fewer stages or the 1f1b schedule.")
+    if dims.cp_degree > 1:
+        raise ConfigError(f"Invalid layout: pp_degree={dims.pp_degree} with cp_degree={dims.cp_degree} is not "
+                          "supported yet (stages do not shard the sequence); use cp_degree=1 or pp_degree=1.")
+    for name in cfg.curriculum.order:
+        micro = cfg.curriculum.stages[name].grad_accum_steps
+        rounds = max(1, micro // dims.pp_degree)
+        if micro < dims.pp_degree or (per_rank > 1 and micro % rounds):
+            raise ConfigError(f"Invalid value curriculum.stages.{name}.grad_accum_steps={micro}: the pipeline "
+                              f"needs at least pp_degree={dims.pp_degree} micro-batches per step (and, interleaved, "
+                              f"a multiple of {rounds}); use a multiple of {dims.pp_degree}.")
+    coca = [n for n in cfg.curriculum.order if cfg.curriculum.stages[n].objective == "coca"]
+    if coca:
+        raise ConfigError(f"Invalid layout: stages {coca} train the vision tower alone (CoCa objective), which "
+                          f"a pipeline cannot split; run them with parallel.pp_degree=1 (here {dims.pp_degree}).")

@@ -46,7 +46,9 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> None:
     """
     model.set_rope_theta(stage.rope_theta)
     for part in TRAINABLE_PARTS:
-        getattr(model, part).requires_grad_(part in stage.trainable)
+        module = getattr(model, part)
+        if module is not None:  # a pipeline stage holds only some parts
+            module.requires_grad_(part in stage.trainable)
 
 
 def init_stage_weights(model: nn.Module, cfg: RunConfig, name: str) -> str:

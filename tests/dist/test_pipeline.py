@@ -106,7 +106,7 @@ def pipeline_rank(rank: int, world: int, schedule: str, pp: int) -> dict:
     batches = make_batches()
     num_targets = sum(b.num_loss_tokens for b in batches)
     mine = batches[rank % replicas :: replicas]
-    runner = build_pipeline(model, schedule, pp_group, len(mine), ROWS, SEQ, virtual_stages=2)
+    runner = build_pipeline(model, schedule, pp_group, SEQ, virtual_stages=2)
     aux_weight = ARGS.decoder.aux_loss_coef / len(batches)
     loss = runner.step(mine, num_targets, aux_weight)
     dist.all_reduce(loss)
@@ -194,3 +194,47 @@ def test_stage_ranks_and_document_ids_round_trip():
     doc_ids = doc_ids_from_cu_seqlens(cu, 2, 16)
     assert doc_ids.dtype == torch.int32 and doc_ids.shape == (2, 16)
     assert torch.equal(cu_seqlens_from_doc_ids(doc_ids), cu)
+
+
+TRAINER_LAYOUTS = {
+    "pp2_1f1b": dict(world=2, pp_degree=2, pp_schedule="1f1b"),
+    "pp2_dp2_interleaved_1f1b": dict(world=4, pp_degree=2, pp_schedule="interleaved_1f1b"),
+}
+
+
+# Two micro-batches per step (a pipeline needs at least one per stage) of GLOBAL_ROWS / 2 rows over the replicas:
+# the loader's global stream depends on the rows per micro-step only, so every layout trains on the same rows.
+TRAINER_EXTRA = ["curriculum.stages.joint_pretrain.grad_accum_steps=2", "model.decoder.num_layers=4"]
+
+
+@pytest.fixture(scope="module")
+def trainer_reference(demo_root, tmp_path_factory):
+    from tests.dist.test_parallel_layouts import GLOBAL_ROWS, overrides, train_rank
+
+    out = tmp_path_factory.mktemp("single")
+    args = overrides(out, demo_root, GLOBAL_ROWS // 2, activation_checkpoint="none") + TRAINER_EXTRA
+    return run_ranks(train_rank, 1, args)[0]
+
+
+@pytest.mark.parametrize("layout", list(TRAINER_LAYOUTS))
+def test_trainer_pipeline_equals_one_process(layout, trainer_reference, demo_root, tmp_path):
+    """Three steps of ``joint_pretrain`` through the real Trainer (loader, images, ZeRO Muon, bias balancing,
+    checkpoint at the end): every loss and every parameter equal one process."""
+    from tests.dist.test_parallel_layouts import GLOBAL_ROWS, STEPS, overrides, train_rank
+
+    spec = dict(TRAINER_LAYOUTS[layout])
+    world = spec.pop("world")
+    dp = world // spec["pp_degree"]
+    args = overrides(tmp_path, demo_root, GLOBAL_ROWS // 2 // dp, activation_checkpoint="none", **spec)
+    results = run_ranks(train_rank, world, args + TRAINER_EXTRA)
+    reference = trainer_reference
+    assert len(results[0]["losses"]) == STEPS
+    for step, (got, want) in enumerate(zip(results[0]["losses"], reference["losses"], strict=True)):
+        assert abs(got - want) <= TOLERANCE * abs(want), f"{layout} step {step + 1}: loss {got} vs {want}"
+    for rank, result in enumerate(results):
+        for name, param in result["params"].items():
+            error = relative_error(param, reference["params"][name])
+            assert error <= TOLERANCE, f"{layout} rank {rank}: {name} differs by {error:.2e} (relative)"
+    for replica in range(dp):  # the stages of each replica hold every parameter exactly once
+        names = [set(results[p * dp + replica]["params"]) for p in range(spec["pp_degree"])]
+        assert sum(map(len, names)) == len(reference["params"]) and set().union(*names) == set(reference["params"])
