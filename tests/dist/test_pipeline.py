@@ -197,8 +197,9 @@ def test_stage_ranks_and_document_ids_round_trip():
 
 
 TRAINER_LAYOUTS = {
-    "pp2_1f1b": dict(world=2, pp_degree=2, pp_schedule="1f1b"),
-    "pp2_dp2_interleaved_1f1b": dict(world=4, pp_degree=2, pp_schedule="interleaved_1f1b"),
+    "pp2_1f1b": dict(world=2, pp_degree=2, pp_schedule="1f1b", activation_checkpoint="selective"),
+    "pp2_dp2_interleaved_1f1b": dict(world=4, pp_degree=2, pp_schedule="interleaved_1f1b",
+                                     activation_checkpoint="none"),
 }
 
 
@@ -219,13 +220,14 @@ def trainer_reference(demo_root, tmp_path_factory):
 @pytest.mark.parametrize("layout", list(TRAINER_LAYOUTS))
 def test_trainer_pipeline_equals_one_process(layout, trainer_reference, demo_root, tmp_path):
     """Three steps of ``joint_pretrain`` through the real Trainer (loader, images, ZeRO Muon, bias balancing,
-    checkpoint at the end): every loss and every parameter equal one process."""
+    checkpoint at the end; selective activation checkpointing in one layout): every loss and every parameter
+    equal one process."""
     from tests.dist.test_parallel_layouts import GLOBAL_ROWS, STEPS, overrides, train_rank
 
     spec = dict(TRAINER_LAYOUTS[layout])
     world = spec.pop("world")
     dp = world // spec["pp_degree"]
-    args = overrides(tmp_path, demo_root, GLOBAL_ROWS // 2 // dp, activation_checkpoint="none", **spec)
+    args = overrides(tmp_path, demo_root, GLOBAL_ROWS // 2 // dp, **spec)
     results = run_ranks(train_rank, world, args + TRAINER_EXTRA)
     reference = trainer_reference
     assert len(results[0]["losses"]) == STEPS
