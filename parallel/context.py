@@ -143,20 +143,23 @@ class ContextParallelAttention(nn.Module):
         return pieces
 
 
-def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup, seq_len: int) -> int:
-    """Swap every causal :class:`DocumentAttention` (the decoder's) for :class:`ContextParallelAttention`, in place.
+def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None, seq_len: int) -> int:
+    """Swap every causal attention core (the decoder's) for :class:`ContextParallelAttention` over ``group``, or
+    back to :class:`DocumentAttention` when ``group`` is None or has one rank, in place.
 
-    Called at the start of each stage (the sequence length fixes the layout); the vision tower's bidirectional cores
-    stay as they are, since images are embedded whole before the sequence is cut.
+    Called at the start of each stage (the sequence length and the stage's degree fix the layout); the vision
+    tower's bidirectional cores stay as they are, since images are embedded whole before the sequence is cut.
 
     Returns:
         The number of attention cores swapped.
     """
+    sharded = group is not None and dist.get_world_size(group) > 1
     swapped = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, (DocumentAttention, ContextParallelAttention)) and module.causal:
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, ContextParallelAttention(True, group, seq_len))
+            core = ContextParallelAttention(True, group, seq_len) if sharded else DocumentAttention(causal=True)
+            setattr(model.get_submodule(parent_name), child, core)
             swapped += 1
     return swapped
 

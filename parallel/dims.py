@@ -130,6 +130,37 @@ class ParallelDims:
                     mine[kind] = group
         return mine["ep"], mine["expert_data"]
 
+    def for_stage(self, cp_degree: int, seq_len: int, key: str = "cp_degree") -> ParallelDims:
+        """The layout of a curriculum stage that sets its own context-parallel degree (0: keep this one).
+
+        The ``dp x cp`` ranks of a pipeline stage stay the same, and with them the expert and dense groups; only how
+        they divide rows and tokens changes (e.g. 8K stages data parallel, 128K stages with ``cp = 16``).
+        """
+        cp = cp_degree or self.cp_degree
+        ranks = self.dp_degree * self.cp_degree
+        if cp < 1 or ranks % cp:
+            raise ConfigError(f"Invalid value {key}={cp_degree}: a stage's context parallelism splits the "
+                              f"dp_degree x cp_degree = {ranks} ranks; allowed: {_divisors(ranks)} (0: the run's).")
+        if seq_len % (2 * cp):
+            raise ConfigError(f"Invalid value {key}={cp_degree}: sequence length {seq_len} is not divisible by "
+                              f"2 x {cp}; allowed: {[c for c in _divisors(ranks) if seq_len % (2 * c) == 0]}.")
+        if cp == self.cp_degree:
+            return self
+        return ParallelDims(pp_degree=self.pp_degree, dp_degree=ranks // cp, cp_degree=cp, ep_degree=self.ep_degree,
+                            world_size=self.world_size)
+
+    def build_cp_group(self) -> dist.ProcessGroup:
+        """This rank's context-parallel group of this layout (every rank creates every group, in order)."""
+        stage = self.dp_degree * self.cp_degree
+        mine = None
+        for p in range(self.pp_degree):
+            for d in range(self.dp_degree):
+                ranks = [p * stage + d * self.cp_degree + c for c in range(self.cp_degree)]
+                group = dist.new_group(ranks)
+                if dist.get_rank() in ranks:
+                    mine = group
+        return mine
+
     def build_groups(self) -> ParallelGroups:
         """Every process group this rank takes part in (every rank creates every group, in the same order)."""
         stage = self.dp_degree * self.cp_degree

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+import torch.distributed as dist
 from torch import nn
 
 from parallel.activation_checkpoint import ActivationCheckpointing, default_policy
@@ -47,9 +48,9 @@ def resolve_checkpoint_policy(policy: str, seq_len: int) -> str:
     return default_policy(seq_len) if policy == "auto" else policy
 
 
-def apply_stage_parallel(model: nn.Module, dims: ParallelDims, groups: ParallelGroups,
+def apply_stage_parallel(model: nn.Module, cp_group: dist.ProcessGroup | None,
                          checkpointing: ActivationCheckpointing, policy: str, seq_len: int) -> None:
-    """Apply what depends on the stage: the context-parallel layout of ``seq_len`` and the checkpointing policy."""
-    if dims.cp_degree > 1:
-        apply_context_parallel(model, groups.cp, seq_len)
+    """Apply what depends on the stage: its context-parallel layout (``cp_group`` None or of one rank: none) for
+    ``seq_len`` tokens per row, and its checkpointing policy."""
+    apply_context_parallel(model, cp_group, seq_len)
     checkpointing.set_policy(resolve_checkpoint_policy(policy, seq_len))

@@ -92,6 +92,10 @@ class StageConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Save a checkpoint every this many steps (0: only at the end of the stage).
     checkpoint_interval: int = 0
+    # This stage's context-parallel degree (0: parallel.cp_degree): the data x context ranks are regrouped, e.g.
+    # data parallel at 8K and cp=16 at 128K. Its activation checkpointing policy ("": parallel.activation_checkpoint).
+    cp_degree: int = 0
+    activation_checkpoint: str = ""
 
 
 @dataclass
@@ -307,9 +311,6 @@ def validate(cfg: RunConfig) -> None:
            cfg.parallel.dp_degree, "-1 (whole world) or >= 1")
     _check(cfg.parallel.activation_checkpoint in ACTIVATION_CHECKPOINT_POLICIES, "parallel.activation_checkpoint",
            cfg.parallel.activation_checkpoint, f"one of {ACTIVATION_CHECKPOINT_POLICIES}")
-    _check(cfg.parallel.cp_degree == 1 or cfg.model.decoder.aux_loss_coef == 0, "model.decoder.aux_loss_coef",
-           cfg.model.decoder.aux_loss_coef, "0 with parallel.cp_degree > 1 (the sequence-wise balance loss needs "
-           "whole rows; use the aux-loss-free bias balancing)")
     _check(not cfg.dry_run or cfg.world_size >= 1, "world_size", cfg.world_size,
            "the number of ranks to simulate, >= 1 (with dry_run=true)")
     _check(cfg.device_memory_gb >= 0, "device_memory_gb", cfg.device_memory_gb, ">= 0 (0: no limit)")
@@ -340,8 +341,18 @@ def _validate_layout(cfg: RunConfig) -> None:
     par = cfg.parallel
     world = (cfg.world_size if cfg.dry_run else int(os.environ.get("WORLD_SIZE", "0"))) or \
         par.pp_degree * max(par.dp_degree, 1) * par.cp_degree
-    seq_lens = [cfg.curriculum.stages[name].seq_len for name in cfg.curriculum.order]
-    ParallelDims.from_config(par, world, cfg.model, seq_lens)
+    stages = [(name, cfg.curriculum.stages[name]) for name in cfg.curriculum.order]
+    seq_lens = [stage.seq_len for _, stage in stages if not stage.cp_degree]
+    dims = ParallelDims.from_config(par, world, cfg.model, seq_lens)
+    for name, stage in stages:
+        key = f"curriculum.stages.{name}"
+        stage_dims = dims.for_stage(stage.cp_degree, stage.seq_len, key=f"{key}.cp_degree")
+        _check(stage_dims.cp_degree == 1 or cfg.model.decoder.aux_loss_coef == 0, "model.decoder.aux_loss_coef",
+               cfg.model.decoder.aux_loss_coef, f"0 when a stage uses context parallelism ({name}: cp="
+               f"{stage_dims.cp_degree}); the sequence-wise balance loss needs whole rows: use the aux-loss-free "
+               "bias balancing")
+        _check(stage.activation_checkpoint in ("", *ACTIVATION_CHECKPOINT_POLICIES), f"{key}.activation_checkpoint",
+               stage.activation_checkpoint, f"'' (the run's) or one of {ACTIVATION_CHECKPOINT_POLICIES}")
 
 
 def _validate_stage(key: str, stage: StageConfig, first: bool, cfg: RunConfig) -> None:

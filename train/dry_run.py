@@ -79,6 +79,8 @@ class RankMemory:
     grads: int
     optimizer: int
     activations: int
+    cp_degree: int = 1
+    policy: str = "none"
 
     @property
     def total(self) -> int:
@@ -121,8 +123,9 @@ def estimate(cfg: RunConfig, dims: ParallelDims) -> list[RankMemory]:
     for name in cfg.curriculum.order:
         stage = cfg.curriculum.stages[name]
         apply_stage(model, stage)
-        policy = cfg.parallel.activation_checkpoint
+        policy = stage.activation_checkpoint or cfg.parallel.activation_checkpoint
         policy = default_policy(stage.seq_len) if policy == "auto" else policy
+        stage_dims = dims.for_stage(stage.cp_degree, stage.seq_len)
         routes = {r.name: r for r in route_parameters(model)}
         for pp_rank, layers in enumerate(splits):
             params = grads = optimizer = 0
@@ -138,8 +141,9 @@ def estimate(cfg: RunConfig, dims: ParallelDims) -> list[RankMemory]:
                 grads += numel * FP32
                 share = dims.expert_data_degree if is_expert else dims.dp_degree * dims.cp_degree
                 optimizer += math.ceil(numel / share) * (FP32 if route.rule == MUON else 2 * FP32)
-            activations = _activations(cfg.model, stage, dims, pp_rank, layers, moe_names, policy, per_token)
-            reports.append(RankMemory(name, pp_rank, layers, params, grads, optimizer, activations))
+            activations = _activations(cfg.model, stage, stage_dims, pp_rank, layers, moe_names, policy, per_token)
+            reports.append(RankMemory(name, pp_rank, layers, params, grads, optimizer, activations,
+                                      stage_dims.cp_degree, policy))
     return reports
 
 
@@ -187,11 +191,11 @@ def run_dry_run(cfg: RunConfig) -> int:
           f"ep={dims.ep_degree} (expert-data {dims.expert_data_degree}), activation checkpointing "
           f"'{cfg.parallel.activation_checkpoint}'")
     print(f"{'stage':<16}{'pp':>3} {'layers':>9} {'params GiB':>11} {'grads GiB':>10} {'optim GiB':>10} "
-          f"{'activ GiB':>10} {'total GiB':>10}")
+          f"{'activ GiB':>10} {'total GiB':>10}  cp  checkpointing")
     for r in reports:
         print(f"{r.stage:<16}{r.pp_rank:>3} {r.layers.start:>4}-{r.layers.stop - 1:<4} {r.params / GIB:>11.2f} "
               f"{r.grads / GIB:>10.2f} {r.optimizer / GIB:>10.2f} {r.activations / GIB:>10.2f} "
-              f"{r.total / GIB:>10.2f}")
+              f"{r.total / GIB:>10.2f} {r.cp_degree:>3}  {r.policy}")
     limit = cfg.device_memory_gb * GIB
     over = [r for r in reports if limit and r.total > limit]
     if over:

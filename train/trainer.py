@@ -227,6 +227,8 @@ class Trainer:
         if self.dims.pp_degree > 1:
             check_pipeline_config(cfg, self.dims)
         self.groups = self.dims.build_groups()
+        self.stage_dims, self.stage_cp_group = self.dims, None
+        self._cp_groups = {self.dims.cp_degree: self.groups.cp}
         self.tokenizer = self._build_tokenizer()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
@@ -316,10 +318,21 @@ class Trainer:
         """``(rank, size)`` of this rank's share of the global batch. Context-parallel ranks split the tokens of
         the same rows; the CoCa objective has no token sequence to split (whole images), so there they serve
         batch slots of their own, like data-parallel ranks."""
-        coords = self.dims.coordinates(self.rank)
+        dims = self.stage_dims
+        coords = dims.coordinates(self.rank)
         if stage.objective == "coca":
-            return coords["dp"] * self.dims.cp_degree + coords["cp"], self.dims.dp_degree * self.dims.cp_degree
-        return coords["dp"], self.dims.dp_degree
+            return coords["dp"] * dims.cp_degree + coords["cp"], dims.dp_degree * dims.cp_degree
+        return coords["dp"], dims.dp_degree
+
+    def _enter_stage_layout(self, stage: StageConfig) -> None:
+        """The stage's own context-parallel degree (same ranks, regrouped), its attention cores and checkpointing."""
+        self.stage_dims = self.dims.for_stage(stage.cp_degree, stage.seq_len)
+        cp = self.stage_dims.cp_degree
+        if cp not in self._cp_groups:  # every rank runs the same stages in the same order: groups line up
+            self._cp_groups[cp] = self.stage_dims.build_cp_group()
+        self.stage_cp_group = self._cp_groups[cp] if cp > 1 else None
+        apply_stage_parallel(self.model, self.stage_cp_group, self.activation_checkpointing,
+                             stage.activation_checkpoint or self.cfg.parallel.activation_checkpoint, stage.seq_len)
 
     def _state(self, optimizer: ZeroOptimizer, train: TrainState, loader: StageLoader) -> dict[str, Any]:
         return {
@@ -336,8 +349,7 @@ class Trainer:
         """Train one stage to its end (True), or until ``exit_after_steps`` (False, checkpointed)."""
         cfg, stage = self.cfg, self.cfg.curriculum.stages[name]
         apply_stage(self.model, stage)
-        apply_stage_parallel(self.model, self.dims, self.groups, self.activation_checkpointing,
-                             cfg.parallel.activation_checkpoint, stage.seq_len)
+        self._enter_stage_layout(stage)
         optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr, self.groups)
         loader = StageLoader(name, stage, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
                              *self._data_shard(stage), cfg.data.max_corrupt_fraction)
@@ -402,7 +414,7 @@ class Trainer:
                 result = StepResult(lm_loss, parts, tokens, expert_load=load)
             else:
                     result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
-                                 self.groups.cp if self.dims.cp_degree > 1 else None)
+                                 self.stage_cp_group)
         grad_norm = self._update(name, stage, optimizer, result, train)
         train.step += 1
         train.tokens += result.tokens

@@ -66,6 +66,8 @@ LAYOUTS = {
     "cp4": dict(world=4, cp_degree=4, activation_checkpoint="none"),
     "dp2_cp2_ep2": dict(world=4, cp_degree=2, ep_degree=2, activation_checkpoint="selective"),
     "dp2_cp2_ep4": dict(world=4, cp_degree=2, ep_degree=4, activation_checkpoint="none"),
+    # a run laid out dp4 whose stage regroups the same ranks as dp2 x cp2 (curriculum.stages.<name>.cp_degree)
+    "dp4_stage_cp2_ep2": dict(world=4, ep_degree=2, stage_cp=2, activation_checkpoint="selective"),
 }
 
 
@@ -73,8 +75,12 @@ LAYOUTS = {
 def test_layout_equals_one_process(layout, reference, demo_root, tmp_path):
     spec = dict(LAYOUTS[layout])
     world = spec.pop("world")
-    dp = world // spec.get("cp_degree", 1)
-    results = run_ranks(train_rank, world, overrides(tmp_path, demo_root, GLOBAL_ROWS // dp, **spec))
+    stage_cp = spec.pop("stage_cp", 0)
+    dp = world // (stage_cp or spec.get("cp_degree", 1))
+    args = overrides(tmp_path, demo_root, GLOBAL_ROWS // dp, **spec)
+    if stage_cp:
+        args.append(f"curriculum.stages.joint_pretrain.cp_degree={stage_cp}")
+    results = run_ranks(train_rank, world, args)
     assert len(results[0]["losses"]) == STEPS
     for step, (got, want) in enumerate(zip(results[0]["losses"], reference["losses"], strict=True)):
         assert abs(got - want) <= TOLERANCE * abs(want), f"{layout} step {step + 1}: loss {got} vs {want}"
