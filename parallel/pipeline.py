@@ -51,6 +51,7 @@ from data.batch import PackedBatch
 from model.args import ModelArgs
 from model.attention import rope_angles_1d
 from model.vlm import KimiVL
+from parallel.context import ZigzagLayout
 from parallel.dims import ParallelDims
 from train.config import ConfigError, RunConfig
 
@@ -219,6 +220,10 @@ class StageModule(nn.Module):
         if is_last:
             self.norm, self.output = model.decoder.norm, model.decoder.output
         self.aux_weight = 0.0
+        # Context parallelism (set per curriculum stage): the first stage cuts the embedded rows by the zig-zag
+        # layout; hidden states and positions then travel sharded, document ids whole (the attention cores need the
+        # global document boundaries).
+        self.cp_group: dist.ProcessGroup | None = None
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -244,6 +249,10 @@ class StageModule(nn.Module):
         """
         if self.is_first:
             x = self._embed(x, pixel_values, image_grid_hw, image_token_positions, image_counts)
+            if self.cp_group is not None:
+                layout = ZigzagLayout(*doc_ids.shape, dist.get_world_size(self.cp_group))
+                cp_rank = dist.get_rank(self.cp_group)
+                x, position_ids = layout.shard(x, cp_rank), layout.shard(position_ids, cp_rank)
         decoder = self.vlm.decoder
         cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
         angles = rope_angles_1d(position_ids.reshape(-1), decoder.rope_dim, decoder.rope_theta)
@@ -324,15 +333,27 @@ class PipelineRunner:
     def has_last(self) -> bool:
         return any(s.is_last for s in self.stages)
 
+    @property
+    def cp_degree(self) -> int:
+        group = self.stages[0].cp_group
+        return dist.get_world_size(group) if group is not None else 1
+
+    def set_context_parallel(self, group: dist.ProcessGroup | None) -> None:
+        """Shard the sequence over ``group`` from the next step on (None or one rank: whole rows)."""
+        sharded = group is not None and dist.get_world_size(group) > 1
+        for stage in self.stages:
+            stage.cp_group = group if sharded else None
+
     def schedule_for(self, microbatches: int, rows: int, seq: int) -> PipelineScheduleSingle | PipelineScheduleMulti:
         """The schedule for micro-batches of ``rows x seq`` tokens (static stage shapes), cached."""
-        if self._schedule is not None and self._shape == (microbatches, rows, seq):
+        if self._schedule is not None and self._shape == (microbatches, rows, seq, self.cp_degree):
             return self._schedule
         schedule_cls = SCHEDULES[self.schedule_name][0]
         dtype = next(iter(self.model.decoder.layers.values())).attention_norm.weight.dtype
         pipeline_stages = []
         for index, module in zip(self.stage_indices, self.stages, strict=True):
-            inputs, outputs = _stage_metas(self.model.args, rows, seq, dtype, module.is_first, module.is_last)
+            inputs, outputs = _stage_metas(self.model.args, rows, seq, dtype, module.is_first, module.is_last,
+                                           self.cp_degree)
             pipeline_stages.append(PipelineStage(module, index, self.num_stages, self.device, input_args=inputs,
                                                  output_args=outputs, group=self.group))
         # Sum, not mean, over micro-batches: the loss is already divided by the global token count.
@@ -340,7 +361,7 @@ class PipelineRunner:
             self._schedule = schedule_cls(pipeline_stages[0], microbatches, loss_fn=pipeline_loss, scale_grads=False)
         else:
             self._schedule = schedule_cls(pipeline_stages, microbatches, loss_fn=pipeline_loss, scale_grads=False)
-        self._shape = (microbatches, rows, seq)
+        self._shape = (microbatches, rows, seq, self.cp_degree)
         return self._schedule
 
     def step(self, batches: list[PackedBatch], num_targets: float, aux_weight: float = 0.0) -> torch.Tensor:
@@ -362,7 +383,12 @@ class PipelineRunner:
         args, kwargs = pack_microbatches(batches) if self.has_first else ((), {})
         target = None
         if self.has_last:
-            target = torch.cat([b.labels.masked_fill(~b.loss_mask, IGNORE_INDEX) for b in batches])
+            targets = [b.labels.masked_fill(~b.loss_mask, IGNORE_INDEX) for b in batches]
+            group = self.stages[-1].cp_group
+            if group is not None:  # the last stage's logits are this rank's tokens only
+                layout = ZigzagLayout(rows, seq, dist.get_world_size(group))
+                targets = [layout.shard(t, dist.get_rank(group)) for t in targets]
+            target = torch.cat(targets)
         losses: list[torch.Tensor] = []
         schedule.step(*args, target=target, losses=losses, return_outputs=False,
                       loss_kwargs={"num_targets": max(float(num_targets), 1.0)}, **kwargs)
@@ -408,15 +434,21 @@ def pack_microbatches(batches: list[PackedBatch]) -> tuple[tuple, dict]:
     return (input_ids, position_ids, doc_ids), kwargs
 
 
-def _stage_metas(model_args: ModelArgs, rows: int, seq: int, dtype: torch.dtype, first: bool, last: bool):
-    """Static input / output examples of a stage (on ``meta``: only shapes, dtypes and requires_grad matter)."""
-    hidden = model_args.decoder.hidden_size
-    ints = (torch.empty(rows, seq, dtype=torch.int64, device="meta"),
+def _stage_metas(model_args: ModelArgs, rows: int, seq: int, dtype: torch.dtype, first: bool, last: bool,
+                 cp_degree: int = 1):
+    """Static input / output examples of a stage (on ``meta``: only shapes, dtypes and requires_grad matter).
+
+    Under context parallelism hidden states and positions cover ``seq / cp`` tokens per row, document ids all
+    ``seq``; the first stage receives whole rows."""
+    hidden, local = model_args.decoder.hidden_size, seq // cp_degree
+    ints = (torch.empty(rows, local, dtype=torch.int64, device="meta"),
             torch.empty(rows, seq, dtype=torch.int32, device="meta"))
-    act = torch.empty(rows, seq, hidden, dtype=dtype, device="meta", requires_grad=True)
-    inputs = (torch.empty(rows, seq, dtype=torch.int64, device="meta"), *ints) if first else (act, *ints)
+    act = torch.empty(rows, local, hidden, dtype=dtype, device="meta", requires_grad=True)
+    whole_rows = (torch.empty(rows, seq, dtype=torch.int64, device="meta"),
+                  torch.empty(rows, seq, dtype=torch.int64, device="meta"), ints[1])
+    inputs = whole_rows if first else (act, *ints)
     if last:
-        outputs = (torch.empty(rows, seq, model_args.decoder.vocab_size, dtype=dtype, device="meta",
+        outputs = (torch.empty(rows, local, model_args.decoder.vocab_size, dtype=dtype, device="meta",
                                requires_grad=True),)
     else:
         outputs = (act, *ints)
@@ -468,12 +500,13 @@ def build_pp_groups(pp_degree: int, replicas: int) -> dist.ProcessGroup:
     return mine
 
 
-def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_loss_coef: float, pp_degree: int
-                     ) -> tuple[float, float, int, torch.Tensor]:
+def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_loss_coef: float, pp_degree: int,
+                     cp_degree: int = 1) -> tuple[float, float, int, torch.Tensor]:
     """The trainer's next-token step under pipeline parallelism (what ``train.trainer.lm_step`` is without it).
 
-    Every rank of a pipeline holds its replica's batches, so world-wide sums of per-rank counts are divided by
-    ``pp_degree``; losses exist on last stages only. The balance loss is averaged over every micro-batch of every
+    Every rank of a pipeline, and every context-parallel rank, holds its replica's batches, so world-wide sums of
+    per-rank counts are divided by ``pp_degree x cp_degree``; losses exist on last stages only (each context rank's
+    for its tokens). The balance loss is averaged over every micro-batch of every
     replica, as in ``lm_step``.
 
     Args:
@@ -489,8 +522,8 @@ def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_los
     counts = torch.tensor([sum(b.num_loss_tokens for b in batches), sum(b.num_tokens for b in batches)],
                           dtype=torch.float64)
     dist.all_reduce(counts)
-    num_targets, tokens = (counts / pp_degree).tolist()
-    replicas = dist.get_world_size() // pp_degree
+    num_targets, tokens = (counts / (pp_degree * cp_degree)).tolist()
+    replicas = dist.get_world_size() // (pp_degree * cp_degree)
     loss = runner.step(batches, num_targets, aux_loss_coef / (len(batches) * replicas))
     totals = torch.tensor([float(loss), runner.aux_loss_sum()], dtype=torch.float64)
     dist.all_reduce(totals)
@@ -512,9 +545,6 @@ def check_pipeline_config(cfg: RunConfig, dims: ParallelDims) -> None:
         raise ConfigError(f"Invalid layout: pp_degree={dims.pp_degree} x {per_rank} stages per rank "
                           f"({par.pp_schedule}) = {dims.pp_degree * per_rank} stages, but the decoder has {layers} "
                           "layers; use fewer stages or the 1f1b schedule.")
-    if dims.cp_degree > 1:
-        raise ConfigError(f"Invalid layout: pp_degree={dims.pp_degree} with cp_degree={dims.cp_degree} is not "
-                          "supported yet (stages do not shard the sequence); use cp_degree=1 or pp_degree=1.")
     for name in cfg.curriculum.order:
         micro = cfg.curriculum.stages[name].grad_accum_steps
         rounds = max(1, micro // dims.pp_degree)

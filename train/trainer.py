@@ -237,7 +237,8 @@ class Trainer:
         self.pipeline = None
         if self.dims.pp_degree > 1:  # keeps only this rank's stages of the model (parameter names unchanged)
             self.pipeline = build_pipeline(
-                self.model, cfg.parallel.pp_schedule, build_pp_groups(self.dims.pp_degree, self.dims.dp_degree),
+                self.model, cfg.parallel.pp_schedule,
+                build_pp_groups(self.dims.pp_degree, self.dims.dp_degree * self.dims.cp_degree),
                 max(seq_lens), cfg.parallel.pp_virtual_stages)
         self.steps_this_run = 0
         self.peak_flops = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0 else measure_peak_flops()
@@ -333,6 +334,8 @@ class Trainer:
         self.stage_cp_group = self._cp_groups[cp] if cp > 1 else None
         apply_stage_parallel(self.model, self.stage_cp_group, self.activation_checkpointing,
                              stage.activation_checkpoint or self.cfg.parallel.activation_checkpoint, stage.seq_len)
+        if self.pipeline is not None:
+            self.pipeline.set_context_parallel(self.stage_cp_group)
 
     def _state(self, optimizer: ZeroOptimizer, train: TrainState, loader: StageLoader) -> dict[str, Any]:
         return {
@@ -409,11 +412,12 @@ class Trainer:
             batches = [loader.next_packed_batch(progress) for _ in range(stage.grad_accum_steps)]
             if self.pipeline is not None:
                 lm_loss, aux_loss, tokens, load = pipeline_lm_step(
-                    self.pipeline, batches, self.cfg.model.decoder.aux_loss_coef, self.dims.pp_degree)
+                    self.pipeline, batches, self.cfg.model.decoder.aux_loss_coef, self.dims.pp_degree,
+                    self.stage_dims.cp_degree)
                 parts = {"lm_loss": lm_loss, **({"aux_loss": aux_loss} if self.cfg.model.decoder.aux_loss_coef else {})}
                 result = StepResult(lm_loss, parts, tokens, expert_load=load)
             else:
-                    result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
+                result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
                                  self.stage_cp_group)
         grad_norm = self._update(name, stage, optimizer, result, train)
         train.step += 1

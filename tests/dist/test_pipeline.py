@@ -200,6 +200,11 @@ TRAINER_LAYOUTS = {
     "pp2_1f1b": dict(world=2, pp_degree=2, pp_schedule="1f1b", activation_checkpoint="selective"),
     "pp2_dp2_interleaved_1f1b": dict(world=4, pp_degree=2, pp_schedule="interleaved_1f1b",
                                      activation_checkpoint="none"),
+    "pp2_zero_bubble": dict(world=2, pp_degree=2, pp_schedule="zero_bubble", activation_checkpoint="none"),
+    "pp2_cp2_1f1b": dict(world=4, pp_degree=2, cp_degree=2, pp_schedule="1f1b", activation_checkpoint="full"),
+    # the combined layout: 8 ranks, experts over ep2 inside dp2 x cp2, two pipeline stages
+    "pp2_dp2_cp2_ep2_1f1b": dict(world=8, pp_degree=2, cp_degree=2, ep_degree=2, pp_schedule="1f1b",
+                                 activation_checkpoint="selective"),
 }
 
 
@@ -226,7 +231,8 @@ def test_trainer_pipeline_equals_one_process(layout, trainer_reference, demo_roo
 
     spec = dict(TRAINER_LAYOUTS[layout])
     world = spec.pop("world")
-    dp = world // spec["pp_degree"]
+    replicas = world // spec["pp_degree"]  # data x context ranks of a pipeline stage
+    dp = replicas // spec.get("cp_degree", 1)
     args = overrides(tmp_path, demo_root, GLOBAL_ROWS // 2 // dp, **spec)
     results = run_ranks(train_rank, world, args + TRAINER_EXTRA)
     reference = trainer_reference
@@ -235,8 +241,12 @@ def test_trainer_pipeline_equals_one_process(layout, trainer_reference, demo_roo
         assert abs(got - want) <= TOLERANCE * abs(want), f"{layout} step {step + 1}: loss {got} vs {want}"
     for rank, result in enumerate(results):
         for name, param in result["params"].items():
-            error = relative_error(param, reference["params"][name])
+            expected = reference["params"][name]
+            if name in result["offsets"]:  # this rank's experts of the layer
+                expected = expected[result["offsets"][name] : result["offsets"][name] + param.shape[0]]
+            assert param.shape == expected.shape, name
+            error = relative_error(param, expected)
             assert error <= TOLERANCE, f"{layout} rank {rank}: {name} differs by {error:.2e} (relative)"
-    for replica in range(dp):  # the stages of each replica hold every parameter exactly once
-        names = [set(results[p * dp + replica]["params"]) for p in range(spec["pp_degree"])]
+    for replica in range(replicas):  # the stages of each replica hold every parameter exactly once
+        names = [set(results[p * replicas + replica]["params"]) for p in range(spec["pp_degree"])]
         assert sum(map(len, names)) == len(reference["params"]) and set().union(*names) == set(reference["params"])
