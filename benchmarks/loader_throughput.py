@@ -11,9 +11,10 @@ Prints one JSON line:
 - ``resume_latency_ratio``: time to the first batch of a new loader resumed at global sample 1,000,000 ÷ at
   sample 0 (medians, alternating). Goal <= 1.2.
 - The same throughput and resume figures for torchdata's ``StatefulDataLoader`` (a map-style dataset doing the
-  same per-sample work on the same storage, 2 workers) and megatron-energon, or the reason one was not measured.
+  same per-sample work on the same storage, 2 workers) and megatron-energon (2 workers, decoding to tensors, on
+  local copies of the same shards, run from its own venv), or the reason one was not measured.
 
-    python benchmarks/loader_throughput.py [--scale 0.5 --batches 30 --repeats 3]
+    python benchmarks/loader_throughput.py [--scale 0.5 --batches 30 --repeats 3 --energon-python VENV/bin/python]
 """
 
 from __future__ import annotations
@@ -268,9 +269,75 @@ def packing_efficiency(root: Path, tokenizer, rows: int) -> float:
     return real / total
 
 
-ENERGON_REASON = ("not installed: megatron-energon 7.4.1 keeps torch but pulls s3fs/aiobotocore, which would "
-                  "downgrade botocore 1.44 -> 1.43.117 under boto3 1.44.5 in the shared environment "
-                  "(pip install --dry-run megatron-energon==7.4.1)")
+ENERGON_REASON = ("megatron-energon 7.4.1 keeps torch but pulls s3fs/aiobotocore, which would downgrade botocore "
+                  "1.44 -> 1.43.117 under boto3 1.44.5 in the shared environment: give --energon-python, the "
+                  "interpreter of a separate venv with torch==2.13.0 and megatron-energon==7.4.1")
+ENERGON_LOADER = '''def sample_loader(raw: dict) -> dict:
+    meta = raw["json"]
+    caption = meta.get("caption") or ", ".join(o["label"] for o in meta.get("objects", []))
+    return dict(__sources__=raw.get("__sources__"), image=raw["0.png"], caption=caption)
+
+
+def part_filter(part: str) -> bool:
+    return part in ("0.png", "json")
+'''
+ENERGON_RUN = '''
+import json, statistics, sys, time
+from megatron.energon import WorkerConfig, get_train_dataset, get_savable_loader
+path, batches, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def build():
+    config = WorkerConfig(rank=0, world_size=1, num_workers=2)
+    return get_savable_loader(get_train_dataset(path, batch_size=16, shuffle_buffer_size=64,
+                                                max_samples_per_sequence=64, worker_config=config))
+loader = build()
+batches_iter = iter(loader)
+next(batches_iter)
+start = time.perf_counter()
+for _ in range(batches):
+    next(batches_iter)
+rate = batches * 16 / (time.perf_counter() - start)
+state = loader.save_state_rank()
+del batches_iter, loader
+latencies = {0: [], 1: []}
+for _ in range(repeats):
+    for resumed in (0, 1):
+        start = time.perf_counter()
+        fresh = build()
+        if resumed:
+            fresh.restore_state_rank(state)
+        next(iter(fresh))
+        latencies[resumed].append(time.perf_counter() - start)
+        del fresh
+print(json.dumps({"rate": rate, "at_0": statistics.median(latencies[0]), "at_resume": statistics.median(latencies[1]),
+                  "resume_at": (batches + 1) * 16}))
+'''
+
+
+def energon_figures(python: str, root: Path, tmp: Path, batches: int, repeats: int) -> dict:
+    """megatron-energon (in its own venv) on local copies of the same image-text shards, 2 workers."""
+    import shutil
+
+    if not python:
+        return {"energon_error": ENERGON_REASON}
+    dataset = tmp / "energon"
+    for source in SOURCES:
+        shutil.copytree(root / source, dataset / source, ignore=shutil.ignore_patterns("*.json"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    energon = str(Path(python).parent / "energon")
+    subprocess.run([energon, "prepare", str(dataset), "--non-interactive", "--split-ratio", "1,0,0",
+                    "--sample-type", "CaptioningSample"], check=True, capture_output=True, env=env, timeout=600)
+    (dataset / ".nv-meta" / "sample_loader.py").write_text(ENERGON_LOADER)
+    done = subprocess.run([python, "-c", ENERGON_RUN, str(dataset), str(batches), str(repeats)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"energon_error": f"energon run failed: {done.stderr[-500:]}"}
+    figures = json.loads(lines[-1])
+    return {"energon_samples_per_s": figures["rate"], "energon_first_batch_s_at_0": figures["at_0"],
+            "energon_first_batch_s_at_resume": figures["at_resume"], "energon_resume_at_sample": figures["resume_at"],
+            "energon_resume_latency_ratio": figures["at_resume"] / figures["at_0"],
+            "energon_storage": "local copies of the same shards (its S3 path needs a multi-storage-client profile)",
+            "energon_resume_note": "energon's state cannot be moved to sample 1,000,000 without iterating there"}
 
 
 def main() -> None:
@@ -280,6 +347,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=24, help="8K rows for packing efficiency")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--photos", type=int, default=160, help="1024x768 JPEG samples for the large-image figure")
+    parser.add_argument("--energon-python", default=os.environ.get("ENERGON_PYTHON", ""),
+                        help="python of a venv with megatron-energon==7.4.1 (it cannot share ours)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -318,7 +387,10 @@ def main() -> None:
             if "torchdata_samples_per_s" in result:
                 result["torchdata_throughput_vs_decode_floor"] = result["torchdata_samples_per_s"] / result[
                     "decode_floor_samples_per_s"]
-            result["energon_error"] = ENERGON_REASON
+            result.update(energon_figures(args.energon_python, root, tmp, args.batches, args.repeats))
+            if "energon_samples_per_s" in result:
+                result["energon_throughput_vs_decode_floor"] = result["energon_samples_per_s"] / result[
+                    "decode_floor_samples_per_s"]
         finally:
             server.terminate()
             server.wait()

@@ -201,8 +201,9 @@ class StageLoader:
     def _prefetch(self, progress: float) -> None:
         """Ask for the members of every slot's next draws (predicted at the current progress)."""
         if self.prefetcher is not None:
-            for stream in self.slots:
-                self.prefetcher.want(self._plan(stream, progress, self.prefetch_samples))
+            plans = [self._plan(stream, progress, self.prefetch_samples) for stream in self.slots]
+            # Round-robin over the slots, in the order batches consume draws: the next batch's samples first.
+            self.prefetcher.want(plan[k] for k in range(self.prefetch_samples) for plan in plans)
 
     def _read(self, name: str, position: int, draw: int, cap: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
         if self.prefetcher is not None:  # the same pure function, maybe already computed on a background thread

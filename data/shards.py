@@ -57,10 +57,11 @@ def index_bytes(data: bytes) -> bytes:
 class ShardSource:
     """One named source: every sample of its tar shards, addressable by position.
 
-    Samples are fetched with ranged reads of just their members, so random access costs one request per member,
-    locally or on S3. A shard that does not exist fails by name, or, with ``skip_missing``, is logged and
-    recorded in ``missing_shards``: left out of an eagerly built index, or, when the shard counts come from the
-    manifest, its draws become :class:`SampleError` (skipped and counted like corrupt samples).
+    Samples are fetched with ranged reads of just their members (one request per sample: a sample's members lie
+    together in its shard), locally or on S3. A shard that does not exist fails by name, or, with
+    ``skip_missing``, is logged and recorded in ``missing_shards``: left out of an eagerly built index, or, when
+    the shard counts come from the manifest, its draws become :class:`SampleError` (skipped and counted like
+    corrupt samples).
 
     Args:
         name: Source name (for messages).
@@ -174,12 +175,22 @@ class ShardSource:
             shard_id, key = bisect.bisect_right(self._starts, position) - 1, f"#{position}"
         return f"{self.storage.url}/{self.shards[shard_id]}:{key}"
 
+    def _read_members(self, shard: str, members: Members) -> dict[str, bytes]:
+        """A sample's members, in one ranged request when they lie together (as a tar writer puts them: only their
+        headers, 512 bytes and padding each, lie between them), else one request per member."""
+        start = min(offset for offset, _ in members.values())
+        end = max(offset + size for offset, size in members.values())
+        if end - start > sum(size for _, size in members.values()) + 1024 * len(members):
+            return {ext: self.storage.read_range(shard, offset, size) for ext, (offset, size) in members.items()}
+        blob = self.storage.read_range(shard, start, end - start)
+        return {ext: blob[offset - start:offset - start + size] for ext, (offset, size) in members.items()}
+
     def read(self, position: int) -> RawSample:
         """The raw members of sample ``position`` (0 <= position < len(self))."""
         shard_id, key, members = self._entry(position)
         shard = self.shards[shard_id]
         try:
-            data = {ext: self.storage.read_range(shard, offset, size) for ext, (offset, size) in members.items()}
+            data = self._read_members(shard, members)
         except FileNotFoundError:
             if not self.skip_missing:
                 raise FileNotFoundError(f"source '{self.name}': shard {self.storage.url}/{shard} is missing "
