@@ -32,42 +32,12 @@ from optim.build import MUON, route_parameters
 from parallel.activation_checkpoint import default_policy
 from parallel.dims import ParallelDims
 from parallel.memory import decoder_layer_activation_bytes_per_token, vision_block_activation_bytes_per_token
+from parallel.pipeline import layer_costs, split_layers
 from train.config import ConfigError, RunConfig, StageConfig
 from train.stages import apply_stage
 
 GIB = 1024**3
 FP32 = 4
-
-
-def balanced_split(costs: list[float], parts: int, first_extra: float = 0.0, last_extra: float = 0.0) -> list[range]:
-    """Contiguous ranges of ``costs`` over ``parts`` pipeline stages minimizing the most expensive stage, the first
-    stage also paying ``first_extra`` (vision tower, embeddings) and the last ``last_extra`` (output head)."""
-    n = len(costs)
-    if parts > n:
-        raise ValueError(f"{n} layers cannot fill {parts} pipeline stages")
-    prefix = [0.0, *torch.tensor(costs, dtype=torch.float64).cumsum(0).tolist()]
-
-    def cost(stage: int, i: int, j: int) -> float:
-        extra = (first_extra if stage == 0 else 0.0) + (last_extra if stage == parts - 1 else 0.0)
-        return prefix[j] - prefix[i] + extra
-
-    # best[s][j]: minimal max cost of placing the first j layers on stages 0..s (each stage at least one layer)
-    best = [[math.inf] * (n + 1) for _ in range(parts)]
-    cut = [[0] * (n + 1) for _ in range(parts)]
-    for j in range(1, n + 1):
-        best[0][j] = cost(0, 0, j)
-    for s in range(1, parts):
-        for j in range(s + 1, n + 1):
-            for i in range(s, j):
-                candidate = max(best[s - 1][i], cost(s, i, j))
-                if candidate < best[s][j]:
-                    best[s][j], cut[s][j] = candidate, i
-    bounds, j = [n], n
-    for s in range(parts - 1, 0, -1):
-        j = cut[s][j]
-        bounds.append(j)
-    bounds = [0, *reversed(bounds)]
-    return [range(bounds[s], bounds[s + 1]) for s in range(parts)]
 
 
 @dataclass
@@ -96,27 +66,14 @@ def _owned(name: str, layers: range, pp_rank: int, pp: int) -> bool:
     return pp_rank == 0  # vision, projector, coca, token embeddings
 
 
-def _layer_costs(model: KimiVL) -> list[float]:
-    # Activated parameters per token: a MoE layer runs k of its E routed experts.
-    args = model.args.decoder
-    costs = []
-    for layer in model.decoder.layers.values():
-        total = sum(p.numel() for p in layer.parameters())
-        if layer.moe is not None:
-            routed = sum(p.numel() for p in layer.moe.experts.parameters())
-            total -= routed * (1 - args.num_experts_per_token / args.num_routed_experts)
-        costs.append(float(total))
-    return costs
-
-
 def estimate(cfg: RunConfig, dims: ParallelDims) -> list[RankMemory]:
     """Per curriculum stage and pipeline stage, the bytes one rank holds (see the module docstring)."""
     with torch.device("meta"):
         model = KimiVL(cfg.model)
-    costs = _layer_costs(model)
-    output_cost = float(model.decoder.output.weight.numel())
-    vision_cost = float(sum(p.numel() for p in model.vision.parameters()))
-    splits = balanced_split(costs, dims.pp_degree, first_extra=vision_cost, last_extra=output_cost)
+    # The trainer's own split (parallel/pipeline.py's cost model), one stage per rank as in 1F1B.
+    costs, first_extra, last_extra = layer_costs(cfg.model, max(s.seq_len for s in cfg.curriculum.stages.values()))
+    splits = [range(stage[0], stage[-1] + 1) for stage in split_layers(costs, dims.pp_degree, first_extra,
+                                                                        last_extra)]
     moe_names = {f"decoder.layers.{i}" for i, layer in model.decoder.layers.items() if layer.moe is not None}
     per_token: dict[tuple[str, str], float] = {}
     reports = []

@@ -5,19 +5,6 @@ from __future__ import annotations
 import pytest
 
 from train.__main__ import main
-from train.dry_run import balanced_split
-
-
-def test_balanced_split_is_contiguous_and_minimizes_the_largest_stage():
-    costs = [1.0] * 12
-    assert balanced_split(costs, 4) == [range(0, 3), range(3, 6), range(6, 9), range(9, 12)]
-    # An expensive first stage (vision tower) gets fewer layers, an expensive last one (output head) too.
-    split = balanced_split(costs, 3, first_extra=3.0, last_extra=1.0)
-    assert [len(r) for r in split] == [2, 5, 5] or [len(r) for r in split] == [2, 6, 4]
-    assert split[0].start == 0 and split[-1].stop == 12
-    assert all(a.stop == b.start for a, b in zip(split, split[1:]))
-    with pytest.raises(ValueError, match="cannot fill"):
-        balanced_split([1.0, 1.0], 3)
 
 
 def test_kimi_vl_a3b_at_256_ranks(capsys):
