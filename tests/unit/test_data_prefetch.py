@@ -1,0 +1,44 @@
+"""Read-ahead threads change timing only: any worker count gives the stream of synchronous reads, also across a
+resume, for packed rows and for augmented image-text pairs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from data.loader import StageLoader
+from model.registry import FLAVORS
+from tests.unit.test_loader import stage_of
+from train.config import DataConfig
+
+VISION = FLAVORS["debug"].vision
+
+
+def batches_equal(a, b) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("name", ["vit_coca", "joint_cooldown"])
+def test_any_worker_count_gives_the_synchronous_stream(demo_root, tokenizer, name):
+    stage = stage_of(name, micro_batch_size=4)
+    next_batch = "next_image_text_batch" if name == "vit_coca" else "next_packed_batch"
+    loaders = [StageLoader(name, stage, demo_root, tokenizer, VISION, 0, 0, 1,
+                           data=DataConfig(prefetch_samples=ahead, prefetch_threads=threads))
+               for ahead, threads in ((0, 1), (3, 1), (8, 4))]
+    state, expected = None, {}
+    for step in range(4):
+        if step == 2:
+            state = json.loads(json.dumps(loaders[2].state_dict()))
+        batches = [getattr(loader, next_batch)(step / 4) for loader in loaders]
+        assert all(batches_equal(batches[0], other) for other in batches[1:])
+        expected[step] = batches[0]
+    assert loaders[2].prefetcher.hits > 0
+    resumed = StageLoader(name, stage, demo_root, tokenizer, VISION, 0, 0, 1,
+                          data=DataConfig(prefetch_samples=5, prefetch_threads=2))
+    resumed.load_state_dict(state)
+    for step in range(2, 4):
+        assert batches_equal(getattr(resumed, next_batch)(step / 4), expected[step])
+    for loader in (*loaders, resumed):
+        loader.close()
