@@ -103,3 +103,62 @@ def test_sbatch_script_trains_checkpoints_on_usr1_requeues_and_the_rerun_resumes
     assert [r["step"] for r in read_metrics(metrics)] == list(range(1, STEPS + 1))
     assert (metrics.parent / "DONE.json").exists()
     assert not any("requeue" in c for c in log.read_text().splitlines())
+
+
+def submitit_task_pid(root: int) -> int:
+    """The process running the submitted function: a descendant of the local job's controller."""
+    pending = [root]
+    while pending:
+        pid = pending.pop()
+        if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+        pending += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    raise AssertionError("no submitit task process under the local job")
+
+
+def test_submit_command_matches_the_sbatch_job(fake_slurm, monkeypatch):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from launch.submit import build_executor, torchrun_command
+
+    assert torchrun_command(["recipe=kimi_vl_a3b", "run_name=a"], 4, 8, "node-a", 29500, "77", 240) == [
+        "torchrun", "--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=node-a:29500",
+        "--rdzv_id=77", "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown_timeout=240",
+        "-m", "train", "recipe=kimi_vl_a3b", "run_name=a"]
+    sbatch = (REPO / "launch" / "slurm" / "train.sbatch").read_text()
+    assert "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in sbatch
+    # The SLURM job submitit would submit (the fake srun on PATH lets its executor build here).
+    monkeypatch.setenv("PATH", fake_slurm[0]["PATH"])
+    executor = build_executor("slurm", "/tmp/jobs", nodes=4, gpus_per_node=8, time_min=1440, partition="gpu")
+    script = _make_sbatch_string(command="python -m submitit.core._submit X", folder="/tmp/jobs",
+                                 **executor._executor.parameters)
+    for line in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu", "--time=1440",
+                 "--signal=USR2@300"):
+        assert f"#SBATCH {line}\n" in script, line
+
+
+def test_submitit_local_job_is_preempted_checkpoints_requeues_and_finishes(demo_root, tmp_path, monkeypatch):
+    """submitit's local executor runs the job (torchrun, 2 processes); its preemption signal makes the trainer
+    checkpoint, submitit requeues, and the requeued job resumes and completes the stage."""
+    from launch.submit import TrainJob, build_executor
+
+    monkeypatch.chdir(REPO)  # the job process unpickles launch.submit.TrainJob from here
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    steps = 6
+    executor = build_executor("local", str(tmp_path / "submitit"), 1, 2, time_min=10)
+    job = executor.submit(TrainJob(train_overrides(tmp_path / "out", demo_root, steps), 2, port=free_port(),
+                                   shutdown_timeout=60))
+    metrics = tmp_path / "out" / "run" / "joint_pretrain" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while len(read_metrics(metrics)) < 1:
+        assert not job.done(), job.stderr()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # The preemption signal, sent to the task process as SLURM does (submitit's local controller does not forward
+    # one it receives itself).
+    os.kill(submitit_task_pid(job._process.pid), signal.SIGUSR2)
+    assert job.result() == 0
+    log = job.stderr()
+    assert "received SIGUSR1" in log and "resumed from step" in log, log[-3000:]
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, steps + 1))
+    assert (metrics.parent / "DONE.json").exists()
