@@ -31,8 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import DocumentAttention, document_lengths
+from parallel.expert import all_to_all
 
-__all__ = ["ContextParallelAttention", "ZigzagLayout", "apply_context_parallel", "forward_context_parallel"]
+CP_METHODS = ("allgather", "ring")
+
+__all__ = ["CP_METHODS", "ContextParallelAttention", "ZigzagLayout", "apply_context_parallel",
+           "forward_context_parallel"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,16 @@ class ZigzagLayout:
         return local.view(self.rows, self.seq_len // self.cp_degree, *tensor.shape[2:])
 
 
+def _ring_shift(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Send ``x`` to the next rank of the ring and receive the previous rank's (same shape); differentiable: the
+    gradient travels back the other way."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    rows = x.shape[0]
+    send = [rows if peer == (rank + 1) % cp else 0 for peer in range(cp)]
+    receive = [rows if peer == (rank - 1) % cp else 0 for peer in range(cp)]
+    return all_to_all(x, receive, send, group)
+
+
 def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     # Functional and differentiable (the backward reduce-scatters): selective checkpointing keeps its output.
     return funcol.wait_tensor(funcol.all_gather_tensor_autograd(x.contiguous(), 0, group))
@@ -77,17 +91,31 @@ def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 class ContextParallelAttention(nn.Module):
     """Drop-in for :class:`~model.attention.DocumentAttention` on sequence-sharded inputs (all-gather-KV).
 
+    Two exchanges of keys and values:
+
+    * ``allgather``: one all-gather of every rank's keys and values, then one exact SDPA call per (local chunk,
+      document);
+    * ``ring``: ``cp`` steps; at each, the local queries attend to the keys and values currently held (with the
+      document and causal masks of their global positions) and those move on to the next rank of the ring. Partial
+      results are merged exactly with their log-sum-exp (the online softmax of ring attention). Neighbour-only
+      point-to-point traffic, which overlaps with compute on GPU interconnects; the backward is autograd's (the
+      shifts run backwards), so it keeps each visited block like the all-gather keeps all of them.
+
     Args:
         causal: Causal attention within documents.
         group: The context-parallel group.
         seq_len: Tokens per packed row (the stage's sequence length): fixes the layout of the local tokens.
+        method: ``allgather`` or ``ring``.
     """
 
-    def __init__(self, causal: bool, group: dist.ProcessGroup, seq_len: int):
+    def __init__(self, causal: bool, group: dist.ProcessGroup, seq_len: int, method: str = "allgather"):
         super().__init__()
+        if method not in CP_METHODS:
+            raise ValueError(f"unknown context-parallel attention '{method}': allowed are {CP_METHODS}")
         self.causal = causal
         self.group = group
         self.seq_len = seq_len
+        self.method = method
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                 scale: float | None = None) -> torch.Tensor:
@@ -104,6 +132,8 @@ class ContextParallelAttention(nn.Module):
         if layout.rows * self.seq_len != local_tokens * cp or int(cu_seqlens[-1]) != local_tokens * cp:
             raise ValueError(f"{local_tokens} local tokens on {cp} context ranks do not form rows of {self.seq_len} "
                              f"tokens covered by cu_seqlens (ending at {int(cu_seqlens[-1])})")
+        if self.method == "ring":
+            return self._ring(q, k, v, cu_seqlens, layout, cp_rank, scale)
         dv = v.shape[-1]
         if dv < q.shape[-1]:  # one head dim for q, k and v keeps SDPA on its fused CPU kernel (see attention.py)
             v = F.pad(v, (0, q.shape[-1] - dv))
@@ -119,6 +149,40 @@ class ContextParallelAttention(nn.Module):
             outputs += self._attend_chunk(q[local_start : local_start + layout.chunk], keys, values, start,
                                           boundaries, scale)
         return torch.cat(outputs)[..., :dv]
+
+    def _ring(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+              layout: ZigzagLayout, cp_rank: int, scale: float | None) -> torch.Tensor:
+        cp = layout.cp_degree
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        doc_of = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)  # global token -> doc
+        query_pos = layout.local_indices(cp_rank).to(q.device)
+        dk = k.shape[-1]
+        block = torch.cat((k, v), dim=-1)  # one tensor travels the ring
+        out, lse, source = None, None, cp_rank
+        for step in range(cp):
+            key_pos = layout.local_indices(source).to(q.device)
+            allowed = doc_of[query_pos][:, None] == doc_of[key_pos][None, :]
+            if self.causal:
+                allowed &= key_pos[None, :] <= query_pos[:, None]
+            # A large finite fill (not -inf): a query with no key in this block gets weight exp(-1e30) = 0 in the
+            # merge, and no NaN reaches the backward. Every query has at least itself among all blocks.
+            scores = torch.einsum("qhd,khd->hqk", q.float(), block[..., :dk].float()) * scale
+            scores = scores.masked_fill(~allowed[None], -1e30)
+            block_lse = torch.logsumexp(scores, dim=-1)  # [H, Tq]
+            block_out = torch.einsum("hqk,khd->qhd", torch.exp(scores - block_lse[..., None]),
+                                     block[..., dk:].float())
+            if out is None:
+                out, lse = block_out, block_lse
+            else:
+                merged = torch.logaddexp(lse, block_lse)
+                out = (out * torch.exp(lse - merged).t()[..., None]
+                       + block_out * torch.exp(block_lse - merged).t()[..., None])
+                lse = merged
+            if step < cp - 1:
+                block = _ring_shift(block, self.group)
+                source = (source - 1) % cp
+        return out.to(q.dtype)
 
     def _attend_chunk(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
                       boundaries: list[int], scale: float | None) -> list[torch.Tensor]:
@@ -143,7 +207,8 @@ class ContextParallelAttention(nn.Module):
         return pieces
 
 
-def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None, seq_len: int) -> int:
+def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None, seq_len: int,
+                           method: str = "allgather") -> int:
     """Swap every causal attention core (the decoder's) for :class:`ContextParallelAttention` over ``group``, or
     back to :class:`DocumentAttention` when ``group`` is None or has one rank, in place.
 
@@ -158,7 +223,7 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None, se
     for name, module in list(model.named_modules()):
         if isinstance(module, (DocumentAttention, ContextParallelAttention)) and module.causal:
             parent_name, _, child = name.rpartition(".")
-            core = ContextParallelAttention(True, group, seq_len) if sharded else DocumentAttention(causal=True)
+            core = ContextParallelAttention(True, group, seq_len, method) if sharded else DocumentAttention(True)
             setattr(model.get_submodule(parent_name), child, core)
             swapped += 1
     return swapped

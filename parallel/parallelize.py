@@ -49,8 +49,9 @@ def resolve_checkpoint_policy(policy: str, seq_len: int) -> str:
 
 
 def apply_stage_parallel(model: nn.Module, cp_group: dist.ProcessGroup | None,
-                         checkpointing: ActivationCheckpointing, policy: str, seq_len: int) -> None:
+                         checkpointing: ActivationCheckpointing, policy: str, seq_len: int,
+                         cp_method: str = "allgather") -> None:
     """Apply what depends on the stage: its context-parallel layout (``cp_group`` None or of one rank: none) for
-    ``seq_len`` tokens per row, and its checkpointing policy."""
-    apply_context_parallel(model, cp_group, seq_len)
+    ``seq_len`` tokens per row with the ``cp_method`` exchange, and its checkpointing policy."""
+    apply_context_parallel(model, cp_group, seq_len, cp_method)
     checkpointing.set_policy(resolve_checkpoint_policy(policy, seq_len))

@@ -171,6 +171,8 @@ class ParallelConfig:
     pp_virtual_stages: int = 2
     # none | selective | full | auto (selective up to 32K-token rows, full beyond: parallel/activation_checkpoint.py)
     activation_checkpoint: str = "auto"
+    # Context-parallel key/value exchange: allgather | ring (parallel/context.py)
+    cp_attention: str = "allgather"
 
 
 @dataclass
@@ -309,6 +311,8 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", cfg.optim.grad_clip_norm, ">= 0 (0 disables)")
     _check(cfg.parallel.dp_degree == -1 or cfg.parallel.dp_degree >= 1, "parallel.dp_degree",
            cfg.parallel.dp_degree, "-1 (whole world) or >= 1")
+    _check(cfg.parallel.cp_attention in ("allgather", "ring"), "parallel.cp_attention", cfg.parallel.cp_attention,
+           "'allgather' or 'ring'")
     _check(cfg.parallel.activation_checkpoint in ACTIVATION_CHECKPOINT_POLICIES, "parallel.activation_checkpoint",
            cfg.parallel.activation_checkpoint, f"one of {ACTIVATION_CHECKPOINT_POLICIES}")
     _check(not cfg.dry_run or cfg.world_size >= 1, "world_size", cfg.world_size,

@@ -333,7 +333,8 @@ class Trainer:
             self._cp_groups[cp] = self.stage_dims.build_cp_group()
         self.stage_cp_group = self._cp_groups[cp] if cp > 1 else None
         apply_stage_parallel(self.model, self.stage_cp_group, self.activation_checkpointing,
-                             stage.activation_checkpoint or self.cfg.parallel.activation_checkpoint, stage.seq_len)
+                             stage.activation_checkpoint or self.cfg.parallel.activation_checkpoint, stage.seq_len,
+                             self.cfg.parallel.cp_attention)
         if self.pipeline is not None:
             self.pipeline.set_context_parallel(self.stage_cp_group)
 

@@ -64,6 +64,7 @@ LAYOUTS = {
     "dp2_ep2": dict(world=2, ep_degree=2, activation_checkpoint="selective"),
     "cp2": dict(world=2, cp_degree=2, activation_checkpoint="full"),
     "cp4": dict(world=4, cp_degree=4, activation_checkpoint="none"),
+    "cp4_ring": dict(world=4, cp_degree=4, cp_attention="ring", activation_checkpoint="selective"),
     "dp2_cp2_ep2": dict(world=4, cp_degree=2, ep_degree=2, activation_checkpoint="selective"),
     "dp2_cp2_ep4": dict(world=4, cp_degree=2, ep_degree=4, activation_checkpoint="none"),
     # a run laid out dp4 whose stage regroups the same ranks as dp2 x cp2 (curriculum.stages.<name>.cp_degree)
