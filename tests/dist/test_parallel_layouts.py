@@ -22,6 +22,7 @@ STEPS = 3
 GLOBAL_ROWS = 4
 # Relative to each tensor's norm. Measured: at most 1.7e-6 for any parameter of any layout (summation order only).
 TOLERANCE = 1e-5
+CLIP = 1.0
 
 
 def overrides(out, demo_root, rows_per_rank: int, **parallel) -> list[str]:
@@ -29,7 +30,7 @@ def overrides(out, demo_root, rows_per_rank: int, **parallel) -> list[str]:
     args = ["recipe=debug", f"output_dir={out}", "run_name=run", f"data.root={demo_root}", "log.progress_bar=false",
             "log.peak_tflops=1", "optim.muon_ns_dtype=float32", "curriculum.order=[joint_pretrain]",
             f"{stage}.init_from=scratch", f"{stage}.steps={STEPS}", f"{stage}.micro_batch_size={rows_per_rank}",
-            f"{stage}.checkpoint_interval=0", f"{stage}.lr.warmup_steps=1",
+            f"{stage}.checkpoint_interval=0", f"{stage}.lr.warmup_steps=1", f"optim.grad_clip_norm={CLIP}",
             # images from the first step on, so vision features cross the context-parallel split
             f"{stage}.mixture.multimodal_share_start=0.5"]
     return args + [f"parallel.{key}={value}" for key, value in parallel.items()]
@@ -45,8 +46,9 @@ def train_rank(rank: int, world: int, args: list[str]) -> dict:
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     offsets = {f"{name}.{p}": m.expert_offset for name, m in trainer.model.named_modules()
                if hasattr(m, "expert_offset") for p in ("w_gate", "w_up", "w_down")}
-    losses = [r["loss"] for r in read_metrics(trainer.cfg.run_dir / "joint_pretrain" / "metrics.jsonl")]
-    return {"params": params, "offsets": offsets, "losses": losses}
+    records = read_metrics(trainer.cfg.run_dir / "joint_pretrain" / "metrics.jsonl")
+    return {"params": params, "offsets": offsets, "losses": [r["loss"] for r in records],
+            "grad_norms": [r["grad_norm"] for r in records]}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +87,9 @@ def test_layout_equals_one_process(layout, reference, demo_root, tmp_path):
     assert len(results[0]["losses"]) == STEPS
     for step, (got, want) in enumerate(zip(results[0]["losses"], reference["losses"], strict=True)):
         assert abs(got - want) <= TOLERANCE * abs(want), f"{layout} step {step + 1}: loss {got} vs {want}"
+    # The global gradient norm (over every group) is the one process's, and clipping by it was active.
+    assert results[0]["grad_norms"] == pytest.approx(reference["grad_norms"], rel=TOLERANCE)
+    assert max(reference["grad_norms"]) > CLIP
     sharded = spec.get("ep_degree", 1) > 1
     for rank, result in enumerate(results):
         assert set(result["params"]) == set(reference["params"])

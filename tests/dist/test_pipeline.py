@@ -201,6 +201,9 @@ TRAINER_LAYOUTS = {
     "pp2_dp2_interleaved_1f1b": dict(world=4, pp_degree=2, pp_schedule="interleaved_1f1b",
                                      activation_checkpoint="none"),
     "pp2_zero_bubble": dict(world=2, pp_degree=2, pp_schedule="zero_bubble", activation_checkpoint="none"),
+    "pp2_interleaved_zero_bubble": dict(world=2, pp_degree=2, pp_schedule="interleaved_zero_bubble",
+                                        activation_checkpoint="none"),
+    "pp2_gpipe": dict(world=2, pp_degree=2, pp_schedule="gpipe", activation_checkpoint="full"),
     "pp2_cp2_1f1b": dict(world=4, pp_degree=2, cp_degree=2, pp_schedule="1f1b", activation_checkpoint="full"),
     # the combined layout: 8 ranks, experts over ep2 inside dp2 x cp2, two pipeline stages
     "pp2_dp2_cp2_ep2_1f1b": dict(world=8, pp_degree=2, cp_degree=2, ep_degree=2, pp_schedule="1f1b",
