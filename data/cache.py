@@ -39,6 +39,13 @@ class DiskCache:
         self.hits = self.misses = 0
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _path(self, key: str) -> Path:
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return self.root / f"{digest}{SUFFIX}"
@@ -121,6 +128,13 @@ class CachedStorage:
         self.cache = cache
         self.url = storage.url
         self._fills: dict[str, threading.Lock] = {}
+        self._fills_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fills": {}, "_fills_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
         self._fills_lock = threading.Lock()
 
     def _key(self, key: str) -> str:

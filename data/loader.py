@@ -14,9 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from data.augment import augment
 from data.batch import ImageTextBatch, PackedBatch
-from data.mixture import MixtureSampler, draw_rng, epoch_permutation
+from data.mixture import MixtureSampler, epoch_permutation
 from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
 from data.prefetch import Prefetcher
 from data.samples import (
@@ -26,12 +25,11 @@ from data.samples import (
     SampleError,
     ShardSource,
     caption_text,
-    load_images,
-    load_meta,
     render_document,
 )
 from data.storage import Storage, open_storage
 from data.tokenizer import TextTokenizer
+from data.workers import ProcessReader, SampleReader
 from model.args import VisionArgs
 from train.config import DataConfig, StageConfig
 
@@ -134,12 +132,19 @@ class StageLoader:
             name: ShardSource(name, storage, known[name]["shards"], data.skip_missing_shards, data.prefetch_threads,
                               known[name].get("shard_samples"), known[name].get("index_suffix", ""))
             for name in self.sampler.sources()}
+        self.reader = SampleReader(self.sources, stage.augment, seed, stage_name, vision.patch_size,
+                                   vision.merge_size)
         self.prefetch_samples = data.prefetch_samples
-        self.prefetcher = None
+        self.prefetcher = self.workers = None
         if data.prefetch_samples > 0:
-            # Whole reads (fetch, decode, augment, patchify) run ahead: decoding and resizing release the GIL.
+            # Whole reads (fetch, decode, augment, patchify) run ahead: on threads (decoding and resizing release
+            # the GIL), or in worker processes when data.loader_workers > 0.
             capacity = 2 * data.prefetch_samples * stage.micro_batch_size
-            self.prefetcher = Prefetcher(self._load, data.prefetch_threads, capacity)
+            load, threads = self.reader.load, data.prefetch_threads
+            if data.loader_workers > 0:
+                self.workers = ProcessReader(self.reader, data.loader_workers)
+                load, threads = self.workers.load, max(threads, 2 * data.loader_workers)
+            self.prefetcher = Prefetcher(load, threads, capacity)
         per_rank = stage.micro_batch_size
         num_slots = per_rank * dp_size
         self.slots = [SlotStream(v, num_slots, list(self.sources))
@@ -156,10 +161,13 @@ class StageLoader:
         return [shard for source in self.sources.values() for shard in source.missing_shards]
 
     def close(self) -> None:
-        """Stop the prefetch threads (the loader keeps working, reading in the foreground)."""
+        """Stop the prefetch threads and worker processes (the loader keeps working, reading in the foreground)."""
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     # ----- drawing samples -------------------------------------------------------------------------------------
 
@@ -208,19 +216,7 @@ class StageLoader:
     def _read(self, name: str, position: int, draw: int, cap: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
         if self.prefetcher is not None:  # the same pure function, maybe already computed on a background thread
             return self.prefetcher.get(name, position, draw, cap)
-        return self._load(name, position, draw, cap)
-
-    def _load(self, name: str, position: int, draw: int, cap: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
-        raw = self.sources[name].read(position)
-        meta = load_meta(raw)
-        transform = None
-        cfg = self.stage.augment
-        if cfg.enabled and meta.get("kind") in cfg.kinds:
-            # A pure function of the draw: the same sample drawn again (or re-rendered after resume) looks the same.
-            rng = draw_rng(self.seed, self.stage_name, draw, "augment")
-            transform = lambda image, objects: augment(image, objects, cfg, rng)  # noqa: E731
-        images = load_images(raw, meta, self.vision.patch_size, self.vision.merge_size, cap, transform)
-        return raw, meta, images
+        return self.reader.load(name, position, draw, cap)
 
     def _skip(self, stream: SlotStream, name: str, position: int, error: Exception) -> None:
         stream.corrupt += 1

@@ -89,6 +89,14 @@ class ShardSource:
         self._locks: dict[int, threading.Lock] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # Picklable for worker processes: the index travels, the locks are made anew.
+        return {**self.__dict__, "_lock": None, "_locks": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # ----- eager: every shard read once ---------------------------------------------------------------------
 
     def _read_shard(self, shard: str) -> bytes | None:

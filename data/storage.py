@@ -169,6 +169,13 @@ class S3Storage:
                                    region_name=self.options.region or None, config=config)
         self.bucket_limit = process_bucket(self.options.requests_per_second, self.options.request_burst)
 
+    def __getstate__(self) -> dict:
+        # Picklable for worker processes: each builds its own client (and shares its own process's bucket).
+        return {"url": self.url, "options": self.options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["options"])
+
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 

@@ -129,6 +129,8 @@ class DataConfig:
     # in parallel). Prefetch changes timing only, never the stream.
     prefetch_samples: int = 8
     prefetch_threads: int = 4
+    # Worker processes for the read-ahead (0: threads only), for when decoding and resizing need more than a core.
+    loader_workers: int = 0
     # A shard listed in the manifest but missing from storage fails the run naming it, unless this skips (and
     # counts) it.
     skip_missing_shards: bool = False

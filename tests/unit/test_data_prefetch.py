@@ -1,5 +1,5 @@
-"""Read-ahead threads change timing only: any worker count gives the stream of synchronous reads, also across a
-resume, for packed rows and for augmented image-text pairs."""
+"""Read-ahead threads and worker processes change timing only: any worker count gives the stream of synchronous
+reads, also across a resume, for packed rows and for augmented image-text pairs."""
 
 from __future__ import annotations
 
@@ -42,3 +42,16 @@ def test_any_worker_count_gives_the_synchronous_stream(demo_root, tokenizer, nam
         assert batches_equal(getattr(resumed, next_batch)(step / 4), expected[step])
     for loader in (*loaders, resumed):
         loader.close()
+
+
+def test_worker_processes_give_the_synchronous_stream(demo_root, tokenizer):
+    stage = stage_of("joint_cooldown", micro_batch_size=2)  # grounding augmented, dialogue, interleaved, text
+    plain = StageLoader("joint_cooldown", stage, demo_root, tokenizer, VISION, 0, 0, 1)
+    spawned = StageLoader("joint_cooldown", stage, demo_root, tokenizer, VISION, 0, 0, 1,
+                          data=DataConfig(prefetch_samples=4, loader_workers=2))
+    try:
+        for step in range(3):
+            assert batches_equal(plain.next_packed_batch(step / 3), spawned.next_packed_batch(step / 3))
+        assert spawned.prefetcher.hits > 0
+    finally:
+        spawned.close()
