@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from data.batch import ImageTextBatch, PackedBatch
 from data.loader import StageLoader, read_manifest
-from data.storage import LocalStorage, S3Options, open_storage
+from data.storage import LocalStorage, build_storage
 from data.tokenizer import TextTokenizer
 from model.coca import caption_loss_sum, siglip_loss
 from model.registry import build_model
@@ -252,8 +252,8 @@ class Trainer:
     def _build_tokenizer(self) -> TextTokenizer:
         data = self.cfg.data
         root = data.root
-        self.storage = open_storage(root, S3Options(endpoint_url=data.endpoint_url, region=data.region,
-                                                    max_attempts=data.max_attempts))
+        # S3 with the request-rate limit and the bounded disk cache in front, as the recipe says (data/storage.py).
+        self.storage = build_storage(data)
         local = isinstance(self.storage, LocalStorage)
         if self.rank == 0 and data.generate_if_missing and local and not self.storage.exists("manifest.json"):
             from data.synthetic import generate_corpus
@@ -356,7 +356,7 @@ class Trainer:
         self._enter_stage_layout(stage)
         optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr, self.groups)
         loader = StageLoader(name, stage, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
-                             *self._data_shard(stage), cfg.data.max_corrupt_fraction)
+                             *self._data_shard(stage), cfg.data.max_corrupt_fraction, data=cfg.data)
         train = TrainState()
         checkpoints = checkpoints_of(cfg, name)
         latest = checkpoints.latest_step()
