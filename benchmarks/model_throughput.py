@@ -7,16 +7,17 @@
   images padded to the largest grid and run as one batch with a key-padding mask (what a tower without packing
   has to do), same modules and weights. Goal >= 1.5.
 
-The default decoder batch is one 2048-token row: pretraining packs 8192-token rows, and 2048 keeps a CPU step at a
-few seconds. With short rows (``--rows 4 --seq 512``) the ratio shrinks (measured 1.2): the reference's grouped-GEMM
-experts are as good as ours, and the vocabulary head, identical on both sides, is ~46% of the ``small`` flavor's
-FLOPs (~14% in ``kimi_vl_a3b``); our edge is attention, where MLA's narrower values push the reference's SDPA onto
-its quadratic-memory math path while ours pads them and stays on the flash kernel.
+The default decoder batch is one 4096-token row: pretraining packs 8192-token rows (32K and 128K later), and 4096
+keeps a CPU step at seconds. The ratio depends on the row length (measured on a quiet machine, 1 thread: 2.02 at
+4096, 1.34 at 2048, 1.2 at ``--rows 4 --seq 512``): the reference's grouped-GEMM experts are as good as ours, and
+the vocabulary head, identical on both sides, is ~46% of the ``small`` flavor's FLOPs (~14% in ``kimi_vl_a3b``);
+our edge is attention, where MLA's narrower values push the reference's SDPA onto its quadratic-memory math path
+while ours pads them and stays on the flash kernel, and that edge grows with the row.
 
 Runs alternate between the two sides and keep each side's best time, so load from other processes hits both.
 Prints one JSON line, with the max abs difference of the outputs as a sanity check.
 
-    python benchmarks/model_throughput.py [--rows 1 --seq 2048 --repeats 3 --threads 1]
+    python benchmarks/model_throughput.py [--rows 1 --seq 4096 --repeats 3 --threads 1]
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def bench_vit(repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
