@@ -7,9 +7,11 @@ an early chunk with a late one gives every rank the same work.
 Order of operations in a step (see :func:`forward_context_parallel`):
 
 1. every rank of the group embeds the *whole* rows, images included: vision features are scattered into their
-   placeholder positions before the sequence is cut, so no image is ever split. The vision tower's work is repeated
-   on each context rank; its gradient is not: each rank back-propagates only its own tokens' loss, and the sum over
-   the group (done by the optimizer's reduction over data x context ranks) is the full gradient;
+   placeholder positions before the sequence is cut, so no image is ever split. The images are divided among the
+   context ranks (balanced by patches); each encodes its own and the projected tokens are all-gathered, so the
+   tower's work and activations are split, not repeated. Gradients: each rank back-propagates only its own tokens'
+   loss, the gather's backward brings every rank's share to the image's owner, and the optimizer's sum over data x
+   context ranks completes it;
 2. the embeddings, position ids, labels and loss mask are sharded by the zig-zag layout (RoPE uses the original
    per-document positions, so rotations are unchanged);
 3. every decoder attention core is swapped (by module name) for :class:`ContextParallelAttention`, which all-gathers
@@ -35,8 +37,8 @@ from parallel.expert import all_to_all
 
 CP_METHODS = ("allgather", "ring")
 
-__all__ = ["CP_METHODS", "ContextParallelAttention", "ZigzagLayout", "apply_context_parallel",
-           "forward_context_parallel"]
+__all__ = ["CP_METHODS", "ContextParallelAttention", "ZigzagLayout", "apply_context_parallel", "assign_images",
+           "embed_inputs_context_parallel", "forward_context_parallel"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def _ring_shift(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     # Functional and differentiable (the backward reduce-scatters): selective checkpointing keeps its output.
-    return funcol.wait_tensor(funcol.all_gather_tensor_autograd(x.contiguous(), 0, group))
+    return funcol.wait_tensor(funcol.all_gather_single_autograd(x.contiguous(), 0, group))
 
 
 class ContextParallelAttention(nn.Module):
@@ -229,6 +231,66 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None, se
     return swapped
 
 
+def assign_images(patches_per_image: list[int], ranks: int) -> list[int]:
+    """The context rank that encodes each image: largest first to the least loaded rank (by patches), ties to the
+    lowest rank; a pure function of the sizes, so every rank computes the same assignment."""
+    owner = [0] * len(patches_per_image)
+    load = [0] * ranks
+    for image in sorted(range(len(patches_per_image)), key=lambda i: (-patches_per_image[i], i)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owner[image] = rank
+        load[rank] += patches_per_image[image]
+    return owner
+
+
+def embed_inputs_context_parallel(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                                  image_grid_hw: torch.Tensor | None, image_token_positions: torch.Tensor | None,
+                                  group: dist.ProcessGroup) -> torch.Tensor:
+    """``model.embed_inputs`` of whole rows with the vision work split over the context-parallel ranks.
+
+    Each rank encodes only its images (:func:`assign_images`, balanced by patches), the projected image tokens are
+    all-gathered (differentiable: the backward sums every rank's gradient into the owner's), and every rank scatters
+    all of them into the rows. The result equals ``embed_inputs`` on one rank; the tower's activations and compute
+    are divided by ``cp`` instead of repeated on every rank.
+    """
+    embeds = model.decoder.embed_tokens(input_ids)
+    if pixel_values is None or pixel_values.shape[0] == 0:
+        return embeds
+    cp, cp_rank = dist.get_world_size(group), dist.get_rank(group)
+    merge = model.args.vision.merge_size ** 2
+    patches = (image_grid_hw[:, 0] * image_grid_hw[:, 1]).tolist()
+    owner = assign_images(patches, cp)
+    starts = [0, *torch.tensor(patches).cumsum(0).tolist()]
+    mine = [i for i in range(len(patches)) if owner[i] == cp_rank]
+    tokens_of = [p // merge for p in patches]
+    width = model.decoder.embed_tokens.weight.shape[1]
+    # Every rank contributes a block padded to the largest rank's token count (all-gather needs equal sizes).
+    per_rank = [sum(tokens_of[i] for i in range(len(patches)) if owner[i] == r) for r in range(cp)]
+    local = embeds.new_zeros(max(per_rank), width)
+    if mine:
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine])
+        encoded = model.embed_images(pixel_values[rows], image_grid_hw[mine])
+        local = torch.cat((encoded.to(embeds.dtype), local[encoded.shape[0]:]))
+    # Every rank of the group must take part in the gather's backward (a reduce-scatter), also one that encoded no
+    # image: its block joins the graph whenever the vision side trains, or the others would wait for it forever.
+    trains_vision = any(p.requires_grad for part in (model.vision, model.projector) for p in part.parameters())
+    if torch.is_grad_enabled() and trains_vision and not local.requires_grad:
+        local.requires_grad_()
+    gathered = _all_gather(local, group).view(cp, max(per_rank), width)
+    # Back to the projector's order (image after image) that image_token_positions follows.
+    pieces, used = [], [0] * cp
+    for image, rank in enumerate(owner):
+        pieces.append(gathered[rank, used[rank] : used[rank] + tokens_of[image]])
+        used[rank] += tokens_of[image]
+    image_tokens = torch.cat(pieces)
+    if image_tokens.shape[0] != image_token_positions.shape[0]:
+        raise ValueError(f"the images yield {image_tokens.shape[0]} tokens but image_token_positions has "
+                         f"{image_token_positions.shape[0]} placeholders")
+    rows_, seq, hidden = embeds.shape
+    flat = embeds.reshape(rows_ * seq, hidden).index_put((image_token_positions,), image_tokens)
+    return flat.view(rows_, seq, hidden)
+
+
 def forward_context_parallel(model: nn.Module, batch, group: dist.ProcessGroup):
     """Logits and labels of this rank's tokens of a :class:`~data.batch.PackedBatch` under context parallelism.
 
@@ -238,8 +300,8 @@ def forward_context_parallel(model: nn.Module, batch, group: dist.ProcessGroup):
     cp, cp_rank = dist.get_world_size(group), dist.get_rank(group)
     rows, seq_len = batch.input_ids.shape
     layout = ZigzagLayout(rows, seq_len, cp)
-    embeds = model.embed_inputs(batch.input_ids, batch.pixel_values, batch.image_grid_hw,
-                                batch.image_token_positions)
+    embeds = embed_inputs_context_parallel(model, batch.input_ids, batch.pixel_values, batch.image_grid_hw,
+                                           batch.image_token_positions, group)
     hidden, aux = model.decoder(position_ids=layout.shard(batch.position_ids, cp_rank), cu_seqlens=batch.cu_seqlens,
                                 inputs_embeds=layout.shard(embeds, cp_rank))
     return (model.decoder.logits(hidden), layout.shard(batch.labels, cp_rank),

@@ -51,7 +51,7 @@ from data.batch import PackedBatch
 from model.args import ModelArgs
 from model.attention import rope_angles_1d
 from model.vlm import KimiVL
-from parallel.context import ZigzagLayout
+from parallel.context import ZigzagLayout, embed_inputs_context_parallel
 from parallel.dims import ParallelDims
 from train.config import ConfigError, RunConfig
 
@@ -275,8 +275,10 @@ class StageModule(nn.Module):
         if image_counts is None or int(image_counts[0, 0]) == 0:
             return self.vlm.embed_inputs(input_ids)
         patches, images, tokens = image_counts[0].tolist()
-        return self.vlm.embed_inputs(input_ids, pixel_values[0, :patches], image_grid_hw[0, :images],
-                                     image_token_positions[0, :tokens])
+        inputs = (input_ids, pixel_values[0, :patches], image_grid_hw[0, :images], image_token_positions[0, :tokens])
+        if self.cp_group is not None:  # images divided among the context ranks (parallel/context.py)
+            return embed_inputs_context_parallel(self.vlm, *inputs, self.cp_group)
+        return self.vlm.embed_inputs(*inputs)
 
 
 def prune_model(model: KimiVL, keep_layers: set[str], first: bool, last: bool) -> KimiVL:

@@ -124,7 +124,8 @@ def _activations(args: ModelArgs, stage: StageConfig, dims: ParallelDims, pp_ran
     if pp_rank == 0:
         # Image tokens are merged 2 x 2 patches; the multimodal share bounds how many of the tokens are images.
         share = max(stage.mixture.multimodal_share_start, stage.mixture.multimodal_share_end)
-        patches = stage.micro_batch_size * stage.seq_len * share * merge  # whole rows: images precede the CP split
+        # Images of whole rows, divided among the context ranks (parallel/context.py).
+        patches = stage.micro_batch_size * stage.seq_len * share * merge / dims.cp_degree
         total += patches * measured("vision") * args.vision.num_layers
     if pp_rank == dims.pp_degree - 1:
         total += 2 * tokens * args.decoder.vocab_size * FP32  # logits and their gradient
