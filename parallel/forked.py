@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -32,15 +33,17 @@ def _entry(fn: Callable, rank: int, world: int, workdir: str, args: tuple) -> No
         os._exit(code)  # skip the parent's atexit handlers (pytest's) in the child
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 600.0) -> list[Any]:
+def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` forked gloo ranks; returns each rank's result (via torch.save)."""
     workdir = tempfile.mkdtemp(prefix="ranks-")
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_entry, args=(fn, rank, world, workdir, args)) for rank in range(world)]
     for proc in procs:
         proc.start()
+    # One deadline for all ranks: a hung collective must fail the caller within ``timeout``, not world x timeout.
+    deadline = time.monotonic() + timeout
     for proc in procs:
-        proc.join(timeout)
+        proc.join(max(0.0, deadline - time.monotonic()))
     errors = [Path(workdir, f"error_{r}.txt") for r in range(world)]
     messages = [f"rank {r}:\n{e.read_text()}" for r, e in enumerate(errors) if e.exists()]
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
