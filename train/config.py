@@ -203,10 +203,12 @@ class RunConfig:
     exit_after_steps: int = 0
     # A non-finite loss or gradient skips the update; this many in a row stop the run (last good checkpoint kept).
     max_nonfinite_steps: int = 3
+    # Ranks the recipe is laid out for (0: none): the layout is validated at this size when no launcher says
+    # otherwise (a launched run validates at its real WORLD_SIZE), and the dry run simulates it.
+    world_size: int = 0
     # Dry run (train/dry_run.py): build the real model on meta under a fake process group of ``world_size`` ranks
     # and print per-rank memory per stage; fail if a rank needs more than ``device_memory_gb`` (0: no limit).
     dry_run: bool = False
-    world_size: int = 0
     device_memory_gb: float = 0.0
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataConfig = field(default_factory=DataConfig)
@@ -345,8 +347,8 @@ def _validate_layout(cfg: RunConfig) -> None:
     from parallel.dims import ParallelDims  # imported here: parallel.dims builds on this module
 
     par = cfg.parallel
-    world = (cfg.world_size if cfg.dry_run else int(os.environ.get("WORLD_SIZE", "0"))) or \
-        par.pp_degree * max(par.dp_degree, 1) * par.cp_degree
+    launched = 0 if cfg.dry_run else int(os.environ.get("WORLD_SIZE", "0"))
+    world = launched or cfg.world_size or par.pp_degree * max(par.dp_degree, 1) * par.cp_degree
     stages = [(name, cfg.curriculum.stages[name]) for name in cfg.curriculum.order]
     seq_lens = [stage.seq_len for _, stage in stages if not stage.cp_degree]
     dims = ParallelDims.from_config(par, world, cfg.model, seq_lens)

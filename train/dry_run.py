@@ -38,6 +38,7 @@ from train.stages import apply_stage
 
 GIB = 1024**3
 FP32 = 4
+_MEASURED: dict[str, dict[tuple[str, str], float]] = {}
 
 
 @dataclass
@@ -75,7 +76,8 @@ def estimate(cfg: RunConfig, dims: ParallelDims) -> list[RankMemory]:
     splits = [range(stage[0], stage[-1] + 1) for stage in split_layers(costs, dims.pp_degree, first_extra,
                                                                         last_extra)]
     moe_names = {f"decoder.layers.{i}" for i, layer in model.decoder.layers.items() if layer.moe is not None}
-    per_token: dict[tuple[str, str], float] = {}
+    # Measured bytes per token, kept per process: the shapes of a flavor fix them (repeated dry runs reuse them).
+    per_token = _MEASURED.setdefault(repr(cfg.model), {})
     reports = []
     for name in cfg.curriculum.order:
         stage = cfg.curriculum.stages[name]
