@@ -253,3 +253,32 @@ def test_trainer_pipeline_equals_one_process(layout, trainer_reference, demo_roo
     for replica in range(replicas):  # the stages of each replica hold every parameter exactly once
         names = [set(results[p * replicas + replica]["params"]) for p in range(spec["pp_degree"])]
         assert sum(map(len, names)) == len(reference["params"]) and set().union(*names) == set(reference["params"])
+
+
+@pytest.fixture(scope="module")
+def wide_reference(demo_root, tmp_path_factory):
+    """One process, 4 rows per micro-step (so that 4 data-parallel ranks can share them), 2 micro-steps."""
+    from tests.dist.test_parallel_layouts import overrides, train_rank
+
+    out = tmp_path_factory.mktemp("single_wide")
+    return run_ranks(train_rank, 1, overrides(out, demo_root, 4, activation_checkpoint="none") + TRAINER_EXTRA)[0]
+
+
+@pytest.mark.parametrize("resume_world", [4, 1])
+def test_checkpoint_of_pp2_dp2_resumes_at_dp4_and_in_one_process(resume_world, wide_reference, demo_root, tmp_path):
+    """Saved after 2 steps at pp2 x dp2 (each pipeline rank writes its stages' parameters and optimizer units),
+    resumed at dp4 or by one process: the third step's loss and the final parameters are the uninterrupted run's."""
+    from tests.dist.test_parallel_layouts import STEPS, overrides, train_rank
+
+    spec = dict(pp_degree=2, pp_schedule="1f1b", activation_checkpoint="none")
+    saved = overrides(tmp_path, demo_root, 2, **spec) + TRAINER_EXTRA + ["exit_after_steps=2"]
+    run_ranks(train_rank, 4, saved)
+    assert [c.name for c in (tmp_path / "run" / "joint_pretrain" / "checkpoints").iterdir()] == ["step-00000002"]
+    resumed = run_ranks(train_rank, resume_world, overrides(tmp_path, demo_root, 4 // resume_world,
+                                                            activation_checkpoint="none") + TRAINER_EXTRA)
+    reference = wide_reference
+    assert len(resumed[0]["losses"]) == STEPS
+    assert abs(resumed[0]["losses"][-1] - reference["losses"][-1]) <= TOLERANCE * abs(reference["losses"][-1])
+    for name, param in resumed[0]["params"].items():
+        error = relative_error(param, reference["params"][name])
+        assert error <= TOLERANCE, f"{name} differs by {error:.2e} (relative) after resuming at world {resume_world}"
