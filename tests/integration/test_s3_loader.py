@@ -100,3 +100,29 @@ def test_every_sample_arrives_exactly_once_through_storage_faults(s3_corpus, dem
                 a, b = over_s3.read(position), reference.read(position)
                 assert a.key == b.key and a.members == b.members
     assert all(proxy.injected.get(fault, 0) > 0 for fault in ("503", "500", "truncate", "reset", "slow"))
+
+
+def test_credentials_never_reach_logs_configs_metrics_or_caches(s3_corpus, tmp_path, monkeypatch, capfd, caplog):
+    """A run reading S3 with distinctive AWS credentials, logging to W&B (offline) with a distinctive API key and
+    caching shards on disk: no file it writes and nothing it prints contains either secret."""
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIDSECRETPROBE4242", "AWS_SECRET_ACCESS_KEY": "s3cr3t-probe-value-4242",
+               "WANDB_API_KEY": "wandb-probe-key-0123456789abcdef0123456789abcdef"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "outputs"
+    args = ["recipe=debug", f"output_dir={out}", "run_name=creds", f"data.root=s3://{BUCKET}/corpus",
+            f"data.endpoint_url={s3_corpus}", f"data.cache_dir={tmp_path / 'cache'}", "log.progress_bar=false",
+            "log.wandb=true", "curriculum.order=[vit_coca]", "curriculum.stages.vit_coca.steps=2",
+            "curriculum.stages.vit_coca.lr.warmup_steps=1"]
+    assert main(args) == 0
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "metrics.jsonl" for p in written) and any("wandb" in p.parts for p in written)
+    assert any((tmp_path / "cache").rglob("*.obj"))  # shards were cached (and are scanned below)
+    printed = capfd.readouterr()
+    texts = {"stdout": printed.out, "stderr": printed.err, "log": caplog.text}
+    for secret in secrets.values():
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), f"{secret} leaked into {path}"
+        for where, text in texts.items():
+            assert secret not in text, f"{secret} leaked into {where}"
