@@ -5,6 +5,11 @@ an object before encloses it after (a rotated box becomes the axis-aligned box a
 outwards; a crop clips boxes to the window and drops objects left outside). Every random choice comes from the
 generator the caller passes, itself a pure function of ``(seed, stage, sample index)``, so augmentation is as
 reproducible as the rest of the stream.
+
+The transforms are planned on the image's size alone (:func:`plan_augment`): the crop, flip, rotation and resize
+compose into one affine :class:`~data.images.Warp` whose pixels are sampled once, at the patch grid's resolution,
+when the image is cut into patches (one interpolation instead of three, and no full-size intermediate images);
+the annotations are moved exactly, transform by transform.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageEnhance
+import torch
+from PIL import Image
+
+from data.images import ColourJitter, Warp, render
 
 
 @dataclass
@@ -36,32 +44,65 @@ class AugmentConfig:
     color_jitter: float = 0.2
 
 
-def augment(image: Image.Image, objects: list[dict], cfg: AugmentConfig,
-            rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
-    """Apply the configured transforms to an image and its objects (``{"label", "box", "point"?}``, pixels)."""
+Matrix = np.ndarray  # 3x3, acting on (x, y, 1) columns
+
+
+def plan_augment(size: tuple[int, int], objects: list[dict], cfg: AugmentConfig,
+                 rng: np.random.Generator) -> tuple[Warp, ColourJitter | None, list[dict]]:
+    """The configured transforms of an image of ``size`` (width, height) and its objects (``{"label", "box",
+    "point"?}``, pixels): the warp from the stored image to the augmented frame, the colour jitter (None when
+    off), and the objects in the augmented frame (those cropped away dropped)."""
     boxes = [list(map(float, o["box"])) for o in objects]
     points = [list(map(float, o["point"])) if "point" in o else None for o in objects]
+    matrix, size = np.eye(3), tuple(size)
+    window = None
+    steps = []
     if cfg.crop_min_scale < 1.0:
-        image, boxes, points = _crop(image, boxes, points, cfg.crop_min_scale, cfg.crop_min_visible, rng)
+        steps.append(_crop(size, boxes, points, cfg.crop_min_scale, cfg.crop_min_visible, rng))
+        crop, cropped, boxes, points = steps[-1]
+        window = (int(-crop[0, 2]), int(-crop[1, 2]), int(-crop[0, 2]) + cropped[0], int(-crop[1, 2]) + cropped[1])
+        size = cropped
     if rng.random() < cfg.flip_prob:
-        image, boxes, points = _flip(image, boxes, points)
+        steps.append(_flip(size, boxes, points))
+        _, size, boxes, points = steps[-1]
     if cfg.max_rotation_deg > 0:
-        image, boxes, points = _rotate(image, boxes, points, rng.uniform(-1, 1) * cfg.max_rotation_deg)
+        steps.append(_rotate(size, boxes, points, rng.uniform(-1, 1) * cfg.max_rotation_deg))
+        _, size, boxes, points = steps[-1]
     if cfg.resize_jitter > 0:
-        image, boxes, points = _resize(image, boxes, points, 1 + rng.uniform(-1, 1) * cfg.resize_jitter)
+        steps.append(_resize(size, boxes, points, 1 + rng.uniform(-1, 1) * cfg.resize_jitter))
+        _, size, boxes, points = steps[-1]
+    for step_matrix, *_ in steps:
+        matrix = step_matrix @ matrix
+    jitter = None
     if cfg.color_jitter > 0:
-        image = _jitter_colour(image, cfg.color_jitter, rng)
+        brightness, contrast, saturation = (1 + rng.uniform(-1, 1) * cfg.color_jitter for _ in range(3))
+        jitter = ColourJitter(brightness, contrast, saturation)
     kept = []
     for obj, box, point in zip(objects, boxes, points):
         if box is None:
             continue
         out = {key: value for key, value in obj.items() if key != "point"}  # a point cropped away is dropped
-        out["box"] = _round_outwards(box, image.size)
+        out["box"] = _round_outwards(box, size)
         if point is not None:
-            out["point"] = [min(max(round(point[0]), 0), image.width - 1), min(max(round(point[1]), 0),
-                                                                              image.height - 1)]
+            out["point"] = [min(max(round(point[0]), 0), size[0] - 1), min(max(round(point[1]), 0), size[1] - 1)]
         kept.append(out)
-    return image, kept
+    warp = Warp(tuple(float(v) for v in matrix[:2].reshape(-1)), (int(size[0]), int(size[1])), window)
+    return warp, jitter, kept
+
+
+def augment(image: Image.Image, objects: list[dict], cfg: AugmentConfig,
+            rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
+    """Apply the configured transforms to an image and its objects: the augmented image at its own (frame) size,
+    as the loader would sample it, e.g. to look at. The loader itself samples the warp straight at the patch
+    grid's size (:func:`~data.images.image_to_patches`)."""
+    warp, jitter, kept = plan_augment(image.size, objects, cfg, rng)
+    pixels = render(image, warp.size, warp, jitter)
+    pixels = pixels.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy()), kept
+
+
+def _translation(dx: float, dy: float) -> Matrix:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
 
 
 def _round_outwards(box: list[float], size: tuple[int, int]) -> list[int]:
@@ -74,15 +115,15 @@ def _area(box: list[float]) -> float:
     return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
 
 
-def _crop(image, boxes, points, min_scale, min_visible, rng):
-    width, height = image.size
+def _crop(size, boxes, points, min_scale, min_visible, rng):
+    width, height = size
     w = max(1, round(width * rng.uniform(min_scale, 1.0)))
     h = max(1, round(height * rng.uniform(min_scale, 1.0)))
     left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
     new_boxes, new_points = _crop_annotations(boxes, points, left, top, w, h, min_visible)
     if any(b is not None for b in boxes) and all(b is None for b in new_boxes):
-        return image, boxes, points  # a crop that removes every object would leave nothing to ground: skip it
-    return image.crop((left, top, left + w, top + h)), new_boxes, new_points
+        return np.eye(3), size, boxes, points  # a crop that removes every object would leave nothing to ground
+    return _translation(-left, -top), (w, h), new_boxes, new_points
 
 
 def _crop_annotations(boxes, points, left, top, w, h, min_visible):
@@ -100,23 +141,36 @@ def _crop_annotations(boxes, points, left, top, w, h, min_visible):
     return new_boxes, new_points
 
 
-def _flip(image, boxes, points):
-    width = image.width
+def _flip(size, boxes, points):
+    width = size[0]
     boxes = [None if b is None else [width - b[2], b[1], width - b[0], b[3]] for b in boxes]
     # Pixel centres map x -> width - 1 - x.
     points = [None if p is None else [width - 1 - p[0], p[1]] for p in points]
-    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), boxes, points
+    return np.array([[-1.0, 0.0, width], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), size, boxes, points
 
 
-def _rotate(image, boxes, points, degrees):
-    """Rotate counter-clockwise about the centre, growing the canvas so no pixel is lost."""
-    width, height = image.size
-    # Mid-grey fills the new corners: it normalizes to 0, so the padding carries no signal.
-    rotated = image.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=(128, 128, 128))
+def rotated_size(size: tuple[int, int], degrees: float) -> tuple[int, int]:
+    """The canvas that holds an image of ``size`` rotated by ``degrees`` whole, exactly as PIL's
+    ``rotate(expand=True)`` computes it (the stream's frames do not change with the implementation)."""
+    width, height = size
+    angle = -math.radians(degrees % 360.0)
+    a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    c = a * (-width / 2) + b * (-height / 2) + width / 2
+    f = -b * (-width / 2) + a * (-height / 2) + height / 2
+    xs = [a * x + b * y + c for x, y in ((0, 0), (width, 0), (width, height), (0, height))]
+    ys = [-b * x + a * y + f for x, y in ((0, 0), (width, 0), (width, height), (0, height))]
+    return math.ceil(max(xs)) - math.floor(min(xs)), math.ceil(max(ys)) - math.floor(min(ys))
+
+
+def _rotate(size, boxes, points, degrees):
+    """Rotate counter-clockwise about the centre, growing the canvas so no pixel is lost (mid-grey fills the new
+    corners, see :func:`~data.images.render`)."""
+    width, height = size
+    new_size = rotated_size(size, degrees)
     theta = math.radians(degrees)
     cos, sin = math.cos(theta), math.sin(theta)
     cx, cy = width / 2, height / 2
-    nx, ny = rotated.width / 2, rotated.height / 2
+    nx, ny = new_size[0] / 2, new_size[1] / 2
 
     def move(x: float, y: float) -> tuple[float, float]:
         # Image y points down, so a counter-clockwise turn on screen is (x, y) -> (x cos + y sin, -x sin + y cos).
@@ -130,23 +184,19 @@ def _rotate(image, boxes, points, degrees):
             continue
         corners = [move(x, y) for x in (box[0], box[2]) for y in (box[1], box[3])]
         xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-        # One pixel of margin: bicubic resampling spreads an edge over about a pixel.
+        # One pixel of margin: resampling spreads an edge over about a pixel.
         new_boxes.append([min(xs) - 1, min(ys) - 1, max(xs) + 1, max(ys) + 1])
     new_points = [None if p is None else list(move(p[0] + 0.5, p[1] + 0.5)) for p in points]
     new_points = [None if p is None else [p[0] - 0.5, p[1] - 0.5] for p in new_points]
-    return rotated, new_boxes, new_points
+    matrix = _translation(nx, ny) @ np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]]) @ _translation(
+        -cx, -cy)
+    return matrix, new_size, new_boxes, new_points
 
 
-def _resize(image, boxes, points, factor):
-    width, height = image.size
+def _resize(size, boxes, points, factor):
+    width, height = size
     new_w, new_h = max(1, round(width * factor)), max(1, round(height * factor))
     sx, sy = new_w / width, new_h / height
     boxes = [None if b is None else [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
     points = [None if p is None else [(p[0] + 0.5) * sx - 0.5, (p[1] + 0.5) * sy - 0.5] for p in points]
-    return image.resize((new_w, new_h), Image.Resampling.BICUBIC), boxes, points
-
-
-def _jitter_colour(image, strength, rng):
-    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        image = enhancer(image).enhance(1 + rng.uniform(-1, 1) * strength)
-    return image
+    return np.diag([sx, sy, 1.0]), (new_w, new_h), boxes, points

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,31 +26,62 @@ MAX_GRID_SIDE = 512
 # Beyond this the short side collapses to a single merge block and the image is mostly distortion (Qwen2-VL's
 # processor draws the same line).
 MAX_ASPECT_RATIO = 200
+# A large downscale first shrinks by an integer factor (a box filter) to within this factor of the target, then
+# resamples bicubically: far faster on big images, and indistinguishable (PIL's guidance for reducing_gap >= 3).
+RESIZE_REDUCING_GAP = 3.0
 
 
 class ImageError(ValueError):
     """An image that cannot be used (undecodable, empty, too large)."""
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to RGB, rejecting empty, broken and oversized images."""
+def open_image(data: bytes) -> Image.Image:
+    """Parse an image's header and check its size; the pixels are decoded later (at a reduced scale when that is
+    all the patch grid needs, see :func:`image_to_patches`). Rejects empty, unreadable and oversized images."""
     if not data:
         raise ImageError("empty image bytes")
     try:
         image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_DECODED_PIXELS:
-            raise ImageError(f"image of {width}x{height} pixels exceeds the {MAX_DECODED_PIXELS} pixel limit")
-        image.load()
-    except ImageError:
-        raise
     except Exception as error:  # PIL raises many types for broken data
         raise ImageError(f"undecodable image: {error}") from None
+    width, height = image.size
+    if width * height > MAX_DECODED_PIXELS:
+        raise ImageError(f"image of {width}x{height} pixels exceeds the {MAX_DECODED_PIXELS} pixel limit")
     if width == 0 or height == 0:
         raise ImageError("image has zero size")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ImageError(f"image of {width}x{height} pixels has an aspect ratio above {MAX_ASPECT_RATIO}:1")
-    return image.convert("RGB")
+    return image
+
+
+def load_rgb(image: Image.Image, needed: tuple[float, float] | None = None) -> tuple[Image.Image, float]:
+    """Decode an opened image to RGB, at a reduced scale when ``needed`` (width, height in pixels) asks for at most
+    half its resolution and the format can decode smaller directly (JPEG's DCT scaling by 1/2, 1/4 or 1/8: several
+    times faster than a full decode, and already a proper low-pass downscale).
+
+    Returns:
+        The RGB image and its scale: decoded pixels per stored pixel (1.0 unless reduced). Decoded pixel ``i``
+        covers stored pixels ``[i / scale, (i + 1) / scale)``; a reduced image's last column or row may be partial.
+    """
+    scale = 1.0
+    try:
+        if needed is not None and image.format == "JPEG" and min(image.width / max(needed[0], 1.0),
+                                                                  image.height / max(needed[1], 1.0)) >= 2:
+            width = image.width
+            drafted = image.draft("RGB", (max(1, math.ceil(needed[0])), max(1, math.ceil(needed[1]))))
+            if drafted is not None:
+                scale = drafted[1][2] / width
+        image.load()
+    except Exception as error:  # PIL raises many types for broken data
+        raise ImageError(f"undecodable image: {error}") from None
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image, scale
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to RGB at full resolution, rejecting empty, broken and oversized images."""
+    return load_rgb(open_image(data))[0]
 
 
 def fit_grid(
@@ -92,22 +124,144 @@ def fit_grid(
     return rows * merge_size, cols * merge_size
 
 
+@dataclass(frozen=True)
+class Warp:
+    """An affine map of the pixel plane from a stored image to a new frame of ``size`` (width, height) pixels.
+
+    Coordinates are continuous: pixel (i, j) covers [i, i + 1) x [j, j + 1), its centre is (i + 0.5, j + 0.5) (PIL's
+    and ``grid_sample``'s convention, and that of boxes with exclusive x1/y1). ``matrix`` (a, b, c, d, e, f) maps a
+    stored point (x, y) to (a x + b y + c, d x + e y + f) of the frame. Only the stored pixels inside ``window``
+    (left, top, right, bottom; None: all) show in the frame: a crop's window; frame points mapped from outside it
+    are fill.
+    """
+
+    matrix: tuple[float, float, float, float, float, float]
+    size: tuple[int, int]
+    window: tuple[int, int, int, int] | None = None
+
+    def inverse(self) -> tuple[float, float, float, float, float, float]:
+        """The matrix of the map back from the frame to the stored image."""
+        a, b, c, d, e, f = self.matrix
+        det = a * e - b * d
+        ia, ib, id_, ie = e / det, -b / det, -d / det, a / det
+        return ia, ib, -(ia * c + ib * f), id_, ie, -(id_ * c + ie * f)
+
+    @property
+    def zoom(self) -> float:
+        """Frame pixels per stored pixel (the geometric mean over both axes)."""
+        a, b, _, d, e, _ = self.matrix
+        return math.sqrt(abs(a * e - b * d))
+
+
+@dataclass(frozen=True)
+class ColourJitter:
+    """Brightness, contrast and saturation factors (1.0 leaves the image unchanged), applied in that order with PIL
+    ``ImageEnhance``'s definitions: brightness scales towards black, contrast towards the mean grey level, saturation
+    towards each pixel's grey level; the result is clipped to the valid range."""
+
+    brightness: float
+    contrast: float
+    saturation: float
+
+
 def image_to_patches(
-    image: Image.Image, patch_size: int, merge_size: int, max_patches: int, max_grid_side: int = MAX_GRID_SIDE
+    image: Image.Image, patch_size: int, merge_size: int, max_patches: int, max_grid_side: int = MAX_GRID_SIDE,
+    warp: Warp | None = None, jitter: ColourJitter | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize to the fitted grid, normalize and cut into patches.
+    """Resize to the fitted grid, normalize and cut into patches, decoding only the resolution the grid needs.
+
+    With ``warp`` (an augmentation's crop, flip, rotation and resize) the grid is fitted to the warped frame and its
+    pixels are sampled from the stored image in one bilinear pass (one interpolation, however many transforms),
+    then ``jitter`` changes their colours. Without either, a stored image that already has the grid's size is cut
+    as it is, and any other is resized with PIL's bicubic filter.
+
+    Args:
+        image: An opened image (:func:`open_image`; decoded here) or a decoded one.
 
     Returns:
         ``(patches, (rows, cols))``: patches [rows * cols, 3 * p * p] in row-major grid order, each flattened as
         (channel, y, x) to match a Conv2d patch embedding.
     """
-    rows, cols = fit_grid(image.width, image.height, patch_size, merge_size, max_patches, max_grid_side)
+    frame = warp.size if warp is not None else image.size
+    rows, cols = fit_grid(frame[0], frame[1], patch_size, merge_size, max_patches, max_grid_side)
     size = (cols * patch_size, rows * patch_size)
-    if image.size != size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
-    pixels = (pixels - PIXEL_MEAN) / PIXEL_STD  # [H, W, 3]
     p = patch_size
-    patches = pixels.view(rows, p, cols, p, 3).permute(0, 2, 4, 1, 3).reshape(rows * cols, 3 * p * p)
-    return patches.contiguous(), (rows, cols)
+    if warp is None and jitter is None:
+        image, scale = load_rgb(image, size)
+        if image.size != size:
+            box = (0.0, 0.0, frame[0] * scale, frame[1] * scale)
+            image = image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=RESIZE_REDUCING_GAP)
+        # uint8 cut into patches first (a quarter of the bytes to move), then normalized in place with the same
+        # float32 operations as a per-pixel formula would use: equal to it bit for bit.
+        grid = torch.from_numpy(np.array(image)).view(rows, p, cols, p, 3).permute(0, 2, 4, 1, 3)
+        patches = torch.empty(grid.shape, dtype=torch.float32).copy_(grid)
+        patches.div_(255.0).sub_(PIXEL_MEAN).div_(PIXEL_STD)
+        return patches.view(rows * cols, 3 * p * p), (rows, cols)
+    pixels = render(image, size, warp, jitter)  # [3, H, W]
+    patches = pixels.view(3, rows, p, cols, p).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3 * p * p)
+    return patches, (rows, cols)
 
+
+def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
+           jitter: ColourJitter | None = None) -> torch.Tensor:
+    """The warped (and colour-jittered) image at ``size`` pixels, normalized, [3, height, width] float32.
+
+    Every output pixel is sampled bilinearly from the stored image (decoded at a reduced scale when the output is
+    much smaller, as :func:`load_rgb` allows); points outside it are mid-grey, which normalizes to 0, so padding
+    carries no signal.
+    """
+    stored = image.size
+    frame = warp.size if warp is not None else stored
+    inverse = warp.inverse() if warp is not None else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    # Output pixels per stored pixel, for the decode scale (antialiasing is left to that reduced decode: bilinear
+    # sampling alone would alias beyond a 2x reduction).
+    zoom = math.sqrt(size[0] * size[1] / (frame[0] * frame[1])) * (warp.zoom if warp is not None else 1.0)
+    image, scale = load_rgb(image, (stored[0] * zoom, stored[1] * zoom))
+    while scale * 0.5 >= zoom and min(image.size) >= 2:  # e.g. a PNG: halve until bilinear sampling cannot alias
+        image, scale = image.reduce(2), scale * 0.5
+    # The visible window in decoded pixels (a reduced decode rounds it to its own pixels).
+    window = warp.window if warp is not None and warp.window is not None else (0, 0, *stored)
+    left, top = min(round(window[0] * scale), image.width - 1), min(round(window[1] * scale), image.height - 1)
+    right, bottom = max(round(window[2] * scale), left + 1), max(round(window[3] * scale), top + 1)
+    source = torch.from_numpy(np.array(image)).permute(2, 0, 1)[:, top:bottom, left:right]
+    pixels = torch.empty(source.shape, dtype=torch.float32).copy_(source)
+    pixels.mul_(2.0 / 255.0).sub_(1.0)  # [0, 255] -> [-1, 1] (PIXEL_MEAN = PIXEL_STD = 0.5)
+    # Output pixel centre (u + 0.5, v + 0.5) -> frame point -> stored point (inverse warp) -> decoded pixels of the
+    # window -> grid_sample's [-1, 1] coordinates (align_corners=False: -1 and 1 are the window's outer edges).
+    width, height = right - left, bottom - top
+    sx, sy = frame[0] / size[0], frame[1] / size[1]
+    kx, ky = 2.0 * scale / width, 2.0 * scale / height
+    ox, oy = -2.0 * left / width - 1.0, -2.0 * top / height - 1.0
+    a, b, c, d, e, f = inverse
+    u = torch.arange(size[0], dtype=torch.float64).add_(0.5)
+    v = torch.arange(size[1], dtype=torch.float64).add_(0.5)
+    grid = torch.empty(size[1], size[0], 2, dtype=torch.float32)
+    grid[..., 0] = (u * (kx * a * sx) + (kx * c + ox))[None, :] + (v * (kx * b * sy))[:, None]
+    grid[..., 1] = (u * (ky * d * sx))[None, :] + (v * (ky * e * sy) + (ky * f + oy))[:, None]
+    out = torch.nn.functional.grid_sample(pixels[None], grid[None], mode="bilinear", padding_mode="zeros",
+                                          align_corners=False)[0]
+    if jitter is not None:
+        out = _jitter(out, jitter)
+    return out
+
+
+# PIL's grey level ("L" mode): 299/1000 R + 587/1000 G + 114/1000 B.
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _jitter(pixels: torch.Tensor, jitter: ColourJitter) -> torch.Tensor:
+    """Brightness, contrast and saturation of normalized [3, H, W] pixels, folded into one colour matrix.
+
+    In [0, 1] units, brightness b gives p1 = b p; contrast c gives p2 = c p1 + (1 - c) m, m the mean grey level of
+    p1; saturation s gives p3 = s p2 + (1 - s) L(p2), L the grey level, linear with weights summing to 1. So
+    p3 = c b S p + (1 - c) m, S = s I + (1 - s) 1 w^T, and in normalized units (v = 2 p - 1)
+    v3 = c b S v + c b + 2 (1 - c) m - 1.
+    """
+    b, c, s = jitter.brightness, jitter.contrast, jitter.saturation
+    weights = torch.tensor(GREY_WEIGHTS, dtype=torch.float32)
+    channel_means = (pixels.mean(dim=(1, 2)) + 1.0) * 0.5
+    grey_mean = b * float(weights @ channel_means)
+    matrix = (c * b) * (s * torch.eye(3) + (1.0 - s) * weights[None, :].expand(3, 3))
+    offset = c * b + 2.0 * (1.0 - c) * grey_mean - 1.0
+    out = (matrix @ pixels.reshape(3, -1)).add_(offset).clamp_(-1.0, 1.0)
+    return out.view(pixels.shape)

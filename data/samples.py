@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
 from data.formats import (  # noqa: F401  (SampleError, BOX_* and format_box are part of this module's interface)
     BOX_END,
@@ -28,15 +27,16 @@ from data.formats import (  # noqa: F401  (SampleError, BOX_* and format_box are
     format_box,
     grounding_text,
 )
-from data.images import ImageError, decode_image, image_to_patches
+from data.images import ColourJitter, ImageError, Warp, image_to_patches, open_image
 from data.shards import RawSample, ShardSource  # noqa: F401  (part of this module's interface)
 from data.tokenizer import TextTokenizer
 
 KINDS = ("caption", "ocr", "grounding", "interleaved", "text", "long_doc", "dialogue", "video", "agent")
 # ChatML roles of dialogue segments; only assistant turns are loss targets.
 ROLES = ("system", "user", "assistant")
-
-
+# Plans an image's augmentation from its (width, height) and its grounding objects: the warp to the augmented
+# frame, the colour jitter and the moved objects (data.augment.plan_augment with a draw's generator).
+Augmenter = Callable[[tuple[int, int], list[dict]], tuple[Warp, ColourJitter | None, list[dict]]]
 
 @dataclass
 class ImagePatches:
@@ -95,12 +95,12 @@ def load_meta(sample: RawSample) -> dict:
 
 
 def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patches: int,
-                transform: Callable[[Image.Image, list[dict]], tuple[Image.Image, list[dict]]] | None = None,
-                ) -> dict[str, ImagePatches]:
+                augmenter: Augmenter | None = None) -> dict[str, ImagePatches]:
     """Decode and patchify every image the segments reference, keyed by member extension.
 
-    ``transform`` (augmentation) is applied to each image with the sample's grounding objects, which belong to its
-    first image; ``meta["objects"]`` is replaced by the transformed ones.
+    ``augmenter`` plans each image's augmentation from its size and the sample's grounding objects, which belong to
+    its first image; ``meta["objects"]`` is replaced by the transformed ones. The planned warp is sampled when the
+    image is patchified, so an image is decoded once and resampled at most once.
     """
     images = {}
     for segment in meta["segments"]:
@@ -108,18 +108,20 @@ def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patch
         if ext is None or ext in images:
             continue
         try:
-            image = decode_image(sample.members[ext])
+            image = open_image(sample.members[ext])
+            first = not images
+            if first:
+                _check_objects(meta, image.size)
+            warp = jitter = None
+            if augmenter is not None:
+                warp, jitter, objects = augmenter(image.size, meta.get("objects", []) if first else [])
+                if first and "objects" in meta:
+                    meta["objects"] = objects
+            frame = warp.size if warp is not None else image.size
+            patches, grid = image_to_patches(image, patch, merge, max_patches, warp=warp, jitter=jitter)
         except ImageError as error:
             raise SampleError(f"image '{ext}': {error}") from None
-        first = not images
-        if first:
-            _check_objects(meta, image.size)
-        if transform is not None:
-            image, objects = transform(image, meta.get("objects", []) if first else [])
-            if first and "objects" in meta:
-                meta["objects"] = objects
-        patches, grid = image_to_patches(image, patch, merge, max_patches)
-        images[ext] = ImagePatches(patches, grid, image.size)
+        images[ext] = ImagePatches(patches, grid, frame)
     # Before augmentation would matter: agent steps are never augmented, their screenshots keep their frame.
     check_actions(meta, {ext: patches.size for ext, patches in images.items()})
     return images

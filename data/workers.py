@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from data.augment import AugmentConfig, augment
+from data.augment import AugmentConfig, plan_augment
 from data.mixture import draw_rng
 from data.samples import ImagePatches, RawSample, load_images, load_meta
 from data.shards import ShardSource
@@ -44,13 +44,13 @@ class SampleReader:
     def load(self, name: str, position: int, draw: int, cap: int) -> Loaded:
         raw = self.sources[name].read(position)
         meta = load_meta(raw)
-        transform = None
+        augmenter = None
         cfg = self.augment_cfg
         if cfg.enabled and meta.get("kind") in cfg.kinds:
             # A pure function of the draw: the same sample drawn again (or re-rendered after resume) looks the same.
             rng = draw_rng(self.seed, self.stage_name, draw, "augment")
-            transform = lambda image, objects: augment(image, objects, cfg, rng)  # noqa: E731
-        images = load_images(raw, meta, self.patch_size, self.merge_size, cap, transform)
+            augmenter = lambda size, objects: plan_augment(size, objects, cfg, rng)  # noqa: E731
+        images = load_images(raw, meta, self.patch_size, self.merge_size, cap, augmenter)
         return raw, meta, images
 
 
