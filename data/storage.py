@@ -14,6 +14,7 @@ local disk cache of whole objects (:mod:`data.cache`) sits in front when configu
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import threading
@@ -244,6 +245,34 @@ class S3Storage:
     def write(self, key: str, data: bytes) -> None:
         self._retry("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
 
+    def upload(self, key: str, stream) -> None:
+        """Upload a seekable binary stream of any size (multipart above 64 MiB, parts in parallel); a failed
+        attempt is retried from the stream's start."""
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+
+        def put() -> None:
+            stream.seek(0)
+            # boto3's transfer manager closes what it uploads, even on failure: hand it a view, keep the stream.
+            self.client.upload_fileobj(_KeepOpen(stream), self.bucket, self._key(key), Config=transfer)
+
+        self._retry("upload", key, put)
+
+    def copy(self, source: str, target: str) -> None:
+        self._retry("copy", source, lambda: self.client.copy_object(
+            Bucket=self.bucket, Key=self._key(target), CopySource={"Bucket": self.bucket, "Key": self._key(source)}))
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete objects (a missing one is not an error), up to 1,000 per request."""
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(key)} for key in keys[start:start + 1000]]
+            response = self._retry("delete", batch[0]["Key"], lambda batch=batch: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
+            if response.get("Errors"):
+                failed = ", ".join(f"{e['Key']} ({e.get('Code')})" for e in response["Errors"][:5])
+                raise OSError(f"deleting from {self.url} failed for {failed}")
+
     def list(self, prefix: str = "") -> list[str]:
         keys, token = [], None
         while True:
@@ -255,6 +284,33 @@ class S3Storage:
             if not page.get("IsTruncated"):
                 return sorted(keys)
             token = page["NextContinuationToken"]
+
+
+class _KeepOpen(io.RawIOBase):
+    """A readable, seekable view of a binary stream whose ``close`` leaves the stream open."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self.stream.read(size)
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
 
 
 class ShortRead(OSError):

@@ -179,7 +179,19 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    # Committed checkpoints kept per stage (older ones are deleted at each commit).
     keep_last: int = 2
+    # Where checkpoints go: "" for the run directory (<run>/<stage>/checkpoints/step-XXXXXXXX), or a path or
+    # s3://bucket/prefix holding <run_name>/<stage>/step-XXXXXXXX.
+    url: str = ""
+    # Write checkpoints in the background (staged in host memory at the step boundary, written by a thread over a
+    # gloo group of its own); the last checkpoint of a stage and the one taken when leaving are always waited for.
+    async_save: bool = False
+    # S3: endpoint of a non-AWS server (empty: AWS), region, attempts per request; credentials come only from the
+    # standard chain.
+    endpoint_url: str = ""
+    region: str = ""
+    max_attempts: int = 8
 
 
 @dataclass
@@ -324,6 +336,12 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.device_memory_gb >= 0, "device_memory_gb", cfg.device_memory_gb, ">= 0 (0: no limit)")
     _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", cfg.log.peak_tflops, ">= 0 (0: measure)")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    _check(cfg.checkpoint.max_attempts >= 1, "checkpoint.max_attempts", cfg.checkpoint.max_attempts, ">= 1")
+    _check(not cfg.checkpoint.url.startswith("s3://") or len(cfg.checkpoint.url) > len("s3://")
+           and not cfg.checkpoint.url[len("s3://"):].startswith("/"), "checkpoint.url", cfg.checkpoint.url,
+           "'' (the run directory), a path, or s3://bucket[/prefix]")
+    _check("://" not in cfg.checkpoint.url or cfg.checkpoint.url.startswith(("s3://", "file://")), "checkpoint.url",
+           cfg.checkpoint.url, "'' (the run directory), a path, file://path or s3://bucket[/prefix]")
     _check(cfg.data.max_attempts >= 1, "data.max_attempts", cfg.data.max_attempts, "an integer >= 1")
     _check(0 <= cfg.data.max_corrupt_fraction <= 1, "data.max_corrupt_fraction", cfg.data.max_corrupt_fraction,
            "a fraction in [0, 1]")

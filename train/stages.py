@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
+from data.storage import S3Options
 from optim.schedules import final_lr
-from train.checkpoint import CheckpointManager, ModelState, load_checkpoint
+from train.checkpoint import CheckpointManager, ModelState, load_checkpoint, open_checkpoint_store
 from train.config import TRAINABLE_PARTS, RunConfig, StageConfig
 from train.metrics import write_atomic
 
@@ -22,8 +24,21 @@ def stage_dir(cfg: RunConfig, name: str) -> Path:
     return cfg.run_dir / name
 
 
-def checkpoints_of(cfg: RunConfig, name: str) -> CheckpointManager:
-    return CheckpointManager(stage_dir(cfg, name) / "checkpoints", cfg.checkpoint.keep_last)
+def checkpoint_s3_options(cfg: RunConfig) -> S3Options:
+    return S3Options(endpoint_url=cfg.checkpoint.endpoint_url, region=cfg.checkpoint.region,
+                     max_attempts=cfg.checkpoint.max_attempts)
+
+
+def checkpoint_location(cfg: RunConfig, name: str) -> str:
+    """Where a stage's checkpoints live: ``<run>/<stage>/checkpoints``, or ``<checkpoint.url>/<run name>/<stage>``."""
+    if not cfg.checkpoint.url:
+        return str(stage_dir(cfg, name) / "checkpoints")
+    return f"{cfg.checkpoint.url.rstrip('/')}/{cfg.run_dir.name}/{name}"
+
+
+def checkpoints_of(cfg: RunConfig, name: str, async_group: dist.ProcessGroup | None = None) -> CheckpointManager:
+    store = open_checkpoint_store(checkpoint_location(cfg, name), checkpoint_s3_options(cfg))
+    return CheckpointManager(store, cfg.checkpoint.keep_last, async_group)
 
 
 def is_done(cfg: RunConfig, name: str) -> bool:
@@ -51,8 +66,9 @@ def apply_stage(model: nn.Module, stage: StageConfig) -> None:
             module.requires_grad_(part in stage.trainable)
 
 
-def init_stage_weights(model: nn.Module, cfg: RunConfig, name: str) -> str:
-    """Load the weights a stage starts from (when it has no checkpoint of its own); returns where from."""
+def init_stage_weights(model: nn.Module, cfg: RunConfig, name: str, expert_mesh: DeviceMesh | None = None) -> str:
+    """Load the weights a stage starts from (when it has no checkpoint of its own); returns where from.
+    ``expert_mesh``: the mesh of expert-parallel shards (:class:`ModelState`), if experts are sharded."""
     stage = cfg.curriculum.stages[name]
     if stage.init_from == "scratch":
         return "scratch (the run's seeded initialization)"
@@ -63,11 +79,10 @@ def init_stage_weights(model: nn.Module, cfg: RunConfig, name: str) -> str:
         step = manager.latest_step()
         if not is_done(cfg, previous) or step is None:
             raise RuntimeError(f"stage '{name}' starts from stage '{previous}', which has no final checkpoint")
-        path = manager.path(step)
-    else:
-        path = Path(stage.init_from)
-    load_checkpoint(path, {"model": ModelState(model)})
-    return str(path)
+        manager.load(step, {"model": ModelState(model, expert_mesh)})
+        return manager.location(step)
+    load_checkpoint(stage.init_from, {"model": ModelState(model, expert_mesh)}, checkpoint_s3_options(cfg))
+    return stage.init_from
 
 
 def previous_final_lrs(cfg: RunConfig) -> dict[str, float | None]:

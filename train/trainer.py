@@ -39,7 +39,7 @@ from parallel.context import forward_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
 from parallel.parallelize import apply_stage_parallel, parallelize_model
 from parallel.pipeline import build_pipeline, build_pp_groups, check_pipeline_config, pipeline_lm_step
-from train.checkpoint import ModelState, RNGState
+from train.checkpoint import CheckpointManager, ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
@@ -227,6 +227,9 @@ class Trainer:
         if self.dims.pp_degree > 1:
             check_pipeline_config(cfg, self.dims)
         self.groups = self.dims.build_groups()
+        # Background checkpoint writes talk over a group of their own, never interleaving with training collectives.
+        self.checkpoint_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
+        self.checkpoints: CheckpointManager | None = None
         self.stage_dims, self.stage_cp_group = self.dims, None
         self._cp_groups = {self.dims.cp_degree: self.groups.cp}
         self.tokenizer = self._build_tokenizer()
@@ -358,32 +361,50 @@ class Trainer:
         loader = StageLoader(name, stage, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
                              *self._data_shard(stage), cfg.data.max_corrupt_fraction, data=cfg.data)
         train = TrainState()
-        checkpoints = checkpoints_of(cfg, name)
+        checkpoints = self.checkpoints = checkpoints_of(cfg, name, self.checkpoint_group)
         latest = checkpoints.latest_step()
         if latest is not None:
             checkpoints.load(latest, self._state(optimizer, train, loader))
             logger.info("stage %s: resumed from step %d", name, train.step)
         else:
-            source = init_stage_weights(self.model, cfg, name)
+            source = init_stage_weights(self.model, cfg, name, self.groups.expert_mesh)
             logger.info("stage %s: weights from %s", name, source)
         metrics = MetricsWriter(stage_dir(cfg, name) / "metrics.jsonl", train.step, self.rank == 0,
                                 cfg.log.progress_bar, stage.steps, name)
-        while train.step < stage.steps:
-            record = self.train_step(name, stage, optimizer, loader, train)
-            metrics.log(record)
-            self.wandb.log(record, self.step_offset[name] + record["step"])
-            self.steps_this_run += 1
-            leaving = self._leaving()
-            interval = stage.checkpoint_interval
-            if train.step == stage.steps or leaving or (interval and train.step % interval == 0):
-                checkpoints.save(train.step, self._state(optimizer, train, loader))
-            if leaving and train.step < stage.steps:
-                metrics.close()
-                return False
-        metrics.close()
+        try:
+            while train.step < stage.steps:
+                record = self.train_step(name, stage, optimizer, loader, train)
+                metrics.log(record)
+                self.wandb.log(record, self.step_offset[name] + record["step"])
+                self.steps_this_run += 1
+                leaving = self._leaving()
+                interval = stage.checkpoint_interval
+                last = train.step == stage.steps
+                if last or leaving or (interval and train.step % interval == 0):
+                    # The stage's final checkpoint (the next stage starts from it) and the one taken when leaving
+                    # are committed before going on; the others may finish in the background.
+                    checkpoints.save(train.step, self._state(optimizer, train, loader),
+                                     self._checkpoint_info(name, stage, train), blocking=last or leaving)
+                if leaving and train.step < stage.steps:
+                    return False
+        except BaseException:
+            checkpoints.abandon()
+            raise
+        finally:
+            metrics.close()
         self._report_stage(name)
         mark_done(cfg, name, train.step)
         return True
+
+    def _checkpoint_info(self, name: str, stage: StageConfig, train: TrainState) -> dict[str, Any]:
+        """What a checkpoint holds, readable without the run directory (``checkpoint.json``): evaluation takes the
+        RoPE base, sequence length and model from here."""
+        dims = self.stage_dims
+        return {"stage": name, "step": train.step, "tokens": train.tokens, "objective": stage.objective,
+                "seq_len": stage.seq_len, "rope_theta": stage.rope_theta, "trainable": list(stage.trainable),
+                "layout": {"world_size": self.world, "dp": dims.dp_degree, "cp": dims.cp_degree,
+                           "ep": dims.ep_degree, "pp": dims.pp_degree},
+                "config": OmegaConf.to_container(OmegaConf.structured(self.cfg))}
 
     def _report_stage(self, name: str) -> None:
         """The stage's throughput line and loss-curve PNG (rank 0)."""
@@ -454,8 +475,10 @@ class Trainer:
         logger.warning("stage %s step %d: update skipped (%s); %d in a row", name, train.step + 1, reason,
                        train.nonfinite_in_a_row)
         if train.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
-            last = checkpoints_of(self.cfg, name).latest_step()
-            where = checkpoints_of(self.cfg, name).path(last) if last is not None else "the stage's start weights"
+            checkpoints = self.checkpoints or checkpoints_of(self.cfg, name)
+            checkpoints.wait()  # a save in flight holds a good step: finish it first
+            last = checkpoints.latest_step()
+            where = checkpoints.location(last) if last is not None else "the stage's start weights"
             raise TrainingDiverged(f"{train.nonfinite_in_a_row} non-finite steps in a row in stage '{name}' (last: "
                                    f"{reason}); stopping. The last good checkpoint is {where}.")
         return grad_norm

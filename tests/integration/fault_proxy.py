@@ -1,8 +1,9 @@
 """An HTTP proxy on 127.0.0.1 that forwards to an S3 server and injects faults on a fixed schedule.
 
-Faults (on object GETs): ``503`` SlowDown, ``500`` InternalError, ``reset`` (the connection closes with no
-response), ``truncate`` (the headers promise the whole body, half of it arrives, the connection closes) and
-``slow`` (a delay before answering). Everything else is forwarded unchanged. Every request is logged in
+Faults (on object GETs, and with ``fault_writes`` also on PUTs, POSTs and DELETEs): ``503`` SlowDown, ``500``
+InternalError, ``reset`` (the connection closes with no response), ``truncate`` (the headers promise the whole body,
+half of it arrives, the connection closes; a write gets its answer cut so) and ``slow`` (a delay before answering).
+Everything else is forwarded unchanged. Every request is logged in
 ``requests`` as ``(monotonic arrival time, method, path)``, so tests can count what reached the server and when.
 """
 
@@ -21,8 +22,10 @@ ERROR_BODY = ("<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, schedule: list[str], slow_seconds: float = 0.05):
+    def __init__(self, upstream_port: int, schedule: list[str], slow_seconds: float = 0.05,
+                 fault_writes: bool = False):
         self.upstream_port = upstream_port
+        self.fault_writes = fault_writes
         self.schedule = itertools.cycle(schedule)
         self.slow_seconds = slow_seconds
         self.lock = threading.Lock()
@@ -45,6 +48,12 @@ class FaultProxy:
             def do_PUT(self) -> None:
                 proxy.handle(self, "PUT")
 
+            def do_POST(self) -> None:
+                proxy.handle(self, "POST")
+
+            def do_DELETE(self) -> None:
+                proxy.handle(self, "DELETE")
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -58,7 +67,8 @@ class FaultProxy:
         self.server.server_close()
 
     def _next_fault(self, method: str, path: str) -> str:
-        if method != "GET" or "?" in path:  # only object reads, not listings
+        is_read = method == "GET" and "?" not in path  # object reads, not listings
+        if not (is_read or (self.fault_writes and method in ("PUT", "POST", "DELETE"))):
             return "ok"
         with self.lock:
             fault = next(self.schedule)
