@@ -193,9 +193,8 @@ def image_to_patches(
             image = image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=RESIZE_REDUCING_GAP)
         # uint8 cut into patches first (a quarter of the bytes to move), then normalized in place with the same
         # float32 operations as a per-pixel formula would use: equal to it bit for bit.
-        grid = torch.from_numpy(np.array(image)).view(rows, p, cols, p, 3).permute(0, 2, 4, 1, 3)
-        patches = torch.empty(grid.shape, dtype=torch.float32).copy_(grid)
-        patches.div_(255.0).sub_(PIXEL_MEAN).div_(PIXEL_STD)
+        grid = torch.from_numpy(np.array(image)).view(rows, p, cols, p, 3).permute(0, 2, 4, 1, 3).contiguous()
+        patches = grid.to(torch.float32).div_(255.0).sub_(PIXEL_MEAN).div_(PIXEL_STD)
         return patches.view(rows * cols, 3 * p * p), (rows, cols)
     pixels = render(image, size, warp, jitter)  # [3, H, W]
     patches = pixels.view(3, rows, p, cols, p).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3 * p * p)
@@ -250,18 +249,17 @@ GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def _jitter(pixels: torch.Tensor, jitter: ColourJitter) -> torch.Tensor:
-    """Brightness, contrast and saturation of normalized [3, H, W] pixels, folded into one colour matrix.
+    """Brightness, contrast and saturation of normalized [3, H, W] pixels, folded into one pass.
 
     In [0, 1] units, brightness b gives p1 = b p; contrast c gives p2 = c p1 + (1 - c) m, m the mean grey level of
     p1; saturation s gives p3 = s p2 + (1 - s) L(p2), L the grey level, linear with weights summing to 1. So
-    p3 = c b S p + (1 - c) m, S = s I + (1 - s) 1 w^T, and in normalized units (v = 2 p - 1)
-    v3 = c b S v + c b + 2 (1 - c) m - 1.
+    p3 = c b (s p + (1 - s) L(p)) + (1 - c) m, and in normalized units (v = 2 p - 1)
+    v3 = c b s v + c b (1 - s) L(v) + c b + 2 (1 - c) m - 1.
     """
     b, c, s = jitter.brightness, jitter.contrast, jitter.saturation
-    weights = torch.tensor(GREY_WEIGHTS, dtype=torch.float32)
-    channel_means = (pixels.mean(dim=(1, 2)) + 1.0) * 0.5
-    grey_mean = b * float(weights @ channel_means)
-    matrix = (c * b) * (s * torch.eye(3) + (1.0 - s) * weights[None, :].expand(3, 3))
+    wr, wg, wb = GREY_WEIGHTS
+    grey = pixels[0] * wr + pixels[1] * wg + pixels[2] * wb  # L(v), normalized units
+    grey_mean = b * (float(grey.mean()) + 1.0) * 0.5
     offset = c * b + 2.0 * (1.0 - c) * grey_mean - 1.0
-    out = (matrix @ pixels.reshape(3, -1)).add_(offset).clamp_(-1.0, 1.0)
-    return out.view(pixels.shape)
+    grey.mul_(c * b * (1.0 - s)).add_(offset)
+    return pixels.mul_(c * b * s).add_(grey).clamp_(-1.0, 1.0)

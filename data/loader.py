@@ -40,6 +40,8 @@ MIN_DRAWS_FOR_CORRUPT_CHECK = 100
 MIN_PIECE_TOKENS = 16
 # Documents are rendered up to this many rows long; the rest of a longer one is dropped.
 MAX_ROWS_PER_DOCUMENT = 8
+# Draws per round trip to a worker process (at most).
+WORKER_CHUNK = 8
 
 
 class DataError(RuntimeError):
@@ -140,11 +142,15 @@ class StageLoader:
             # Whole reads (fetch, decode, augment, patchify) run ahead: on threads (decoding and resizing release
             # the GIL), or in worker processes when data.loader_workers > 0.
             capacity = 2 * data.prefetch_samples * stage.micro_batch_size
-            load, threads = self.reader.load, data.prefetch_threads
             if data.loader_workers > 0:
-                self.workers = ProcessReader(self.reader, data.loader_workers)
-                load, threads = self.workers.load, max(threads, 2 * data.loader_workers)
-            self.prefetcher = Prefetcher(load, threads, capacity)
+                # Two chunks per worker in flight, each a round trip of up to half a batch's draws (the pool's
+                # per-trip overhead is spread over them; the next batch's draws come first).
+                threads = max(data.prefetch_threads, 2 * data.loader_workers)
+                self.workers = ProcessReader(self.reader, data.loader_workers, threads)
+                chunk = max(1, min(WORKER_CHUNK, stage.micro_batch_size // data.loader_workers))
+                self.prefetcher = Prefetcher(self.workers.load, threads, capacity, self.workers.load_many, chunk)
+            else:
+                self.prefetcher = Prefetcher(self.reader.load, data.prefetch_threads, capacity)
         per_rank = stage.micro_batch_size
         num_slots = per_rank * dp_size
         self.slots = [SlotStream(v, num_slots, list(self.sources))
@@ -274,17 +280,15 @@ class StageLoader:
         patch_dim = self.vision.in_channels * self.vision.patch_size**2
         return collate_rows(rows, self.tokenizer.image_id, patch_dim, self.vision.merge_size)
 
-    def _next_pair(self, stream: SlotStream, progress: float) -> tuple[ImagePatches, list[int]]:
-        tok = self.tokenizer
+    def _next_pair(self, stream: SlotStream, progress: float) -> tuple[ImagePatches, str]:
         while True:
             name, position, draw, cap = self._draw(stream, progress)
             try:
-                raw, meta, images = self._read(name, position, draw, cap)
+                _, meta, images = self._read(name, position, draw, cap)
                 if not images:
                     raise SampleError("no image for the image-text objective")
                 first = next(s["image"] for s in meta["segments"] if "image" in s)
-                ids = tok.encode(caption_text(meta))[: self.stage.max_text_len - 2]
-                return images[first], [tok.bos_id, *ids, tok.eos_id]
+                return images[first], caption_text(meta)
             except SampleError as error:
                 self._skip(stream, name, position, error)
 
@@ -292,7 +296,11 @@ class StageLoader:
         """One (image, text) pair from each of this rank's slots (the CoCa objective; first image of a sample)."""
         self._prefetch(progress)
         pairs = [self._next_pair(stream, progress) for stream in self.slots]
-        return collate_image_text(pairs, self.tokenizer.pad_id)
+        tok, keep = self.tokenizer, self.stage.max_text_len - 2
+        # The batch's captions in one call: for short texts the per-call overhead is most of the tokenizer's work.
+        texts = tok.encode_batch([text for _, text in pairs])
+        return collate_image_text([(image, [tok.bos_id, *ids[:keep], tok.eos_id])
+                                   for (image, _), ids in zip(pairs, texts)], self.tokenizer.pad_id)
 
     # ----- Stateful ----------------------------------------------------------------------------------------------
 

@@ -22,37 +22,59 @@ class Prefetcher:
         read: The synchronous read (thread-safe).
         threads: Background threads.
         capacity: Reads in flight or waiting to be taken; the oldest unclaimed ones are dropped beyond it.
+        read_many: Reads a list of keys in one call, returning for each its value or the exception it raised
+            (e.g. one round trip to a worker process for several samples); with ``chunk`` > 1, wanted keys are
+            read ``chunk`` at a time through it.
+        chunk: Keys per background call.
     """
 
-    def __init__(self, read: Callable[..., Any], threads: int, capacity: int):
+    def __init__(self, read: Callable[..., Any], threads: int, capacity: int,
+                 read_many: Callable[[list[tuple]], list[Any]] | None = None, chunk: int = 1):
         self.read = read
+        self.read_many = read_many or self._read_each
+        self.chunk = max(1, chunk)
         self.capacity = max(1, capacity)
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefetch")
-        self.pending: OrderedDict[tuple, Future] = OrderedDict()
+        # key -> (future of its chunk's outcomes, its index in them)
+        self.pending: OrderedDict[tuple, tuple[Future, int]] = OrderedDict()
         self.hits = self.misses = 0
+
+    def _read_each(self, keys: list[tuple]) -> list[Any]:
+        outcomes = []
+        for key in keys:
+            try:
+                outcomes.append(self.read(*key))
+            except Exception as error:  # handed to the caller of get() for this key
+                outcomes.append(error)
+        return outcomes
 
     def want(self, keys: Iterable[tuple]) -> None:
         """Start reading ``keys`` (in order) that are not already in flight."""
-        for key in keys:
-            if key in self.pending:
-                continue
-            self.pending[key] = self.pool.submit(self.read, *key)
-            while len(self.pending) > self.capacity:
-                _, stale = self.pending.popitem(last=False)
-                stale.cancel()
+        fresh = [key for key in dict.fromkeys(keys) if key not in self.pending]
+        for start in range(0, len(fresh), self.chunk):
+            group = fresh[start:start + self.chunk]
+            future = self.pool.submit(self.read_many, group)
+            for index, key in enumerate(group):
+                self.pending[key] = (future, index)
+        while len(self.pending) > self.capacity:
+            _, (stale, _) = self.pending.popitem(last=False)
+            stale.cancel()  # only if it has not started; its other keys, if any, are then read in the foreground
 
     def get(self, *key) -> Any:
         """The value of ``read(*key)``: the prefetched one if there is one (its exception re-raised here), else a
         foreground read."""
-        future = self.pending.pop(key, None)
-        if future is None or future.cancelled():
+        entry = self.pending.pop(key, None)
+        if entry is None or entry[0].cancelled():
             self.misses += 1
             return self.read(*key)
         self.hits += 1
-        return future.result()
+        outcome = entry[0].result()[entry[1]]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def close(self) -> None:
-        for future in self.pending.values():
+        for future, _ in self.pending.values():
             future.cancel()
         self.pending.clear()
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -3,14 +3,18 @@
 A draw's read is a pure function of ``(source, position, draw index, patch cap)`` and the stage's fixed settings, so
 it can run anywhere: :class:`SampleReader` is that function; :class:`ProcessReader` runs it in spawned worker
 processes (spawned, not forked: the trainer has threads, process groups and possibly CUDA, none of which survive a
-fork) for when decoding and resizing need more than one core. Workers return patches as arrays, so no shared-memory
-tensor handles cross the process boundary; the loader's output is the same with any number of workers.
+fork) for when decoding and resizing need more than one core. Workers write patches into a shared-memory arena
+the reader owns (no per-tensor shared-memory handles cross the process boundary); the loader's output is the same
+with any number of workers.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing
+import queue
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import shared_memory
 
 import torch
 
@@ -20,6 +24,8 @@ from data.samples import ImagePatches, RawSample, load_images, load_meta
 from data.shards import ShardSource
 
 Loaded = tuple[RawSample, dict, dict[str, ImagePatches]]
+# Shared-memory bytes per concurrent read; a sample whose patches do not fit goes through the pipe instead.
+SLOT_BYTES = 16 * 1024 * 1024
 
 
 class SampleReader:
@@ -55,32 +61,93 @@ class SampleReader:
 
 
 _READER: SampleReader | None = None
+_ARENA: shared_memory.SharedMemory | None = None
+_SLOT_BYTES = 0
 
 
-def _start(reader: SampleReader) -> None:
-    global _READER
+def _start(reader: SampleReader, arena: str, slot_bytes: int) -> None:
+    global _READER, _ARENA, _SLOT_BYTES
     torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
-    _READER = reader
+    _READER, _SLOT_BYTES = reader, slot_bytes
+    _ARENA = shared_memory.SharedMemory(name=arena)
 
 
-def _load_in_worker(key: tuple[str, int, int, int]):
-    raw, meta, images = _READER.load(*key)
-    return raw, meta, {ext: (p.patches.numpy(), p.grid, p.size) for ext, p in images.items()}
+def _load_in_worker(keys: list[tuple[str, int, int, int]], slot: int) -> list:
+    start, end = slot * _SLOT_BYTES, (slot + 1) * _SLOT_BYTES
+    outcomes = []
+    for key in keys:
+        try:
+            raw, meta, images = _READER.load(*key)
+        except Exception as error:  # this draw's outcome (e.g. a corrupt sample); the others still count
+            outcomes.append(error)
+            continue
+        arrays = {}
+        for ext, image in images.items():
+            count = image.patches.numel()
+            if start + 4 * count <= end:  # into the caller's slot of the shared arena: no copy through the pipe
+                torch.frombuffer(_ARENA.buf, dtype=torch.float32, count=count, offset=start).copy_(
+                    image.patches.view(-1))
+                arrays[ext] = ((start, tuple(image.patches.shape)), image.grid, image.size)
+                start += 4 * count
+            else:  # larger than the slot's rest: through the pipe
+                arrays[ext] = (image.patches.numpy(), image.grid, image.size)
+        # The members stay here: the loader uses the metadata and the patches, not the encoded bytes.
+        outcomes.append((RawSample(raw.source, raw.shard, raw.key, {}), meta, arrays))
+    return outcomes
 
 
 class ProcessReader:
-    """:meth:`SampleReader.load` in ``processes`` spawned workers; :meth:`load` blocks for one result (call it from
-    several threads to keep the workers busy)."""
+    """:meth:`SampleReader.load` in ``processes`` spawned workers; :meth:`load` and :meth:`load_many` block for
+    their results (call them from up to ``callers`` threads at once to keep the workers busy; more wait their turn).
 
-    def __init__(self, reader: SampleReader, processes: int):
+    A round trip costs the pool's bookkeeping (threads, queues, pickling): read several samples per trip
+    (:meth:`load_many`). Patches come back through a shared-memory arena with one slot per concurrent call (a pipe
+    would copy them four times, in chunks of its buffer, which costs more than decoding a small image); the
+    returned raw samples have no members.
+    """
+
+    def __init__(self, reader: SampleReader, processes: int, callers: int, slot_bytes: int = SLOT_BYTES):
+        self.arena = shared_memory.SharedMemory(create=True, size=callers * slot_bytes)
+        self.slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(callers):
+            self.slots.put(slot)
         self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_start, initargs=(reader,))
+                                        initializer=_start, initargs=(reader, self.arena.name, slot_bytes))
 
     def load(self, name: str, position: int, draw: int, cap: int) -> Loaded:
-        raw, meta, arrays = self.pool.submit(_load_in_worker, (name, position, draw, cap)).result()
-        images = {ext: ImagePatches(torch.from_numpy(patches), tuple(grid), tuple(size))
-                  for ext, (patches, grid, size) in arrays.items()}
-        return raw, meta, images
+        outcome = self.load_many([(name, position, draw, cap)])[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def load_many(self, keys: list[tuple[str, int, int, int]]) -> list[Loaded | Exception]:
+        """The reads of ``keys`` in one round trip to a worker: each a :meth:`SampleReader.load` result or the
+        exception it raised."""
+        slot = self.slots.get()
+        try:
+            outcomes = self.pool.submit(_load_in_worker, keys, slot).result()
+            for index, outcome in enumerate(outcomes):
+                if isinstance(outcome, BaseException):
+                    continue
+                raw, meta, arrays = outcome
+                images = {}
+                for ext, (patches, grid, size) in arrays.items():
+                    if isinstance(patches, tuple):  # (offset, shape) in the arena: copied out before reuse
+                        offset, shape = patches
+                        patches = torch.frombuffer(self.arena.buf, dtype=torch.float32, count=math.prod(shape),
+                                                   offset=offset).view(shape).clone()
+                    else:
+                        patches = torch.from_numpy(patches)
+                    images[ext] = ImagePatches(patches, tuple(grid), tuple(size))
+                outcomes[index] = (raw, meta, images)
+        finally:
+            self.slots.put(slot)
+        return outcomes
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.arena.close()
+        except BufferError:  # a caller is copying out right now: its mapping goes with the process
+            pass
+        self.arena.unlink()
