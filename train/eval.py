@@ -8,8 +8,9 @@ others):
 - ``retrieval``: zero-shot image->text and text->image recall@1/@5 with the CoCa towers on caption samples.
 - ``niah``: needle in a haystack (:mod:`train.eval_niah`), recall per length bucket up to the stage's context.
 
-``CHECKPOINT`` is a ``step-XXXXXXXX`` directory, or a stage / run directory (its latest committed checkpoint). The
-model flavor, stage (sequence length, RoPE base, patch cap) and data root come from the run's ``config.yaml``; the
+``CHECKPOINT`` is a ``step-XXXXXXXX`` directory or S3 URL, or a stage / run directory or a stage's S3 prefix (its
+latest committed checkpoint). The model flavor, stage (sequence length, RoPE base, patch cap) and data root come
+from the ``checkpoint.json`` the checkpoint carries (for checkpoints older than it: the run's ``config.yaml``); the
 tokenizer from the data root's manifest. Samples come from ``--eval-root`` (default: the data root); pass a
 separately generated root for truly held-out samples: ``python -m data.synthetic --seed 1 --scale 0.1 --out DIR``.
 """
@@ -31,10 +32,10 @@ from torch import nn
 from data.loader import read_manifest
 from data.packing import collate_image_text
 from data.samples import SampleError, caption_text, render_document
-from data.storage import open_storage
+from data.storage import S3Options, open_storage
 from data.tokenizer import TextTokenizer
 from model.registry import build_model
-from train.checkpoint import STEP_DIR, ModelState, load_checkpoint
+from train.checkpoint import STEP_DIR, ModelState, S3CheckpointStore, load_checkpoint, read_checkpoint_info
 from train.config import RunConfig, StageConfig, to_run_config
 from train.eval_data import HeldOutData, batch_loss_sum, pack_documents
 from train.eval_niah import HAYSTACKS, MODES, NeedleBench, length_buckets
@@ -48,12 +49,22 @@ class EvalError(ValueError):
     """The checkpoint, its configuration or an option cannot be evaluated; the message says what to change."""
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The committed checkpoint directory ``path`` names: itself, or the latest ``step-*`` below a stage's
-    ``checkpoints`` directory, a stage directory, or a run directory (its last stage with checkpoints)."""
-    path = Path(path)
+def resolve_checkpoint(path: str | Path, options: S3Options | None = None) -> str:
+    """The committed checkpoint ``path`` names: itself, or the latest ``step-*`` below a stage's ``checkpoints``
+    directory, a stage directory, or a run directory (its last stage with checkpoints); on S3 a checkpoint's URL or
+    the URL of a stage's checkpoints (its latest)."""
+    text = str(path).rstrip("/")
+    if text.startswith("s3://"):
+        if STEP_DIR.match(text.rpartition("/")[2]):
+            return text
+        store = S3CheckpointStore(text, options)
+        steps = store.committed_steps()
+        if not steps:
+            raise EvalError(f"no committed checkpoint (a step-XXXXXXXX/ with .metadata) under {text}")
+        return store.location(steps[-1])
+    path = Path(text)
     if (path / ".metadata").exists():
-        return path
+        return str(path)
     candidates = [p for p in path.glob("checkpoints/step-*") if STEP_DIR.match(p.name)]
     candidates += [p for p in path.glob("step-*") if STEP_DIR.match(p.name)]
     if not candidates:  # a run directory: the newest checkpoint of any stage
@@ -63,33 +74,37 @@ def resolve_checkpoint(path: str | Path) -> Path:
     committed = sorted(p for p in candidates if (p / ".metadata").exists())
     if not committed:
         raise EvalError(f"no committed checkpoint (a step-XXXXXXXX directory with .metadata) at or below {path}")
-    return committed[-1]
+    return str(committed[-1])
 
 
-def load_run_config(checkpoint: Path, config_path: str | Path | None = None) -> RunConfig:
-    """The run's configuration: ``config.yaml`` of the run directory (``<run>/<stage>/checkpoints/step-*``)."""
-    path = Path(config_path) if config_path else checkpoint.parents[2] / "config.yaml"
+def load_run_config(checkpoint: str, config_path: str | Path | None = None, info: dict | None = None) -> RunConfig:
+    """The run's configuration: ``--config``, else the one the checkpoint carries (``checkpoint.json``), else
+    ``config.yaml`` of the run directory (``<run>/<stage>/checkpoints/step-*``)."""
+    if config_path is None and info and "config" in info:
+        return to_run_config(OmegaConf.create(info["config"]))
+    path = Path(config_path) if config_path else Path(checkpoint).parents[2] / "config.yaml"
     if not path.exists():
         raise EvalError(f"no run configuration at {path}: pass --config <run>/config.yaml of the run that wrote "
                         f"{checkpoint}")
     return to_run_config(OmegaConf.load(path))
 
 
-def stage_of(cfg: RunConfig, checkpoint: Path, name: str | None = None) -> tuple[str, StageConfig]:
-    """The stage the checkpoint belongs to (by its directory, or ``name``)."""
-    name = name or checkpoint.parents[1].name
+def stage_of(cfg: RunConfig, checkpoint: str, name: str | None = None, info: dict | None = None
+             ) -> tuple[str, StageConfig]:
+    """The stage the checkpoint belongs to: ``name``, else the one it carries, else its directory's."""
+    name = name or (info or {}).get("stage") or Path(checkpoint).parents[1].name
     if name not in cfg.curriculum.stages:
         raise EvalError(f"stage '{name}' is not in the run's curriculum ({', '.join(cfg.curriculum.stages)}): "
                         "pass --stage")
     return name, cfg.curriculum.stages[name]
 
 
-def load_model(cfg: RunConfig, checkpoint: Path, stage: StageConfig) -> nn.Module:
-    """The whole model with the checkpoint's weights, the stage's RoPE base, in eval mode."""
+def load_model(cfg: RunConfig, checkpoint: str, rope_theta: float, options: S3Options | None = None) -> nn.Module:
+    """The whole model with the checkpoint's weights and RoPE base, in eval mode."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    load_checkpoint(checkpoint, {"model": ModelState(model)})
-    model.set_rope_theta(stage.rope_theta)
+    load_checkpoint(checkpoint, {"model": ModelState(model)}, options)
+    model.set_rope_theta(rope_theta)
     return model.eval()
 
 
@@ -179,12 +194,16 @@ def evaluate(checkpoint: str | Path, tasks: list[str] | None = None, config: str
              stage_name: str | None = None, data_root: str | None = None, eval_root: str | None = None,
              samples_per_source: int = 16, retrieval_samples: int = 64, niah_trials: int = 5,
              niah_mode: str = "choice", niah_haystacks: list[str] | None = None, context: int = 0,
-             seed: int = 0) -> dict:
+             seed: int = 0, endpoint_url: str = "") -> dict:
     """Run the tasks on one checkpoint; returns the report (see the module docstring and the README)."""
     started = time.perf_counter()
-    path = resolve_checkpoint(checkpoint)
-    cfg = load_run_config(path, config)
-    name, stage = stage_of(cfg, path, stage_name)
+    options = S3Options(endpoint_url=endpoint_url)
+    path = resolve_checkpoint(checkpoint, options)
+    info = read_checkpoint_info(path, options)
+    cfg = load_run_config(path, config, info)
+    name, stage = stage_of(cfg, path, stage_name, info)
+    # The RoPE base the checkpoint was trained with (the stage's, unless --stage names another).
+    rope_theta = info["rope_theta"] if info.get("stage") == name and "rope_theta" in info else stage.rope_theta
     if not tasks or tasks == ["auto"]:
         tasks = ["retrieval"] if stage.objective == "coca" else ["heldout_loss", "niah"]
     unknown = [t for t in tasks if t not in TASKS]
@@ -193,11 +212,11 @@ def evaluate(checkpoint: str | Path, tasks: list[str] | None = None, config: str
     data_root = data_root or cfg.data.root
     eval_root = eval_root or data_root
     tokenizer = load_tokenizer(cfg, data_root)
-    model = load_model(cfg, path, stage)
+    model = load_model(cfg, path, rope_theta, options)
     data = HeldOutData(open_storage(eval_root), cfg.model.vision, stage.max_image_patches)
     context = context or stage.seq_len
     report = {"checkpoint": str(path), "stage": name, "objective": stage.objective, "flavor": cfg.model.flavor,
-              "context": context, "rope_theta": stage.rope_theta, "data_root": str(data_root),
+              "step": info.get("step"), "context": context, "rope_theta": rope_theta, "data_root": str(data_root),
               "eval_root": str(eval_root), "eval_root_is_training_root": str(eval_root) == str(data_root),
               "tasks": {}}
     if "heldout_loss" in tasks:
@@ -237,7 +256,8 @@ def summary_lines(report: dict) -> list[str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="step-XXXXXXXX directory, or a stage / run directory (latest)")
+    parser.add_argument("checkpoint", help="step-XXXXXXXX directory or S3 URL, or a stage / run directory or the S3 "
+                        "URL of a stage's checkpoints (latest)")
     parser.add_argument("--tasks", default="auto", help=f"comma-separated among {', '.join(TASKS)}, or auto")
     parser.add_argument("--out", help="report path (default: <stage>/eval/<step>.json next to the checkpoints)")
     parser.add_argument("--config", help="the run's config.yaml (default: found from the checkpoint's path)")
@@ -251,17 +271,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--niah-haystacks", default=",".join(HAYSTACKS))
     parser.add_argument("--context", type=int, default=0, help="longest prompt (default: the stage's seq_len)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--endpoint-url", default="", help="S3 endpoint of a non-AWS server (checkpoints on S3)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
         report = evaluate(args.checkpoint, args.tasks.split(","), args.config, args.stage, args.data_root,
                           args.eval_root, args.samples_per_source, args.retrieval_samples, args.niah_trials,
-                          args.niah_mode, args.niah_haystacks.split(","), args.context, args.seed)
+                          args.niah_mode, args.niah_haystacks.split(","), args.context, args.seed,
+                          args.endpoint_url)
     except (EvalError, FileNotFoundError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    checkpoint = Path(report["checkpoint"])
-    out = Path(args.out) if args.out else checkpoint.parents[1] / "eval" / f"{checkpoint.name}.json"
+    checkpoint = report["checkpoint"]
+    step_name = checkpoint.rpartition("/")[2]
+    if args.out:
+        out = Path(args.out)
+    elif checkpoint.startswith("s3://"):  # next to nothing local: the working directory
+        out = Path("eval") / report["stage"] / f"{step_name}.json"
+    else:
+        out = Path(checkpoint).parents[1] / "eval" / f"{step_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(report, indent=2) + "\n")
     print("\n".join(summary_lines(report)))

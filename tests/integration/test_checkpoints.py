@@ -38,7 +38,7 @@ def single_process_group():
     if created:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield dist.new_group(backend="gloo")
-    if created:
+    if created and dist.is_initialized():  # a trainer run in this module leaves the group it joined
         dist.destroy_process_group()
 
 
@@ -188,3 +188,12 @@ def test_a_run_checkpointing_to_s3_in_the_background_resumes_exactly(demo_root, 
     a, b = final_params(local_final), final_params(final, options)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((Path(local_final) / "checkpoint.json").read_text())["step"] == 3
+    # Evaluation reads what it needs (config, stage, RoPE base) from the checkpoint itself, here straight from S3.
+    from train.eval import evaluate
+
+    from_s3 = evaluate(f"s3://{bucket}/ckpts/run/long_ctx_128k", ["heldout_loss"], samples_per_source=2,
+                       endpoint_url=s3_endpoint)
+    from_disk = evaluate(local_final, ["heldout_loss"], samples_per_source=2)
+    assert from_s3["checkpoint"] == final and (from_s3["stage"], from_s3["step"]) == ("long_ctx_128k", 3)
+    assert from_s3["rope_theta"] == cfg.curriculum.stages["long_ctx_128k"].rope_theta
+    assert from_s3["tasks"]["heldout_loss"] == from_disk["tasks"]["heldout_loss"]
