@@ -118,3 +118,24 @@ def test_checkpoint_of_dp2_cp2_ep2_resumes_in_one_process(reference, demo_root, 
     for name, param in resumed["params"].items():
         error = relative_error(param, reference["params"][name])
         assert error <= TOLERANCE, f"{name} differs by {error:.2e} (relative) after the resharded resume"
+
+
+def test_async_s3_checkpoint_of_dp2_ep2_resumes_in_one_process(reference, demo_root, tmp_path, s3_endpoint):
+    """Two ranks (dp2 x ep2) checkpoint every step to S3 in the background (staged, written over their own gloo
+    group while training goes on, the leaving step's save waited for), then one process resumes from S3: the third
+    step and the final parameters are the uninterrupted single-process run's."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="layouts")
+    s3 = ["checkpoint.url=s3://layouts/ckpt", f"checkpoint.endpoint_url={s3_endpoint}", "checkpoint.async_save=true"]
+    every_step = "curriculum.stages.joint_pretrain.checkpoint_interval=1"
+    args = overrides(tmp_path, demo_root, GLOBAL_ROWS // 2, ep_degree=2, activation_checkpoint="none")
+    run_ranks(train_rank, 2, [*args, *s3, every_step, "exit_after_steps=2"])
+    assert not (tmp_path / "run" / "joint_pretrain" / "checkpoints").exists()
+    resumed = run_ranks(train_rank, 1, [*overrides(tmp_path, demo_root, GLOBAL_ROWS, activation_checkpoint="none"),
+                                        *s3])[0]
+    assert len(resumed["losses"]) == STEPS
+    assert abs(resumed["losses"][-1] - reference["losses"][-1]) <= TOLERANCE * abs(reference["losses"][-1])
+    for name, param in resumed["params"].items():
+        error = relative_error(param, reference["params"][name])
+        assert error <= TOLERANCE, f"{name} differs by {error:.2e} (relative) after the resume from S3"
