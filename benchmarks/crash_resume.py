@@ -4,7 +4,12 @@ command each time, and compare the final parameters with an uninterrupted run's.
 Prints one JSON line with ``kills``, ``kills_during_checkpoint_write``, ``resumes``, ``max_abs_param_diff`` (goal:
 exactly 0 on CPU) and ``losses_identical``.
 
-    python benchmarks/crash_resume.py [--kills 10 --nproc 2 --seed 0]
+``--async-save`` makes the killed run write its checkpoints in the background (the uninterrupted run saves
+synchronously), so kills also strike while training goes on beside a write; ``--s3`` puts the killed run's
+checkpoints on a real S3 server (moto's, in its own process), where a write in progress is a step prefix without
+its ``.metadata``.
+
+    python benchmarks/crash_resume.py [--kills 10 --nproc 2 --seed 0 --async-save --s3]
 """
 
 from __future__ import annotations
@@ -24,13 +29,17 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package: run as a script, find its siblings
 STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
 
 
-def command(out: Path, data: Path, nproc: int) -> list[str]:
+BUCKET = "crash-resume"
+
+
+def command(out: Path, data: Path, nproc: int, *extra: str) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return [*launcher, "-m", "train", "recipe=debug", f"output_dir={out}", "run_name=run", f"data.root={data}",
-            "log.progress_bar=false"]
+            "log.progress_bar=false", *extra]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -68,25 +77,49 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def kill_at(process: subprocess.Popen, run_dir: Path, delay: float, during_write: bool) -> bool:
+class CheckpointWatch:
+    """Tells whether a checkpoint of the run is being written: a ``.tmp`` directory locally, a step prefix without
+    ``.metadata`` on S3."""
+
+    def __init__(self, run_dir: Path, s3_url: str = "", endpoint: str = ""):
+        self.run_dir = run_dir
+        self.storage = None
+        if s3_url:
+            from data.storage import S3Options, S3Storage
+
+            self.storage = S3Storage(s3_url, S3Options(endpoint_url=endpoint))
+
+    def writing(self) -> bool:
+        if self.storage is None:
+            return any(self.run_dir.glob("*/checkpoints/*.tmp"))
+        steps: dict[str, set[str]] = {}
+        for key in self.storage.list(""):
+            prefix, _, name = key.rpartition("/")
+            steps.setdefault(prefix, set()).add(name)
+        return any(".metadata" not in names for names in steps.values())
+
+
+def kill_at(process: subprocess.Popen, watch: CheckpointWatch, delay: float, during_write: bool) -> bool:
     """SIGKILL after ``delay`` seconds, or as soon as a checkpoint is being written; True if it was killed."""
     deadline = time.monotonic() + delay
     while process.poll() is None:
-        writing = during_write and any(run_dir.glob("*/checkpoints/*.tmp"))
+        writing = during_write and watch.writing()
         if writing or (not during_write and time.monotonic() >= deadline):
             kill_tree(process)
             return writing
-        time.sleep(0.002)
+        time.sleep(0.002 if watch.storage is None else 0.02)
     return False
 
 
-def final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+def final_parameters(location: str, endpoint: str = "") -> dict[str, torch.Tensor]:
+    """The model of the last stage's latest checkpoint under ``location`` (a directory or an S3 URL)."""
+    from data.storage import S3Options
     from model.registry import FLAVORS, build_model
-    from train.checkpoint import ModelState, load_checkpoint
+    from train.checkpoint import CheckpointManager, ModelState, open_checkpoint_store
 
     model = build_model(FLAVORS["debug"])
-    checkpoint = sorted((run_dir / STAGES[-1] / "checkpoints").iterdir())[-1]
-    load_checkpoint(checkpoint, {"model": ModelState(model)})
+    checkpoints = CheckpointManager(open_checkpoint_store(location, S3Options(endpoint_url=endpoint)), keep_last=1)
+    checkpoints.load(checkpoints.latest_step(), {"model": ModelState(model)})
     return model.state_dict()
 
 
@@ -95,6 +128,8 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--async-save", action="store_true", help="the killed run saves in the background")
+    parser.add_argument("--s3", action="store_true", help="the killed run checkpoints to an S3 server")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="crash-resume-"))
@@ -102,35 +137,53 @@ def main() -> None:
     from data.synthetic import generate_corpus
 
     generate_corpus(data, seed=0)
-    began = time.monotonic()
-    straight = start(command(work / "straight", data, args.nproc), work / "logs" / "straight.log")
-    if straight.wait() != 0:
-        raise SystemExit(f"the uninterrupted run failed: see {work / 'logs'}")
-    duration = time.monotonic() - began
-    run_dir = work / "crashed" / "run"
-    kills = during_write = resumes = 0
-    for attempt in range(args.kills):
-        process = start(command(work / "crashed", data, args.nproc), work / "logs" / f"attempt-{attempt}.log")
-        resumes += attempt > 0
-        # Every third kill waits for a checkpoint write; the others strike at a random moment.
-        targeted = attempt % 3 == 2
-        hit_write = kill_at(process, run_dir, rng.uniform(2.0, max(3.0, duration / 3)), targeted)
-        if process.returncode == 0:  # finished before the kill came
-            break
-        kills += 1
-        during_write += hit_write
-    final = start(command(work / "crashed", data, args.nproc), work / "logs" / "final.log")
-    resumes += 1
-    if final.wait() != 0:
-        raise SystemExit(f"the resumed run failed: see {work / 'logs' / 'final.log'}")
-    expected, got = final_parameters(work / "straight" / "run"), final_parameters(run_dir)
+    server, endpoint, extra = None, "", []
+    if args.s3:
+        from benchmarks.s3_server import start_s3_server
+
+        server, endpoint = start_s3_server(BUCKET)
+        extra += [f"checkpoint.url=s3://{BUCKET}/ckpt", f"checkpoint.endpoint_url={endpoint}"]
+    if args.async_save:
+        extra.append("checkpoint.async_save=true")
+    try:
+        began = time.monotonic()
+        straight = start(command(work / "straight", data, args.nproc), work / "logs" / "straight.log")
+        if straight.wait() != 0:
+            raise SystemExit(f"the uninterrupted run failed: see {work / 'logs'}")
+        duration = time.monotonic() - began
+        run_dir = work / "crashed" / "run"
+        watch = CheckpointWatch(run_dir, f"s3://{BUCKET}/ckpt" if args.s3 else "", endpoint)
+        kills = during_write = resumes = 0
+        for attempt in range(args.kills):
+            process = start(command(work / "crashed", data, args.nproc, *extra),
+                            work / "logs" / f"attempt-{attempt}.log")
+            resumes += attempt > 0
+            # Every third kill waits for a checkpoint write; the others strike at a random moment.
+            targeted = attempt % 3 == 2
+            hit_write = kill_at(process, watch, rng.uniform(2.0, max(3.0, duration / 3)), targeted)
+            if process.returncode == 0:  # finished before the kill came
+                break
+            kills += 1
+            during_write += hit_write
+        final = start(command(work / "crashed", data, args.nproc, *extra), work / "logs" / "final.log")
+        resumes += 1
+        if final.wait() != 0:
+            raise SystemExit(f"the resumed run failed: see {work / 'logs' / 'final.log'}")
+        crashed_checkpoints = (f"s3://{BUCKET}/ckpt/run/{STAGES[-1]}" if args.s3
+                               else str(run_dir / STAGES[-1] / "checkpoints"))
+        expected = final_parameters(str(work / "straight" / "run" / STAGES[-1] / "checkpoints"))
+        got = final_parameters(crashed_checkpoints, endpoint)
+    finally:
+        if server is not None:
+            server.terminate()
     max_diff = max(float((expected[k].float() - got[k].float()).abs().max()) for k in expected)
     from train.metrics import read_metrics
 
     differing = [n for n in STAGES
                  if [(r["step"], r["loss"]) for r in read_metrics(work / "straight" / "run" / n / "metrics.jsonl")]
                  != [(r["step"], r["loss"]) for r in read_metrics(run_dir / n / "metrics.jsonl")]]
-    print(json.dumps({"benchmark": "crash_resume", "nproc": args.nproc, "kills": kills,
+    print(json.dumps({"benchmark": "crash_resume", "nproc": args.nproc, "async_save": args.async_save,
+                      "checkpoints_on": "s3" if args.s3 else "local", "kills": kills,
                       "kills_during_checkpoint_write": during_write, "resumes": resumes,
                       "uninterrupted_s": round(duration, 1), "max_abs_param_diff": max_diff,
                       "losses_identical": not differing, "stages_with_differing_metrics": differing}))

@@ -24,6 +24,18 @@ Rerunning the same command continues a stopped run from its last checkpoint.
 
 
 def main(argv: list[str]) -> int:
+    from train.signals import STOP
+
+    # Before the heavy imports: a stop signal arriving during them is recorded, not fatal.
+    installed = STOP.install()
+    try:
+        return _main(argv)
+    finally:
+        if installed:
+            STOP.restore()
+
+
+def _main(argv: list[str]) -> int:
     from train.config import ConfigError, available_recipes, load_config
 
     if any(arg in ("-h", "--help") for arg in argv):

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from train.checkpoint import CheckpointManager, ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
+from train.signals import STOP
 from train.stages import (
     apply_stage,
     checkpoints_of,
@@ -54,8 +54,6 @@ from train.stages import (
 )
 
 logger = logging.getLogger(__name__)
-# Preemption (torchrun forwards SIGTERM) and SLURM's `--signal=USR1@<seconds>` warning.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Weight of the caption loss in the CoCa objective: L = L_siglip + 2 * L_caption (report, section 2.3).
 CAPTION_LOSS_WEIGHT = 2.0
 
@@ -216,10 +214,10 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.stop_signal: str | None = None
         self.exit_reason = ""
         self._lock = lock_run_dir(cfg.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
-        self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        # Installed early by `python -m train` (train/signals.py); here for programmatic use.
+        self._installed_signals = STOP.install()
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         seq_lens = [cfg.curriculum.stages[n].seq_len for n in cfg.curriculum.order]
@@ -294,14 +292,11 @@ class Trainer:
             print(f"outputs: {self.cfg.run_dir.resolve()}")
         return summary
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stop_signal = signal.Signals(signum).name
-
     def close(self) -> None:
         """Finish W&B, restore the signal handlers and release the run directory."""
         self.wandb.finish()
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
+        if self._installed_signals:
+            STOP.restore()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -311,10 +306,10 @@ class Trainer:
         if self.cfg.exit_after_steps and self.steps_this_run >= self.cfg.exit_after_steps:
             self.exit_reason = f"exit_after_steps={self.cfg.exit_after_steps}"
             return True
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
+        flag = torch.tensor([1.0 if STOP.received else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
-            self.exit_reason = f"received {self.stop_signal or 'a stop signal on another rank'}"
+            self.exit_reason = f"received {STOP.received or 'a stop signal on another rank'}"
             return True
         return False
 

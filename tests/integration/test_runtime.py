@@ -57,6 +57,22 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_matches(demo_roo
         assert [r["loss"] for r in got] == [r["loss"] for r in expected], name
 
 
+def test_a_warning_signal_during_start_up_is_not_fatal(demo_root, tmp_path):
+    """SLURM's USR1 may come while the trainer is still importing torch: it is recorded from the first moment
+    (train/signals.py), so the run leaves cleanly at its first step boundary instead of dying of the signal."""
+    args = overrides(tmp_path / "early", demo_root)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # well inside the imports (torch alone takes longer), well after the handlers
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "received SIGUSR1" in stderr
+    assert not (tmp_path / "early" / "run" / "summary.json").exists()
+    assert not (tmp_path / "early" / "run" / "vit_coca" / "DONE.json").exists()
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(demo_root, tmp_path):
     cfg = load_config([*overrides(tmp_path, demo_root), "max_nonfinite_steps=2",
                        "curriculum.stages.vit_coca.steps=5"])
