@@ -440,7 +440,11 @@ class Trainer:
         train.step += 1
         train.tokens += result.tokens
         elapsed = time.perf_counter() - start
-        flops = step_model_flops(self.cfg.model, batches)
+        # Model FLOPs this rank did: the ranks of a pipeline (each its share of the layers) or of a context-parallel
+        # group (each its share of the tokens) are all handed the same rows. CoCa rows are whole per rank (no
+        # token split; pipelines refuse CoCa stages).
+        shared_by = 1 if stage.objective == "coca" else self.dims.pp_degree * self.stage_dims.cp_degree
+        flops = step_model_flops(self.cfg.model, batches) / shared_by
         return {"stage": name, "step": train.step, "loss": result.loss, **result.parts, "lr": lr,
                 "tokens": train.tokens, "grad_norm": float(grad_norm), "step_time_s": elapsed,
                 "tokens_per_s": result.tokens / elapsed, "corrupt_samples": loader.corrupt,

@@ -48,7 +48,8 @@ def train_rank(rank: int, world: int, args: list[str]) -> dict:
                if hasattr(m, "expert_offset") for p in ("w_gate", "w_up", "w_down")}
     records = read_metrics(trainer.cfg.run_dir / "joint_pretrain" / "metrics.jsonl")
     return {"params": params, "offsets": offsets, "losses": [r["loss"] for r in records],
-            "grad_norms": [r["grad_norm"] for r in records]}
+            "grad_norms": [r["grad_norm"] for r in records],
+            "step_flops": [r["model_tflops_per_s"] * 1e12 * r["step_time_s"] for r in records]}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,8 @@ def test_layout_equals_one_process(layout, reference, demo_root, tmp_path):
     # The global gradient norm (over every group) is the one process's, and clipping by it was active.
     assert results[0]["grad_norms"] == pytest.approx(reference["grad_norms"], rel=TOLERANCE)
     assert max(reference["grad_norms"]) > CLIP
+    if dp == 1:  # the context-parallel ranks share the rows: each did 1/cp of the model FLOPs (MFU not inflated)
+        assert results[0]["step_flops"] == pytest.approx([f / world for f in reference["step_flops"]], rel=1e-9)
     sharded = spec.get("ep_degree", 1) > 1
     for rank, result in enumerate(results):
         assert set(result["params"]) == set(reference["params"])
