@@ -12,9 +12,11 @@ Input, either:
 
 Every sample is validated as the loader would read it (JSON, fields, images decodable and under the pixel limit,
 boxes, points and actions on their image); invalid ones are left out and reported by key. Shards go to
-``<out>/<source>/shard-NNNNNN.tar``, each with its sidecar index ``.tar.idx.json`` (member offsets, so the loader
-starts without reading shards); ``<out>/manifest.json`` gets (or replaces) the source's entry: shards, samples per
-shard, samples, images, words, text tokens and image-size statistics, which ``python -m data.stats`` summarizes.
+``<out>/<source>/shard-NNNNNN.tar`` (with ``--heldout-fraction F``, a share F of the samples, chosen by a hash of
+their key, goes to ``heldout-NNNNNN.tar`` shards for evaluation, which the loader never reads), each with its
+sidecar index ``.tar.idx.json`` (member offsets, so the loader starts without reading shards);
+``<out>/manifest.json`` gets (or replaces) the source's entry: shards, samples per shard, samples, images, words,
+text tokens and image-size statistics, which ``python -m data.stats`` summarizes.
 Text tokens are counted with ``<out>/tokenizer.json``, ``--tokenizer``, or a byte-level BPE trained on the text
 when neither exists.
 """
@@ -22,6 +24,7 @@ when neither exists.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import sys
@@ -95,8 +98,27 @@ def _tokenizer(storage: Storage, path: str, texts: list[str]) -> tuple[TextToken
     return TextTokenizer(train_tokenizer(texts)), True
 
 
+def is_heldout(key: str, fraction: float) -> bool:
+    """Whether a sample belongs to the held-out split: a pure function of its key, so preparing a grown dataset
+    again keeps every earlier sample on its side."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") < fraction * 2**64
+
+
+def _write_shards(storage: Storage, source: str, split: str, samples: list[tuple[str, dict[str, bytes]]],
+                  samples_per_shard: int) -> tuple[list[str], list[int]]:
+    shards, counts = [], []
+    for start in range(0, len(samples), samples_per_shard):
+        shard = f"{source}/{split}-{len(shards):06d}.tar"
+        data = _tar(samples[start:start + samples_per_shard])
+        storage.write(shard, data)
+        storage.write(shard + INDEX_SUFFIX, index_bytes(data))  # the loader starts without reading shards
+        shards.append(shard)
+        counts.append(len(samples[start:start + samples_per_shard]))
+    return shards, counts
+
+
 def prepare(input_path: str | Path, out: str, source: str, samples_per_shard: int = 1000, tokenizer: str = "",
-            options: S3Options | None = None) -> dict:
+            options: S3Options | None = None, heldout_fraction: float = 0.0) -> dict:
     """Validate, shard and write one source and its manifest entry; returns the entry.
 
     Args:
@@ -106,15 +128,22 @@ def prepare(input_path: str | Path, out: str, source: str, samples_per_shard: in
         samples_per_shard: Samples per tar shard.
         tokenizer: A ``tokenizer.json`` to count tokens with (default: the output's, else a new one).
         options: S3 endpoint and retries.
+        heldout_fraction: Share of samples (chosen by a hash of their key) written to ``heldout-NNNNNN.tar``
+            shards instead, listed as the entry's ``heldout_shards``: evaluation reads them, the loader never does.
     """
+    if not 0 <= heldout_fraction < 1:
+        raise SystemExit(f"--heldout-fraction {heldout_fraction}: allowed is a fraction in [0, 1)")
     input_path = Path(input_path)
     reader = read_jsonl(input_path, source) if input_path.is_file() else read_folder(input_path)
-    kept, skipped, texts, widths, heights, kinds = [], {}, [], [], [], set()
+    kept, heldout, skipped, texts, widths, heights, kinds = [], [], {}, [], [], [], set()
     for key, members in reader:
         try:
             meta, sizes = check_sample(source, key, members)
         except SampleError as error:
             skipped[key] = str(error)
+            continue
+        if is_heldout(key, heldout_fraction):  # kept out of the statistics and the tokenizer too
+            heldout.append((key, members))
             continue
         kept.append((key, members))
         texts += sample_texts(meta)
@@ -122,19 +151,13 @@ def prepare(input_path: str | Path, out: str, source: str, samples_per_shard: in
         heights += [h for _, h in sizes]
         kinds.add(meta.get("kind", source))
     if not kept:
-        raise SystemExit(f"no valid sample in {input_path} ({len(skipped)} invalid)")
+        raise SystemExit(f"no valid training sample in {input_path} ({len(skipped)} invalid, {len(heldout)} held "
+                         "out)")
     storage = open_storage(out, options)
     tok, write_tokenizer = _tokenizer(storage, tokenizer, texts)
     if write_tokenizer:
         storage.write("tokenizer.json", tok.tokenizer.to_str().encode("utf-8"))
-    shards, counts = [], []
-    for start in range(0, len(kept), samples_per_shard):
-        shard = f"{source}/shard-{len(shards):06d}.tar"
-        data = _tar(kept[start:start + samples_per_shard])
-        storage.write(shard, data)
-        storage.write(shard + INDEX_SUFFIX, index_bytes(data))  # the loader starts without reading shards
-        shards.append(shard)
-        counts.append(len(kept[start:start + samples_per_shard]))
+    shards, counts = _write_shards(storage, source, "shard", kept, samples_per_shard)
     entry = {
         "kind": kinds.pop() if len(kinds) == 1 else "mixed", "shards": shards, "shard_samples": counts,
         "index_suffix": INDEX_SUFFIX, "num_samples": len(kept),
@@ -143,6 +166,9 @@ def prepare(input_path: str | Path, out: str, source: str, samples_per_shard: in
         "image_stats": {"width": _stats(widths), "height": _stats(heights),
                         "pixels": _stats([w * h for w, h in zip(widths, heights)])},
     }
+    if heldout:
+        shards, counts = _write_shards(storage, source, "heldout", heldout, samples_per_shard)
+        entry.update(heldout_shards=shards, heldout_shard_samples=counts, heldout_samples=len(heldout))
     manifest = json.loads(storage.read("manifest.json")) if storage.exists("manifest.json") else {"version": 1}
     manifest.setdefault("sources", {})[source] = entry
     manifest["tokenizer"] = "tokenizer.json"
@@ -161,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default="", help="tokenizer.json to count tokens with")
     parser.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (credentials: boto3's chain)")
     parser.add_argument("--region", default="")
+    parser.add_argument("--heldout-fraction", type=float, default=0.0,
+                        help="share of samples (by a hash of their key) kept out of training for evaluation")
     args = parser.parse_args(argv)
     entry = prepare(args.input, args.out, args.source, args.samples_per_shard, args.tokenizer,
-                    S3Options(endpoint_url=args.endpoint_url, region=args.region))
+                    S3Options(endpoint_url=args.endpoint_url, region=args.region), args.heldout_fraction)
     print(json.dumps({"source": args.source, **entry}, sort_keys=True))
     return 0
 

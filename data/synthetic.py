@@ -41,6 +41,8 @@ SIDES = tuple(range(56, 225, 28))  # image sides: multiples of 28 (patch 14 x me
 SOURCE_SIZES = {"caption": 600, "ocr": 300, "grounding": 300, "interleaved": 200, "text": 800, "long_doc": 40,
                 "dialogue": 200, "video": 60, "agent": 60}
 SAMPLES_PER_SHARD = 100
+# Size of each source's held-out split (manifest ``heldout_shards``) relative to its training shards.
+HELDOUT_SHARE = 0.05
 WORDS = ("river stone cloud garden lamp window paper music bridge forest tiger silver morning harbor candle "
          "valley letter planet engine market winter summer orchard ladder basket mirror signal island").split()
 
@@ -310,17 +312,19 @@ def sample_texts(meta: dict) -> list[str]:
     return texts + [o["label"] for o in meta.get("objects", [])]
 
 
-def write_source(out: Path, name: str, count: int, seed: int) -> tuple[dict, list[str]]:
-    """Write one source's shards; returns its manifest entry and all its text (for the tokenizer)."""
-    rng = random.Random(zlib.crc32(f"{seed}/{name}".encode()))
+def write_source(out: Path, name: str, count: int, seed: int, split: str = "shard") -> tuple[dict, list[str]]:
+    """Write one source's shards (``split``: ``shard`` for training, ``heldout`` for evaluation, drawn from a random
+    stream of its own); returns its manifest entry and all its text (for the tokenizer)."""
+    stream = f"{seed}/{name}" if split == "shard" else f"{seed}/{name}/{split}"
+    rng = random.Random(zlib.crc32(stream.encode()))
     (out / name).mkdir(parents=True, exist_ok=True)
     shards, counts, texts, images = [], [], [], 0
     for start in range(0, count, SAMPLES_PER_SHARD):
-        shard = f"{name}/shard-{len(shards):06d}.tar"
+        shard = f"{name}/{split}-{len(shards):06d}.tar"
         with tarfile.open(out / shard, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(start, min(count, start + SAMPLES_PER_SHARD)):
                 meta, pngs = MAKERS[name](rng)
-                key = f"{name}-{index:06d}"
+                key = f"{name}-{index:06d}" if split == "shard" else f"{name}-{split}-{index:06d}"
                 _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
                 for i, png in enumerate(pngs):
                     _add(tar, f"{key}.{i}.png", png)
@@ -350,6 +354,10 @@ def generate_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -> d
     for name, size in SOURCE_SIZES.items():
         sources[name], texts = write_source(out, name, max(2, round(size * scale)), seed)
         all_texts += texts
+        # A held-out split for evaluation: never drawn by the loader, and not seen by the tokenizer either.
+        heldout, _ = write_source(out, name, max(2, round(size * scale * HELDOUT_SHARE)), seed, "heldout")
+        sources[name].update(heldout_shards=heldout["shards"], heldout_shard_samples=heldout["shard_samples"],
+                             heldout_samples=heldout["num_samples"])
     train_tokenizer(all_texts).save(str(out / "tokenizer.json"))
     manifest = {"version": 1, "seed": seed, "scale": scale, "tokenizer": "tokenizer.json", "sources": sources}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

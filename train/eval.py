@@ -11,8 +11,9 @@ others):
 ``CHECKPOINT`` is a ``step-XXXXXXXX`` directory or S3 URL, or a stage / run directory or a stage's S3 prefix (its
 latest committed checkpoint). The model flavor, stage (sequence length, RoPE base, patch cap) and data root come
 from the ``checkpoint.json`` the checkpoint carries (for checkpoints older than it: the run's ``config.yaml``); the
-tokenizer from the data root's manifest. Samples come from ``--eval-root`` (default: the data root); pass a
-separately generated root for truly held-out samples: ``python -m data.synthetic --seed 1 --scale 0.1 --out DIR``.
+tokenizer from the data root's manifest. Samples come from ``--eval-root`` (default: the data root): from each
+source's held-out split when its manifest has one (``python -m data.prepare --heldout-fraction``; the demo corpus
+has one), else from a separately generated root (``python -m data.synthetic --seed 1 --scale 0.1 --out DIR``).
 """
 
 from __future__ import annotations
@@ -213,11 +214,15 @@ def evaluate(checkpoint: str | Path, tasks: list[str] | None = None, config: str
     eval_root = eval_root or data_root
     tokenizer = load_tokenizer(cfg, data_root)
     model = load_model(cfg, path, rope_theta, options)
-    data = HeldOutData(open_storage(eval_root), cfg.model.vision, stage.max_image_patches)
+    # A root other than the training root is held out as a whole: all of its samples are used.
+    data = HeldOutData(open_storage(eval_root), cfg.model.vision, stage.max_image_patches,
+                       use_heldout_split=str(eval_root) == str(data_root))
     context = context or stage.seq_len
     report = {"checkpoint": str(path), "stage": name, "objective": stage.objective, "flavor": cfg.model.flavor,
               "step": info.get("step"), "context": context, "rope_theta": rope_theta, "data_root": str(data_root),
               "eval_root": str(eval_root), "eval_root_is_training_root": str(eval_root) == str(data_root),
+              # Sources evaluated on their manifest's held-out split (the others: the tail of their shards).
+              "heldout_split_sources": [n for n in data.source_names if data.has_heldout_split(n)],
               "tasks": {}}
     if "heldout_loss" in tasks:
         report["tasks"]["heldout_loss"] = heldout_loss(model, data, tokenizer, context, samples_per_source)

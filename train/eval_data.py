@@ -43,19 +43,23 @@ class HeldOutSample:
 class HeldOutData:
     """Read-only access to the samples of a data root, for evaluation.
 
-    Samples are taken from the *end* of each source (the last ``count`` positions), deterministically, so two
-    evaluations of different checkpoints see the same samples. Whether they are truly held out depends on the root:
-    a root generated or prepared separately from the training root (e.g. ``python -m data.synthetic --seed 1``) is;
-    the training root itself is not (the loader draws from every sample of a source).
+    A source whose manifest entry has a held-out split (``heldout_shards``: written by ``python -m data.prepare
+    --heldout-fraction`` and by the demo generator; the loader never reads them) is evaluated on it. Otherwise
+    samples are taken from the *end* of the source's training shards, which the loader does draw from: held out
+    only if the root is not the training root (e.g. ``python -m data.synthetic --seed 1``). Either way the choice is
+    deterministic, so two evaluations of different checkpoints see the same samples.
 
     Args:
         storage: Where ``manifest.json`` and the shards are.
         vision: The model's vision hyper-parameters (patch and merge size for patchifying).
         max_image_patches: Per-image patch cap (the stage's ``max_image_patches``).
+        use_heldout_split: Read held-out splits where sources have them; False reads every source's training
+            shards (a root kept apart from training as a whole).
     """
 
-    def __init__(self, storage: Storage, vision: VisionArgs, max_image_patches: int):
+    def __init__(self, storage: Storage, vision: VisionArgs, max_image_patches: int, use_heldout_split: bool = True):
         self.storage = storage
+        self.use_heldout_split = use_heldout_split
         self.vision = vision
         self.max_image_patches = max_image_patches
         self.manifest = read_manifest(storage)
@@ -71,9 +75,14 @@ class HeldOutData:
                            f"{sorted(self.manifest['sources'])}")
         if name not in self._sources:
             entry = self.manifest["sources"][name]
-            self._sources[name] = ShardSource(name, self.storage, entry["shards"], False, 1,
-                                              entry.get("shard_samples"), entry.get("index_suffix", ""))
+            split = "heldout_" if self.has_heldout_split(name) else ""
+            self._sources[name] = ShardSource(name, self.storage, entry[f"{split}shards"], False, 1,
+                                              entry.get(f"{split}shard_samples"), entry.get("index_suffix", ""))
         return self._sources[name]
+
+    def has_heldout_split(self, name: str) -> bool:
+        """Whether source ``name`` has held-out shards of its own (else its training shards' tail is read)."""
+        return self.use_heldout_split and bool(self.manifest["sources"][name].get("heldout_shards"))
 
     def samples(self, name: str, count: int, max_image_patches: int | None = None) -> Iterator[HeldOutSample]:
         """Up to ``count`` valid samples of source ``name``, from its last positions backwards (corrupt ones are

@@ -15,7 +15,7 @@ from PIL import Image
 
 from data import prepare, stats
 from data.loader import StageLoader
-from data.storage import S3Options, S3Storage
+from data.storage import S3Options, S3Storage, open_storage
 from data.tokenizer import TextTokenizer
 from model.registry import FLAVORS
 from tests.integration.test_s3_loader import BUCKET, s3_corpus  # noqa: F401  (the module-scoped S3 server)
@@ -116,3 +116,40 @@ def test_prepare_jsonl_uploaded_to_s3_then_stats_then_load(s3_corpus, jsonl, tok
     texts = first_batch_texts(storage, prepared_tokenizer, "photos", batches=4)
     # vit_coca takes image samples only: the text line is skipped (counted as unusable for the objective).
     assert set(texts) <= {f"photo of a lake number {i}" for i in range(7)} and len(set(texts)) >= 5
+
+
+def test_a_heldout_split_is_chosen_by_key_kept_from_training_and_read_by_evaluation(tmp_path):
+    """``--heldout-fraction``: samples go to held-out shards by a hash of their key (so preparing a grown dataset
+    again keeps every sample on its side), the loader never draws them, evaluation reads only them."""
+    from train.eval_data import HeldOutData
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for i in range(40):
+        text = f"a red tile number {i}"
+        meta = {"kind": "caption", "caption": text, "segments": [{"image": "0.png"}, {"text": text}]}
+        (folder / f"tile{i:02d}.json").write_text(json.dumps(meta))
+        (folder / f"tile{i:02d}.0.png").write_bytes(image_bytes((56, 56)))
+    out = tmp_path / "out"
+    assert prepare.main(["--input", str(folder), "--out", str(out), "--source", "tiles", "--samples-per-shard", "8",
+                         "--heldout-fraction", "0.25"]) == 0
+    entry = json.loads((out / "manifest.json").read_text())["sources"]["tiles"]
+    expected = {f"tile{i:02d}" for i in range(40) if prepare.is_heldout(f"tile{i:02d}", 0.25)}
+    assert 4 <= len(expected) <= 16  # a quarter, give or take the hash
+    assert entry["heldout_samples"] == len(expected) and entry["num_samples"] == 40 - len(expected)
+    assert all(shard.startswith("tiles/heldout-") for shard in entry["heldout_shards"])
+    tokenizer = TextTokenizer.from_file(out / "tokenizer.json")
+    trained_on = first_batch_texts(out, tokenizer, "tiles", batches=20)  # 40 draws: every training sample
+    assert {f"tile{int(t.rsplit(' ', 1)[1]):02d}" for t in trained_on}.isdisjoint(expected)
+    data = HeldOutData(open_storage(out), VISION, 64)
+    assert data.has_heldout_split("tiles")
+    assert {sample.key for sample in data.samples("tiles", 100)} == expected
+    # Preparing again with more samples keeps each earlier sample on its side of the split.
+    for i in range(40, 60):
+        meta = {"kind": "caption", "caption": "more", "segments": [{"image": "0.png"}, {"text": "more"}]}
+        (folder / f"tile{i:02d}.json").write_text(json.dumps(meta))
+        (folder / f"tile{i:02d}.0.png").write_bytes(image_bytes((56, 56)))
+    assert prepare.main(["--input", str(folder), "--out", str(out), "--source", "tiles", "--samples-per-shard", "8",
+                         "--heldout-fraction", "0.25"]) == 0
+    grown = {sample.key for sample in HeldOutData(open_storage(out), VISION, 64).samples("tiles", 100)}
+    assert expected <= grown and all(key in expected or int(key[4:]) >= 40 for key in grown)

@@ -175,7 +175,7 @@ def test_cli_on_a_joint_pretrain_checkpoint(short_run, tmp_path, tokenizer):
         assert all(len(t["scores"]) == 10 and all(math.isfinite(s) for s in t["scores"]) for t in niah[kind]["trials"])
     # The checkpoint's weights were evaluated, not the seeded initialization (2 steps moved the loss).
     torch.manual_seed(0)
-    init = heldout_loss(build_model(FLAVORS["debug"]).eval(), HeldOutData(LocalStorage(held), VISION, 64),
+    init = heldout_loss(build_model(FLAVORS["debug"]).eval(), HeldOutData(LocalStorage(held), VISION, 64, False),
                         tokenizer, 512, 3)
     assert abs(init["all"]["loss"] - losses["all"]["loss"]) > 1e-3
 
