@@ -44,7 +44,18 @@ class AugmentConfig:
     color_jitter: float = 0.2
 
 
-Matrix = np.ndarray  # 3x3, acting on (x, y, 1) columns
+# An affine map (a, b, c, d, e, f): (x, y) -> (a x + b y + c, d x + e y + f). Plain floats: composing a few of
+# them in Python costs less than building numpy matrices.
+Affine = tuple[float, float, float, float, float, float]
+IDENTITY: Affine = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def _then(first: Affine, second: Affine) -> Affine:
+    """The map that applies ``first``, then ``second``."""
+    a1, b1, c1, d1, e1, f1 = first
+    a2, b2, c2, d2, e2, f2 = second
+    return (a2 * a1 + b2 * d1, a2 * b1 + b2 * e1, a2 * c1 + b2 * f1 + c2,
+            d2 * a1 + e2 * d1, d2 * b1 + e2 * e1, d2 * c1 + e2 * f1 + f2)
 
 
 def plan_augment(size: tuple[int, int], objects: list[dict], cfg: AugmentConfig,
@@ -54,25 +65,21 @@ def plan_augment(size: tuple[int, int], objects: list[dict], cfg: AugmentConfig,
     off), and the objects in the augmented frame (those cropped away dropped)."""
     boxes = [list(map(float, o["box"])) for o in objects]
     points = [list(map(float, o["point"])) if "point" in o else None for o in objects]
-    matrix, size = np.eye(3), tuple(size)
+    matrix, size = IDENTITY, tuple(size)
     window = None
-    steps = []
     if cfg.crop_min_scale < 1.0:
-        steps.append(_crop(size, boxes, points, cfg.crop_min_scale, cfg.crop_min_visible, rng))
-        crop, cropped, boxes, points = steps[-1]
-        window = (int(-crop[0, 2]), int(-crop[1, 2]), int(-crop[0, 2]) + cropped[0], int(-crop[1, 2]) + cropped[1])
-        size = cropped
+        matrix, cropped, boxes, points = _crop(size, boxes, points, cfg.crop_min_scale, cfg.crop_min_visible, rng)
+        left, top = int(-matrix[2]), int(-matrix[5])
+        window, size = (left, top, left + cropped[0], top + cropped[1]), cropped
     if rng.random() < cfg.flip_prob:
-        steps.append(_flip(size, boxes, points))
-        _, size, boxes, points = steps[-1]
+        step, size, boxes, points = _flip(size, boxes, points)
+        matrix = _then(matrix, step)
     if cfg.max_rotation_deg > 0:
-        steps.append(_rotate(size, boxes, points, rng.uniform(-1, 1) * cfg.max_rotation_deg))
-        _, size, boxes, points = steps[-1]
+        step, size, boxes, points = _rotate(size, boxes, points, rng.uniform(-1, 1) * cfg.max_rotation_deg)
+        matrix = _then(matrix, step)
     if cfg.resize_jitter > 0:
-        steps.append(_resize(size, boxes, points, 1 + rng.uniform(-1, 1) * cfg.resize_jitter))
-        _, size, boxes, points = steps[-1]
-    for step_matrix, *_ in steps:
-        matrix = step_matrix @ matrix
+        step, size, boxes, points = _resize(size, boxes, points, 1 + rng.uniform(-1, 1) * cfg.resize_jitter)
+        matrix = _then(matrix, step)
     jitter = None
     if cfg.color_jitter > 0:
         brightness, contrast, saturation = (1 + rng.uniform(-1, 1) * cfg.color_jitter for _ in range(3))
@@ -86,7 +93,7 @@ def plan_augment(size: tuple[int, int], objects: list[dict], cfg: AugmentConfig,
         if point is not None:
             out["point"] = [min(max(round(point[0]), 0), size[0] - 1), min(max(round(point[1]), 0), size[1] - 1)]
         kept.append(out)
-    warp = Warp(tuple(float(v) for v in matrix[:2].reshape(-1)), (int(size[0]), int(size[1])), window)
+    warp = Warp(tuple(float(v) for v in matrix), (int(size[0]), int(size[1])), window)
     return warp, jitter, kept
 
 
@@ -101,8 +108,8 @@ def augment(image: Image.Image, objects: list[dict], cfg: AugmentConfig,
     return Image.fromarray(pixels.permute(1, 2, 0).numpy()), kept
 
 
-def _translation(dx: float, dy: float) -> Matrix:
-    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+def _translation(dx: float, dy: float) -> Affine:
+    return (1.0, 0.0, dx, 0.0, 1.0, dy)
 
 
 def _round_outwards(box: list[float], size: tuple[int, int]) -> list[int]:
@@ -122,7 +129,7 @@ def _crop(size, boxes, points, min_scale, min_visible, rng):
     left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
     new_boxes, new_points = _crop_annotations(boxes, points, left, top, w, h, min_visible)
     if any(b is not None for b in boxes) and all(b is None for b in new_boxes):
-        return np.eye(3), size, boxes, points  # a crop that removes every object would leave nothing to ground
+        return IDENTITY, size, boxes, points  # a crop that removes every object would leave nothing to ground
     return _translation(-left, -top), (w, h), new_boxes, new_points
 
 
@@ -146,7 +153,7 @@ def _flip(size, boxes, points):
     boxes = [None if b is None else [width - b[2], b[1], width - b[0], b[3]] for b in boxes]
     # Pixel centres map x -> width - 1 - x.
     points = [None if p is None else [width - 1 - p[0], p[1]] for p in points]
-    return np.array([[-1.0, 0.0, width], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), size, boxes, points
+    return (-1.0, 0.0, float(width), 0.0, 1.0, 0.0), size, boxes, points
 
 
 def rotated_size(size: tuple[int, int], degrees: float) -> tuple[int, int]:
@@ -188,8 +195,8 @@ def _rotate(size, boxes, points, degrees):
         new_boxes.append([min(xs) - 1, min(ys) - 1, max(xs) + 1, max(ys) + 1])
     new_points = [None if p is None else list(move(p[0] + 0.5, p[1] + 0.5)) for p in points]
     new_points = [None if p is None else [p[0] - 0.5, p[1] - 0.5] for p in new_points]
-    matrix = _translation(nx, ny) @ np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]]) @ _translation(
-        -cx, -cy)
+    # The same map as move(): about the old centre, onto the new one.
+    matrix = (cos, sin, nx - cx * cos - cy * sin, -sin, cos, ny + cx * sin - cy * cos)
     return matrix, new_size, new_boxes, new_points
 
 
@@ -199,4 +206,4 @@ def _resize(size, boxes, points, factor):
     sx, sy = new_w / width, new_h / height
     boxes = [None if b is None else [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
     points = [None if p is None else [(p[0] + 0.5) * sx - 0.5, (p[1] + 0.5) * sy - 0.5] for p in points]
-    return np.diag([sx, sy, 1.0]), (new_w, new_h), boxes, points
+    return (sx, 0.0, 0.0, 0.0, sy, 0.0), (new_w, new_h), boxes, points

@@ -222,9 +222,9 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
     window = warp.window if warp is not None and warp.window is not None else (0, 0, *stored)
     left, top = min(round(window[0] * scale), image.width - 1), min(round(window[1] * scale), image.height - 1)
     right, bottom = max(round(window[2] * scale), left + 1), max(round(window[3] * scale), top + 1)
-    source = torch.from_numpy(np.array(image)).permute(2, 0, 1)[:, top:bottom, left:right]
-    pixels = torch.empty(source.shape, dtype=torch.float32).copy_(source)
-    pixels.mul_(2.0 / 255.0).sub_(1.0)  # [0, 255] -> [-1, 1] (PIXEL_MEAN = PIXEL_STD = 0.5)
+    # Channels-last [3, h, w] (the decoded layout): converting keeps it, and grid_sample reads it as fast.
+    source = torch.from_numpy(np.array(image)[top:bottom, left:right]).permute(2, 0, 1)
+    pixels = source.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)  # [0, 255] -> [-1, 1] (mean = std = 0.5)
     # Output pixel centre (u + 0.5, v + 0.5) -> frame point -> stored point (inverse warp) -> decoded pixels of the
     # window -> grid_sample's [-1, 1] coordinates (align_corners=False: -1 and 1 are the window's outer edges).
     width, height = right - left, bottom - top
@@ -232,11 +232,12 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
     kx, ky = 2.0 * scale / width, 2.0 * scale / height
     ox, oy = -2.0 * left / width - 1.0, -2.0 * top / height - 1.0
     a, b, c, d, e, f = inverse
-    u = torch.arange(size[0], dtype=torch.float64).add_(0.5)
-    v = torch.arange(size[1], dtype=torch.float64).add_(0.5)
-    grid = torch.empty(size[1], size[0], 2, dtype=torch.float32)
-    grid[..., 0] = (u * (kx * a * sx) + (kx * c + ox))[None, :] + (v * (kx * b * sy))[:, None]
-    grid[..., 1] = (u * (ky * d * sx))[None, :] + (v * (ky * e * sy) + (ky * f + oy))[:, None]
+    u = np.arange(size[0]) + 0.5
+    v = np.arange(size[1]) + 0.5
+    grid = np.empty((size[1], size[0], 2), dtype=np.float32)
+    np.add.outer(v * (kx * b * sy), u * (kx * a * sx) + (kx * c + ox), out=grid[..., 0])
+    np.add.outer(v * (ky * e * sy) + (ky * f + oy), u * (ky * d * sx), out=grid[..., 1])
+    grid = torch.from_numpy(grid)
     out = torch.nn.functional.grid_sample(pixels[None], grid[None], mode="bilinear", padding_mode="zeros",
                                           align_corners=False)[0]
     if jitter is not None:
@@ -258,8 +259,8 @@ def _jitter(pixels: torch.Tensor, jitter: ColourJitter) -> torch.Tensor:
     """
     b, c, s = jitter.brightness, jitter.contrast, jitter.saturation
     wr, wg, wb = GREY_WEIGHTS
-    grey = pixels[0] * wr + pixels[1] * wg + pixels[2] * wb  # L(v), normalized units
+    grey = (pixels[0] * wr).add_(pixels[1], alpha=wg).add_(pixels[2], alpha=wb)  # L(v), normalized units
     grey_mean = b * (float(grey.mean()) + 1.0) * 0.5
     offset = c * b + 2.0 * (1.0 - c) * grey_mean - 1.0
     grey.mul_(c * b * (1.0 - s)).add_(offset)
-    return pixels.mul_(c * b * s).add_(grey).clamp_(-1.0, 1.0)
+    return torch.add(grey, pixels, alpha=c * b * s).clamp_(-1.0, 1.0)

@@ -297,10 +297,10 @@ class StageLoader:
         self._prefetch(progress)
         pairs = [self._next_pair(stream, progress) for stream in self.slots]
         tok, keep = self.tokenizer, self.stage.max_text_len - 2
-        # The batch's captions in one call: for short texts the per-call overhead is most of the tokenizer's work.
-        texts = tok.encode_batch([text for _, text in pairs])
-        return collate_image_text([(image, [tok.bos_id, *ids[:keep], tok.eos_id])
-                                   for (image, _), ids in zip(pairs, texts)], self.tokenizer.pad_id)
+        # One caption at a time: the tokenizer's batch call would start its own thread pool, whose spinning threads
+        # compete with the prefetch threads and worker processes for the cores.
+        return collate_image_text([(image, [tok.bos_id, *tok.encode(text)[:keep], tok.eos_id])
+                                   for image, text in pairs], tok.pad_id)
 
     # ----- Stateful ----------------------------------------------------------------------------------------------
 

@@ -65,9 +65,5 @@ class TextTokenizer:
         """Token ids of ``text``; no special token is added (special-token strings in the text are recognized)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """:meth:`encode` of each text, in one call."""
-        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

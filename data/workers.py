@@ -145,7 +145,13 @@ class ProcessReader:
         return outcomes
 
     def close(self) -> None:
+        # A worker in the middle of a chunk would finish it (reads, and retries against a storage that may be
+        # gone) long after the loader is done: stop the processes. The pool names them publicly only from Python
+        # 3.14 (terminate_workers).
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
         self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
         try:
             self.arena.close()
         except BufferError:  # a caller is copying out right now: its mapping goes with the process

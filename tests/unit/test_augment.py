@@ -101,7 +101,7 @@ def test_points_follow_exact_rotations(degrees):
     image = Image.new("RGB", (60, 40), (255, 255, 255))
     image.putpixel((7, 31), (200, 0, 0))
     matrix, size, _, points = _rotate(image.size, [None], [[7.0, 31.0]], degrees)
-    rotated = render(image, size, Warp(tuple(matrix[:2].reshape(-1)), size))
+    rotated = render(image, size, Warp(matrix, size))
     x, y = (round(v) for v in points[0])
     red = np.argwhere(rotated[1].numpy() < -0.2)  # the one red pixel (green channel 0, normalized -1)
     assert red.tolist() == [[y, x]]

@@ -10,12 +10,13 @@ import struct
 import tarfile
 import zlib
 
+import pytest
 from PIL import Image
 
 from data.loader import StageLoader
 from model.registry import FLAVORS
 from tests.unit.test_loader import stage_of
-from train.config import MixtureConfig
+from train.config import DataConfig, MixtureConfig
 
 VISION = FLAVORS["debug"].vision
 SHARD = "mixed/shard-000000.tar"
@@ -59,7 +60,8 @@ def write_corpus(root, samples: dict[str, dict[str, bytes]]) -> None:
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_only_good_samples_arrive_and_every_bad_one_is_named(tmp_path, tokenizer, caplog):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_only_good_samples_arrive_and_every_bad_one_is_named(tmp_path, tokenizer, caplog, workers):
     good = {f"good-{i}": {"json": caption(f"good sample number {i}"), "0.png": png()} for i in range(7)}
     good["good-jpeg"] = {"json": caption("good sample number 7", "0.jpg"), "0.jpg": jpeg()}
     bad = {
@@ -81,7 +83,9 @@ def test_only_good_samples_arrive_and_every_bad_one_is_named(tmp_path, tokenizer
     stage = stage_of("vit_coca", micro_batch_size=1)
     stage.mixture = MixtureConfig(multimodal_sources={"mixed": 1.0}, multimodal_share_start=1.0,
                                   multimodal_share_end=1.0)
-    loader = StageLoader("vit_coca", stage, tmp_path, tokenizer, VISION, 0, 0, 1, max_corrupt_fraction=1.0)
+    # Read in the foreground, or ahead in worker processes (a bad sample's error travels back with its draw).
+    data = DataConfig(prefetch_samples=3, loader_workers=workers, max_corrupt_fraction=1.0) if workers else None
+    loader = StageLoader("vit_coca", stage, tmp_path, tokenizer, VISION, 0, 0, 1, max_corrupt_fraction=1.0, data=data)
     texts = []
     with caplog.at_level(logging.WARNING, logger="data.loader"):
         # One good sample per batch: the first len(good) batches are exactly the good samples of epoch 0.
@@ -102,3 +106,4 @@ def test_only_good_samples_arrive_and_every_bad_one_is_named(tmp_path, tokenizer
     for reason in ("undecodable image", "empty image", "pixel limit", "outside the", "invalid UTF-8",
                    "no .json member", "'segments'", "image member '1.png'"):
         assert reason in reasons, reason
+    loader.close()

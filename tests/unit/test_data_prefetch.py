@@ -11,7 +11,7 @@ import torch
 from data.loader import StageLoader
 from model.registry import FLAVORS
 from tests.unit.test_loader import stage_of
-from train.config import DataConfig
+from train.config import DataConfig, MixtureConfig
 
 VISION = FLAVORS["debug"].vision
 
@@ -55,3 +55,37 @@ def test_worker_processes_give_the_synchronous_stream(demo_root, tokenizer):
         assert spawned.prefetcher.hits > 0
     finally:
         spawned.close()
+
+
+def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer):
+    """Several draws per trip to a worker: good ones come back as the synchronous read gives them (patches through
+    shared memory), a corrupt one as its own error, without spoiling the others."""
+    from data.samples import SampleError
+    from data.workers import ProcessReader
+    from tests.unit.test_data_corrupt import caption, png, write_corpus
+
+    samples = {f"good-{i}": {"json": caption(f"sample {i}"), "0.png": png((56 + 28 * i, 84))} for i in range(4)}
+    samples["bad"] = {"json": caption("x"), "0.png": b"not an image"}
+    write_corpus(tmp_path, dict(sorted(samples.items())))
+    stage = stage_of("vit_coca", micro_batch_size=1)
+    stage.mixture = MixtureConfig(multimodal_sources={"mixed": 1.0}, multimodal_share_start=1.0,
+                                  multimodal_share_end=1.0)
+    loader = StageLoader("vit_coca", stage, tmp_path, tokenizer, VISION, 0, 0, 1)
+    keys = [("mixed", position, position, 64) for position in range(len(samples))]
+    workers = ProcessReader(loader.reader, 1, 1)
+    try:
+        outcomes = workers.load_many(keys)
+    finally:
+        workers.close()
+    for key, outcome in zip(keys, outcomes):
+        try:
+            _, meta, images = loader.reader.load(*key)
+        except SampleError as error:
+            # The same error (PIL's message names an object address, which differs between processes).
+            assert isinstance(outcome, SampleError) and str(outcome).split(" <")[0] == str(error).split(" <")[0]
+            continue
+        assert outcome[1] == meta and outcome[2].keys() == images.keys()
+        for ext, image in images.items():
+            assert torch.equal(outcome[2][ext].patches, image.patches)
+            assert (outcome[2][ext].grid, outcome[2][ext].size) == (image.grid, image.size)
+    assert sum(isinstance(outcome, SampleError) for outcome in outcomes) == 1

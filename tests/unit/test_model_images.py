@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -76,3 +77,63 @@ def test_limits_that_admit_no_grid_are_configuration_errors():
         fit_grid(100, 100, 14, 2, max_patches=3)
     with pytest.raises(ValueError, match="max_grid_side=1"):
         fit_grid(100, 100, 14, 2, max_patches=100, max_grid_side=1)
+
+
+def _reference_patches(image: Image.Image, size: tuple[int, int], patch: int) -> torch.Tensor:
+    """The per-pixel formula: PIL's bicubic resize to the grid (if needed), then normalize and cut."""
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
+    pixels = (pixels - images.PIXEL_MEAN) / images.PIXEL_STD
+    rows, cols = size[1] // patch, size[0] // patch
+    return pixels.view(rows, patch, cols, patch, 3).permute(0, 2, 4, 1, 3).reshape(rows * cols, -1)
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=90)
+    return buffer.getvalue()
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(0).normal(0, 12, (height, width, 3))
+    pixels = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1) + noise
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_patches_equal_the_per_pixel_formula_bit_for_bit():
+    # At the grid's size (cut as it is) and off it (bicubic resize, less than the 6x reducing gap), PNG and JPEG.
+    for size in [(84, 56), (100, 70), (300, 200)]:
+        for fmt in ("PNG", "JPEG"):
+            data = _encoded(_photo(*size), fmt)
+            patches, (rows, cols) = image_to_patches(images.open_image(data), 14, 2, 256)
+            expected = _reference_patches(decode_image(data), (cols * 14, rows * 14), 14)
+            assert torch.equal(patches, expected), (size, fmt)
+
+
+def test_jpegs_decode_only_the_resolution_their_grid_needs():
+    data = _encoded(_photo(1024, 768), "JPEG")
+    opened = images.open_image(data)
+    patches, (rows, cols) = image_to_patches(opened, 14, 2, 64)
+    assert opened.size == (128, 96)  # decoded at 1/8 scale (DCT scaling), still above the 112 x 84 grid
+    expected = _reference_patches(decode_image(data), (cols * 14, rows * 14), 14)
+    assert patches.shape == expected.shape and (patches - expected).abs().mean() < 0.03
+
+
+def test_one_pass_warp_and_colour_jitter_match_pil():
+    from PIL import ImageEnhance
+
+    image = _photo(70, 50)
+    identity = images.Warp((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), image.size)
+    exact = (torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1.0).permute(2, 0, 1)
+    assert (images.render(image, image.size, identity) - exact).abs().max() < 1e-5
+    # Factors that keep every value in range (PIL clips after each step, the fused pass once at the end).
+    jitter = images.ColourJitter(brightness=0.9, contrast=0.85, saturation=1.1)
+    expected = image
+    for enhancer, factor in ((ImageEnhance.Brightness, 0.9), (ImageEnhance.Contrast, 0.85),
+                             (ImageEnhance.Color, 1.1)):
+        expected = enhancer(expected).enhance(factor)
+    jittered = (images.render(image, image.size, None, jitter) + 1.0) * 127.5
+    difference = (jittered.permute(1, 2, 0) - torch.from_numpy(np.asarray(expected, dtype=np.float32))).abs()
+    assert difference.mean() < 2.0 and difference.max() <= 3.0  # PIL truncates to integers after each of its steps
