@@ -87,6 +87,9 @@ def test_wrong_type():
         ("model.flavor=huge", "model.flavor"),
         ("model.vision.num_heads=3", "num_heads"),
         ("parallel.dp_degree=0", "dp_degree"),
+        ("checkpoint.url=gs://bucket/ckpt", "checkpoint.url"),
+        ("checkpoint.url=s3://", "checkpoint.url"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
     ],
 )
 def test_impossible_values_name_the_key(override, fragment):
