@@ -187,13 +187,14 @@ class StageLoader:
         """The next ``count`` (source, position, global draw index, patch cap) of a slot's stream, without
         advancing it (a pure function of its counters and ``progress``)."""
         planned, source_draws = [], dict(stream.source_draws)
+        cap = self.image_patch_cap(progress)
         for ahead in range(count):
             draw = (stream.draws + ahead) * stream.num_slots + stream.slot
             name = self.sampler.choose(draw, progress)
             index = source_draws[name] * stream.num_slots + stream.slot
             source_draws[name] += 1
             epoch, offset = divmod(index, len(self.sources[name]))
-            planned.append((name, int(self._order(name, epoch)[offset]), draw, self.image_patch_cap(progress)))
+            planned.append((name, int(self._order(name, epoch)[offset]), draw, cap))
         return planned
 
     def _order(self, name: str, epoch: int) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import zlib
 
 import numpy as np
@@ -24,15 +25,20 @@ def multimodal_share(mix: MixtureConfig, progress: float) -> float:
     return mix.multimodal_share_start + progress * (mix.multimodal_share_end - mix.multimodal_share_start)
 
 
-def _pick(weights: dict[str, float], u: float) -> str:
+def _edges(weights: dict[str, float]) -> tuple[list[str], list[float]]:
+    """The sources with positive weight and the upper edges of their shares of [0, 1), accumulated in order."""
     names = [name for name, w in weights.items() if w > 0]
     total = sum(weights[name] for name in names)
-    edge = 0.0
+    edges, edge = [], 0.0
     for name in names:
         edge += weights[name] / total
-        if u < edge:
-            return name
-    return names[-1]
+        edges.append(edge)
+    return names, edges
+
+
+def _pick_from(names: list[str], edges: list[float], u: float) -> str:
+    """The first source whose edge lies above ``u`` (the last one if rounding left ``u`` above every edge)."""
+    return names[min(bisect.bisect_right(edges, u), len(names) - 1)]
 
 
 class MixtureSampler:
@@ -45,6 +51,10 @@ class MixtureSampler:
         self.images_only = images_only
         # The two uniforms of each draw, memoized: prefetch plans the same draws again every step.
         self._uniforms: dict[int, tuple[float, float]] = {}
+        # Each group's shares, accumulated once (choose() runs for every planned draw).
+        self._groups = {group: _edges(weights) for group, weights in (
+            ("multimodal", mix.multimodal_sources), ("text", mix.text_sources), ("long", mix.long_sources))
+            if any(w > 0 for w in weights.values())}
 
     def uniforms(self, index: int) -> tuple[float, float]:
         """The (group, source) uniforms of draw ``index``: a pure function of (seed, stage, index)."""
@@ -74,15 +84,15 @@ class MixtureSampler:
         else text."""
         u_group, u_source = self.uniforms(index)
         if self.images_only:
-            return _pick(self.mix.multimodal_sources, u_source)
+            return _pick_from(*self._groups["multimodal"], u_source)
         long_share = self.mix.long_share
         if u_group < long_share:
-            return _pick(self.mix.long_sources, u_source)
+            return _pick_from(*self._groups["long"], u_source)
         # Rescale the remaining probability mass so the replay part keeps the ramp's proportions.
         u_replay = (u_group - long_share) / (1.0 - long_share)
         if u_replay < multimodal_share(self.mix, progress):
-            return _pick(self.mix.multimodal_sources, u_source)
-        return _pick(self.mix.text_sources, u_source)
+            return _pick_from(*self._groups["multimodal"], u_source)
+        return _pick_from(*self._groups["text"], u_source)
 
 
 def epoch_permutation(seed: int, stage: str, source: str, epoch: int, size: int) -> np.ndarray:
