@@ -156,6 +156,8 @@ class StageLoader:
         self.slots = [SlotStream(v, num_slots, list(self.sources))
                       for v in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
         self._orders: dict[tuple[str, int], Any] = {}
+        # Per slot, the draw count up to which reads have been asked for (prefetch).
+        self._planned_until: dict[int, int] = {}
 
     @property
     def corrupt(self) -> int:
@@ -214,11 +216,18 @@ class StageLoader:
         return drawn
 
     def _prefetch(self, progress: float) -> None:
-        """Ask for the members of every slot's next draws (predicted at the current progress)."""
-        if self.prefetcher is not None:
-            plans = [self._plan(stream, progress, self.prefetch_samples) for stream in self.slots]
-            # Round-robin over the slots, in the order batches consume draws: the next batch's samples first.
-            self.prefetcher.want(plan[k] for k in range(self.prefetch_samples) for plan in plans)
+        """Ask for the members of every slot's next draws (predicted at the current progress), once fewer than half
+        of ``prefetch_samples`` draws of some slot are still asked for: so the reads in flight stay between half
+        and all of the window (planning the whole window every batch costs about as much as reading a sample)."""
+        if self.prefetcher is None:
+            return
+        if all(self._planned_until.get(s.slot, 0) - s.draws > self.prefetch_samples // 2 for s in self.slots):
+            return
+        plans = [self._plan(stream, progress, self.prefetch_samples) for stream in self.slots]
+        for stream in self.slots:
+            self._planned_until[stream.slot] = stream.draws + self.prefetch_samples
+        # Round-robin over the slots, in the order batches consume draws: the next batch's samples first.
+        self.prefetcher.want(plan[k] for k in range(self.prefetch_samples) for plan in plans)
 
     def _read(self, name: str, position: int, draw: int, cap: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
         if self.prefetcher is not None:  # the same pure function, maybe already computed on a background thread
@@ -315,3 +324,4 @@ class StageLoader:
             if key not in state:
                 raise DataError(f"the loader state has no {key}: it was saved with a different global batch")
             stream.load_state_dict(state[key])
+        self._planned_until.clear()
