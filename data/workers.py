@@ -108,6 +108,7 @@ class ProcessReader:
 
     def __init__(self, reader: SampleReader, processes: int, callers: int, slot_bytes: int = SLOT_BYTES):
         self.arena = shared_memory.SharedMemory(create=True, size=callers * slot_bytes)
+        self.closed = False
         self.slots: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(callers):
             self.slots.put(slot)
@@ -152,8 +153,8 @@ class ProcessReader:
         self.pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.terminate()
-        try:
-            self.arena.close()
-        except BufferError:  # a caller is copying out right now: its mapping goes with the process
-            pass
-        self.arena.unlink()
+        if not self.closed:
+            # Only the name goes now: a prefetch thread may still be copying out of the arena, so the mapping is
+            # released with this object, once no thread uses it.
+            self.closed = True
+            self.arena.unlink()
