@@ -12,16 +12,20 @@ place, so a reader in another process sees a whole file or none; eviction remove
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from data.storage import Storage
 
 SUFFIX = ".obj"
+LOCK_SUFFIX = ".lock"  # beside an entry, held while one process fetches it
 CACHED_SUFFIXES = (".tar", ".idx.json")
 # Keys whose paths (and last LRU refresh) are remembered, at most.
 MEMO_ENTRIES = 4096
@@ -117,6 +121,18 @@ class DiskCache:
         os.replace(staging, path)
         self.evict()
 
+    @contextlib.contextmanager
+    def filling(self, key: str) -> Iterator[None]:
+        """Held while one process fetches ``key`` into the cache: the others wait, then find it on disk. (An advisory
+        lock on a file beside the entry; at worst, e.g. on a file system without locks, two processes both fetch.)"""
+        lock = self._path(key).with_suffix(LOCK_SUFFIX)
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:
+                pass
+            yield
+
     def discard(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
@@ -135,6 +151,7 @@ class DiskCache:
                 if total <= self.max_bytes:
                     break
                 path.unlink(missing_ok=True)
+                path.with_suffix(LOCK_SUFFIX).unlink(missing_ok=True)
                 total -= size
 
     def total_bytes(self) -> int:
@@ -182,7 +199,9 @@ class CachedStorage:
             return data
         with self._fills_lock:
             fill = self._fills.setdefault(key, threading.Lock())
-        with fill:  # prefetch threads drawing from the same new shard wait for one download
+        # Prefetch threads drawing from the same new shard wait for one download, and so do the other processes
+        # sharing the cache (the loader's worker processes, the other ranks of the node).
+        with fill, self.cache.filling(self._key(key)):
             data = self.cache.get_range(self._key(key), start, length)
             if data is not None:
                 return data

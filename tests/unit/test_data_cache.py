@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import time
 
-from data.cache import DiskCache
+from data.cache import CachedStorage, DiskCache
 from data.storage import TokenBucket
 
 
@@ -65,3 +66,38 @@ def test_token_bucket_grants_at_most_burst_plus_rate_times_t():
             assert j - i + 1 <= 3 + 10.0 * (grants[j] - grants[i]) + 1e-9
     bucket.throttled()
     assert bucket.rate == 5.0
+
+
+class SlowStorage:
+    """A remote store that counts whole-object fetches (shared between processes) and takes its time."""
+
+    url = "s3://slow"
+
+    def __init__(self, fetches):
+        self.fetches = fetches
+
+    def size(self, key: str) -> int:
+        return len(payload(1))
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with self.fetches.get_lock():
+            self.fetches.value += 1
+        time.sleep(0.3)
+        return payload(1)[start:start + length]
+
+
+def _reader(root: str, fetches, start: int) -> None:
+    storage = CachedStorage(SlowStorage(fetches), DiskCache(root, 10**6))
+    assert storage.read_range("shard.tar", start, 100) == payload(1)[start:start + 100]
+
+
+def test_processes_missing_the_same_shard_fetch_it_once(tmp_path):
+    context = multiprocessing.get_context("fork")
+    fetches = context.Value("i", 0)
+    readers = [context.Process(target=_reader, args=(str(tmp_path), fetches, 100 * r)) for r in range(3)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(30)
+        assert reader.exitcode == 0
+    assert fetches.value == 1
