@@ -192,13 +192,17 @@ def image_to_patches(
             box = (0.0, 0.0, frame[0] * scale, frame[1] * scale)
             image = image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=RESIZE_REDUCING_GAP)
         # uint8 cut into patches first (a quarter of the bytes to move), then normalized in place with the same
-        # float32 operations as a per-pixel formula would use: equal to it bit for bit.
-        grid = torch.from_numpy(np.array(image)).view(rows, p, cols, p, 3).permute(0, 2, 4, 1, 3).contiguous()
-        patches = grid.to(torch.float32).div_(255.0).sub_(PIXEL_MEAN).div_(PIXEL_STD)
-        return patches.view(rows * cols, 3 * p * p), (rows, cols)
-    pixels = render(image, size, warp, jitter)  # [3, H, W]
-    patches = pixels.view(3, rows, p, cols, p).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3 * p * p)
-    return patches, (rows, cols)
+        # float32 operations as a per-pixel formula would use: equal to it bit for bit. (numpy: for arrays this
+        # small, its per-operation cost is a fraction of torch's.)
+        grid = np.asarray(image).reshape(rows, p, cols, p, 3).transpose(0, 2, 4, 1, 3)
+        patches = np.ascontiguousarray(grid).astype(np.float32)
+        patches /= 255.0
+        patches -= PIXEL_MEAN
+        patches /= PIXEL_STD
+        return torch.from_numpy(patches).view(rows * cols, 3 * p * p), (rows, cols)
+    pixels = render(image, size, warp, jitter).numpy()  # [3, H, W]
+    patches = np.ascontiguousarray(pixels.reshape(3, rows, p, cols, p).transpose(1, 3, 0, 2, 4))
+    return torch.from_numpy(patches).view(rows * cols, 3 * p * p), (rows, cols)
 
 
 def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
@@ -223,8 +227,10 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
     left, top = min(round(window[0] * scale), image.width - 1), min(round(window[1] * scale), image.height - 1)
     right, bottom = max(round(window[2] * scale), left + 1), max(round(window[3] * scale), top + 1)
     # Channels-last [3, h, w] (the decoded layout): converting keeps it, and grid_sample reads it as fast.
-    source = torch.from_numpy(np.array(image)[top:bottom, left:right]).permute(2, 0, 1)
-    pixels = source.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)  # [0, 255] -> [-1, 1] (mean = std = 0.5)
+    source = np.asarray(image)[top:bottom, left:right].astype(np.float32)
+    source *= 2.0 / 255.0  # [0, 255] -> [-1, 1] (mean = std = 0.5)
+    source -= 1.0
+    pixels = torch.from_numpy(source).permute(2, 0, 1)
     # Output pixel centre (u + 0.5, v + 0.5) -> frame point -> stored point (inverse warp) -> decoded pixels of the
     # window -> grid_sample's [-1, 1] coordinates (align_corners=False: -1 and 1 are the window's outer edges).
     width, height = right - left, bottom - top
@@ -232,11 +238,12 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
     kx, ky = 2.0 * scale / width, 2.0 * scale / height
     ox, oy = -2.0 * left / width - 1.0, -2.0 * top / height - 1.0
     a, b, c, d, e, f = inverse
-    u = np.arange(size[0]) + 0.5
-    v = np.arange(size[1]) + 0.5
+    u = np.arange(size[0], dtype=np.float32) + np.float32(0.5)
+    v = np.arange(size[1], dtype=np.float32) + np.float32(0.5)
     grid = np.empty((size[1], size[0], 2), dtype=np.float32)
-    np.add.outer(v * (kx * b * sy), u * (kx * a * sx) + (kx * c + ox), out=grid[..., 0])
-    np.add.outer(v * (ky * e * sy) + (ky * f + oy), u * (ky * d * sx), out=grid[..., 1])
+    f32 = np.float32
+    np.add.outer(v * f32(kx * b * sy), u * f32(kx * a * sx) + f32(kx * c + ox), out=grid[..., 0])
+    np.add.outer(v * f32(ky * e * sy) + f32(ky * f + oy), u * f32(ky * d * sx), out=grid[..., 1])
     grid = torch.from_numpy(grid)
     out = torch.nn.functional.grid_sample(pixels[None], grid[None], mode="bilinear", padding_mode="zeros",
                                           align_corners=False)[0]
