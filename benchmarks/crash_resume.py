@@ -158,9 +158,10 @@ def main() -> None:
             process = start(command(work / "crashed", data, args.nproc, *extra),
                             work / "logs" / f"attempt-{attempt}.log")
             resumes += attempt > 0
-            # Every third kill waits for a checkpoint write; the others strike at a random moment.
+            # Every third kill waits for a checkpoint write; the others strike at a random moment, drawn so that
+            # the kills spread over the whole curriculum instead of the run finishing before the last of them.
             targeted = attempt % 3 == 2
-            hit_write = kill_at(process, watch, rng.uniform(2.0, max(3.0, duration / 3)), targeted)
+            hit_write = kill_at(process, watch, rng.uniform(2.0, max(3.0, 1.5 * duration / args.kills)), targeted)
             if process.returncode == 0:  # finished before the kill came
                 break
             kills += 1
