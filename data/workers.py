@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import queue
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import shared_memory
 
 import torch
@@ -60,24 +59,26 @@ class SampleReader:
         return raw, meta, images
 
 
-_READER: SampleReader | None = None
-_ARENA: shared_memory.SharedMemory | None = None
-_SLOT_BYTES = 0
+def _serve(connection, reader: SampleReader, arena_name: str, slot_bytes: int) -> None:
+    """A worker process: answers ``(keys, slot)`` requests with their outcomes until it reads ``None``."""
+    torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
+    arena = shared_memory.SharedMemory(name=arena_name)
+    try:
+        while (request := connection.recv()) is not None:
+            keys, slot = request
+            connection.send(_load_chunk(reader, arena, keys, slot * slot_bytes, (slot + 1) * slot_bytes))
+    except (EOFError, KeyboardInterrupt):  # the loader went away (or the job is being stopped): nothing to answer
+        pass
+    finally:
+        arena.close()
 
 
-def _start(reader: SampleReader, arena: str, slot_bytes: int) -> None:
-    global _READER, _ARENA, _SLOT_BYTES
-    torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
-    _READER, _SLOT_BYTES = reader, slot_bytes
-    _ARENA = shared_memory.SharedMemory(name=arena)
-
-
-def _load_in_worker(keys: list[tuple[str, int, int, int]], slot: int) -> list:
-    start, end = slot * _SLOT_BYTES, (slot + 1) * _SLOT_BYTES
+def _load_chunk(reader: SampleReader, arena: shared_memory.SharedMemory, keys: list[tuple[str, int, int, int]],
+                start: int, end: int) -> list:
     outcomes = []
     for key in keys:
         try:
-            raw, meta, images = _READER.load(*key)
+            raw, meta, images = reader.load(*key)
         except Exception as error:  # this draw's outcome (e.g. a corrupt sample); the others still count
             outcomes.append(error)
             continue
@@ -85,7 +86,7 @@ def _load_in_worker(keys: list[tuple[str, int, int, int]], slot: int) -> list:
         for ext, image in images.items():
             count = image.patches.numel()
             if start + 4 * count <= end:  # into the caller's slot of the shared arena: no copy through the pipe
-                torch.frombuffer(_ARENA.buf, dtype=torch.float32, count=count, offset=start).copy_(
+                torch.frombuffer(arena.buf, dtype=torch.float32, count=count, offset=start).copy_(
                     image.patches.view(-1))
                 arrays[ext] = ((start, tuple(image.patches.shape)), image.grid, image.size)
                 start += 4 * count
@@ -96,24 +97,40 @@ def _load_in_worker(keys: list[tuple[str, int, int, int]], slot: int) -> list:
     return outcomes
 
 
+class WorkerError(RuntimeError):
+    """A loader worker process died (killed, out of memory, a crash in a native decoder)."""
+
+
 class ProcessReader:
     """:meth:`SampleReader.load` in ``processes`` spawned workers; :meth:`load` and :meth:`load_many` block for
     their results (call them from up to ``callers`` threads at once to keep the workers busy; more wait their turn).
 
-    A round trip costs the pool's bookkeeping (threads, queues, pickling): read several samples per trip
-    (:meth:`load_many`). Patches come back through a shared-memory arena with one slot per concurrent call (a pipe
-    would copy them four times, in chunks of its buffer, which costs more than decoding a small image); the
+    Each worker serves one round trip at a time over its own pipe: a caller takes an idle worker, sends it the keys,
+    and reads the outcomes back (no executor between them: its queues, feeder and management threads cost more
+    per trip than pickling a chunk's keys and metadata). Read several samples per trip (:meth:`load_many`) to
+    spread the trip's cost. Patches come back through a shared-memory arena with one slot per concurrent caller (a
+    pipe would copy them four times, in chunks of its buffer, which costs more than decoding a small image); the
     returned raw samples have no members.
     """
 
     def __init__(self, reader: SampleReader, processes: int, callers: int, slot_bytes: int = SLOT_BYTES):
         self.arena = shared_memory.SharedMemory(create=True, size=callers * slot_bytes)
         self.closed = False
+        self.broken = ""  # why no more round trips can be made (a dead worker, or closed)
         self.slots: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(callers):
             self.slots.put(slot)
-        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_start, initargs=(reader, self.arena.name, slot_bytes))
+        context = multiprocessing.get_context("spawn")
+        self.processes = []
+        self.idle: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(processes):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(theirs, reader, self.arena.name, slot_bytes),
+                                      name="loader-worker", daemon=True)
+            process.start()
+            theirs.close()
+            self.processes.append(process)
+            self.idle.put((ours, process))
 
     def load(self, name: str, position: int, draw: int, cap: int) -> Loaded:
         outcome = self.load_many([(name, position, draw, cap)])[0]
@@ -121,12 +138,30 @@ class ProcessReader:
             raise outcome
         return outcome
 
+    def _round_trip(self, keys: list[tuple[str, int, int, int]], slot: int) -> list:
+        worker = self.idle.get()
+        if worker is None:  # closed, or a worker died: every caller waiting for a worker learns it
+            self.idle.put(None)
+            raise WorkerError(self.broken)
+        connection, process = worker
+        try:
+            connection.send((keys, slot))
+            outcomes = connection.recv()
+        except (EOFError, OSError):
+            if not self.broken:
+                self.broken = (f"loader worker process {process.pid} died (exit code {process.exitcode}) while "
+                               f"reading {keys[0]} and {len(keys) - 1} more draws")
+            self.idle.put(None)
+            raise WorkerError(self.broken) from None
+        self.idle.put(worker)
+        return outcomes
+
     def load_many(self, keys: list[tuple[str, int, int, int]]) -> list[Loaded | Exception]:
         """The reads of ``keys`` in one round trip to a worker: each a :meth:`SampleReader.load` result or the
         exception it raised."""
         slot = self.slots.get()
         try:
-            outcomes = self.pool.submit(_load_in_worker, keys, slot).result()
+            outcomes = self._round_trip(keys, slot)
             for index, outcome in enumerate(outcomes):
                 if isinstance(outcome, BaseException):
                     continue
@@ -147,12 +182,15 @@ class ProcessReader:
 
     def close(self) -> None:
         # A worker in the middle of a chunk would finish it (reads, and retries against a storage that may be
-        # gone) long after the loader is done: stop the processes. The pool names them publicly only from Python
-        # 3.14 (terminate_workers).
-        processes = list((getattr(self.pool, "_processes", None) or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
+        # gone) long after the loader is done: stop the processes. Callers still waiting for a worker are woken
+        # with an error (a prefetch thread blocked forever would hold up the interpreter's exit).
+        self.broken = self.broken or "the loader's worker processes were closed"
+        self.idle.put(None)
+        for process in self.processes:
             process.terminate()
+        for process in self.processes:
+            process.join(timeout=5)
+        self.processes = []
         if not self.closed:
             # Only the name goes now: a prefetch thread may still be copying out of the arena, so the mapping is
             # released with this object, once no thread uses it.

@@ -89,3 +89,43 @@ def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer
             assert torch.equal(outcome[2][ext].patches, image.patches)
             assert (outcome[2][ext].grid, outcome[2][ext].size) == (image.grid, image.size)
     assert sum(isinstance(outcome, SampleError) for outcome in outcomes) == 1
+
+
+def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(demo_root, tokenizer):
+    """A worker killed under the loader (OOM killer, a crash in a native decoder) fails the read that used it with
+    its pid and exit code, and the callers waiting for a worker fail too instead of waiting forever; after close,
+    reads fail at once (a prefetch thread blocked forever would hold up the interpreter's exit)."""
+    import threading
+
+    from data.workers import ProcessReader, WorkerError
+
+    stage = stage_of("vit_coca", micro_batch_size=1)
+    loader = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1)
+    key = loader._plan(loader.slots[0], 0.0, 1)[0]
+    workers = ProcessReader(loader.reader, 1, 3)
+    try:
+        assert torch.equal(workers.load(*key)[2]["0.png"].patches, loader.reader.load(*key)[2]["0.png"].patches)
+        pid = workers.processes[0].pid
+        workers.processes[0].kill()
+        workers.processes[0].join()
+        errors = []
+
+        def read() -> None:
+            try:
+                workers.load(*key)
+            except WorkerError as error:
+                errors.append(str(error))
+
+        callers = [threading.Thread(target=read) for _ in range(3)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(timeout=30)
+        assert not any(caller.is_alive() for caller in callers)
+        assert len(errors) == 3 and all(f"process {pid} died (exit code -9)" in e for e in errors), errors
+    finally:
+        workers.close()
+    fresh = ProcessReader(loader.reader, 1, 1)
+    fresh.close()
+    with pytest.raises(WorkerError, match="closed"):
+        fresh.load(*key)

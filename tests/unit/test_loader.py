@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from data.loader import DataError, StageLoader
-from data.mixture import MixtureSampler
+from data.mixture import MixtureSampler, draw_uniforms
 from model.registry import FLAVORS
 from train.config import MixtureConfig, StageConfig, load_config
 
@@ -114,6 +114,20 @@ def test_mixture_ramp_and_long_share():
     assert abs(np.mean([d == "long_doc" for d in draws]) - 0.25) < 0.02
     replay = [d for d in draws if d != "long_doc"]
     assert abs(np.mean([d == "caption" for d in replay]) - 0.5) < 0.03
+
+
+def test_draw_uniforms_are_uniform_independent_and_keyed():
+    pairs = np.array([draw_uniforms(0, "s", i, "mixture") for i in range(20000)])
+    assert pairs.min() >= 0.0 and pairs.max() < 1.0
+    # Each uniform: the deciles hold a tenth each (within 4 standard errors); the two of a draw are uncorrelated.
+    for column in pairs.T:
+        counts = np.bincount((column * 10).astype(int), minlength=10)
+        assert np.abs(counts - 2000).max() < 4 * np.sqrt(2000 * 0.9)
+    assert abs(np.corrcoef(pairs.T)[0, 1]) < 0.03
+    assert draw_uniforms(0, "s", 5, "mixture") == draw_uniforms(0, "s", 5, "mixture")
+    others = {draw_uniforms(1, "s", 5, "mixture"), draw_uniforms(0, "t", 5, "mixture"),
+              draw_uniforms(0, "s", 6, "mixture"), draw_uniforms(0, "s", 5, "other")}
+    assert len(others) == 4 and draw_uniforms(0, "s", 5, "mixture") not in others
 
 
 def _png(size=(56, 56)) -> bytes:
