@@ -143,8 +143,8 @@ class StageLoader:
             # the GIL), or in worker processes when data.loader_workers > 0.
             capacity = 2 * data.prefetch_samples * stage.micro_batch_size
             if data.loader_workers > 0:
-                # Two chunks per worker in flight, each a round trip of up to a batch's draws (the pool's per-trip
-                # overhead is spread over them; the next batch's draws come first). Measured on the demo shards
+                # Two chunks per worker in flight, each a round trip of up to a batch's draws (a trip's fixed cost
+                # is spread over them; the next batch's draws come first). Measured on the demo shards
                 # with 2 workers: 16 draws per trip ~20% faster than 8, 32 no faster than 16.
                 threads = max(data.prefetch_threads, 2 * data.loader_workers)
                 self.workers = ProcessReader(self.reader, data.loader_workers, threads)

@@ -44,14 +44,19 @@ def first_batch_texts(root, tokenizer: TextTokenizer, source: str, batches: int 
     return texts
 
 
-def test_prepare_a_folder_then_stats_then_load(tmp_path, capsys):
-    folder = tmp_path / "raw"
+def caption_folder(folder, samples: list[tuple[str, str, tuple[int, int]]]):
+    """A folder of caption samples, one ``(key, caption, image size)`` each: ``<key>.json`` and ``<key>.0.png``."""
     folder.mkdir()
-    for i in range(9):
-        text = f"a blue card number {i}"
+    for key, text, size in samples:
         meta = {"kind": "caption", "caption": text, "segments": [{"image": "0.png"}, {"text": text}]}
-        (folder / f"card{i}.json").write_text(json.dumps(meta))
-        (folder / f"card{i}.0.png").write_bytes(image_bytes((56 + 28 * (i % 3), 84)))
+        (folder / f"{key}.json").write_text(json.dumps(meta))
+        (folder / f"{key}.0.png").write_bytes(image_bytes(size))
+    return folder
+
+
+def test_prepare_a_folder_then_stats_then_load(tmp_path, capsys):
+    folder = caption_folder(tmp_path / "raw", [(f"card{i}", f"a blue card number {i}", (56 + 28 * (i % 3), 84))
+                                               for i in range(9)])
     grounding = {"kind": "grounding", "segments": [{"image": "0.png"}],
                  "objects": [{"label": "card", "box": [2, 2, 30, 30], "point": [10, 10]}]}
     (folder / "ground.json").write_text(json.dumps(grounding))
@@ -123,13 +128,8 @@ def test_a_heldout_split_is_chosen_by_key_kept_from_training_and_read_by_evaluat
     again keeps every sample on its side), the loader never draws them, evaluation reads only them."""
     from train.eval_data import HeldOutData
 
-    folder = tmp_path / "raw"
-    folder.mkdir()
-    for i in range(40):
-        text = f"a red tile number {i}"
-        meta = {"kind": "caption", "caption": text, "segments": [{"image": "0.png"}, {"text": text}]}
-        (folder / f"tile{i:02d}.json").write_text(json.dumps(meta))
-        (folder / f"tile{i:02d}.0.png").write_bytes(image_bytes((56, 56)))
+    folder = caption_folder(tmp_path / "raw", [(f"tile{i:02d}", f"a red tile number {i}", (56, 56))
+                                               for i in range(40)])
     out = tmp_path / "out"
     assert prepare.main(["--input", str(folder), "--out", str(out), "--source", "tiles", "--samples-per-shard", "8",
                          "--heldout-fraction", "0.25"]) == 0
