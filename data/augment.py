@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import numpy as np
-import torch
 from PIL import Image
 
 from data.images import ColourJitter, Warp, render
@@ -44,6 +43,17 @@ class AugmentConfig:
     color_jitter: float = 0.2
 
 
+class Random(Protocol):
+    """The random numbers an augmentation plan draws: a ``numpy.random.Generator``, or the loader's cheaper
+    :class:`data.mixture.DrawRandom` (one per draw)."""
+
+    def random(self) -> float: ...
+
+    def uniform(self, low: float, high: float) -> float: ...
+
+    def integers(self, low: int, high: int) -> int: ...
+
+
 # An affine map (a, b, c, d, e, f): (x, y) -> (a x + b y + c, d x + e y + f). Plain floats: composing a few of
 # them in Python costs less than building numpy matrices.
 Affine = tuple[float, float, float, float, float, float]
@@ -59,7 +69,7 @@ def _then(first: Affine, second: Affine) -> Affine:
 
 
 def plan_augment(size: tuple[int, int], objects: list[dict], cfg: AugmentConfig,
-                 rng: np.random.Generator) -> tuple[Warp, ColourJitter | None, list[dict]]:
+                 rng: Random) -> tuple[Warp, ColourJitter | None, list[dict]]:
     """The configured transforms of an image of ``size`` (width, height) and its objects (``{"label", "box",
     "point"?}``, pixels): the warp from the stored image to the augmented frame, the colour jitter (None when
     off), and the objects in the augmented frame (those cropped away dropped)."""
@@ -98,14 +108,12 @@ def plan_augment(size: tuple[int, int], objects: list[dict], cfg: AugmentConfig,
 
 
 def augment(image: Image.Image, objects: list[dict], cfg: AugmentConfig,
-            rng: np.random.Generator) -> tuple[Image.Image, list[dict]]:
+            rng: Random) -> tuple[Image.Image, list[dict]]:
     """Apply the configured transforms to an image and its objects: the augmented image at its own (frame) size,
     as the loader would sample it, e.g. to look at. The loader itself samples the warp straight at the patch
     grid's size (:func:`~data.images.image_to_patches`)."""
     warp, jitter, kept = plan_augment(image.size, objects, cfg, rng)
-    pixels = render(image, warp.size, warp, jitter)
-    pixels = pixels.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return Image.fromarray(pixels.permute(1, 2, 0).numpy()), kept
+    return Image.fromarray(render(image, warp.size, warp, jitter)), kept
 
 
 def _translation(dx: float, dy: float) -> Affine:

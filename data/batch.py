@@ -13,8 +13,10 @@
     ``position_ids``              [rows, seq_len] int64  position inside its own document, restarting at 0
     ``cu_seqlens``                [docs + 1] int32       document boundaries over the flattened rows x seq_len tokens
                                                          (flash-attn varlen convention; rows never share a document)
-    ``pixel_values``              [patches, C*p*p] f32   all images' patches, image after image, each row-major over
-                                                         its patch grid, each patch flattened as (C, p, p)
+    ``pixel_values``              [patches, p*p*C] u8    all images' patches, image after image, each row-major over
+                                                         its patch grid, each patch flattened as (p, p, C): raw RGB,
+                                                         normalized by the model on its device (a quarter of the
+                                                         bytes of float32 to copy between processes and to the GPU)
     ``image_grid_hw``             [images, 2] int64      patch grid (height, width) of each image, same order
     ``image_token_positions``     [image_tokens] int64   flattened (row * seq_len + column) positions of the
                                                          placeholders, in the order the projector emits merged

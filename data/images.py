@@ -16,9 +16,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-# SigLIP's normalization: pixels mapped from [0, 1] to [-1, 1].
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.5
 # Refuse absurd images before decoding them fully (decompression bombs).
 MAX_DECODED_PIXELS = 64 * 1024 * 1024
 # Kimi-VL precomputes its 2D RoPE for grids up to 512 x 512 patches; longer sides would leave its position range.
@@ -168,7 +165,7 @@ def image_to_patches(
     image: Image.Image, patch_size: int, merge_size: int, max_patches: int, max_grid_side: int = MAX_GRID_SIDE,
     warp: Warp | None = None, jitter: ColourJitter | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize to the fitted grid, normalize and cut into patches, decoding only the resolution the grid needs.
+    """Resize to the fitted grid and cut into patches of raw RGB bytes, decoding only the resolution the grid needs.
 
     With ``warp`` (an augmentation's crop, flip, rotation and resize) the grid is fitted to the warped frame and its
     pixels are sampled from the stored image in one bilinear pass (one interpolation, however many transforms),
@@ -179,39 +176,41 @@ def image_to_patches(
         image: An opened image (:func:`open_image`; decoded here) or a decoded one.
 
     Returns:
-        ``(patches, (rows, cols))``: patches [rows * cols, 3 * p * p] in row-major grid order, each flattened as
-        (channel, y, x) to match a Conv2d patch embedding.
+        ``(patches, (rows, cols))``: uint8 patches [rows * cols, p * p * 3] in row-major grid order, each flattened
+        as (y, x, channel), see :func:`cut_patches`; the model normalizes them.
     """
     frame = warp.size if warp is not None else image.size
     rows, cols = fit_grid(frame[0], frame[1], patch_size, merge_size, max_patches, max_grid_side)
     size = (cols * patch_size, rows * patch_size)
-    p = patch_size
     if warp is None and jitter is None:
         image, scale = load_rgb(image, size)
         if image.size != size:
             box = (0.0, 0.0, frame[0] * scale, frame[1] * scale)
             image = image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=RESIZE_REDUCING_GAP)
-        # uint8 cut into patches first (a quarter of the bytes to move), then normalized in place with the same
-        # float32 operations as a per-pixel formula would use: equal to it bit for bit. (numpy: for arrays this
-        # small, its per-operation cost is a fraction of torch's.)
-        grid = np.asarray(image).reshape(rows, p, cols, p, 3).transpose(0, 2, 4, 1, 3)
-        patches = np.ascontiguousarray(grid).astype(np.float32)
-        patches /= 255.0
-        patches -= PIXEL_MEAN
-        patches /= PIXEL_STD
-        return torch.from_numpy(patches).view(rows * cols, 3 * p * p), (rows, cols)
-    pixels = render(image, size, warp, jitter).numpy()  # [3, H, W]
-    patches = np.ascontiguousarray(pixels.reshape(3, rows, p, cols, p).transpose(1, 3, 0, 2, 4))
-    return torch.from_numpy(patches).view(rows * cols, 3 * p * p), (rows, cols)
+        return cut_patches(np.asarray(image), patch_size), (rows, cols)
+    return cut_patches(render(image, size, warp, jitter), patch_size), (rows, cols)
+
+
+def cut_patches(pixels: np.ndarray, patch_size: int) -> torch.Tensor:
+    """Cut ``[H, W, 3]`` uint8 pixels (sides multiples of ``patch_size``) into ``[patches, p * p * 3]``, row-major
+    over the patch grid, each patch flattened as (y, x, channel): the decoded image's own layout, so the cut moves
+    whole runs of ``p`` pixels (a (channel, y, x) order would gather single bytes, several times slower; the
+    model's patch embedding reads either order for free, see :class:`~model.vision.MoonViT`)."""
+    height, width, channels = pixels.shape
+    p = patch_size
+    rows, cols = height // p, width // p
+    patches = np.empty((rows, cols, p, p * channels), dtype=np.uint8)
+    np.copyto(patches, pixels.reshape(rows, p, cols, p * channels).transpose(0, 2, 1, 3))
+    return torch.from_numpy(patches).view(rows * cols, p * p * channels)
 
 
 def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
-           jitter: ColourJitter | None = None) -> torch.Tensor:
-    """The warped (and colour-jittered) image at ``size`` pixels, normalized, [3, height, width] float32.
+           jitter: ColourJitter | None = None) -> np.ndarray:
+    """The warped (and colour-jittered) image at ``size`` pixels: uint8 ``[height, width, 3]``.
 
     Every output pixel is sampled bilinearly from the stored image (decoded at a reduced scale when the output is
-    much smaller, as :func:`load_rgb` allows); points outside it are mid-grey, which normalizes to 0, so padding
-    carries no signal.
+    much smaller, as :func:`load_rgb` allows); points outside it are mid-grey (the model's zero after
+    normalization, so padding carries no signal before jitter).
     """
     stored = image.size
     frame = warp.size if warp is not None else stored
@@ -226,11 +225,10 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
     window = warp.window if warp is not None and warp.window is not None else (0, 0, *stored)
     left, top = min(round(window[0] * scale), image.width - 1), min(round(window[1] * scale), image.height - 1)
     right, bottom = max(round(window[2] * scale), left + 1), max(round(window[3] * scale), top + 1)
-    # Channels-last [3, h, w] (the decoded layout): converting keeps it, and grid_sample reads it as fast.
+    # Centred on mid-grey, so that grid_sample's zero padding is mid-grey. Channels-last [3, h, w] (the decoded
+    # layout): converting keeps it, and grid_sample reads it as fast.
     source = np.asarray(image)[top:bottom, left:right].astype(np.float32)
-    source *= 2.0 / 255.0  # [0, 255] -> [-1, 1] (mean = std = 0.5)
-    source -= 1.0
-    pixels = torch.from_numpy(source).permute(2, 0, 1)
+    source -= np.float32(MID_GREY)
     # Output pixel centre (u + 0.5, v + 0.5) -> frame point -> stored point (inverse warp) -> decoded pixels of the
     # window -> grid_sample's [-1, 1] coordinates (align_corners=False: -1 and 1 are the window's outer edges).
     width, height = right - left, bottom - top
@@ -244,30 +242,44 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
     f32 = np.float32
     np.add.outer(v * f32(kx * b * sy), u * f32(kx * a * sx) + f32(kx * c + ox), out=grid[..., 0])
     np.add.outer(v * f32(ky * e * sy) + f32(ky * f + oy), u * f32(ky * d * sx), out=grid[..., 1])
-    grid = torch.from_numpy(grid)
-    out = torch.nn.functional.grid_sample(pixels[None], grid[None], mode="bilinear", padding_mode="zeros",
-                                          align_corners=False)[0]
-    if jitter is not None:
-        out = _jitter(out, jitter)
-    return out
+    pixels = torch.from_numpy(source).permute(2, 0, 1)
+    sampled = torch.nn.functional.grid_sample(pixels[None], torch.from_numpy(grid)[None], mode="bilinear",
+                                              padding_mode="zeros", align_corners=False)[0].numpy()
+    return _to_pixels(sampled, jitter)
 
 
+# Mid-grey of [0, 255]: the model normalizes it to 0.
+MID_GREY = 127.5
 # PIL's grey level ("L" mode): 299/1000 R + 587/1000 G + 114/1000 B.
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-def _jitter(pixels: torch.Tensor, jitter: ColourJitter) -> torch.Tensor:
-    """Brightness, contrast and saturation of normalized [3, H, W] pixels, folded into one pass.
+def _to_pixels(centred: np.ndarray, jitter: ColourJitter | None) -> np.ndarray:
+    """Planar float pixels centred on mid-grey ``[3, H, W]`` to uint8 ``[H, W, 3]``, rounded and clipped, with the
+    colour jitter folded into the same pass.
 
-    In [0, 1] units, brightness b gives p1 = b p; contrast c gives p2 = c p1 + (1 - c) m, m the mean grey level of
-    p1; saturation s gives p3 = s p2 + (1 - s) L(p2), L the grey level, linear with weights summing to 1. So
-    p3 = c b (s p + (1 - s) L(p)) + (1 - c) m, and in normalized units (v = 2 p - 1)
-    v3 = c b s v + c b (1 - s) L(v) + c b + 2 (1 - c) m - 1.
+    In [0, 255] units, brightness b gives p1 = b p; contrast c gives p2 = c p1 + (1 - c) m, m the mean grey level
+    of p1; saturation s gives p3 = s p2 + (1 - s) L(p2), L the grey level, linear with weights summing to 1. So
+    p3 = c b s p + c b (1 - s) L(p) + (1 - c) m: each channel is a multiple of itself plus one shared grey plane.
+    (numpy: for planes this small its per-operation cost is a fraction of torch's, and converting the planes to
+    uint8 before interleaving them moves a quarter of the bytes.)
     """
-    b, c, s = jitter.brightness, jitter.contrast, jitter.saturation
-    wr, wg, wb = GREY_WEIGHTS
-    grey = (pixels[0] * wr).add_(pixels[1], alpha=wg).add_(pixels[2], alpha=wb)  # L(v), normalized units
-    grey_mean = b * (float(grey.mean()) + 1.0) * 0.5
-    offset = c * b + 2.0 * (1.0 - c) * grey_mean - 1.0
-    grey.mul_(c * b * (1.0 - s)).add_(offset)
-    return torch.add(grey, pixels, alpha=c * b * s).clamp_(-1.0, 1.0)
+    if jitter is None:
+        shifted = centred + np.float32(MID_GREY + 0.5)  # + 0.5: the conversion to uint8 truncates
+    else:
+        b, c, s = jitter.brightness, jitter.contrast, jitter.saturation
+        wr, wg, wb = GREY_WEIGHTS
+        grey = centred[0] * np.float32(wr)
+        grey += centred[1] * np.float32(wg)
+        grey += centred[2] * np.float32(wb)  # L(p) - MID_GREY
+        grey_mean = b * (float(grey.mean()) + MID_GREY)
+        grey *= np.float32(c * b * (1.0 - s))
+        grey += np.float32(c * b * MID_GREY + (1.0 - c) * grey_mean + 0.5)
+        shifted = centred * np.float32(c * b * s)
+        shifted += grey
+    np.clip(shifted, 0.0, 255.0, out=shifted)
+    planes = shifted.astype(np.uint8)
+    pixels = np.empty((*planes.shape[1:], planes.shape[0]), dtype=np.uint8)
+    for channel, plane in enumerate(planes):
+        pixels[..., channel] = plane
+    return pixels

@@ -70,7 +70,8 @@ def collate_rows(rows: list[PackedRow], image_id: int, patch_dim: int, merge_siz
     cu_seqlens = torch.zeros(len(doc_lens) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(torch.tensor(doc_lens, dtype=torch.int32), 0)
     images = [img for r in rows for img in r.images]
-    pixel_values = torch.cat([img.patches for img in images]) if images else torch.zeros(0, patch_dim)
+    pixel_values = (torch.cat([img.patches for img in images]) if images
+                    else torch.zeros(0, patch_dim, dtype=torch.uint8))
     grid_hw = torch.tensor([img.grid for img in images], dtype=torch.long).view(-1, 2)
     positions = torch.nonzero(input_ids.view(-1) == image_id).view(-1)
     expected = sum((h // merge_size) * (w // merge_size) for h, w in grid_hw.tolist())

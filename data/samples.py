@@ -40,7 +40,7 @@ Augmenter = Callable[[tuple[int, int], list[dict]], tuple[Warp, ColourJitter | N
 
 @dataclass
 class ImagePatches:
-    patches: torch.Tensor  # [rows * cols, 3 * p * p]
+    patches: torch.Tensor  # uint8 [rows * cols, p * p * 3], each patch (y, x, channel) (data.images.cut_patches)
     grid: tuple[int, int]  # (rows, cols) in patches
     size: tuple[int, int]  # (width, height) of the stored image, the frame of its boxes
 

@@ -18,7 +18,7 @@ from multiprocessing import shared_memory
 import torch
 
 from data.augment import AugmentConfig, plan_augment
-from data.mixture import draw_rng
+from data.mixture import DrawRandom
 from data.samples import ImagePatches, RawSample, load_images, load_meta
 from data.shards import ShardSource
 
@@ -53,7 +53,7 @@ class SampleReader:
         cfg = self.augment_cfg
         if cfg.enabled and meta.get("kind") in cfg.kinds:
             # A pure function of the draw: the same sample drawn again (or re-rendered after resume) looks the same.
-            rng = draw_rng(self.seed, self.stage_name, draw, "augment")
+            rng = DrawRandom(self.seed, self.stage_name, draw, "augment")
             augmenter = lambda size, objects: plan_augment(size, objects, cfg, rng)  # noqa: E731
         images = load_images(raw, meta, self.patch_size, self.merge_size, cap, augmenter)
         return raw, meta, images
@@ -84,12 +84,11 @@ def _load_chunk(reader: SampleReader, arena: shared_memory.SharedMemory, keys: l
             continue
         arrays = {}
         for ext, image in images.items():
-            count = image.patches.numel()
-            if start + 4 * count <= end:  # into the caller's slot of the shared arena: no copy through the pipe
-                torch.frombuffer(arena.buf, dtype=torch.float32, count=count, offset=start).copy_(
-                    image.patches.view(-1))
+            count = image.patches.numel()  # uint8: bytes
+            if start + count <= end:  # into the caller's slot of the shared arena: no copy through the pipe
+                torch.frombuffer(arena.buf, dtype=torch.uint8, count=count, offset=start).copy_(image.patches.view(-1))
                 arrays[ext] = ((start, tuple(image.patches.shape)), image.grid, image.size)
-                start += 4 * count
+                start += count
             else:  # larger than the slot's rest: through the pipe
                 arrays[ext] = (image.patches.numpy(), image.grid, image.size)
         # The members stay here: the loader uses the metadata and the patches, not the encoded bytes.
@@ -170,7 +169,7 @@ class ProcessReader:
                 for ext, (patches, grid, size) in arrays.items():
                     if isinstance(patches, tuple):  # (offset, shape) in the arena: copied out before reuse
                         offset, shape = patches
-                        patches = torch.frombuffer(self.arena.buf, dtype=torch.float32, count=math.prod(shape),
+                        patches = torch.frombuffer(self.arena.buf, dtype=torch.uint8, count=math.prod(shape),
                                                    offset=offset).view(shape).clone()
                     else:
                         patches = torch.from_numpy(patches)

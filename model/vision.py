@@ -80,6 +80,10 @@ class VisionBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
 
+# SigLIP's normalization, (x / 255 - 0.5) / 0.5: raw RGB [0, 255] to [-1, 1].
+PIXEL_SCALE = 2.0 / 255.0
+
+
 class MoonViT(nn.Module):
     """The vision tower.
 
@@ -128,12 +132,31 @@ class MoonViT(nn.Module):
             pieces.append(cache[(h, w)])
         return torch.cat(pieces)
 
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch embedding of ``[patches, p * p * C]`` patches flattened as (y, x, channel).
+
+        uint8 patches are raw RGB (the loader's output: a quarter of the bytes to copy between processes and to the
+        device) and are normalized here, on the model's device, with SigLIP's mean = std = 0.5; floating-point
+        patches are taken as normalized already. The embedding is the Conv2d's (its weight keeps the checkpoint
+        layout ``[hidden, C, p, p]``), applied as a matrix product with the weight permuted to the patches' (y, x,
+        channel) order: permuting the small weight costs nothing, permuting the pixels would cost a copy.
+        """
+        weight = self.patch_embed.weight
+        hidden, channels = weight.shape[0], weight.shape[1]
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != channels * self.patch_size**2:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected [patches, "
+                             f"{channels * self.patch_size ** 2}] (patch_size={self.patch_size}, {channels} channels).")
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = pixel_values.to(weight.dtype).mul_(PIXEL_SCALE).sub_(1.0)
+        return F.linear(pixel_values, weight.permute(0, 2, 3, 1).reshape(hidden, -1), self.patch_embed.bias)
+
     def forward(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Encode packed images.
 
         Args:
-            pixel_values: ``[patches, C * p * p]``, image after image, each row-major over its patch grid, every
-                patch flattened as ``(C, p, p)``.
+            pixel_values: ``[patches, p * p * C]``, image after image, each row-major over its patch grid, every
+                patch flattened as ``(p, p, C)``: uint8 raw RGB, or floats already normalized to [-1, 1]
+                (:meth:`embed_patches`).
             grid_hw: ``int64 [images, 2]`` patch grid (height, width) of each image.
 
         Returns:
@@ -143,7 +166,7 @@ class MoonViT(nn.Module):
         expected = int((grid_hw[:, 0] * grid_hw[:, 1]).sum())
         if patches != expected:
             raise ValueError(f"pixel_values holds {patches} patches but image_grid_hw describes {expected}.")
-        x = self.patch_embed(pixel_values.view(patches, -1, self.patch_size, self.patch_size)).flatten(1)
+        x = self.embed_patches(pixel_values)
         x = x + self.position_embeddings(grid_hw).to(x.dtype)
         cu_seqlens = grid_cu_seqlens(grid_hw)
         angles = None

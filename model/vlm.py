@@ -50,7 +50,8 @@ class KimiVL(nn.Module):
         self.decoder.set_rope_theta(theta)
 
     def embed_images(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
-        """Packed image patches ``[patches, C*p*p]`` -> decoder-width image tokens ``[patches / m^2, hidden]``."""
+        """Packed image patches ``[patches, p*p*C]`` (uint8 raw or normalized floats, see
+        ``MoonViT.embed_patches``) -> decoder-width image tokens ``[patches / m^2, hidden]``."""
         return self.projector(self.vision(pixel_values, grid_hw), grid_hw)
 
     def forward(
@@ -68,7 +69,8 @@ class KimiVL(nn.Module):
             input_ids: ``int64 [B, S]``.
             position_ids: ``int64 [B, S]`` positions restarting at 0 in every document.
             cu_seqlens: ``int32 [docs + 1]`` document boundaries over the flattened ``B * S`` tokens.
-            pixel_values: ``[patches, C*p*p]`` packed image patches, or None / empty for text-only batches.
+            pixel_values: ``[patches, p*p*C]`` packed image patches (see ``MoonViT.embed_patches``), or None /
+                empty for text-only batches.
             image_grid_hw: ``int64 [images, 2]`` patch grids.
             image_token_positions: ``int64 [image_tokens]`` flattened positions receiving the merged image tokens,
                 in the order the projector emits them.
@@ -128,7 +130,7 @@ class KimiVL(nn.Module):
         """The ``vit_coca`` objective's forward: MoonViT features through the CoCa towers.
 
         Args:
-            pixel_values: ``[patches, C*p*p]`` packed image patches.
+            pixel_values: ``[patches, p*p*C]`` packed image patches (see ``MoonViT.embed_patches``).
             image_grid_hw: ``int64 [N, 2]`` patch grids.
             text_ids: ``int64 [N, L]`` paired texts.
             text_mask: ``bool [N, L]`` True on real tokens.

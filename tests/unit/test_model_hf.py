@@ -76,7 +76,7 @@ def test_vision_tower_matches_siglip_without_rope():
     images = torch.randn(3, 3, 24, 24)
     with torch.no_grad():
         want = reference(pixel_values=images).last_hidden_state  # [3, 36, 32]
-        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(3 * 36, 48)
+        patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 4, 5, 1).reshape(3 * 36, 48)
         got = vit(patches, torch.tensor([[6, 6]] * 3))
     error = float((got - want.reshape(-1, 32)).abs().max())
     print(f"siglip max abs error {error:.2e}")
@@ -164,7 +164,7 @@ def test_vision_and_projector_match_kimi_k25():
     thw = torch.cat((torch.ones(len(GRIDS), 1, dtype=torch.long), grids), dim=1)
     with torch.no_grad():
         want = torch.cat(reference.get_image_features(pixels, thw).pooler_output)
-        got = ours.embed_images(pixels.flatten(1), grids)
+        got = ours.embed_images(pixels.permute(0, 2, 3, 1).flatten(1), grids)
         cosine = torch.nn.functional.cosine_similarity(got, want, dim=-1).min()
     error = float((got - want).abs().max())
     print(f"kimi_k25 vision+projector max abs error {error:.2e}, min cosine {float(cosine):.7f}")
@@ -184,9 +184,10 @@ def test_whole_vlm_matches_kimi_k25_logits():
     thw = torch.cat((torch.ones(2, 1, dtype=torch.long), grids), dim=1)
     with torch.no_grad():
         want = reference(input_ids=input_ids, pixel_values=pixels, image_grid_thw=thw).logits
-        got, _ = ours(input_ids, torch.arange(seq).expand(rows, seq),
-                      torch.tensor([0, seq, 2 * seq], dtype=torch.int32), pixel_values=pixels.flatten(1),
-                      image_grid_hw=grids, image_token_positions=(input_ids.view(-1) == IMAGE_TOKEN).nonzero()[:, 0])
+        cu_seqlens = torch.tensor([0, seq, 2 * seq], dtype=torch.int32)
+        got, _ = ours(input_ids, torch.arange(seq).expand(rows, seq), cu_seqlens,
+                      pixel_values=pixels.permute(0, 2, 3, 1).flatten(1), image_grid_hw=grids,
+                      image_token_positions=(input_ids.view(-1) == IMAGE_TOKEN).nonzero()[:, 0])
     error = float((got - want).abs().max())
     print(f"kimi_k25 whole-VLM logits max abs error {error:.2e}")
     assert error <= 1e-4

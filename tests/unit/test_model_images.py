@@ -80,13 +80,15 @@ def test_limits_that_admit_no_grid_are_configuration_errors():
 
 
 def _reference_patches(image: Image.Image, size: tuple[int, int], patch: int) -> torch.Tensor:
-    """The per-pixel formula: PIL's bicubic resize to the grid (if needed), then normalize and cut."""
+    """The per-pixel formula: PIL's bicubic resize to the grid (if needed), then each patch's pixels, row by row,
+    pixel by pixel, channel by channel."""
     if image.size != size:
         image = image.resize(size, Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
-    pixels = (pixels - images.PIXEL_MEAN) / images.PIXEL_STD
+    pixels = np.asarray(image)
     rows, cols = size[1] // patch, size[0] // patch
-    return pixels.view(rows, patch, cols, patch, 3).permute(0, 2, 4, 1, 3).reshape(rows * cols, -1)
+    cut = [pixels[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch].reshape(-1) for r in range(rows)
+           for c in range(cols)]
+    return torch.from_numpy(np.stack(cut))
 
 
 def _encoded(image: Image.Image, fmt: str) -> bytes:
@@ -118,7 +120,7 @@ def test_jpegs_decode_only_the_resolution_their_grid_needs():
     patches, (rows, cols) = image_to_patches(opened, 14, 2, 64)
     assert opened.size == (128, 96)  # decoded at 1/8 scale (DCT scaling), still above the 112 x 84 grid
     expected = _reference_patches(decode_image(data), (cols * 14, rows * 14), 14)
-    assert patches.shape == expected.shape and (patches - expected).abs().mean() < 0.03
+    assert patches.shape == expected.shape and (patches.float() - expected.float()).abs().mean() < 4.0
 
 
 def test_one_pass_warp_and_colour_jitter_match_pil():
@@ -126,14 +128,13 @@ def test_one_pass_warp_and_colour_jitter_match_pil():
 
     image = _photo(70, 50)
     identity = images.Warp((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), image.size)
-    exact = (torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 127.5 - 1.0).permute(2, 0, 1)
-    assert (images.render(image, image.size, identity) - exact).abs().max() < 1e-5
+    assert np.array_equal(images.render(image, image.size, identity), np.asarray(image))
     # Factors that keep every value in range (PIL clips after each step, the fused pass once at the end).
     jitter = images.ColourJitter(brightness=0.9, contrast=0.85, saturation=1.1)
     expected = image
     for enhancer, factor in ((ImageEnhance.Brightness, 0.9), (ImageEnhance.Contrast, 0.85),
                              (ImageEnhance.Color, 1.1)):
         expected = enhancer(expected).enhance(factor)
-    jittered = (images.render(image, image.size, None, jitter) + 1.0) * 127.5
-    difference = (jittered.permute(1, 2, 0) - torch.from_numpy(np.asarray(expected, dtype=np.float32))).abs()
+    jittered = images.render(image, image.size, None, jitter).astype(np.float32)
+    difference = np.abs(jittered - np.asarray(expected, dtype=np.float32))
     assert difference.mean() < 2.0 and difference.max() <= 3.0  # PIL truncates to integers after each of its steps

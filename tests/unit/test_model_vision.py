@@ -42,6 +42,22 @@ def test_moonvit_rope_changes_output_and_gradients_flow():
     assert vit.pos_table.grad.abs().sum() > 0 and vit.patch_embed.weight.grad.abs().sum() > 0
 
 
+def test_uint8_patches_are_normalized_and_embedded_like_a_conv_over_the_image():
+    # The loader's raw RGB bytes, (y, x, channel) per patch, against SigLIP's normalization and a Conv2d over the
+    # (channel, y, x) image: the tower sees the same embeddings.
+    vit = _build_vit()
+    image = torch.randint(0, 256, (8, 12, 3), dtype=torch.uint8)  # a 2 x 3 grid of 4 x 4 patches
+    patches = image.view(2, 4, 3, 4, 3).permute(0, 2, 1, 3, 4).reshape(6, 48)
+    normalized = (image.permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+    with torch.no_grad():
+        expected = vit.patch_embed(normalized[None])[0].flatten(1).t()  # [6, hidden], row-major over the grid
+        torch.testing.assert_close(vit.embed_patches(patches), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vit(patches, torch.tensor([[2, 3]])),
+                                   vit(patches.float() / 127.5 - 1.0, torch.tensor([[2, 3]])), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"expected \[patches, 48\]"):
+        vit.embed_patches(patches[:, :47])
+
+
 def test_moonvit_rejects_wrong_patch_count():
     vit = _build_vit()
     with pytest.raises(ValueError, match="patches"):
