@@ -4,9 +4,11 @@ Prints one JSON line:
 
 - ``throughput_vs_decode_floor``: image-text samples/s through our whole loader (ranged reads from S3 through the
   disk cache, JSON, decode, augmentation, patchify, tokenize, collate) ÷ samples/s of bare image decoding (PIL,
-  bytes already in memory, one thread) of the same shards. Goal >= 0.8. The loader runs as configured for a
-  production run on this machine: ``data.loader_workers`` = one worker process per core (``--workers``, default
-  ``os.cpu_count()``), ``prefetch_samples=8`` draws per slot ahead, ``prefetch_threads=4``; the floor is one thread.
+  bytes already in memory, one thread) of the same shards, each the median of ``--repeats`` windows taken in turn
+  (``loader_windows``, ``decode_floor_windows``: this machine's speed drifts). Goal >= 0.8. The loader runs as
+  configured for a production run on this machine: ``data.loader_workers`` = one worker process per core
+  (``--workers``, default ``os.cpu_count()``), ``prefetch_samples=8`` draws per slot ahead, ``prefetch_threads=4``;
+  the floor is one thread.
   On the demo shards (PNGs of 56-224 px, ~0.1 ms to decode) the loader's fixed per-sample work dominates;
   ``photos_*`` repeats the measurement on 1024x768 JPEGs built with ``data.prepare``, where decoding is most of the
   work (the loader decodes them at the DCT scale its 256-patch grid needs).
@@ -16,9 +18,9 @@ Prints one JSON line:
   Goal <= 1.2.
 - The same throughput and resume figures for torchdata's ``StatefulDataLoader`` (a map-style dataset doing the
   same per-sample work on the same storage, 2 workers) and megatron-energon (2 workers, decoding to tensors, on
-  local copies of the same shards, run from its own venv), or the reason one was not measured.
+  local copies of the same shards, run from its own venv, made on first use), or the reason one was not measured.
 
-    python benchmarks/loader_throughput.py [--scale 0.5 --batches 30 --repeats 3 --workers 2 --energon-python PY]
+    python benchmarks/loader_throughput.py [--scale 0.5 --batches 60 --repeats 5 --workers 2 --energon-python PY]
 """
 
 from __future__ import annotations
@@ -71,14 +73,19 @@ def start_s3(root: Path) -> tuple[subprocess.Popen, str]:
     return server, endpoint
 
 
-def decode_floor(storage, sources: tuple[str, ...]) -> float:
-    """Samples/s of decoding every image of the sources' shards, bytes already in memory, one thread."""
+def shard_images(storage, sources: tuple[str, ...]) -> list[bytes]:
+    """The encoded images of the sources' shards."""
     manifest = json.loads(storage.read("manifest.json"))
     images = []
     for source in sources:
         for shard in manifest["sources"][source]["shards"]:
             with tarfile.open(fileobj=io.BytesIO(storage.read(shard))) as tar:
                 images += [tar.extractfile(m).read() for m in tar.getmembers() if not m.name.endswith(".json")]
+    return images
+
+
+def decode_floor(images: list[bytes]) -> float:
+    """Samples/s of decoding every image, bytes already in memory, one thread."""
     start = time.perf_counter()
     for data in images:
         Image.open(io.BytesIO(data)).convert("RGB")
@@ -110,15 +117,26 @@ def our_loader(url: str, endpoint: str, tokenizer, cache: str, sources: tuple[st
 
 
 def samples_per_s(url: str, endpoint: str, tokenizer, cache: str, batches: int, sources=SOURCES,
-                  workers: int = 0) -> float:
+                  workers: int = 0, repeats: int = 1, floor_images: list[bytes] | None = None) -> dict:
+    """Our loader's samples/s over ``repeats`` windows of ``batches`` batches of one stream (median), and with
+    ``floor_images`` the decode floor measured between the windows (median): this machine's speed drifts by tens of
+    percent within a minute, and a ratio of two medians taken side by side is steadier than two lone figures."""
     loader = our_loader(url, endpoint, tokenizer, cache, sources, workers)
     loader.next_image_text_batch(0.0)  # worker start, the first shard indexes and cache fills
-    start = time.perf_counter()
-    for step in range(batches):
-        loader.next_image_text_batch(step / batches)
-    rate = batches * 16 / (time.perf_counter() - start)
+    rates, floors, step, total = [], [], 0, batches * repeats + 1
+    for _ in range(repeats):
+        if floor_images:
+            floors.append(decode_floor(floor_images))
+        start = time.perf_counter()
+        for _ in range(batches):
+            step += 1
+            loader.next_image_text_batch(step / total)
+        rates.append(batches * 16 / (time.perf_counter() - start))
     loader.close()
-    return rate
+    result = {"loader": statistics.median(rates), "loader_windows": [round(r) for r in rates]}
+    if floors:
+        result.update(floor=statistics.median(floors), floor_windows=[round(f) for f in floors])
+    return result
 
 
 def photos(tmp: Path, endpoint: str, count: int) -> str:
@@ -148,10 +166,14 @@ def photos(tmp: Path, endpoint: str, count: int) -> str:
     return url
 
 
-def ours(url: str, endpoint: str, tokenizer, batches: int, tmp: Path, repeats: int, workers: int) -> dict:
-    results = {"loader_samples_per_s": samples_per_s(url, endpoint, tokenizer, str(tmp / "cache"), batches,
-                                                     workers=workers),
-               "loader_samples_per_s_no_cache": samples_per_s(url, endpoint, tokenizer, "", batches, workers=workers)}
+def ours(url: str, endpoint: str, tokenizer, batches: int, tmp: Path, repeats: int, workers: int,
+         floor_images: list[bytes]) -> dict:
+    cached = samples_per_s(url, endpoint, tokenizer, str(tmp / "cache"), batches, workers=workers, repeats=repeats,
+                           floor_images=floor_images)
+    results = {"decode_floor_samples_per_s": cached["floor"], "decode_floor_windows": cached["floor_windows"],
+               "loader_samples_per_s": cached["loader"], "loader_windows": cached["loader_windows"],
+               "loader_samples_per_s_no_cache": samples_per_s(url, endpoint, tokenizer, "", batches,
+                                                              workers=workers)["loader"]}
     state = {}
     for slot in range(16):  # a state at global sample 1,000,000: each of the 16 slots has drawn 62,500
         draws = RESUME_AT // 16
@@ -276,9 +298,31 @@ def packing_efficiency(root: Path, tokenizer, rows: int) -> float:
     return real / total
 
 
-ENERGON_REASON = ("megatron-energon 7.4.1 keeps torch but pulls s3fs/aiobotocore, which would downgrade botocore "
-                  "1.44 -> 1.43.117 under boto3 1.44.5 in the shared environment: give --energon-python, the "
-                  "interpreter of a separate venv with torch==2.13.0 and megatron-energon==7.4.1")
+# megatron-energon 7.4.1 keeps torch but pulls s3fs/aiobotocore, which would downgrade botocore under our boto3:
+# it runs from a venv of its own, made on first use.
+ENERGON_VENV = Path.home() / ".cache" / "kimi-vl-bench" / "energon-venv"
+ENERGON_PACKAGES = (["torch==2.13.0"], ["megatron-energon==7.4.1"])  # torch first: a bare one pulls a CUDA build
+
+
+def energon_python(given: str, venv: Path) -> tuple[str, str]:
+    """(interpreter, error): the given one, or the venv's, made (a few minutes, once) when it has no energon."""
+    if given:
+        return given, ""
+    python = venv / "bin" / "python"
+    if not (venv / "bin" / "energon").exists():
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+            for packages in ENERGON_PACKAGES:
+                subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True, capture_output=True,
+                               timeout=1800)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            detail = getattr(error, "stderr", b"") or b""
+            return "", (f"could not make energon's venv in {venv} ({error}: {detail.decode(errors='replace')[-300:]}); "
+                        f"give --energon-python, the interpreter of a venv with torch==2.13.0 and "
+                        f"megatron-energon==7.4.1")
+    return str(python), ""
+
+
 ENERGON_LOADER = '''def sample_loader(raw: dict) -> dict:
     meta = raw["json"]
     caption = meta.get("caption") or ", ".join(o["label"] for o in meta.get("objects", []))
@@ -324,8 +368,6 @@ def energon_figures(python: str, root: Path, tmp: Path, batches: int, repeats: i
     """megatron-energon (in its own venv) on local copies of the same image-text shards, 2 workers."""
     import shutil
 
-    if not python:
-        return {"energon_error": ENERGON_REASON}
     dataset = tmp / "energon"
     for source in SOURCES:
         shutil.copytree(root / source, dataset / source, ignore=shutil.ignore_patterns("*.json"))
@@ -350,14 +392,17 @@ def energon_figures(python: str, root: Path, tmp: Path, batches: int, repeats: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=0.5)
-    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--batches", type=int, default=60)
     parser.add_argument("--rows", type=int, default=24, help="8K rows for packing efficiency")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--photos", type=int, default=160, help="1024x768 JPEG samples for the large-image figure")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="our loader's worker processes (data.loader_workers; 0: prefetch threads only)")
     parser.add_argument("--energon-python", default=os.environ.get("ENERGON_PYTHON", ""),
-                        help="python of a venv with megatron-energon==7.4.1 (it cannot share ours)")
+                        help="python of a venv with megatron-energon==7.4.1 (it cannot share ours); default: the "
+                             "--energon-venv one, made on first use")
+    parser.add_argument("--energon-venv", type=Path, default=ENERGON_VENV)
+    parser.add_argument("--no-energon", action="store_true", help="skip megatron-energon")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -375,18 +420,19 @@ def main() -> None:
         server, endpoint = start_s3(root)
         try:
             url = f"s3://{BUCKET}/demo"
-            result = {"decode_floor_samples_per_s": decode_floor(LocalStorage(root), SOURCES)}
-            result.update(ours(url, endpoint, tokenizer, args.batches, tmp, args.repeats, args.workers))
+            result = ours(url, endpoint, tokenizer, args.batches, tmp, args.repeats, args.workers,
+                          shard_images(LocalStorage(root), SOURCES))
             result["throughput_vs_decode_floor"] = result["loader_samples_per_s"] / result[
                 "decode_floor_samples_per_s"]
             if args.photos:
                 photos_url = photos(tmp, endpoint, args.photos)
                 storage = S3Storage(photos_url, S3Options(endpoint_url=endpoint))
                 photo_tokenizer = TextTokenizer.from_bytes(storage.read("tokenizer.json"))
-                result["photos_decode_floor_samples_per_s"] = decode_floor(storage, ("photos",))
-                result["photos_loader_samples_per_s"] = samples_per_s(photos_url, endpoint, photo_tokenizer,
-                                                                      str(tmp / "photo_cache"), args.batches,
-                                                                      ("photos",), args.workers)
+                figures = samples_per_s(photos_url, endpoint, photo_tokenizer, str(tmp / "photo_cache"),
+                                        args.batches, ("photos",), args.workers, args.repeats,
+                                        shard_images(storage, ("photos",)))
+                result["photos_decode_floor_samples_per_s"] = figures["floor"]
+                result["photos_loader_samples_per_s"] = figures["loader"]
                 result["photos_throughput_vs_decode_floor"] = result["photos_loader_samples_per_s"] / result[
                     "photos_decode_floor_samples_per_s"]
             result["resume_latency_ratio"] = result["first_batch_s_at_1M"] / result["first_batch_s_at_0"]
@@ -396,7 +442,12 @@ def main() -> None:
             if "torchdata_samples_per_s" in result:
                 result["torchdata_throughput_vs_decode_floor"] = result["torchdata_samples_per_s"] / result[
                     "decode_floor_samples_per_s"]
-            result.update(energon_figures(args.energon_python, root, tmp, args.batches, args.repeats))
+            if args.no_energon:
+                result["energon_error"] = "skipped (--no-energon)"
+            else:
+                python, error = energon_python(args.energon_python, args.energon_venv)
+                result.update(energon_figures(python, root, tmp, args.batches, args.repeats) if python
+                              else {"energon_error": error})
             if "energon_samples_per_s" in result:
                 result["energon_throughput_vs_decode_floor"] = result["energon_samples_per_s"] / result[
                     "decode_floor_samples_per_s"]
