@@ -15,6 +15,7 @@ import multiprocessing
 import queue
 from multiprocessing import shared_memory
 
+import cv2
 import torch
 
 from data.augment import AugmentConfig, plan_augment
@@ -62,6 +63,7 @@ class SampleReader:
 def _serve(connection, reader: SampleReader, arena_name: str, slot_bytes: int) -> None:
     """A worker process: answers ``(keys, slot)`` requests with their outcomes until it reads ``None``."""
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
+    cv2.setNumThreads(1)
     arena = shared_memory.SharedMemory(name=arena_name)
     try:
         while (request := connection.recv()) is not None:
