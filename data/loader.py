@@ -194,11 +194,15 @@ class StageLoader:
         for ahead in range(count):
             draw = (stream.draws + ahead) * stream.num_slots + stream.slot
             name = self.sampler.choose(draw, progress)
-            index = source_draws[name] * stream.num_slots + stream.slot
+            planned.append((name, self._position(name, source_draws[name] * stream.num_slots + stream.slot), draw,
+                            cap))
             source_draws[name] += 1
-            epoch, offset = divmod(index, len(self.sources[name]))
-            planned.append((name, int(self._order(name, epoch)[offset]), draw, cap))
         return planned
+
+    def _position(self, name: str, index: int) -> int:
+        """The sample of source ``name`` that its ``index``-th draw (over all slots) visits."""
+        epoch, offset = divmod(index, len(self.sources[name]))
+        return int(self._order(name, epoch)[offset])
 
     def _order(self, name: str, epoch: int) -> Any:
         order = self._orders.get((name, epoch))
@@ -211,10 +215,12 @@ class StageLoader:
 
     def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int, int, int]:
         """The next (source, position, global draw index, patch cap) of a slot's stream; advances its counters."""
-        drawn = self._plan(stream, progress, 1)[0]
+        draw = stream.draws * stream.num_slots + stream.slot
+        name = self.sampler.choose(draw, progress)
+        position = self._position(name, stream.source_draws[name] * stream.num_slots + stream.slot)
         stream.draws += 1
-        stream.source_draws[drawn[0]] += 1
-        return drawn
+        stream.source_draws[name] += 1
+        return name, position, draw, self.image_patch_cap(progress)
 
     def _prefetch(self, progress: float) -> None:
         """Ask for the members of every slot's next draws (predicted at the current progress), once fewer than half
