@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from data.storage import Storage
+from data.storage import Storage, read_file_range
 
 SUFFIX = ".obj"
 LOCK_SUFFIX = ".lock"  # beside an entry, held while one process fetches it
@@ -93,14 +93,10 @@ class DiskCache:
     def get_range(self, key: str, start: int, length: int) -> bytes | None:
         path = self._path(key)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            data = read_file_range(path, start, length)
         except FileNotFoundError:
             self.misses += 1
             return None
-        try:
-            data = os.pread(fd, length, start)
-        finally:
-            os.close(fd)
         self._hit(path)
         return data
 

@@ -214,8 +214,8 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
     """The warped (and colour-jittered) image at ``size`` pixels: uint8 ``[height, width, 3]``.
 
     Every output pixel is sampled bilinearly from the stored image (decoded at a reduced scale when the output is
-    much smaller, as :func:`load_rgb` allows); points outside it are mid-grey (the model's zero after
-    normalization, so padding carries no signal before jitter). OpenCV's ``warpAffine`` samples the bytes as they
+    much smaller, as :func:`load_rgb` allows); points outside it are mid-grey (byte 128, 1/255 after the model's
+    normalization: padding carries next to no signal before jitter). OpenCV's ``warpAffine`` samples the bytes as they
     are (a float round trip through ``grid_sample`` cost three times as much on the small images the loader warps).
     """
     stored = image.size
@@ -246,7 +246,6 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=(MID_GREY,) * 3 + (0,))
     pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2RGB)
     return pixels if jitter is None else _jitter(pixels, jitter)
-
 
 
 def _jitter(pixels: np.ndarray, jitter: ColourJitter) -> np.ndarray:

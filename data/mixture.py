@@ -21,6 +21,11 @@ def draw_rng(seed: int, stage: str, index: int, salt: str) -> np.random.Generato
     return np.random.default_rng([seed, stable_hash(stage), index, stable_hash(salt)])
 
 
+def _draw_key(seed: int, stage: str, index: int, salt: str) -> bytes:
+    """The bytes that key every counter-based random number of draw ``index``."""
+    return struct.pack("<qIqI", seed, stable_hash(stage), index, stable_hash(salt))
+
+
 class DrawRandom:
     """The random numbers of one draw, as a counter-based stream: block ``k`` is BLAKE2b-512 of (seed, stage, index,
     salt, k), eight uniforms of 53 bits each. About 1 us per block, where seeding a numpy generator costs 15-20 us
@@ -28,7 +33,7 @@ class DrawRandom:
     Offers the part of ``numpy.random.Generator`` that :func:`data.augment.plan_augment` uses."""
 
     def __init__(self, seed: int, stage: str, index: int, salt: str):
-        self._key = struct.pack("<qIqI", seed, stable_hash(stage), index, stable_hash(salt))
+        self._key = _draw_key(seed, stage, index, salt)
         self._block = 0
         self._ready: list[float] = []
 
@@ -52,8 +57,7 @@ class DrawRandom:
 def draw_uniforms(seed: int, stage: str, index: int, salt: str) -> tuple[float, float]:
     """Two uniforms in [0, 1) of draw ``index``, as a counter-based hash (BLAKE2b of the key): about 1 us, where
     seeding a generator costs 15-20 us (its seed sequence), which the loader would pay for every draw it plans."""
-    key = struct.pack("<qIqI", seed, stable_hash(stage), index, stable_hash(salt))
-    high, low = struct.unpack("<QQ", hashlib.blake2b(key, digest_size=16).digest())
+    high, low = struct.unpack("<QQ", hashlib.blake2b(_draw_key(seed, stage, index, salt), digest_size=16).digest())
     return (high >> 11) * 2.0**-53, (low >> 11) * 2.0**-53  # the top 53 bits: every double in [0, 1) is exact
 
 

@@ -117,6 +117,23 @@ def process_bucket(rate: float, burst: int) -> TokenBucket:
         return _BUCKETS.setdefault((float(rate), int(burst)), TokenBucket(rate, burst))
 
 
+def read_file_range(path: str | Path, start: int, length: int) -> bytes:
+    """``length`` bytes of a local file from ``start`` (fewer only at its end), with ``pread`` and no file object:
+    opening a buffered file costs more than reading a small sample. Raises FileNotFoundError."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks, got = [], 0
+        while got < length:  # one call unless the read is cut short (Linux returns at most ~2 GiB per call)
+            piece = os.pread(fd, length - got, start + got)
+            if not piece:  # the end of the file
+                break
+            chunks.append(piece)
+            got += len(piece)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 class LocalStorage:
     """Files under a local folder."""
 
@@ -128,18 +145,7 @@ class LocalStorage:
         return self.root / key
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
-        # One pread, no file object: opening a buffered file costs more than reading a small sample.
-        fd = os.open(self.root / key, os.O_RDONLY)
-        try:
-            data = os.pread(fd, length, start)
-            if len(data) == length:
-                return data
-            chunks = [data]  # a short read: the end of the file, or a read above Linux's 2 GiB per call
-            while length > (got := sum(map(len, chunks))) and (piece := os.pread(fd, length - got, start + got)):
-                chunks.append(piece)
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
+        return read_file_range(self.root / key, start, length)
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()

@@ -6,8 +6,10 @@ import hashlib
 import multiprocessing
 import time
 
+import pytest
+
 from data.cache import CachedStorage, DiskCache
-from data.storage import TokenBucket
+from data.storage import LocalStorage, TokenBucket
 
 
 def payload(i: int) -> bytes:
@@ -101,3 +103,16 @@ def test_processes_missing_the_same_shard_fetch_it_once(tmp_path):
         reader.join(30)
         assert reader.exitcode == 0
     assert fetches.value == 1
+
+
+def test_local_ranged_reads_stop_at_the_end_of_the_file_and_name_a_missing_one(tmp_path):
+    data = bytes(range(256)) * 10
+    (tmp_path / "shard.tar").write_bytes(data)
+    storage, cache = LocalStorage(tmp_path), DiskCache(tmp_path / "cache", 10**6)
+    cache.put("shard", data)
+    for start, length in ((0, 0), (10, 20), (2550, 100), (2560, 5), (0, len(data))):
+        assert storage.read_range("shard.tar", start, length) == data[start:start + length]
+        assert cache.get_range("shard", start, length) == data[start:start + length]
+    assert cache.get_range("other", 0, 10) is None
+    with pytest.raises(FileNotFoundError):
+        storage.read_range("missing.tar", 0, 10)
