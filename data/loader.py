@@ -18,18 +18,10 @@ from data.batch import ImageTextBatch, PackedBatch
 from data.mixture import MixtureSampler, epoch_permutation
 from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
 from data.prefetch import Prefetcher
-from data.samples import (
-    Document,
-    ImagePatches,
-    RawSample,
-    SampleError,
-    ShardSource,
-    caption_text,
-    render_document,
-)
+from data.samples import Document, SampleError, ShardSource
 from data.storage import Storage, open_storage
 from data.tokenizer import TextTokenizer
-from data.workers import ProcessReader, SampleReader
+from data.workers import Drawn, ImageText, ProcessReader, SampleReader
 from model.args import VisionArgs
 from train.config import DataConfig, StageConfig
 
@@ -134,8 +126,10 @@ class StageLoader:
             name: ShardSource(name, storage, known[name]["shards"], data.skip_missing_shards, data.prefetch_threads,
                               known[name].get("shard_samples"), known[name].get("index_suffix", ""))
             for name in self.sampler.sources()}
+        self.image_text = stage.objective == "coca"
+        max_tokens = stage.max_text_len if self.image_text else stage.seq_len * MAX_ROWS_PER_DOCUMENT
         self.reader = SampleReader(self.sources, stage.augment, seed, stage_name, vision.patch_size,
-                                   vision.merge_size)
+                                   vision.merge_size, tokenizer, self.image_text, max_tokens)
         self.prefetch_samples = data.prefetch_samples
         self.prefetcher = self.workers = None
         if data.prefetch_samples > 0:
@@ -149,9 +143,9 @@ class StageLoader:
                 threads = max(data.prefetch_threads, 2 * data.loader_workers)
                 self.workers = ProcessReader(self.reader, data.loader_workers, threads)
                 chunk = max(1, min(WORKER_CHUNK, stage.micro_batch_size))
-                self.prefetcher = Prefetcher(self.workers.load, threads, capacity, self.workers.load_many, chunk)
+                self.prefetcher = Prefetcher(self.workers.read, threads, capacity, self.workers.read_many, chunk)
             else:
-                self.prefetcher = Prefetcher(self.reader.load, data.prefetch_threads, capacity)
+                self.prefetcher = Prefetcher(self.reader.read, data.prefetch_threads, capacity)
         per_rank = stage.micro_batch_size
         num_slots = per_rank * dp_size
         self.slots = [SlotStream(v, num_slots, list(self.sources))
@@ -168,6 +162,11 @@ class StageLoader:
     def missing_shards(self) -> list[str]:
         """Shards of this stage's sources that were missing and skipped (``data.skip_missing_shards``)."""
         return [shard for source in self.sources.values() for shard in source.missing_shards]
+
+    def settle(self) -> None:
+        """Wait until the reads prefetched so far are done (see :meth:`Prefetcher.settle`); the stream is unchanged."""
+        if self.prefetcher is not None:
+            self.prefetcher.settle()
 
     def close(self) -> None:
         """Stop the prefetch threads and worker processes (the loader keeps working, reading in the foreground)."""
@@ -236,10 +235,10 @@ class StageLoader:
         # Round-robin over the slots, in the order batches consume draws: the next batch's samples first.
         self.prefetcher.want(plan[k] for k in range(self.prefetch_samples) for plan in plans)
 
-    def _read(self, name: str, position: int, draw: int, cap: int) -> tuple[RawSample, dict, dict[str, ImagePatches]]:
-        if self.prefetcher is not None:  # the same pure function, maybe already computed on a background thread
+    def _read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
+        if self.prefetcher is not None:  # the same pure function, maybe already computed in the background
             return self.prefetcher.get(name, position, draw, cap)
-        return self.reader.load(name, position, draw, cap)
+        return self.reader.read(name, position, draw, cap)
 
     def _skip(self, stream: SlotStream, name: str, position: int, error: Exception) -> None:
         stream.corrupt += 1
@@ -251,9 +250,7 @@ class StageLoader:
                             f"above data.max_corrupt_fraction={self.max_corrupt_fraction}")
 
     def _render(self, name: str, position: int, draw: int, cap: int) -> Document:
-        _, meta, images = self._read(name, position, draw, cap)
-        limit = self.stage.seq_len * MAX_ROWS_PER_DOCUMENT
-        return render_document(meta, images, self.tokenizer, self.vision.merge_size, limit)
+        return self._read(name, position, draw, cap)
 
     def _next_document(self, stream: SlotStream, progress: float) -> tuple[tuple[str, int, int, int, int], Document]:
         while True:
@@ -292,32 +289,32 @@ class StageLoader:
 
     def next_packed_batch(self, progress: float) -> PackedBatch:
         """One packed row of ``seq_len`` tokens from each of this rank's slots (the language-model objective)."""
+        self._check_objective(False)
         self._prefetch(progress)
         rows = [self._next_row(stream, progress) for stream in self.slots]
         patch_dim = self.vision.in_channels * self.vision.patch_size**2
         return collate_rows(rows, self.tokenizer.image_id, patch_dim, self.vision.merge_size)
 
-    def _next_pair(self, stream: SlotStream, progress: float) -> tuple[ImagePatches, str]:
+    def _next_pair(self, stream: SlotStream, progress: float) -> ImageText:
         while True:
             name, position, draw, cap = self._draw(stream, progress)
             try:
-                _, meta, images = self._read(name, position, draw, cap)
-                if not images:
-                    raise SampleError("no image for the image-text objective")
-                first = next(s["image"] for s in meta["segments"] if "image" in s)
-                return images[first], caption_text(meta)
+                return self._read(name, position, draw, cap)
             except SampleError as error:
                 self._skip(stream, name, position, error)
 
+    def _check_objective(self, image_text: bool) -> None:
+        if image_text != self.image_text:
+            wanted = "image-text pairs" if image_text else "packed rows"
+            raise DataError(f"stage '{self.stage_name}' has the '{self.stage.objective}' objective, which does not "
+                            f"train on {wanted}")
+
     def next_image_text_batch(self, progress: float) -> ImageTextBatch:
-        """One (image, text) pair from each of this rank's slots (the CoCa objective; first image of a sample)."""
+        """One (image, caption ids) pair from each of this rank's slots (the CoCa objective; first image of a
+        sample)."""
+        self._check_objective(True)
         self._prefetch(progress)
-        pairs = [self._next_pair(stream, progress) for stream in self.slots]
-        tok, keep = self.tokenizer, self.stage.max_text_len - 2
-        # One caption at a time: the tokenizer's batch call would start its own thread pool, whose spinning threads
-        # compete with the prefetch threads and worker processes for the cores.
-        return collate_image_text([(image, [tok.bos_id, *tok.encode(text)[:keep], tok.eos_id])
-                                   for image, text in pairs], tok.pad_id)
+        return collate_image_text([self._next_pair(stream, progress) for stream in self.slots], self.tokenizer.pad_id)
 
     # ----- Stateful ----------------------------------------------------------------------------------------------
 

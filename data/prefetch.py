@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 
@@ -72,6 +72,11 @@ class Prefetcher:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
+
+    def settle(self) -> None:
+        """Wait until every read asked for has finished (they stay ready to be taken): e.g. before timing other
+        work on the same cores, which the reads in flight would otherwise slow down."""
+        wait([future for future, _ in self.pending.values()])
 
     def close(self) -> None:
         for future, _ in self.pending.values():

@@ -1,7 +1,9 @@
-"""The per-draw read (fetch, parse, decode, augment, patchify), in-process or in worker processes.
+"""The per-draw read (fetch, parse, decode, augment, patchify, tokenize), in-process or in worker processes.
 
 A draw's read is a pure function of ``(source, position, draw index, patch cap)`` and the stage's fixed settings, so
-it can run anywhere: :class:`SampleReader` is that function; :class:`ProcessReader` runs it in spawned worker
+it can run anywhere: :class:`SampleReader` is that function, down to what the loader packs or collates (a tokenized
+document, or an image and its caption's token ids: the trainer's process, whose threads share one GIL with the
+training step, is left with collation); :class:`ProcessReader` runs it in spawned worker
 processes (spawned, not forked: the trainer has threads, process groups and possibly CUDA, none of which survive a
 fork) for when decoding and resizing need more than one core. Workers write patches into a shared-memory arena
 the reader owns (no per-tensor shared-memory handles cross the process boundary); the loader's output is the same
@@ -10,9 +12,12 @@ with any number of workers.
 
 from __future__ import annotations
 
+import collections
 import math
 import multiprocessing
 import queue
+import threading
+from concurrent.futures import Future
 from multiprocessing import shared_memory
 
 import cv2
@@ -20,10 +25,24 @@ import torch
 
 from data.augment import AugmentConfig, plan_augment
 from data.mixture import DrawRandom
-from data.samples import ImagePatches, RawSample, load_images, load_meta
+from data.samples import (
+    Document,
+    ImagePatches,
+    RawSample,
+    SampleError,
+    caption_text,
+    load_images,
+    load_meta,
+    render_document,
+)
 from data.shards import ShardSource
+from data.tokenizer import TextTokenizer
 
 Loaded = tuple[RawSample, dict, dict[str, ImagePatches]]
+# A draw as the loader uses it: a document for the language-model objective; for the image-text (CoCa) objective
+# the sample's first image and its caption's token ids (with bos and eos).
+ImageText = tuple[ImagePatches, list[int]]
+Drawn = Document | ImageText
 # Shared-memory bytes per concurrent read; a sample whose patches do not fit goes through the pipe instead.
 SLOT_BYTES = 16 * 1024 * 1024
 
@@ -38,14 +57,30 @@ class SampleReader:
         stage_name: Stage name (part of every random choice).
         patch_size: ViT patch side.
         merge_size: Projector merge side.
+        tokenizer: The text tokenizer (:meth:`read` only).
+        image_text: :meth:`read` gives image-text pairs (the CoCa objective) instead of documents.
+        max_tokens: :meth:`read`'s limit: tokens of a caption (bos and eos included), or of a document.
     """
 
     def __init__(self, sources: dict[str, ShardSource], augment_cfg: AugmentConfig, seed: int, stage_name: str,
-                 patch_size: int, merge_size: int):
+                 patch_size: int, merge_size: int, tokenizer: TextTokenizer | None = None, image_text: bool = False,
+                 max_tokens: int = 0):
         self.sources = sources
         self.augment_cfg = augment_cfg
         self.seed, self.stage_name = seed, stage_name
         self.patch_size, self.merge_size = patch_size, merge_size
+        self.tokenizer, self.image_text, self.max_tokens = tokenizer, image_text, max_tokens
+
+    def read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
+        """The draw as the loader uses it (see :data:`Drawn`); raises :class:`SampleError` for a corrupt sample."""
+        _, meta, images = self.load(name, position, draw, cap)
+        tok = self.tokenizer
+        if not self.image_text:
+            return render_document(meta, images, tok, self.merge_size, self.max_tokens)
+        if not images:
+            raise SampleError("no image for the image-text objective")
+        first = next(s["image"] for s in meta["segments"] if "image" in s)
+        return images[first], [tok.bos_id, *tok.encode(caption_text(meta))[:self.max_tokens - 2], tok.eos_id]
 
     def load(self, name: str, position: int, draw: int, cap: int) -> Loaded:
         raw = self.sources[name].read(position)
@@ -80,38 +115,88 @@ def _load_chunk(reader: SampleReader, arena: shared_memory.SharedMemory, keys: l
     outcomes = []
     for key in keys:
         try:
-            raw, meta, images = reader.load(*key)
+            drawn = reader.read(*key)
         except Exception as error:  # this draw's outcome (e.g. a corrupt sample); the others still count
             outcomes.append(error)
             continue
-        arrays = {}
-        for ext, image in images.items():
+        shipped = []
+        for image in _images(drawn):
             count = image.patches.numel()  # uint8: bytes
             if start + count <= end:  # into the caller's slot of the shared arena: no copy through the pipe
                 torch.frombuffer(arena.buf, dtype=torch.uint8, count=count, offset=start).copy_(image.patches.view(-1))
-                arrays[ext] = ((start, tuple(image.patches.shape)), image.grid, image.size)
+                shipped.append(ImagePatches((start, tuple(image.patches.shape)), image.grid, image.size))
                 start += count
             else:  # larger than the slot's rest: through the pipe
-                arrays[ext] = (image.patches.numpy(), image.grid, image.size)
-        # The members stay here: the loader uses the metadata and the patches, not the encoded bytes.
-        outcomes.append((RawSample(raw.source, raw.shard, raw.key, {}), meta, arrays))
+                shipped.append(ImagePatches(image.patches.numpy(), image.grid, image.size))
+        outcomes.append(_with_images(drawn, shipped))
     return outcomes
+
+
+def _images(drawn: Drawn) -> list[ImagePatches]:
+    return drawn.images if isinstance(drawn, Document) else [drawn[0]]
+
+
+def _with_images(drawn: Drawn, images: list[ImagePatches]) -> Drawn:
+    if isinstance(drawn, Document):
+        return Document(drawn.tokens, drawn.supervised, images, drawn.spans)
+    return images[0], drawn[1]
 
 
 class WorkerError(RuntimeError):
     """A loader worker process died (killed, out of memory, a crash in a native decoder)."""
 
 
+# Requests queued at each worker: while it works on one, the next waits in its pipe, so it never idles between
+# round trips (the caller's side of a trip -- unpickling, copying out, handing the next keys over -- takes the
+# trainer's GIL, which its own thread may hold for milliseconds). Measured on the demo shards with 2 workers: one
+# request at a time left them idle ~40% of the time.
+REQUESTS_PER_WORKER = 2
+
+
+class _Worker:
+    """One worker process, its pipe and the thread that reads its answers (they come in the order of the requests)
+    and hands each to the caller waiting for it."""
+
+    def __init__(self, connection, process, on_death):
+        self.connection, self.process = connection, process
+        self.send_lock = threading.Lock()
+        self.waiting: collections.deque[Future] = collections.deque()  # one per request sent, oldest first
+        self.on_death = on_death  # (worker) -> the error message for the requests left unanswered
+        self.dead = False
+        threading.Thread(target=self._receive, name="loader-worker-answers", daemon=True).start()
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                outcomes = self.connection.recv()
+                self.waiting.popleft().set_result(outcomes)
+        except (EOFError, OSError):  # the worker died, or was stopped by close()
+            with self.send_lock:  # no request joins the queue once it is failed
+                self.dead = True
+                message = self.on_death(self)
+                while self.waiting:
+                    self.waiting.popleft().set_exception(WorkerError(message))
+
+    def request(self, keys: list[tuple[str, int, int, int]], slot: int) -> Future:
+        answer: Future = Future()
+        with self.send_lock:
+            if self.dead:
+                raise EOFError
+            self.waiting.append(answer)
+            self.connection.send((keys, slot))
+        return answer
+
+
 class ProcessReader:
-    """:meth:`SampleReader.load` in ``processes`` spawned workers; :meth:`load` and :meth:`load_many` block for
+    """:meth:`SampleReader.read` in ``processes`` spawned workers; :meth:`read` and :meth:`read_many` block for
     their results (call them from up to ``callers`` threads at once to keep the workers busy; more wait their turn).
 
-    Each worker serves one round trip at a time over its own pipe: a caller takes an idle worker, sends it the keys,
-    and reads the outcomes back (no executor between them: its queues, feeder and management threads cost more
-    per trip than pickling a chunk's keys and metadata). Read several samples per trip (:meth:`load_many`) to
-    spread the trip's cost. Patches come back through a shared-memory arena with one slot per concurrent caller (a
-    pipe would copy them four times, in chunks of its buffer, which costs more than decoding a small image); the
-    returned raw samples have no members.
+    Each worker has up to :data:`REQUESTS_PER_WORKER` requests in its pipe: a caller takes a free place at a worker,
+    sends it the keys, and waits for the answer, which a thread per worker reads from its pipe. No executor sits
+    between them: its queues, feeder and management threads cost more per trip than pickling a chunk's keys and
+    metadata. Read several samples per trip (:meth:`read_many`) to spread the trip's cost. Patches come back
+    through a shared-memory arena with one slot per concurrent caller (a pipe would copy them four times, in chunks
+    of its buffer, which costs more than decoding a small image).
     """
 
     def __init__(self, reader: SampleReader, processes: int, callers: int, slot_bytes: int = SLOT_BYTES):
@@ -123,7 +208,9 @@ class ProcessReader:
             self.slots.put(slot)
         context = multiprocessing.get_context("spawn")
         self.processes = []
+        # A free place in some worker's pipe, per request it may have queued (round robin over the workers).
         self.idle: queue.SimpleQueue = queue.SimpleQueue()
+        workers = []
         for _ in range(processes):
             ours, theirs = context.Pipe()
             process = context.Process(target=_serve, args=(theirs, reader, self.arena.name, slot_bytes),
@@ -131,52 +218,60 @@ class ProcessReader:
             process.start()
             theirs.close()
             self.processes.append(process)
-            self.idle.put((ours, process))
+            workers.append(_Worker(ours, process, self._died))
+        for _ in range(REQUESTS_PER_WORKER):
+            for worker in workers:
+                self.idle.put(worker)
 
-    def load(self, name: str, position: int, draw: int, cap: int) -> Loaded:
-        outcome = self.load_many([(name, position, draw, cap)])[0]
+    def read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
+        outcome = self.read_many([(name, position, draw, cap)])[0]
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
+    def _died(self, worker: _Worker) -> str:
+        """A worker's pipe closed: no more round trips (every caller waiting for a worker learns why)."""
+        if not self.broken:
+            worker.process.join(timeout=1)  # for its exit code
+            self.broken = (f"loader worker process {worker.process.pid} died (exit code {worker.process.exitcode}) "
+                           f"with {len(worker.waiting)} requests unanswered")
+        self.idle.put(None)
+        return self.broken
+
     def _round_trip(self, keys: list[tuple[str, int, int, int]], slot: int) -> list:
         worker = self.idle.get()
-        if worker is None:  # closed, or a worker died: every caller waiting for a worker learns it
+        if worker is None:  # closed, or a worker died
             self.idle.put(None)
             raise WorkerError(self.broken)
-        connection, process = worker
         try:
-            connection.send((keys, slot))
-            outcomes = connection.recv()
-        except (EOFError, OSError):
-            if not self.broken:
-                self.broken = (f"loader worker process {process.pid} died (exit code {process.exitcode}) while "
-                               f"reading {keys[0]} and {len(keys) - 1} more draws")
+            answer = worker.request(keys, slot)
+        except (EOFError, OSError):  # died before its answer thread noticed
             self.idle.put(None)
-            raise WorkerError(self.broken) from None
+            raise WorkerError(self.broken or f"loader worker process {worker.process.pid} died") from None
+        outcomes = answer.result()  # raises the worker's death, if it died first
         self.idle.put(worker)
         return outcomes
 
-    def load_many(self, keys: list[tuple[str, int, int, int]]) -> list[Loaded | Exception]:
-        """The reads of ``keys`` in one round trip to a worker: each a :meth:`SampleReader.load` result or the
+    def read_many(self, keys: list[tuple[str, int, int, int]]) -> list[Drawn | Exception]:
+        """The reads of ``keys`` in one round trip to a worker: each a :meth:`SampleReader.read` result or the
         exception it raised."""
         slot = self.slots.get()
         try:
             outcomes = self._round_trip(keys, slot)
-            for index, outcome in enumerate(outcomes):
-                if isinstance(outcome, BaseException):
+            for index, drawn in enumerate(outcomes):
+                if isinstance(drawn, BaseException):
                     continue
-                raw, meta, arrays = outcome
-                images = {}
-                for ext, (patches, grid, size) in arrays.items():
+                images = []
+                for image in _images(drawn):
+                    patches = image.patches
                     if isinstance(patches, tuple):  # (offset, shape) in the arena: copied out before reuse
                         offset, shape = patches
                         patches = torch.frombuffer(self.arena.buf, dtype=torch.uint8, count=math.prod(shape),
                                                    offset=offset).view(shape).clone()
                     else:
                         patches = torch.from_numpy(patches)
-                    images[ext] = ImagePatches(patches, tuple(grid), tuple(size))
-                outcomes[index] = (raw, meta, images)
+                    images.append(ImagePatches(patches, image.grid, image.size))
+                outcomes[index] = _with_images(drawn, images)
         finally:
             self.slots.put(slot)
         return outcomes

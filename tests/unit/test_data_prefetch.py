@@ -35,6 +35,8 @@ def test_any_worker_count_gives_the_synchronous_stream(demo_root, tokenizer, nam
         assert all(batches_equal(batches[0], other) for other in batches[1:])
         expected[step] = batches[0]
     assert loaders[2].prefetcher.hits > 0
+    loaders[2].settle()  # reads asked for are all done, and still there to be taken
+    assert loaders[2].prefetcher.pending and all(f.done() for f, _ in loaders[2].prefetcher.pending.values())
     resumed = StageLoader(name, stage, demo_root, tokenizer, VISION, 0, 0, 1,
                           data=DataConfig(prefetch_samples=5, prefetch_threads=2))
     resumed.load_state_dict(state)
@@ -74,20 +76,19 @@ def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer
     keys = [("mixed", position, position, 64) for position in range(len(samples))]
     workers = ProcessReader(loader.reader, 1, 1)
     try:
-        outcomes = workers.load_many(keys)
+        outcomes = workers.read_many(keys)
     finally:
         workers.close()
     for key, outcome in zip(keys, outcomes):
         try:
-            _, meta, images = loader.reader.load(*key)
+            image, ids = loader.reader.read(*key)
         except SampleError as error:
             # The same error (PIL's message names an object address, which differs between processes).
             assert isinstance(outcome, SampleError) and str(outcome).split(" <")[0] == str(error).split(" <")[0]
             continue
-        assert outcome[1] == meta and outcome[2].keys() == images.keys()
-        for ext, image in images.items():
-            assert torch.equal(outcome[2][ext].patches, image.patches)
-            assert (outcome[2][ext].grid, outcome[2][ext].size) == (image.grid, image.size)
+        assert outcome[1] == ids and ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
+        assert torch.equal(outcome[0].patches, image.patches) and outcome[0].patches.dtype == torch.uint8
+        assert (outcome[0].grid, outcome[0].size) == (image.grid, image.size)
     assert sum(isinstance(outcome, SampleError) for outcome in outcomes) == 1
 
 
@@ -104,7 +105,7 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
     key = loader._plan(loader.slots[0], 0.0, 1)[0]
     workers = ProcessReader(loader.reader, 1, 3)
     try:
-        assert torch.equal(workers.load(*key)[2]["0.png"].patches, loader.reader.load(*key)[2]["0.png"].patches)
+        assert torch.equal(workers.read(*key)[0].patches, loader.reader.read(*key)[0].patches)
         pid = workers.processes[0].pid
         workers.processes[0].kill()
         workers.processes[0].join()
@@ -112,7 +113,7 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
 
         def read() -> None:
             try:
-                workers.load(*key)
+                workers.read(*key)
             except WorkerError as error:
                 errors.append(str(error))
 
@@ -128,4 +129,4 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
     fresh = ProcessReader(loader.reader, 1, 1)
     fresh.close()
     with pytest.raises(WorkerError, match="closed"):
-        fresh.load(*key)
+        fresh.read(*key)
