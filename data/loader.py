@@ -133,13 +133,13 @@ class StageLoader:
         self.prefetch_samples = data.prefetch_samples
         self.prefetcher = self.workers = None
         if data.prefetch_samples > 0:
-            # Whole reads (fetch, decode, augment, patchify) run ahead: on threads (decoding and resizing release
-            # the GIL), or in worker processes when data.loader_workers > 0.
+            # Whole reads (fetch, decode, augment, patchify, tokenize) run ahead: on threads (decoding and resizing
+            # release the GIL), or in worker processes when data.loader_workers > 0.
             capacity = 2 * data.prefetch_samples * stage.micro_batch_size
             if data.loader_workers > 0:
                 # Two chunks per worker in flight, each a round trip of up to a batch's draws (a trip's fixed cost
                 # is spread over them; the next batch's draws come first). Measured on the demo shards
-                # with 2 workers: 16 draws per trip ~20% faster than 8, 32 no faster than 16.
+                # with 2 workers: 16 draws per trip ~10-20% faster than 8.
                 threads = max(data.prefetch_threads, 2 * data.loader_workers)
                 self.workers = ProcessReader(self.reader, data.loader_workers, threads)
                 chunk = max(1, min(WORKER_CHUNK, stage.micro_batch_size))

@@ -1,10 +1,11 @@
 """Reading samples ahead on background threads, without changing what the loader delivers.
 
 The loader knows its next draws (they are a pure function of its counters), so it asks for them early: the threads
-fetch their members and decode, augment and patchify their images (a pure function of the draw; PIL and torch
-release the GIL while they work). The consumer still takes samples in its own order and gets exactly what a
-synchronous read would return: a sample not fetched yet (or mispredicted, e.g. because the mixture moved with
-progress) is simply read in the foreground. Timing can change only how long a batch takes, never its contents.
+fetch their members, decode, augment and patchify their images and tokenize their text (a pure function of the
+draw; PIL and torch release the GIL while they work). The consumer still takes samples in its own order and gets
+exactly what a synchronous read would return: a sample not fetched yet (or mispredicted, e.g. because the mixture
+moved with progress) is simply read in the foreground. Timing can change only how long a batch takes, never its
+contents.
 """
 
 from __future__ import annotations

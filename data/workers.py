@@ -48,7 +48,8 @@ SLOT_BYTES = 16 * 1024 * 1024
 
 
 class SampleReader:
-    """Reads one draw of a stage: raw members, checked metadata and decoded (augmented) image patches.
+    """Reads one draw of a stage: raw members, checked metadata and decoded (augmented) image patches
+    (:meth:`load`), and from them what the loader uses (:meth:`read`).
 
     Args:
         sources: The stage's sources by name.
@@ -212,7 +213,7 @@ class ProcessReader:
     Each worker has up to :data:`REQUESTS_PER_WORKER` requests in its pipe: a caller takes a free place at a worker,
     sends it the keys, and waits for the answer, which a thread per worker reads from its pipe. No executor sits
     between them: its queues, feeder and management threads cost more per trip than pickling a chunk's keys and
-    metadata. Read several samples per trip (:meth:`read_many`) to spread the trip's cost. Patches come back
+    token ids. Read several samples per trip (:meth:`read_many`) to spread the trip's cost. Patches come back
     through a shared-memory arena with one slot per concurrent caller (a pipe would copy them four times, in chunks
     of its buffer, which costs more than decoding a small image).
     """
