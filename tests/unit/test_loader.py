@@ -99,6 +99,15 @@ def test_image_text_batch(demo_root, tokenizer):
     assert batch.text_ids.shape[1] <= 48
 
 
+def test_a_batch_of_the_other_objective_is_a_named_error(demo_root, tokenizer):
+    """Workers tokenize for the stage's objective (captions for CoCa, documents otherwise): asking a stage for the
+    other kind of batch names the stage and its objective instead of handing out the wrong thing."""
+    with pytest.raises(DataError, match="stage 'vit_coca' has the 'coca' objective.*packed rows"):
+        make_loader(demo_root, tokenizer, "vit_coca").next_packed_batch(0.0)
+    with pytest.raises(DataError, match="stage 'joint_pretrain' has the 'lm' objective.*image-text pairs"):
+        make_loader(demo_root, tokenizer, "joint_pretrain").next_image_text_batch(0.0)
+
+
 def test_mixture_ramp_and_long_share():
     mix = MixtureConfig(text_sources={"text": 1.0}, multimodal_sources={"caption": 1.0, "ocr": 1.0},
                         multimodal_share_start=0.0, multimodal_share_end=0.6)
