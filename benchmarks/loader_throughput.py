@@ -7,10 +7,9 @@ Prints one JSON line:
   bytes already in memory, one thread) of the same shards, each the median of ``--repeats`` windows taken in turn
   (``loader_windows``, ``decode_floor_windows``: this machine's speed drifts). The floor's window starts once the
   reads the loader asked for ahead are done, and each loader window after ``WARMUP_BATCHES`` untimed batches, so
-  neither window gets the other's work. Goal >= 0.8. The loader runs as
-  configured for a production run on this machine: ``data.loader_workers`` = one worker process per core
-  (``--workers``, default ``os.cpu_count()``), ``prefetch_samples=8`` draws per slot ahead, ``prefetch_threads=4``;
-  the floor is one thread.
+  neither window gets the other's work. Goal >= 0.8. The loader runs as configured for a production run on this
+  machine: ``data.loader_workers`` = one worker process per core (``--workers``, default ``os.cpu_count()``),
+  ``prefetch_samples=8`` draws per slot ahead, ``prefetch_threads=4``; the floor is one thread.
   On the demo shards (PNGs of 56-224 px, ~0.1 ms to decode) the loader's fixed per-sample work dominates;
   ``photos_*`` repeats the measurement on 1024x768 JPEGs built with ``data.prepare``, where decoding is most of the
   work (the loader decodes them at the DCT scale its 256-patch grid needs).
@@ -44,9 +43,9 @@ from PIL import Image
 
 SOURCES = ("caption", "ocr", "grounding")  # the image-text sources of vit_coca
 RESUME_AT = 1_000_000
+PREFETCH_SAMPLES = 8  # draws per slot our loader reads ahead
 # Untimed batches before each of our loader's windows: the reads it asked for ahead finished while the floor was
 # measured (free samples for a window that started with them); by then the loader is back in its steady state.
-PREFETCH_SAMPLES = 8
 WARMUP_BATCHES = PREFETCH_SAMPLES
 BUCKET = "bench-data"
 

@@ -145,7 +145,7 @@ class LocalStorage:
         return self.root / key
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
-        return read_file_range(self.root / key, start, length)
+        return read_file_range(self._path(key), start, length)
 
     def read(self, key: str) -> bytes:
         return self._path(key).read_bytes()
