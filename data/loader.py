@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,10 @@ MIN_PIECE_TOKENS = 16
 MAX_ROWS_PER_DOCUMENT = 8
 # Draws per round trip to a worker process (at most).
 WORKER_CHUNK = 16
+# Progressive resolution raises the patch cap in this many equal steps: a cap that moved with every batch would make
+# every draw read ahead (planned at one progress, taken at a later one) a miss (75% of them, measured over a
+# debug-size ramp), while the reads ahead stay valid between steps.
+RESOLUTION_STEPS = 16
 
 
 class DataError(RuntimeError):
@@ -180,10 +185,11 @@ class StageLoader:
     # ----- drawing samples -------------------------------------------------------------------------------------
 
     def image_patch_cap(self, progress: float) -> int:
-        """Progressive resolution: the per-image patch cap grows linearly over the stage from
-        ``min_image_patches`` (0: no ramp) to ``max_image_patches``."""
+        """Progressive resolution: the per-image patch cap grows over the stage from ``min_image_patches``
+        (0: no ramp) to ``max_image_patches``, in :data:`RESOLUTION_STEPS` equal steps."""
         low, high = self.stage.min_image_patches or self.stage.max_image_patches, self.stage.max_image_patches
-        return int(low + min(max(progress, 0.0), 1.0) * (high - low))
+        step = math.floor(min(max(progress, 0.0), 1.0) * RESOLUTION_STEPS) / RESOLUTION_STEPS
+        return int(low + step * (high - low))
 
     def _plan(self, stream: SlotStream, progress: float, count: int) -> list[tuple[str, int, int, int]]:
         """The next ``count`` (source, position, global draw index, patch cap) of a slot's stream, without

@@ -83,7 +83,7 @@ class StageConfig:
     init_from: str = "previous"
     # Pixel cap: at most this many ViT patches per image (larger images are downscaled, aspect kept).
     max_image_patches: int = 4096
-    # Progressive resolution: the cap starts here and grows linearly to max_image_patches (0: no ramp).
+    # Progressive resolution: the cap starts here and grows to max_image_patches in 16 equal steps (0: no ramp).
     min_image_patches: int = 0
     # Caption length for the CoCa objective (tokens, with bos/eos).
     max_text_len: int = 64

@@ -130,3 +130,20 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
     fresh.close()
     with pytest.raises(WorkerError, match="closed"):
         fresh.read(*key)
+
+
+def test_reads_ahead_stay_valid_while_the_resolution_ramps(demo_root, tokenizer):
+    # The patch cap is part of each read; it moves in steps, so reads planned a few batches early still match.
+    stage = stage_of("vit_coca", micro_batch_size=4, min_image_patches=16, max_image_patches=256)
+    loader = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1,
+                         data=DataConfig(prefetch_samples=4, prefetch_threads=2))
+    steps = 64
+    try:
+        caps = sorted({loader.image_patch_cap(step / steps) for step in range(steps + 1)})
+        assert caps[0] == 16 and caps[-1] == 256 and len(caps) == 17  # 16 steps up from the minimum
+        for step in range(steps):
+            loader.next_image_text_batch(step / steps)
+        # Misses only where a step of the cap falls inside the window read ahead (a linear ramp missed 3 in 4).
+        assert loader.prefetcher.misses <= 0.1 * (loader.prefetcher.hits + loader.prefetcher.misses)
+    finally:
+        loader.close()

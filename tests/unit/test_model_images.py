@@ -171,3 +171,36 @@ def test_a_rotated_scaled_cropped_warp_matches_pil_affine_transform():
     assert difference.mean() < 1.0 and difference.max() <= 2.0
     assert np.all(got[~inside & ((x < -1) | (y < -1) | (x > cropped.width + 1) | (y > cropped.height + 1))] ==
                   images.MID_GREY)  # well outside the window: fill
+
+
+def test_pillow_pixels_are_viewed_without_a_copy_and_outlive_their_image():
+    import gc
+
+    from data.pixel_view import rgbx_view
+
+    image = _photo(53, 37)
+    expected = np.asarray(image).copy()
+    view = rgbx_view(image)
+    assert view is not None and view.shape == (37, 53, 4) and not view.flags.writeable
+    assert np.array_equal(view[..., :3], expected) and np.all(view[..., 3] == 255)
+    del image
+    gc.collect()
+    _ = [_photo(53, 37 + i) for i in range(20)]  # fresh images may reuse freed pixel memory
+    assert np.array_equal(view[..., :3], expected)
+    assert rgbx_view(Image.new("L", (8, 8))) is None  # only RGB is read this way
+    # Larger than one block of Pillow's allocator: no zero-copy export; the pixels are still cut exactly.
+    large = _photo(2200, 2000)
+    assert rgbx_view(large) is None
+    assert np.array_equal(images.rgb_pixels(large), np.asarray(large))
+    assert np.array_equal(images.rgb_pixels(_photo(53, 37)), expected)
+
+
+@pytest.mark.parametrize("patch", [1, 3, 14, 16])
+def test_the_cut_moves_each_patch_row_whole(patch):
+    pixels = np.random.default_rng(patch).integers(0, 256, (patch * 3, patch * 5, 3), dtype=np.uint8)
+    cut = images.cut_patches(pixels, patch)
+    reference = torch.from_numpy(pixels).view(3, patch, 5, patch * 3).permute(0, 2, 1, 3).reshape(15, -1)
+    assert torch.equal(cut, reference)
+    strided = np.random.default_rng(0).integers(0, 256, (patch * 2, patch * 4 + 1, 3), dtype=np.uint8)[:, 1:]
+    assert torch.equal(images.cut_patches(strided, patch),
+                       torch.from_numpy(strided.copy()).view(2, patch, 4, patch * 3).permute(0, 2, 1, 3).reshape(8, -1))
