@@ -9,6 +9,7 @@ the next row, so a resumed loader reproduces the uninterrupted stream exactly.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -156,8 +157,11 @@ class StageLoader:
         self.slots = [SlotStream(v, num_slots, list(self.sources))
                       for v in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
         self._orders: dict[tuple[str, int], Any] = {}
-        # Per slot, the draw count up to which reads have been asked for (prefetch).
-        self._planned_until: dict[int, int] = {}
+        # Per slot, the draws planned and asked for (prefetch) but not drawn yet, and where that plan ends: the
+        # slot's draw count and per-source draw counts after its last planned draw.
+        self._ahead: dict[int, collections.deque[tuple[str, int, int, int]]] = {}
+        self._plan_end: dict[int, tuple[int, dict[str, int]]] = {}
+        self._plan_cap = -1  # the patch cap of the draws planned
 
     @property
     def corrupt(self) -> int:
@@ -191,18 +195,22 @@ class StageLoader:
         step = math.floor(min(max(progress, 0.0), 1.0) * RESOLUTION_STEPS) / RESOLUTION_STEPS
         return int(low + step * (high - low))
 
-    def _plan(self, stream: SlotStream, progress: float, count: int) -> list[tuple[str, int, int, int]]:
+    def _plan(self, stream: SlotStream, progress: float, count: int,
+              start: tuple[int, dict[str, int]] | None = None) -> tuple[list[tuple[str, int, int, int]], tuple]:
         """The next ``count`` (source, position, global draw index, patch cap) of a slot's stream, without
-        advancing it (a pure function of its counters and ``progress``)."""
-        planned, source_draws = [], dict(stream.source_draws)
+        advancing it (a pure function of its counters and ``progress``), and where they end: the slot's draw
+        count and per-source draw counts after them. From ``start`` (such an end) instead of its counters, if
+        given."""
+        draws, source_draws = start if start is not None else (stream.draws, stream.source_draws)
+        planned, source_draws = [], dict(source_draws)
         cap = self.image_patch_cap(progress)
         for ahead in range(count):
-            draw = (stream.draws + ahead) * stream.num_slots + stream.slot
+            draw = (draws + ahead) * stream.num_slots + stream.slot
             name = self.sampler.choose(draw, progress)
             planned.append((name, self._position(name, source_draws[name] * stream.num_slots + stream.slot), draw,
                             cap))
             source_draws[name] += 1
-        return planned
+        return planned, (draws + count, source_draws)
 
     def _position(self, name: str, index: int) -> int:
         """The sample of source ``name`` that its ``index``-th draw (over all slots) visits."""
@@ -225,21 +233,38 @@ class StageLoader:
         position = self._position(name, stream.source_draws[name] * stream.num_slots + stream.slot)
         stream.draws += 1
         stream.source_draws[name] += 1
-        return name, position, draw, self.image_patch_cap(progress)
+        key = name, position, draw, self.image_patch_cap(progress)
+        ahead = self._ahead.get(stream.slot)
+        if ahead and ahead.popleft() != key:  # planned otherwise: plan this slot again from its counters
+            ahead.clear()
+            self._plan_end.pop(stream.slot, None)
+        return key
 
     def _prefetch(self, progress: float) -> None:
-        """Ask for the members of every slot's next draws (predicted at the current progress), once fewer than half
-        of ``prefetch_samples`` draws of some slot are still asked for: so the reads in flight stay between half
-        and all of the window (planning the whole window every batch costs about as much as reading a sample)."""
+        """Ask for the reads of every slot's next draws (predicted at the current progress), once some slot has at
+        most half of ``prefetch_samples`` draws asked for: then each slot's plan is extended to the whole window,
+        from where it ended (each draw is planned once; planning costs about as much as the rest of the trainer's
+        share of a sample). A draw that turns out other than planned (the mixture moved with progress) drops the
+        rest of its slot's plan, which starts again from the slot's counters."""
         if self.prefetcher is None:
             return
-        if all(self._planned_until.get(s.slot, 0) - s.draws > self.prefetch_samples // 2 for s in self.slots):
+        window = self.prefetch_samples
+        cap = self.image_patch_cap(progress)
+        if cap != self._plan_cap:  # a step of progressive resolution: every read planned is now another one
+            self._ahead.clear()
+            self._plan_end.clear()
+            self._plan_cap = cap
+        if all(len(self._ahead.get(s.slot, ())) > window // 2 for s in self.slots):
             return
-        plans = [self._plan(stream, progress, self.prefetch_samples) for stream in self.slots]
+        plans = []
         for stream in self.slots:
-            self._planned_until[stream.slot] = stream.draws + self.prefetch_samples
+            ahead = self._ahead.setdefault(stream.slot, collections.deque())
+            plan, self._plan_end[stream.slot] = self._plan(stream, progress, window - len(ahead),
+                                                           self._plan_end.get(stream.slot))
+            ahead.extend(plan)
+            plans.append(plan)
         # Round-robin over the slots, in the order batches consume draws: the next batch's samples first.
-        self.prefetcher.want(plan[k] for k in range(self.prefetch_samples) for plan in plans)
+        self.prefetcher.want(plan[k] for k in range(max(map(len, plans))) for plan in plans if k < len(plan))
 
     def _read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
         if self.prefetcher is not None:  # the same pure function, maybe already computed in the background
@@ -334,4 +359,5 @@ class StageLoader:
             if key not in state:
                 raise DataError(f"the loader state has no {key}: it was saved with a different global batch")
             stream.load_state_dict(state[key])
-        self._planned_until.clear()
+        self._ahead.clear()
+        self._plan_end.clear()

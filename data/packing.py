@@ -70,7 +70,7 @@ def collate_rows(rows: list[PackedRow], image_id: int, patch_dim: int, merge_siz
     cu_seqlens = torch.zeros(len(doc_lens) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(torch.tensor(doc_lens, dtype=torch.int32), 0)
     images = [img for r in rows for img in r.images]
-    pixel_values = (torch.cat([img.patches for img in images]) if images
+    pixel_values = (concat_rows([img.patches for img in images]) if images
                     else torch.zeros(0, patch_dim, dtype=torch.uint8))
     grid_hw = torch.tensor([img.grid for img in images], dtype=torch.long).view(-1, 2)
     positions = torch.nonzero(input_ids.view(-1) == image_id).view(-1)
@@ -89,6 +89,21 @@ def collate_rows(rows: list[PackedRow], image_id: int, patch_dim: int, merge_siz
     )
 
 
+def concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors)``, without a copy when they are back-to-back pieces of one contiguous buffer (the
+    images of a worker's chunk, when its samples make up the batch in order); the result then shares their memory."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    storage = first.untyped_storage()
+    for tensor in tensors:
+        if not (tensor.is_contiguous() and tensor.storage_offset() == offset and tensor.dtype == first.dtype
+                and tensor.shape[1:] == first.shape[1:] and tensor.untyped_storage().data_ptr() == storage.data_ptr()):
+            return torch.cat(tensors)
+        offset += tensor.numel()
+    rows = sum(tensor.shape[0] for tensor in tensors)
+    return first.new_empty(0).set_(storage, first.storage_offset(), (rows, *first.shape[1:]))
+
+
 def collate_image_text(pairs: list[tuple[ImagePatches, list[int]]], pad_id: int) -> ImageTextBatch:
     """Pack the images NaViT-style and pad the texts to the longest one."""
     text_len = max(len(ids) for _, ids in pairs)
@@ -97,7 +112,7 @@ def collate_image_text(pairs: list[tuple[ImagePatches, list[int]]], pad_id: int)
     lengths = torch.tensor([len(ids) for _, ids in pairs])
     text_mask = torch.arange(text_len)[None, :] < lengths[:, None]
     return ImageTextBatch(
-        pixel_values=torch.cat([img.patches for img, _ in pairs]),
+        pixel_values=concat_rows([img.patches for img, _ in pairs]),
         image_grid_hw=torch.tensor([img.grid for img, _ in pairs], dtype=torch.long),
         text_ids=text_ids,
         text_mask=text_mask,

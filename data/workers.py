@@ -277,16 +277,23 @@ class ProcessReader:
         slot = self.slots.get()
         try:
             outcomes = self._round_trip(keys, slot)
+            # (offset, shape) of each image's patches in the arena: copied out at once, before the slot is reused
+            # (one copy for the chunk, not one per image: samples read together usually make a batch together).
+            placed = [image.patches for drawn in outcomes if not isinstance(drawn, BaseException)
+                      for image in _images(drawn) if isinstance(image.patches, tuple)]
+            if placed:
+                start = placed[0][0]
+                end = placed[-1][0] + math.prod(placed[-1][1])
+                chunk = torch.frombuffer(self.arena.buf, dtype=torch.uint8, count=end - start, offset=start).clone()
             for index, drawn in enumerate(outcomes):
                 if isinstance(drawn, BaseException):
                     continue
                 images = []
                 for image in _images(drawn):
                     patches = image.patches
-                    if isinstance(patches, tuple):  # (offset, shape) in the arena: copied out before reuse
+                    if isinstance(patches, tuple):  # (offset, shape) in the arena
                         offset, shape = patches
-                        patches = torch.frombuffer(self.arena.buf, dtype=torch.uint8, count=math.prod(shape),
-                                                   offset=offset).view(shape).clone()
+                        patches = chunk[offset - start:offset - start + math.prod(shape)].view(shape)
                     else:
                         patches = torch.from_numpy(patches)
                     images.append(ImagePatches(patches, image.grid, image.size))

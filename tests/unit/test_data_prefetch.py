@@ -46,17 +46,33 @@ def test_any_worker_count_gives_the_synchronous_stream(demo_root, tokenizer, nam
         loader.close()
 
 
-def test_worker_processes_give_the_synchronous_stream(demo_root, tokenizer):
-    stage = stage_of("joint_cooldown", micro_batch_size=2)  # grounding augmented, dialogue, interleaved, text
-    plain = StageLoader("joint_cooldown", stage, demo_root, tokenizer, VISION, 0, 0, 1)
-    spawned = StageLoader("joint_cooldown", stage, demo_root, tokenizer, VISION, 0, 0, 1,
+@pytest.mark.parametrize("name", ["vit_coca", "joint_cooldown"])
+def test_worker_processes_give_the_synchronous_stream(demo_root, tokenizer, name):
+    # joint_cooldown: grounding augmented, dialogue, interleaved, text; vit_coca: augmented image-text pairs.
+    stage = stage_of(name, micro_batch_size=2 if name == "joint_cooldown" else 4)
+    next_batch = "next_image_text_batch" if name == "vit_coca" else "next_packed_batch"
+    plain = StageLoader(name, stage, demo_root, tokenizer, VISION, 0, 0, 1)
+    spawned = StageLoader(name, stage, demo_root, tokenizer, VISION, 0, 0, 1,
                           data=DataConfig(prefetch_samples=4, loader_workers=2))
     try:
         for step in range(3):
-            assert batches_equal(plain.next_packed_batch(step / 3), spawned.next_packed_batch(step / 3))
+            assert batches_equal(getattr(plain, next_batch)(step / 3), getattr(spawned, next_batch)(step / 3))
         assert spawned.prefetcher.hits > 0
     finally:
         spawned.close()
+
+
+def test_pieces_of_one_buffer_are_concatenated_without_a_copy():
+    from data.packing import concat_rows
+
+    buffer = torch.arange(60, dtype=torch.uint8)
+    pieces = [buffer[0:12].view(2, 6), buffer[12:30].view(3, 6), buffer[30:36].view(1, 6)]
+    joined = concat_rows(pieces)
+    assert torch.equal(joined, torch.cat(pieces)) and joined.data_ptr() == buffer.data_ptr()
+    for others in ([pieces[1], pieces[0]], [pieces[0], pieces[2]], [pieces[0], buffer[12:30].clone().view(3, 6)],
+                   [buffer[0:12].view(2, 6), buffer[12:24].view(3, 4)[:, :2].reshape(2, 3).repeat(1, 2)]):
+        joined = concat_rows(others)  # out of order, a gap, another buffer, another layout: copied
+        assert torch.equal(joined, torch.cat(others)) and joined.data_ptr() != buffer.data_ptr()
 
 
 def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer):
@@ -102,7 +118,7 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
 
     stage = stage_of("vit_coca", micro_batch_size=1)
     loader = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1)
-    key = loader._plan(loader.slots[0], 0.0, 1)[0]
+    key = loader._plan(loader.slots[0], 0.0, 1)[0][0]
     workers = ProcessReader(loader.reader, 1, 3)
     try:
         assert torch.equal(workers.read(*key)[0].patches, loader.reader.read(*key)[0].patches)
