@@ -228,14 +228,23 @@ class StageLoader:
 
     def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int, int, int]:
         """The next (source, position, global draw index, patch cap) of a slot's stream; advances its counters."""
+        ahead = self._ahead.get(stream.slot)
+        if ahead and not self.sampler.depends_on_progress:
+            # The plan is this very computation, from the same counters at the same patch cap (_prefetch drops
+            # plans of another cap): taken as it is, each draw's source and position are computed once.
+            key = ahead.popleft()
+            stream.draws += 1
+            stream.source_draws[key[0]] += 1
+            return key
         draw = stream.draws * stream.num_slots + stream.slot
         name = self.sampler.choose(draw, progress)
         position = self._position(name, stream.source_draws[name] * stream.num_slots + stream.slot)
         stream.draws += 1
         stream.source_draws[name] += 1
         key = name, position, draw, self.image_patch_cap(progress)
-        ahead = self._ahead.get(stream.slot)
-        if ahead and ahead.popleft() != key:  # planned otherwise: plan this slot again from its counters
+        if not ahead:  # drawn past its plan (or none): the next plan starts from the counters
+            self._plan_end.pop(stream.slot, None)
+        elif ahead.popleft() != key:  # planned otherwise: plan this slot again from its counters
             ahead.clear()
             self._plan_end.pop(stream.slot, None)
         return key

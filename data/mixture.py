@@ -107,6 +107,13 @@ class MixtureSampler:
             pair = self._uniforms[index] = draw_uniforms(self.seed, self.stage, index, "mixture")
         return pair
 
+    @property
+    def depends_on_progress(self) -> bool:
+        """Whether :meth:`choose` may give a draw another source at another progress (the multimodal share
+        ramps); if not, a draw's source is a function of its index alone."""
+        mix = self.mix
+        return not self.images_only and mix.multimodal_share_start != mix.multimodal_share_end
+
     def sources(self) -> list[str]:
         """Every source a draw of this stage can come from (groups with zero chance are left out)."""
         mix = self.mix

@@ -65,5 +65,11 @@ class TextTokenizer:
         """Token ids of ``text``; no special token is added (special-token strings in the text are recognized)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """:meth:`encode` of each text, in one call into the tokenizer (without offsets: ~15% less per caption).
+        Runs on the library's thread pool unless ``TOKENIZERS_PARALLELISM=false`` (loader workers set it: they are
+        the parallelism)."""
+        return [encoding.ids for encoding in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

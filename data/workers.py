@@ -15,8 +15,10 @@ from __future__ import annotations
 import collections
 import math
 import multiprocessing
+import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from multiprocessing import shared_memory
 
@@ -79,13 +81,16 @@ class SampleReader:
 
     def read_many(self, keys: list[tuple[str, int, int, int]]) -> list[Drawn | Exception]:
         """:meth:`read` of each key, or the exception it raised. Images first, then texts: the tokenizer's tables
-        stay in the cache for the whole run of texts (tokenizing between decodes cost three times as much)."""
+        stay in the cache for the whole run of texts (tokenizing between decodes cost three times as much), and
+        captions are tokenized in one call."""
         loaded: list[Loaded | Exception] = []
         for key in keys:
             try:
                 loaded.append(self.load(*key))
             except Exception as error:  # this draw's outcome (e.g. a corrupt sample); the others still count
                 loaded.append(error)
+        if self.image_text:
+            return self._pairs(loaded)
         outcomes: list[Drawn | Exception] = []
         for outcome in loaded:
             try:
@@ -94,14 +99,36 @@ class SampleReader:
                 outcomes.append(error)
         return outcomes
 
+    def _pairs(self, loaded: list[Loaded | Exception]) -> list[ImageText | Exception]:
+        outcomes: list[ImageText | Exception] = []
+        texts = []
+        for outcome in loaded:
+            try:
+                if isinstance(outcome, Exception):
+                    raise outcome
+                image, text = self._image_and_text(outcome[1], outcome[2])
+                outcomes.append(image)
+                texts.append(text)
+            except Exception as error:
+                outcomes.append(error)
+        tok = self.tokenizer
+        encoded = iter(tok.encode_many(texts))
+        return [outcome if isinstance(outcome, Exception) else
+                (outcome, [tok.bos_id, *next(encoded)[:self.max_tokens - 2], tok.eos_id]) for outcome in outcomes]
+
+    def _image_and_text(self, meta: dict, images: dict[str, ImagePatches]) -> tuple[ImagePatches, str]:
+        """The image-text objective's pair: the sample's first image, and its caption (OCR text, object labels)."""
+        if not images:
+            raise SampleError("no image for the image-text objective")
+        first = next(s["image"] for s in meta["segments"] if "image" in s)
+        return images[first], caption_text(meta)
+
     def _finish(self, meta: dict, images: dict[str, ImagePatches]) -> Drawn:
         tok = self.tokenizer
         if not self.image_text:
             return render_document(meta, images, tok, self.merge_size, self.max_tokens)
-        if not images:
-            raise SampleError("no image for the image-text objective")
-        first = next(s["image"] for s in meta["segments"] if "image" in s)
-        return images[first], [tok.bos_id, *tok.encode(caption_text(meta))[:self.max_tokens - 2], tok.eos_id]
+        image, text = self._image_and_text(meta, images)
+        return image, [tok.bos_id, *tok.encode(text)[:self.max_tokens - 2], tok.eos_id]
 
     def load(self, name: str, position: int, draw: int, cap: int) -> Loaded:
         raw = self.sources[name].read(position)
@@ -120,6 +147,7 @@ def _serve(connection, reader: SampleReader, arena_name: str, slot_bytes: int) -
     """A worker process: answers ``(keys, slot)`` requests with their outcomes until it reads ``None``."""
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
     cv2.setNumThreads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     arena = shared_memory.SharedMemory(name=arena_name)
     try:
         while (request := connection.recv()) is not None:
@@ -251,7 +279,11 @@ class ProcessReader:
     def _died(self, worker: _Worker) -> str:
         """A worker's pipe closed: no more round trips (every caller waiting for a worker learns why)."""
         if not self.broken:
-            worker.process.join(timeout=1)  # for its exit code
+            # For its exit code. Another thread may be joining it too (close()): then this join can return before
+            # that one has recorded the code it reaped, so wait for the code itself.
+            deadline = time.monotonic() + 2
+            while worker.process.exitcode is None and time.monotonic() < deadline:
+                worker.process.join(timeout=0.05)
             self.broken = (f"loader worker process {worker.process.pid} died (exit code {worker.process.exitcode}) "
                            f"with {len(worker.waiting)} requests unanswered")
         self.idle.put(None)
