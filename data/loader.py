@@ -36,6 +36,8 @@ MIN_PIECE_TOKENS = 16
 MAX_ROWS_PER_DOCUMENT = 8
 # Draws per round trip to a worker process (at most).
 WORKER_CHUNK = 16
+# Epoch orders of the sources kept for reuse (LRU), in bytes.
+ORDER_CACHE_BYTES = 256 * 1024 * 1024
 # Progressive resolution raises the patch cap in this many equal steps: a cap that moved with every batch would make
 # every draw read ahead (planned at one progress, taken at a later one) a miss (75% of them, measured over a
 # debug-size ramp), while the reads ahead stay valid between steps.
@@ -156,7 +158,7 @@ class StageLoader:
         num_slots = per_rank * dp_size
         self.slots = [SlotStream(v, num_slots, list(self.sources))
                       for v in range(dp_rank * per_rank, (dp_rank + 1) * per_rank)]
-        self._orders: dict[tuple[str, int], Any] = {}
+        self._orders: collections.OrderedDict[tuple[str, int], Any] = collections.OrderedDict()  # LRU
         # Per slot, the draws planned and asked for (prefetch) but not drawn yet, and where that plan ends: the
         # slot's draw count and per-source draw counts after its last planned draw.
         self._ahead: dict[int, collections.deque[tuple[str, int, int, int]]] = {}
@@ -218,12 +220,18 @@ class StageLoader:
         return int(self._order(name, epoch)[offset])
 
     def _order(self, name: str, epoch: int) -> Any:
-        order = self._orders.get((name, epoch))
-        if order is None:
-            if len(self._orders) > 4 * len(self.sources):  # slots move through epochs together: keep a few
-                self._orders.clear()
-            size = len(self.sources[name])
-            order = self._orders[(name, epoch)] = epoch_permutation(self.seed, self.stage_name, name, epoch, size)
+        key = (name, epoch)
+        order = self._orders.get(key)
+        if order is not None:
+            self._orders.move_to_end(key)
+            return order
+        # Slots do not move through a source's epochs in step (each draws it at its own rate: their counts drift
+        # apart like random walks), so several epochs of a source are in use at once, more the smaller it is.
+        # Keep the recent orders up to a memory bound (a source of 10M samples has an 80 MB order).
+        while self._orders and sum(o.nbytes for o in self._orders.values()) > ORDER_CACHE_BYTES:
+            self._orders.popitem(last=False)
+        size = len(self.sources[name])
+        order = self._orders[key] = epoch_permutation(self.seed, self.stage_name, name, epoch, size)
         return order
 
     def _draw(self, stream: SlotStream, progress: float) -> tuple[str, int, int, int]:
