@@ -23,19 +23,23 @@ class Prefetcher:
         read: The synchronous read (thread-safe).
         threads: Background threads.
         capacity: Reads in flight or waiting to be taken; the oldest unclaimed ones are dropped beyond it.
-        read_many: Reads a list of keys in one call, returning for each its value or the exception it raised
-            (e.g. one round trip to a worker process for several samples); with ``chunk`` > 1, wanted keys are
-            read ``chunk`` at a time through it.
+        read_many: Reads a list of keys in one call, returning for each its value or the exception it raised;
+            with ``chunk`` > 1, wanted keys are read ``chunk`` at a time through it.
         chunk: Keys per background call.
+        submit_many: Starts the reads of a list of keys elsewhere, e.g. in worker processes, and returns a future
+            of what ``read_many`` would return (cancelling it withdraws the reads if they have not started); used
+            instead of ``read_many`` on the threads, which are then not started.
     """
 
     def __init__(self, read: Callable[..., Any], threads: int, capacity: int,
-                 read_many: Callable[[list[tuple]], list[Any]] | None = None, chunk: int = 1):
+                 read_many: Callable[[list[tuple]], list[Any]] | None = None, chunk: int = 1,
+                 submit_many: Callable[[list[tuple]], Future] | None = None):
         self.read = read
         self.read_many = read_many or self._read_each
         self.chunk = max(1, chunk)
         self.capacity = max(1, capacity)
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefetch")
+        self.pool = None if submit_many else ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefetch")
+        self.submit_many = submit_many or (lambda keys: self.pool.submit(self.read_many, keys))
         # key -> (future of its chunk's outcomes, its index in them)
         self.pending: OrderedDict[tuple, tuple[Future, int]] = OrderedDict()
         self.hits = self.misses = 0
@@ -54,7 +58,7 @@ class Prefetcher:
         fresh = [key for key in dict.fromkeys(keys) if key not in self.pending]
         for start in range(0, len(fresh), self.chunk):
             group = fresh[start:start + self.chunk]
-            future = self.pool.submit(self.read_many, group)
+            future = self.submit_many(group)
             for index, key in enumerate(group):
                 self.pending[key] = (future, index)
         while len(self.pending) > self.capacity:
@@ -83,4 +87,5 @@ class Prefetcher:
         for future, _ in self.pending.values():
             future.cancel()
         self.pending.clear()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)

@@ -194,70 +194,50 @@ class WorkerError(RuntimeError):
 
 
 # Requests queued at each worker: while it works on one, the next waits in its pipe, so it never idles between
-# round trips (the caller's side of a trip -- unpickling, copying out, handing the next keys over -- takes the
-# trainer's GIL, which its own thread may hold for milliseconds). Measured on the demo shards with 2 workers: one
-# request at a time left them idle ~40% of the time.
+# round trips (the caller's side of a trip -- unpickling, copying out, sending the next keys -- takes the trainer's
+# GIL, which its own thread may hold for milliseconds). Measured on the demo shards with 2 workers: one request at a
+# time left them idle ~40% of the time.
 REQUESTS_PER_WORKER = 2
 
 
 class _Worker:
-    """One worker process, its pipe and the thread that reads its answers (they come in the order of the requests)
-    and hands each to the caller waiting for it."""
+    """One worker process, its pipe, and its requests in flight (answered in order): (future, arena slot)."""
 
-    def __init__(self, connection, process, on_death):
+    def __init__(self, connection, process):
         self.connection, self.process = connection, process
-        self.send_lock = threading.Lock()
-        self.waiting: collections.deque[Future] = collections.deque()  # one per request sent, oldest first
-        self.on_death = on_death  # (worker) -> the error message for the requests left unanswered
-        self.dead = False
-        threading.Thread(target=self._receive, name="loader-worker-answers", daemon=True).start()
+        self.in_flight: collections.deque[tuple[Future, int]] = collections.deque()
 
-    def _receive(self) -> None:
-        try:
-            while True:
-                outcomes = self.connection.recv()
-                self.waiting.popleft().set_result(outcomes)
-        except (EOFError, OSError):  # the worker died, or was stopped by close()
-            with self.send_lock:  # no request joins the queue once it is failed
-                self.dead = True
-                message = self.on_death(self)
-                while self.waiting:
-                    self.waiting.popleft().set_exception(WorkerError(message))
 
-    def request(self, keys: list[tuple[str, int, int, int]], slot: int) -> Future:
-        answer: Future = Future()
-        with self.send_lock:
-            if self.dead:
-                raise EOFError
-            self.waiting.append(answer)
-            self.connection.send((keys, slot))
-        return answer
+def _fail(future: Future, message: str) -> None:
+    """Fail a request in flight, or a queued one unless it was withdrawn."""
+    if future.running() or future.set_running_or_notify_cancel():
+        future.set_exception(WorkerError(message))
 
 
 class ProcessReader:
-    """:meth:`SampleReader.read` in ``processes`` spawned workers; :meth:`read` and :meth:`read_many` block for
-    their results (call them from up to ``callers`` threads at once to keep the workers busy; more wait their turn).
+    """:meth:`SampleReader.read_many` in ``processes`` spawned workers, as futures (:meth:`submit`) or blocking
+    (:meth:`read`, :meth:`read_many`).
 
-    Each worker has up to :data:`REQUESTS_PER_WORKER` requests in its pipe: a caller takes a free place at a worker,
-    sends it the keys, and waits for the answer, which a thread per worker reads from its pipe. No executor sits
-    between them: its queues, feeder and management threads cost more per trip than pickling a chunk's keys and
-    token ids. Read several samples per trip (:meth:`read_many`) to spread the trip's cost. Patches come back
-    through a shared-memory arena with one slot per concurrent caller (a pipe would copy them four times, in chunks
-    of its buffer, which costs more than decoding a small image).
+    Requests wait in one queue; each worker has up to :data:`REQUESTS_PER_WORKER` of them in its pipe. A thread
+    per worker reads its answers, copies their patches out of shared memory, resolves their futures, and sends the
+    next queued request into the freed place. No thread sits between a caller and the workers: a pool thread per
+    request, or an executor's queues, feeder and management threads, cost the trainer's process more per trip
+    than pickling a chunk's keys and token ids. Read several samples per request to spread its cost. Patches come
+    back through a shared-memory arena with one slot per request in flight (a pipe would copy them four times, in
+    chunks of its buffer, which costs more than decoding a small image).
     """
 
-    def __init__(self, reader: SampleReader, processes: int, callers: int, slot_bytes: int = SLOT_BYTES):
-        self.arena = shared_memory.SharedMemory(create=True, size=callers * slot_bytes)
+    def __init__(self, reader: SampleReader, processes: int, slot_bytes: int = SLOT_BYTES):
+        slots = processes * REQUESTS_PER_WORKER
+        self.slot_bytes = slot_bytes
+        self.arena = shared_memory.SharedMemory(create=True, size=slots * slot_bytes)
         self.closed = False
-        self.broken = ""  # why no more round trips can be made (a dead worker, or closed)
-        self.slots: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for slot in range(callers):
-            self.slots.put(slot)
+        self.broken = ""  # why no more requests can be served (a dead worker, or closed)
+        self.lock = threading.Lock()  # the queue, the free slots and every worker's requests in flight
+        self.queue: collections.deque[tuple[list, Future]] = collections.deque()
+        self.free_slots = list(range(slots))
         context = multiprocessing.get_context("spawn")
-        self.processes = []
-        # A free place in some worker's pipe, per request it may have queued (round robin over the workers).
-        self.idle: queue.SimpleQueue = queue.SimpleQueue()
-        workers = []
+        self.processes, self.workers = [], []
         for _ in range(processes):
             ours, theirs = context.Pipe()
             process = context.Process(target=_serve, args=(theirs, reader, self.arena.name, slot_bytes),
@@ -265,10 +245,30 @@ class ProcessReader:
             process.start()
             theirs.close()
             self.processes.append(process)
-            workers.append(_Worker(ours, process, self._died))
-        for _ in range(REQUESTS_PER_WORKER):
-            for worker in workers:
-                self.idle.put(worker)
+            worker = _Worker(ours, process)
+            self.workers.append(worker)
+            threading.Thread(target=self._receive, args=(worker,), name="loader-worker-answers", daemon=True).start()
+
+    def submit(self, keys: list[tuple[str, int, int, int]], urgent: bool = False) -> Future:
+        """A future of the reads of ``keys`` (a list of :meth:`SampleReader.read` results or the exceptions they
+        raised), served in the order asked for, ``urgent`` ones first. Cancelling it before a worker takes it
+        withdraws it."""
+        future: Future = Future()
+        with self.lock:
+            if self.broken:
+                future.set_exception(WorkerError(self.broken))
+                return future
+            if urgent:
+                self.queue.appendleft((keys, future))
+            else:
+                self.queue.append((keys, future))
+            self._dispatch()
+        return future
+
+    def read_many(self, keys: list[tuple[str, int, int, int]]) -> list[Drawn | Exception]:
+        """The reads of ``keys`` in one round trip to a worker, ahead of the reads queued: each a
+        :meth:`SampleReader.read` result or the exception it raised."""
+        return self.submit(keys, urgent=True).result()
 
     def read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
         outcome = self.read_many([(name, position, draw, cap)])[0]
@@ -276,77 +276,101 @@ class ProcessReader:
             raise outcome
         return outcome
 
+    def _dispatch(self) -> None:
+        """Send queued requests to the workers with a free place, least busy first (under the lock)."""
+        while self.queue and self.free_slots and not self.broken:
+            worker = min(self.workers, key=lambda w: len(w.in_flight))
+            if len(worker.in_flight) >= REQUESTS_PER_WORKER:
+                return
+            keys, future = self.queue.popleft()
+            if not future.set_running_or_notify_cancel():  # withdrawn while queued
+                continue
+            slot = self.free_slots.pop()
+            worker.in_flight.append((future, slot))
+            try:
+                worker.connection.send((keys, slot))
+            except (OSError, EOFError):
+                pass  # it died: its answer thread fails the requests in flight, this one with them
+
+    def _receive(self, worker: _Worker) -> None:
+        try:
+            while True:
+                outcomes = worker.connection.recv()
+                with self.lock:
+                    future, slot = worker.in_flight.popleft()
+                try:
+                    outcomes = self._copy_out(outcomes)
+                except BaseException as error:  # noqa: BLE001 (handed to the caller)
+                    future.set_exception(error)
+                else:
+                    future.set_result(outcomes)
+                finally:
+                    with self.lock:
+                        self.free_slots.append(slot)
+                        self._dispatch()
+        except (EOFError, OSError):  # the worker died, or was stopped by close()
+            message = self._died(worker)
+            with self.lock:
+                self.broken = self.broken or message
+                failed = [future for future, _ in worker.in_flight] + [future for _, future in self.queue]
+                worker.in_flight.clear()
+                self.queue.clear()
+            for future in failed:
+                _fail(future, self.broken)
+
     def _died(self, worker: _Worker) -> str:
-        """A worker's pipe closed: no more round trips (every caller waiting for a worker learns why)."""
-        if not self.broken:
-            # For its exit code. Another thread may be joining it too (close()): then this join can return before
-            # that one has recorded the code it reaped, so wait for the code itself.
-            deadline = time.monotonic() + 2
-            while worker.process.exitcode is None and time.monotonic() < deadline:
-                worker.process.join(timeout=0.05)
-            self.broken = (f"loader worker process {worker.process.pid} died (exit code {worker.process.exitcode}) "
-                           f"with {len(worker.waiting)} requests unanswered")
-        self.idle.put(None)
-        return self.broken
+        """Why no more requests can be served once a worker's pipe closed: closed, or its death (by exit code)."""
+        if self.broken:
+            return self.broken
+        # Another thread may be joining it too (close()): then this join can return before that one has recorded
+        # the code it reaped, so wait for the code itself.
+        deadline = time.monotonic() + 2
+        while worker.process.exitcode is None and time.monotonic() < deadline:
+            worker.process.join(timeout=0.05)
+        return (f"loader worker process {worker.process.pid} died (exit code {worker.process.exitcode}) "
+                f"with {len(worker.in_flight)} requests unanswered")
 
-    def _round_trip(self, keys: list[tuple[str, int, int, int]], slot: int) -> list:
-        worker = self.idle.get()
-        if worker is None:  # closed, or a worker died
-            self.idle.put(None)
-            raise WorkerError(self.broken)
-        try:
-            answer = worker.request(keys, slot)
-        except (EOFError, OSError):  # died before its answer thread noticed
-            self.idle.put(None)
-            raise WorkerError(self.broken or f"loader worker process {worker.process.pid} died") from None
-        outcomes = answer.result()  # raises the worker's death, if it died first
-        self.idle.put(worker)
-        return outcomes
-
-    def read_many(self, keys: list[tuple[str, int, int, int]]) -> list[Drawn | Exception]:
-        """The reads of ``keys`` in one round trip to a worker: each a :meth:`SampleReader.read` result or the
-        exception it raised."""
-        slot = self.slots.get()
-        try:
-            outcomes = self._round_trip(keys, slot)
-            # (offset, shape) of each image's patches in the arena: copied out at once, before the slot is reused
-            # (one copy for the chunk, not one per image: samples read together usually make a batch together).
-            placed = [image.patches for drawn in outcomes if not isinstance(drawn, BaseException)
-                      for image in _images(drawn) if isinstance(image.patches, tuple)]
-            if placed:
-                start = placed[0][0]
-                end = placed[-1][0] + math.prod(placed[-1][1])
-                chunk = torch.frombuffer(self.arena.buf, dtype=torch.uint8, count=end - start, offset=start).clone()
-            for index, drawn in enumerate(outcomes):
-                if isinstance(drawn, BaseException):
-                    continue
-                images = []
-                for image in _images(drawn):
-                    patches = image.patches
-                    if isinstance(patches, tuple):  # (offset, shape) in the arena
-                        offset, shape = patches
-                        patches = chunk[offset - start:offset - start + math.prod(shape)].view(shape)
-                    else:
-                        patches = torch.from_numpy(patches)
-                    images.append(ImagePatches(patches, image.grid, image.size))
-                outcomes[index] = _with_images(drawn, images)
-        finally:
-            self.slots.put(slot)
+    def _copy_out(self, outcomes: list) -> list[Drawn | Exception]:
+        """Patches left in the arena, as (offset, shape), copied out at once before the slot is reused (one copy
+        for the request, not one per image: samples read together usually make a batch together)."""
+        placed = [image.patches for drawn in outcomes if not isinstance(drawn, BaseException)
+                  for image in _images(drawn) if isinstance(image.patches, tuple)]
+        if placed:
+            start = placed[0][0]
+            end = placed[-1][0] + math.prod(placed[-1][1])
+            chunk = torch.frombuffer(self.arena.buf, dtype=torch.uint8, count=end - start, offset=start).clone()
+        for index, drawn in enumerate(outcomes):
+            if isinstance(drawn, BaseException):
+                continue
+            images = []
+            for image in _images(drawn):
+                patches = image.patches
+                if isinstance(patches, tuple):  # (offset, shape) in the arena
+                    offset, shape = patches
+                    patches = chunk[offset - start:offset - start + math.prod(shape)].view(shape)
+                else:
+                    patches = torch.from_numpy(patches)
+                images.append(ImagePatches(patches, image.grid, image.size))
+            outcomes[index] = _with_images(drawn, images)
         return outcomes
 
     def close(self) -> None:
         # A worker in the middle of a chunk would finish it (reads, and retries against a storage that may be
-        # gone) long after the loader is done: stop the processes. Callers still waiting for a worker are woken
-        # with an error (a prefetch thread blocked forever would hold up the interpreter's exit).
-        self.broken = self.broken or "the loader's worker processes were closed"
-        self.idle.put(None)
+        # gone) long after the loader is done: stop the processes. Requests still queued or in flight fail (a
+        # caller blocked forever would hold up the interpreter's exit).
+        with self.lock:
+            self.broken = self.broken or "the loader's worker processes were closed"
+            queued = [future for _, future in self.queue]
+            self.queue.clear()
+        for future in queued:
+            _fail(future, self.broken)
         for process in self.processes:
             process.terminate()
         for process in self.processes:
             process.join(timeout=5)
         self.processes = []
         if not self.closed:
-            # Only the name goes now: a prefetch thread may still be copying out of the arena, so the mapping is
+            # Only the name goes now: an answer thread may still be copying out of the arena, so the mapping is
             # released with this object, once no thread uses it.
             self.closed = True
             self.arena.unlink()

@@ -126,7 +126,8 @@ class DataConfig:
     cache_dir: str = ""
     cache_max_bytes: int = 16 * 2**30
     # Draws per slot read ahead on background threads (0: none), and the threads (they also read shard indexes
-    # in parallel). Prefetch changes timing only, never the stream.
+    # in parallel; with loader_workers the workers read ahead instead). Prefetch changes timing only, never the
+    # stream.
     prefetch_samples: int = 8
     prefetch_threads: int = 4
     # Worker processes for the read-ahead (0: threads only), for when decoding and resizing need more than a core.

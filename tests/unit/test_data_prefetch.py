@@ -90,7 +90,7 @@ def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer
                                   multimodal_share_end=1.0)
     loader = StageLoader("vit_coca", stage, tmp_path, tokenizer, VISION, 0, 0, 1)
     keys = [("mixed", position, position, 64) for position in range(len(samples))]
-    workers = ProcessReader(loader.reader, 1, 1)
+    workers = ProcessReader(loader.reader, 1)
     try:
         outcomes = workers.read_many(keys)
     finally:
@@ -119,7 +119,7 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
     stage = stage_of("vit_coca", micro_batch_size=1)
     loader = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1)
     key = loader._plan(loader.slots[0], 0.0, 1)[0][0]
-    workers = ProcessReader(loader.reader, 1, 3)
+    workers = ProcessReader(loader.reader, 1)
     try:
         assert torch.equal(workers.read(*key)[0].patches, loader.reader.read(*key)[0].patches)
         pid = workers.processes[0].pid
@@ -142,7 +142,7 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
         assert len(errors) == 3 and all(f"process {pid} died (exit code -9)" in e for e in errors), errors
     finally:
         workers.close()
-    fresh = ProcessReader(loader.reader, 1, 1)
+    fresh = ProcessReader(loader.reader, 1)
     fresh.close()
     with pytest.raises(WorkerError, match="closed"):
         fresh.read(*key)
@@ -163,3 +163,26 @@ def test_reads_ahead_stay_valid_while_the_resolution_ramps(demo_root, tokenizer)
         assert loader.prefetcher.misses <= 0.1 * (loader.prefetcher.hits + loader.prefetcher.misses)
     finally:
         loader.close()
+
+
+def test_worker_requests_queue_in_order_urgent_first_and_withdrawn_ones_are_never_read(demo_root, tokenizer):
+    from data.workers import REQUESTS_PER_WORKER, ProcessReader
+
+    stage = stage_of("vit_coca", micro_batch_size=1)
+    loader = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1)
+    keys = loader._plan(loader.slots[0], 0.0, 40)[0]
+    workers = ProcessReader(loader.reader, 1)
+    try:
+        served = []
+        # The first requests fill the worker's pipe (tens of milliseconds of reads); the rest wait in the queue.
+        busy = [workers.submit(keys) for _ in range(REQUESTS_PER_WORKER)]
+        later, withdrawn = workers.submit(keys[:1]), workers.submit(keys[1:2])
+        assert withdrawn.cancel()
+        urgent = workers.submit(keys[2:3], urgent=True)
+        for name, future in (("busy", busy[-1]), ("later", later), ("urgent", urgent)):
+            future.add_done_callback(lambda _, name=name: served.append(name))
+        assert later.result(timeout=60)[0][1] == loader.reader.read(*keys[0])[1]
+        assert served == ["busy", "urgent", "later"] and withdrawn.cancelled()
+        assert torch.equal(urgent.result()[0][0].patches, loader.reader.read(*keys[2])[0].patches)
+    finally:
+        workers.close()
