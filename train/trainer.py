@@ -387,6 +387,7 @@ class Trainer:
             raise
         finally:
             metrics.close()
+            loader.close()  # its read-ahead threads and worker processes: the next stage has its own
         self._report_stage(name)
         mark_done(cfg, name, train.step)
         return True
