@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from threading import Event
 from typing import Any
+
+from data.storage import abandoned_when
 
 
 class Prefetcher:
@@ -39,10 +42,15 @@ class Prefetcher:
         self.chunk = max(1, chunk)
         self.capacity = max(1, capacity)
         self.pool = None if submit_many else ThreadPoolExecutor(max(1, threads), thread_name_prefix="prefetch")
-        self.submit_many = submit_many or (lambda keys: self.pool.submit(self.read_many, keys))
+        self.submit_many = submit_many or (lambda keys: self.pool.submit(self._read_ahead, keys))
+        self.closed = Event()
         # key -> (future of its chunk's outcomes, its index in them)
         self.pending: OrderedDict[tuple, tuple[Future, int]] = OrderedDict()
         self.hits = self.misses = 0
+
+    def _read_ahead(self, keys: list[tuple]) -> list[Any]:
+        with abandoned_when(self.closed):  # a read still retrying when the loader closes gives up
+            return self.read_many(keys)
 
     def _read_each(self, keys: list[tuple]) -> list[Any]:
         outcomes = []
@@ -84,6 +92,7 @@ class Prefetcher:
         wait([future for future, _ in self.pending.values()])
 
     def close(self) -> None:
+        self.closed.set()
         for future, _ in self.pending.values():
             future.cancel()
         self.pending.clear()

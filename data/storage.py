@@ -14,18 +14,35 @@ local disk cache of whole objects (:mod:`data.cache`) sits in front when configu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 logger = logging.getLogger(__name__)
+
+# The event that abandons the reads of the current thread (see abandoned_when), if any.
+_abandon = threading.local()
+
+
+@contextlib.contextmanager
+def abandoned_when(event: threading.Event) -> Iterator[None]:
+    """Within this block, this thread's S3 reads stop retrying once ``event`` is set (their caller is gone: e.g. a
+    closed loader's reads ahead), failing with an OSError instead of trying up to ``max_attempts`` times with
+    backoff, seconds each, against storage that may be down."""
+    previous = getattr(_abandon, "event", None)
+    _abandon.event = event
+    try:
+        yield
+    finally:
+        _abandon.event = previous
 
 
 class Storage(Protocol):
@@ -216,10 +233,20 @@ class S3Storage:
                     self.bucket_limit.throttled()
             except (BotoCoreError, ConnectionError, TimeoutError, ShortRead) as error:
                 failure = type(error).__name__
+            if attempt + 1 == self.options.max_attempts:
+                break
+            abandon = getattr(_abandon, "event", None)  # see abandoned_when
             delay = random.uniform(0, min(self.options.backoff_cap_s, self.options.backoff_base_s * 2**attempt))
-            logger.warning("%s %s/%s failed (%s), attempt %d of %d; retrying in %.2fs", what, self.url, key, failure,
-                           attempt + 1, self.options.max_attempts, delay)
-            time.sleep(delay)
+            if abandon is None or not abandon.is_set():
+                logger.warning("%s %s/%s failed (%s), attempt %d of %d; retrying in %.2fs", what, self.url, key,
+                               failure, attempt + 1, self.options.max_attempts, delay)
+                if abandon is None:
+                    time.sleep(delay)
+                    continue
+                if not abandon.wait(delay):
+                    continue
+            raise OSError(f"{what} {self.url}/{key} abandoned after {attempt + 1} attempts (its reader was closed); "
+                          f"last: {failure}")
         raise OSError(f"{what} {self.url}/{key} failed {self.options.max_attempts} times; last: {failure}")
 
     def read_range(self, key: str, start: int, length: int) -> bytes:

@@ -160,3 +160,27 @@ def test_prefetch_over_a_slow_flaky_server_keeps_the_stream(s3_corpus, demo_root
             assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
         assert fetched.prefetcher.hits > 0
         fetched.close()
+
+
+def test_a_closed_loaders_reads_ahead_stop_retrying(s3_corpus, tokenizer):  # noqa: F811
+    """Reads ahead still running when their loader closes, against a server that now fails every request, give up
+    at once instead of retrying with backoff (here up to 8 attempts, ~10 s) and holding up the interpreter's exit."""
+    stage = load_config(["recipe=debug"]).curriculum.stages["vit_coca"]
+    vision = FLAVORS["debug"].vision
+    with FaultProxy(upstream(s3_corpus), ["ok"]) as proxy:
+        storage = S3Storage(f"s3://{BUCKET}/corpus", S3Options(endpoint_url=f"http://127.0.0.1:{proxy.port}",
+                                                               backoff_base_s=0.5, max_attempts=8))
+        loader = StageLoader("vit_coca", stage, storage, tokenizer, vision, 0, 0, 1,
+                             data=DataConfig(prefetch_samples=4, prefetch_threads=2))
+        loader.next_image_text_batch(0.0)  # manifest and shard indexes read; reads ahead under way
+        loader.settle()
+        proxy.schedule = iter(lambda: "503", None)  # the server is down from now on
+        prefetcher = loader.prefetcher
+        prefetcher.want(key for stream in loader.slots for key in loader._plan(stream, 0.0, 12)[0][8:])
+        time.sleep(0.3)  # the new reads have failed once and wait to retry
+        failing = len(proxy.requests)
+        start = time.monotonic()
+        loader.close()
+        prefetcher.pool.shutdown(wait=True)
+        assert time.monotonic() - start < 2.0
+        assert len(proxy.requests) - failing <= 2  # at most the attempts already on the wire
