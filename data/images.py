@@ -248,8 +248,9 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
     # on 3 (the extra conversions included); Pillow's own pixels have four (see data.pixel_view).
     view = rgbx_view(image)
     if view is None:
-        view = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2RGBA)
-    source = view[top:bottom, left:right]
+        source = cv2.cvtColor(np.asarray(image)[top:bottom, left:right], cv2.COLOR_RGB2RGBA)
+    else:
+        source = view[top:bottom, left:right]
     # Output pixel centre (u + 0.5, v + 0.5) -> frame point (u + 0.5) sx -> stored point (inverse warp) -> decoded
     # point (times scale) -> window point (minus its corner) -> OpenCV's pixel coordinates (centres on integers).
     sx, sy = frame[0] / size[0], frame[1] / size[1]

@@ -77,8 +77,10 @@ class SampleReader:
 
     def read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
         """The draw as the loader uses it (see :data:`Drawn`); raises :class:`SampleError` for a corrupt sample."""
-        _, meta, images = self.load(name, position, draw, cap)
-        return self._finish(meta, images)
+        outcome = self.read_many([(name, position, draw, cap)])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     def read_many(self, keys: list[tuple[str, int, int, int]]) -> list[Drawn | Exception]:
         """:meth:`read` of each key, or the exception it raised. Images first, then texts: the tokenizer's tables
@@ -95,7 +97,9 @@ class SampleReader:
         outcomes: list[Drawn | Exception] = []
         for outcome in loaded:
             try:
-                outcomes.append(outcome if isinstance(outcome, Exception) else self._finish(outcome[1], outcome[2]))
+                outcomes.append(outcome if isinstance(outcome, Exception) else
+                                render_document(outcome[1], outcome[2], self.tokenizer, self.merge_size,
+                                                self.max_tokens))
             except Exception as error:
                 outcomes.append(error)
         return outcomes
@@ -123,13 +127,6 @@ class SampleReader:
             raise SampleError("no image for the image-text objective")
         first = next(s["image"] for s in meta["segments"] if "image" in s)
         return images[first], caption_text(meta)
-
-    def _finish(self, meta: dict, images: dict[str, ImagePatches]) -> Drawn:
-        tok = self.tokenizer
-        if not self.image_text:
-            return render_document(meta, images, tok, self.merge_size, self.max_tokens)
-        image, text = self._image_and_text(meta, images)
-        return image, [tok.bos_id, *tok.encode(text)[:self.max_tokens - 2], tok.eos_id]
 
     def load(self, name: str, position: int, draw: int, cap: int) -> Loaded:
         raw = self.sources[name].read(position)
@@ -241,7 +238,6 @@ class ProcessReader:
 
     def __init__(self, reader: SampleReader, processes: int, slot_bytes: int = SLOT_BYTES):
         slots = processes * REQUESTS_PER_WORKER
-        self.slot_bytes = slot_bytes
         self.arena = shared_memory.SharedMemory(create=True, size=slots * slot_bytes)
         self.closed = False
         self.broken = ""  # why no more requests can be served (a dead worker, or closed)
