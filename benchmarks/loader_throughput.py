@@ -13,6 +13,11 @@ Prints one JSON line:
   On the demo shards (PNGs of 56-224 px, ~0.1 ms to decode) the loader's fixed per-sample work dominates;
   ``photos_*`` repeats the measurement on 1024x768 JPEGs built with ``data.prepare``, where decoding is most of the
   work (the loader decodes them at the DCT scale its 256-patch grid needs).
+- ``read_ceiling_vs_decode_floor``: the same, for ``--workers`` processes doing nothing but the per-draw read
+  (``SampleReader.read_many`` over the stream's draws in chunks of a worker request: fetch, parse, decode, augment,
+  patchify, tokenize) with no loader around it -- no planning, no hand-over, no batches -- each window against the
+  floor measured just before it; what any pipeline around that read could reach on these cores.
+  ``loader_vs_read_ceiling`` is the loader's ratio over the ceiling's: the share of it the pipeline keeps.
 - ``packing_efficiency``: real tokens ÷ row tokens of 8K rows of the demo ``joint_pretrain`` mixture. Goal >= 0.99.
 - ``resume_latency_ratio``: time to the first batch of a new loader resumed at global sample 1,000,000 ÷ at
   sample 0 (medians of ``--resume-repeats`` each, alternating), read ahead on threads (no worker processes, whose
@@ -146,6 +151,74 @@ def samples_per_s(url: str, endpoint: str, tokenizer, cache: str, batches: int, 
     if floors:
         result.update(floor=statistics.median(floors), floor_windows=[round(f) for f in floors])
     return result
+
+
+CEILING_WINDOW_S = 1.5
+
+
+def _read_windows(reader, keys: list, offset: int, windows: int, barrier, counts) -> None:
+    """A read-ceiling process: from ``keys[offset]`` round the list, ``reader.read_many`` of a worker request's
+    draws at a time, for :data:`CEILING_WINDOW_S` after each barrier; puts "ready" once warm, then (samples,
+    seconds) per window."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(1)  # as a loader worker (data.workers._serve)
+    cv2.setNumThreads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    chunk = 16
+    for start in range(0, 8 * chunk, chunk):  # shard indexes and the first touches, outside any window
+        reader.read_many(keys[offset + start:offset + start + chunk])
+    counts.put("ready")
+    position = offset
+    for _ in range(windows):
+        barrier.wait()
+        samples, start = 0, time.perf_counter()
+        while time.perf_counter() - start < CEILING_WINDOW_S:
+            if position + chunk > len(keys):
+                position = 0
+            reader.read_many(keys[position:position + chunk])
+            position += chunk
+            samples += chunk
+        counts.put((samples, time.perf_counter() - start))
+
+
+def read_ceiling(url: str, endpoint: str, tokenizer, cache: str, processes: int, windows: int,
+                 floor_images: list[bytes]) -> dict:
+    """Samples/s of ``processes`` processes doing only the per-draw read of our loader's stream (the draws of its
+    16 slots, in the order batches take them, as our loader's workers get them), and the decode floor measured
+    before each window (medians), on the same storage and warm disk cache as :func:`samples_per_s`."""
+    import multiprocessing
+
+    loader = our_loader(url, endpoint, tokenizer, cache)
+    draws_per_slot = 300
+    plans = [loader._plan(slot, 0.5, draws_per_slot)[0] for slot in loader.slots]  # noqa: SLF001 (the stream's draws)
+    keys = [plan[k] for k in range(draws_per_slot) for plan in plans]
+    context = multiprocessing.get_context("spawn")  # as the loader's workers
+    barrier, counts = context.Barrier(processes + 1), context.Queue()
+    readers = [context.Process(target=_read_windows,
+                               args=(loader.reader, keys, i * len(keys) // processes, windows, barrier, counts))
+               for i in range(processes)]
+    for process in readers:
+        process.start()
+    rates, floors = [], []
+    try:
+        for _ in range(processes):  # started and warm: none of them runs during the floor's window
+            counts.get(timeout=300)
+        for _ in range(windows):
+            floors.append(decode_floor(floor_images))  # the readers wait at the barrier meanwhile
+            barrier.wait()
+            rates.append(sum(samples / seconds for samples, seconds in (counts.get(timeout=120)
+                                                                         for _ in range(processes))))
+    finally:
+        for process in readers:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+        loader.close()
+    return {"read_ceiling_samples_per_s": statistics.median(rates), "read_ceiling_windows": [round(r) for r in rates],
+            "read_ceiling_floor_windows": [round(f) for f in floors],
+            "read_ceiling_vs_decode_floor": statistics.median(rates) / statistics.median(floors)}
 
 
 def photos(tmp: Path, endpoint: str, count: int) -> str:
@@ -435,6 +508,10 @@ def main() -> None:
                           shard_images(LocalStorage(root), SOURCES), args.resume_repeats)
             result["throughput_vs_decode_floor"] = result["loader_samples_per_s"] / result[
                 "decode_floor_samples_per_s"]
+            result.update(read_ceiling(url, endpoint, tokenizer, str(tmp / "cache"), max(args.workers, 1),
+                                       args.repeats, shard_images(LocalStorage(root), SOURCES)))
+            result["loader_vs_read_ceiling"] = result["throughput_vs_decode_floor"] / result[
+                "read_ceiling_vs_decode_floor"]
             if args.photos:
                 photos_url = photos(tmp, endpoint, args.photos)
                 storage = S3Storage(photos_url, S3Options(endpoint_url=endpoint))
