@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from data.formats import (  # noqa: F401  (SampleError, BOX_* and format_box are part of this module's interface)
     BOX_END,
@@ -37,6 +38,7 @@ ROLES = ("system", "user", "assistant")
 # Plans an image's augmentation from its (width, height) and its grounding objects: the warp to the augmented
 # frame, the colour jitter and the moved objects (data.augment.plan_augment with a draw's generator).
 Augmenter = Callable[[tuple[int, int], list[dict]], tuple[Warp, ColourJitter | None, list[dict]]]
+
 
 @dataclass
 class ImagePatches:
@@ -94,37 +96,68 @@ def load_meta(sample: RawSample) -> dict:
     return meta
 
 
-def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patches: int,
-                augmenter: Augmenter | None = None) -> dict[str, ImagePatches]:
-    """Decode and patchify every image the segments reference, keyed by member extension.
+@dataclass
+class OpenedImage:
+    """An image of a sample with its header parsed and checked and its augmentation planned, not yet decoded."""
+
+    image: Image.Image
+    # (width, height) of the frame it is shown in: the augmented one, else the stored image's (taken when opened: a
+    # JPEG decoded at a reduced scale changes its image's size).
+    frame: tuple[int, int]
+    warp: Warp | None = None
+    jitter: ColourJitter | None = None
+
+
+def open_images(sample: RawSample, meta: dict, augmenter: Augmenter | None = None) -> dict[str, OpenedImage]:
+    """Parse and check the header of every image the segments reference (keyed by member extension), and plan its
+    augmentation; nothing is decoded yet (:func:`patchify_images` does that).
 
     ``augmenter`` plans each image's augmentation from its size and the sample's grounding objects, which belong to
-    its first image; ``meta["objects"]`` is replaced by the transformed ones. The planned warp is sampled when the
-    image is patchified, so an image is decoded once and resampled at most once.
+    its first image; ``meta["objects"]`` is replaced by the transformed ones.
     """
-    images = {}
+    images: dict[str, OpenedImage] = {}
     for segment in meta["segments"]:
         ext = segment.get("image")
         if ext is None or ext in images:
             continue
         try:
             image = open_image(sample.members[ext])
-            first = not images
-            if first:
-                _check_objects(meta, image.size)
-            warp = jitter = None
-            if augmenter is not None:
-                warp, jitter, objects = augmenter(image.size, meta.get("objects", []) if first else [])
-                if first and "objects" in meta:
-                    meta["objects"] = objects
-            frame = warp.size if warp is not None else image.size
-            patches, grid = image_to_patches(image, patch, merge, max_patches, warp=warp, jitter=jitter)
         except ImageError as error:
             raise SampleError(f"image '{ext}': {error}") from None
-        images[ext] = ImagePatches(patches, grid, frame)
+        first = not images
+        if first:
+            _check_objects(meta, image.size)
+        opened = images[ext] = OpenedImage(image, image.size)
+        if augmenter is not None:
+            opened.warp, opened.jitter, objects = augmenter(image.size, meta.get("objects", []) if first else [])
+            opened.frame = opened.warp.size
+            if first and "objects" in meta:
+                meta["objects"] = objects
     # Before augmentation would matter: agent steps are never augmented, their screenshots keep their frame.
-    check_actions(meta, {ext: patches.size for ext, patches in images.items()})
+    check_actions(meta, {ext: opened.frame for ext, opened in images.items()})
     return images
+
+
+def patchify_images(images: dict[str, OpenedImage], patch: int, merge: int,
+                    max_patches: int) -> dict[str, ImagePatches]:
+    """Decode opened images and cut them into patch grids of at most ``max_patches`` (the planned warp is sampled
+    as they are patchified, so an image is decoded once and resampled at most once)."""
+    patched = {}
+    for ext, opened in images.items():
+        try:
+            patches, grid = image_to_patches(opened.image, patch, merge, max_patches, warp=opened.warp,
+                                             jitter=opened.jitter)
+        except ImageError as error:
+            raise SampleError(f"image '{ext}': {error}") from None
+        patched[ext] = ImagePatches(patches, grid, opened.frame)
+    return patched
+
+
+def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patches: int,
+                augmenter: Augmenter | None = None) -> dict[str, ImagePatches]:
+    """Decode and patchify every image the segments reference, keyed by member extension (:func:`open_images`, then
+    :func:`patchify_images`)."""
+    return patchify_images(open_images(sample, meta, augmenter), patch, merge, max_patches)
 
 
 def _check_objects(meta: dict, size: tuple[int, int]) -> None:

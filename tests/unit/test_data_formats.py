@@ -118,3 +118,18 @@ def test_video_and_agent_sources_mix_into_packed_rows(demo_root, tokenizer):
         assert int((batch.image_grid_hw // 2).prod(-1).sum()) == batch.image_token_positions.numel()
     assert images >= 6 and loader.corrupt == 0
     assert np.mean([d > 0 for d in loader.slots[0].source_draws.values()]) == 1.0
+
+
+def test_a_jpeg_decoded_at_a_reduced_scale_keeps_its_stored_size_as_its_frame(tokenizer):
+    # Its 4-patch grid needs 1/8 of the resolution: PIL decodes it reduced (draft), which resizes the image object;
+    # boxes and points live in the stored frame.
+    buffer = io.BytesIO()
+    Image.new("RGB", (448, 336), (200, 40, 40)).save(buffer, format="JPEG")
+    sample = RawSample("s", "shard", "k", {"json": json.dumps({
+        "kind": "grounding", "segments": [{"image": "0.jpg"}],
+        "objects": [{"label": "all", "box": [0, 0, 448, 336]}]}).encode(), "0.jpg": buffer.getvalue()})
+    meta = load_meta(sample)
+    images = load_images(sample, meta, 14, 2, 4)
+    assert images["0.jpg"].size == (448, 336) and images["0.jpg"].grid == (2, 2)
+    text = tokenizer.decode(render_document(meta, images, tokenizer, 2, 1000).tokens)
+    assert f"all {BOX_START}(0,0),(1000,1000){BOX_END}" in text
