@@ -53,8 +53,8 @@ SLOT_BYTES = 16 * 1024 * 1024
 
 
 class SampleReader:
-    """Reads one draw of a stage: raw members, checked metadata and decoded (augmented) image patches
-    (:meth:`load`), and from them what the loader uses (:meth:`read`).
+    """Reads draws of a stage: raw members, checked metadata and decoded (augmented) image patches, and from them
+    what the loader uses (:meth:`read`; several draws at a time, step by step over them: :meth:`read_many`).
 
     Args:
         sources: The stage's sources by name.
