@@ -172,7 +172,7 @@ def _read_windows(reader, keys: list, offset: int, windows: int, barrier, counts
     counts.put("ready")
     position = offset
     for _ in range(windows):
-        barrier.wait()
+        barrier.wait(timeout=600)  # the benchmark gone: give up, do not hang
         samples, start = 0, time.perf_counter()
         while time.perf_counter() - start < CEILING_WINDOW_S:
             if position + chunk > len(keys):
@@ -207,7 +207,7 @@ def read_ceiling(url: str, endpoint: str, tokenizer, cache: str, processes: int,
             counts.get(timeout=300)
         for _ in range(windows):
             floors.append(decode_floor(floor_images))  # the readers wait at the barrier meanwhile
-            barrier.wait()
+            barrier.wait(timeout=600)  # a reader that died never arrives: fail, do not hang
             rates.append(sum(samples / seconds for samples, seconds in (counts.get(timeout=120)
                                                                          for _ in range(processes))))
     finally:

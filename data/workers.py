@@ -89,7 +89,7 @@ class SampleReader:
 
         The draws go through the read step by step together (fetch all, parse all, open and plan all, decode and
         patchify all, tokenize all), not one after another: each step's code and tables then stay in the CPU caches
-        from one draw to the next. Measured on the demo shards, one process: ~45 us a draw less of ~315 (fetching,
+        from one draw to the next. Measured on the demo shards, one process: ~40 us a draw less of ~320 (fetching,
         JSON and image headers, interleaved with decoding, cost 2-3x what they do in a row; tokenizing between
         decodes cost 3x, and captions are tokenized in one call)."""
         staged: list = list(keys)
