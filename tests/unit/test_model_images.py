@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import math
 import random
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -171,6 +173,69 @@ def test_a_rotated_scaled_cropped_warp_matches_pil_affine_transform():
     assert difference.mean() < 1.0 and difference.max() <= 2.0
     assert np.all(got[~inside & ((x < -1) | (y < -1) | (x > cropped.width + 1) | (y > cropped.height + 1))] ==
                   images.MID_GREY)  # well outside the window: fill
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _raw_png(pixels: np.ndarray, interlaced: bool = False, gamma: int | None = None) -> bytes:
+    """An 8-bit RGB PNG written by hand: Adam7-interlaced if asked (Pillow cannot write that), with a gAMA chunk if
+    given (a decoder that applied it would change the pixels)."""
+    height, width, _ = pixels.shape
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    scans = [pixels[y0::dy, x0::dx] for x0, y0, dx, dy in passes] if interlaced else [pixels]
+    raw = b"".join(b"\0" + row.tobytes() for scan in scans if scan.size for row in scan)  # filter 0 on every row
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, int(interlaced))
+    chunks = [_png_chunk(b"IHDR", header)]
+    if gamma is not None:
+        chunks.append(_png_chunk(b"gAMA", struct.pack(">I", gamma)))
+    chunks += [_png_chunk(b"IDAT", zlib.compress(raw)), _png_chunk(b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
+
+
+def test_pngs_decoded_by_opencv_have_exactly_pillows_rgb_pixels():
+    photo = _photo(53, 37)
+    pixels = np.asarray(photo)
+    palette = photo.convert("P")
+    palette.info["transparency"] = 3
+    grey = photo.convert("L")
+    grey.info["transparency"] = 40
+    layouts = {
+        "RGB": _encoded(photo, "PNG"), "RGBA": _encoded(photo.convert("RGBA"), "PNG"), "L": _encoded(grey, "PNG"),
+        "P": _encoded(palette, "PNG"), "interlaced": _raw_png(pixels, interlaced=True),
+        "gamma": _raw_png(pixels, gamma=45455),
+    }
+    for name, data in layouts.items():
+        expected = np.asarray(decode_image(data))
+        got = images.decode_png_pixels(images.open_image(data))
+        assert got is not None and np.array_equal(got, expected), name
+        rgbx = images.decode_png_pixels(images.open_image(data), alpha=True)
+        assert np.array_equal(rgbx[..., :3], expected) and np.all(rgbx[..., 3] == 255), name
+    assert np.array_equal(decode_image(layouts["interlaced"]), pixels)
+    # Pillow keeps decoding what OpenCV does not take: 16-bit samples, other formats, decoded images.
+    assert images.decode_png_pixels(images.open_image(_encoded(Image.fromarray(np.full((8, 8), 999, np.uint16)),
+                                                                "PNG"))) is None
+    assert images.decode_png_pixels(images.open_image(_encoded(photo, "JPEG"))) is None
+    assert images.decode_png_pixels(photo) is None
+    # A PNG cut short: OpenCV refuses it; Pillow takes it if the pixels are all there, else names the fault.
+    whole = layouts["RGB"]
+    assert images.decode_png_pixels(images.open_image(whole[:-20])) is None
+    patches, (rows, cols) = image_to_patches(images.open_image(whole[:-20]), 1, 1, 10**6)
+    assert (rows, cols) == (37, 53) and np.array_equal(patches.numpy().reshape(37, 53, 3), pixels)
+    with pytest.raises(ImageError, match="undecodable image"):
+        image_to_patches(images.open_image(whole[:len(whole) // 2]), 1, 1, 10**6)
+
+
+def test_warped_pngs_sample_the_same_pixels_from_either_decoder(monkeypatch):
+    data = _encoded(_photo(120, 90), "PNG")
+    angle = math.radians(-6.0)
+    warp = images.Warp((math.cos(angle), math.sin(angle), 4.0, -math.sin(angle), math.cos(angle), 9.0), (112, 98),
+                       (3, 2, 117, 88))
+    jitter = images.ColourJitter(1.1, 0.9, 1.2)
+    fast = images.render(images.open_image(data), (84, 70), warp, jitter)
+    monkeypatch.setattr(images, "decode_png_pixels", lambda image, alpha=False: None)
+    assert np.array_equal(fast, images.render(images.open_image(data), (84, 70), warp, jitter))
 
 
 def test_pillow_pixels_are_viewed_without_a_copy_and_outlive_their_image():
