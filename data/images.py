@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from dataclasses import dataclass
 
 import cv2
@@ -39,15 +40,47 @@ class ImageError(ValueError):
     """An image that cannot be used (undecodable, empty, too large)."""
 
 
-def open_image(data: bytes) -> Image.Image:
+# The 8-bit PNG layouts (IHDR colour types: grey, RGB, palette, RGBA) that OpenCV decodes to exactly Pillow's RGB
+# conversion (alpha and transparency dropped, grey and palette expanded; tested). PNG is lossless and OpenCV's
+# decoder takes ~20% less time than Pillow's on the demo shards; other layouts (16-bit samples, which the two round
+# differently; grey with alpha; fewer bits a sample) are decoded by Pillow.
+OPENCV_PNG_COLOUR_TYPES = frozenset({0, 2, 3, 6})
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Decoded straight to RGB (OpenCV >= 4.10; older ones decode BGR, converted after), ignoring EXIF orientation
+# (Pillow does not apply it either).
+_OPENCV_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+@dataclass(frozen=True)
+class EncodedPng:
+    """A PNG whose header says OpenCV decodes it (:data:`OPENCV_PNG_COLOUR_TYPES`), opened without Pillow (its
+    header read in well under a microsecond, where ``Image.open`` takes ~12 us): :func:`decode_png_pixels` decodes
+    it; :meth:`pil` opens it with Pillow, for the reduced decodes and resizes only Pillow does."""
+
+    data: bytes
+    size: tuple[int, int]  # (width, height)
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def pil(self) -> Image.Image:
+        return _open_pil(self.data)
+
+
+def open_image(data: bytes) -> Image.Image | EncodedPng:
     """Parse an image's header and check its size; the pixels are decoded later (at a reduced scale when that is
-    all the patch grid needs, see :func:`image_to_patches`). Rejects empty, unreadable and oversized images."""
+    all the patch grid needs, see :func:`image_to_patches`). Rejects empty, unreadable and oversized images.
+
+    A PNG of a layout OpenCV decodes exactly as Pillow comes back as an :class:`EncodedPng`, any other image as a
+    Pillow image."""
     if not data:
         raise ImageError("empty image bytes")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Exception as error:  # PIL raises many types for broken data
-        raise ImageError(f"undecodable image: {error}") from None
+    image = _png_header(data) or _open_pil(data)
     width, height = image.size
     if width * height > MAX_DECODED_PIXELS:
         raise ImageError(f"image of {width}x{height} pixels exceeds the {MAX_DECODED_PIXELS} pixel limit")
@@ -56,6 +89,25 @@ def open_image(data: bytes) -> Image.Image:
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ImageError(f"image of {width}x{height} pixels has an aspect ratio above {MAX_ASPECT_RATIO}:1")
     return image
+
+
+def _open_pil(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as error:  # PIL raises many types for broken data
+        raise ImageError(f"undecodable image: {error}") from None
+
+
+def _png_header(data: bytes) -> EncodedPng | None:
+    """The PNG, if its IHDR chunk (first after the signature, 13 bytes: width, height, bit depth, colour type,
+    compression, filter, interlace) names an 8-bit layout OpenCV decodes; anything else (or a malformed header)
+    is left to Pillow."""
+    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        return None
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if depth != 8 or colour not in OPENCV_PNG_COLOUR_TYPES or compression or filtering or interlace > 1:
+        return None
+    return EncodedPng(data, (width, height))
 
 
 def load_rgb(image: Image.Image, needed: tuple[float, float] | None = None) -> tuple[Image.Image, float]:
@@ -83,39 +135,24 @@ def load_rgb(image: Image.Image, needed: tuple[float, float] | None = None) -> t
     return image, scale
 
 
-# PNG pixel layouts (Pillow's raw modes: 8 bits a sample) that OpenCV decodes to exactly Pillow's RGB conversion
-# (alpha and transparency dropped, grey and palette expanded; tested): OpenCV's PNG decoder takes ~20% less time
-# than Pillow's on the demo shards. PNG is lossless, so the pixels are the same; other layouts (16-bit samples,
-# which the two round differently) stay with Pillow.
-OPENCV_PNG_RAWMODES = frozenset({"RGB", "RGBA", "L", "P"})
-# Decoded straight to RGB (OpenCV >= 4.10; older ones decode BGR, converted after), ignoring EXIF orientation
-# (Pillow does not apply it either).
-_OPENCV_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
-
-
-def decode_png_pixels(image: Image.Image, alpha: bool = False) -> np.ndarray | None:
-    """The pixels of an opened, not yet decoded PNG of a layout in :data:`OPENCV_PNG_RAWMODES`, decoded by OpenCV:
-    uint8 ``[height, width, 3]`` RGB (``[height, width, 4]`` RGBX, fourth byte 255, with ``alpha``, as
-    :func:`render` samples them). None for any other image, or one OpenCV cannot decode (Pillow, which may accept
-    it, then decodes it or says what is wrong)."""
-    if (image.format != "PNG" or len(image.tile) != 1 or image.tile[0][3] not in OPENCV_PNG_RAWMODES
-            or not isinstance(image.fp, io.BytesIO)):
+def decode_png_pixels(image: EncodedPng, alpha: bool = False) -> np.ndarray | None:
+    """An :class:`EncodedPng`'s pixels, decoded by OpenCV: uint8 ``[height, width, 3]`` RGB (``[height, width, 4]``
+    RGBX, fourth byte 255, with ``alpha``, as :func:`render` samples them). None if OpenCV cannot decode it (then
+    Pillow, which may accept it, decodes it or says what is wrong)."""
+    encoded = np.frombuffer(image.data, dtype=np.uint8)
+    flags = (cv2.IMREAD_COLOR if _OPENCV_RGB is None else _OPENCV_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
+    pixels = cv2.imdecode(encoded, flags)
+    if pixels is None or pixels.shape != (image.height, image.width, 3):
         return None
-    encoded = np.frombuffer(image.fp.getvalue(), dtype=np.uint8)  # the bytes open_image wrapped: no copy
-    if _OPENCV_RGB is not None:
-        pixels = cv2.imdecode(encoded, _OPENCV_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-        if pixels is None or pixels.shape[:2] != (image.height, image.width):
-            return None
-        return cv2.cvtColor(pixels, cv2.COLOR_RGB2RGBA) if alpha else pixels
-    pixels = cv2.imdecode(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if pixels is None or pixels.shape[:2] != (image.height, image.width):
-        return None
-    return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGBA if alpha else cv2.COLOR_BGR2RGB)
+    if _OPENCV_RGB is None:
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGBA if alpha else cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(pixels, cv2.COLOR_RGB2RGBA) if alpha else pixels
 
 
 def decode_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes to RGB at full resolution, rejecting empty, broken and oversized images."""
-    return load_rgb(open_image(data))[0]
+    image = open_image(data)
+    return load_rgb(image.pil() if isinstance(image, EncodedPng) else image)[0]
 
 
 def fit_grid(
@@ -199,7 +236,8 @@ class ColourJitter:
 
 
 def image_to_patches(
-    image: Image.Image, patch_size: int, merge_size: int, max_patches: int, max_grid_side: int = MAX_GRID_SIDE,
+    image: Image.Image | EncodedPng, patch_size: int, merge_size: int, max_patches: int,
+    max_grid_side: int = MAX_GRID_SIDE,
     warp: Warp | None = None, jitter: ColourJitter | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Resize to the fitted grid and cut into patches of raw RGB bytes, decoding only the resolution the grid needs.
@@ -220,10 +258,11 @@ def image_to_patches(
     rows, cols = fit_grid(frame[0], frame[1], patch_size, merge_size, max_patches, max_grid_side)
     size = (cols * patch_size, rows * patch_size)
     if warp is None and jitter is None:
-        if image.size == size:  # cut as it is: a PNG's pixels come from OpenCV's faster decoder
-            pixels = decode_png_pixels(image)
+        if isinstance(image, EncodedPng):
+            pixels = decode_png_pixels(image) if image.size == size else None  # cut as it is
             if pixels is not None:
                 return cut_patches(pixels, patch_size), (rows, cols)
+            image = image.pil()  # resized by Pillow (or refused by OpenCV)
         image, scale = load_rgb(image, size)
         if image.size != size:
             box = (0.0, 0.0, frame[0] * scale, frame[1] * scale)
@@ -256,7 +295,7 @@ def cut_patches(pixels: np.ndarray, patch_size: int) -> torch.Tensor:
     return torch.from_numpy(patches).view(rows * cols, p * p * channels)
 
 
-def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
+def render(image: Image.Image | EncodedPng, size: tuple[int, int], warp: Warp | None = None,
            jitter: ColourJitter | None = None) -> np.ndarray:
     """The warped (and colour-jittered) image at ``size`` pixels: uint8 ``[height, width, 3]``.
 
@@ -274,7 +313,10 @@ def render(image: Image.Image, size: tuple[int, int], warp: Warp | None = None,
     # Four channels: OpenCV's vectorized bilinear warp handles 4 bytes a pixel, and is twice as fast on them as
     # on 3 (the extra conversions included); Pillow's own pixels have four (see data.pixel_view).
     # Without a reduction to come, a PNG's pixels come from OpenCV's faster decoder.
-    pixels = decode_png_pixels(image, alpha=True) if zoom > 0.5 else None
+    pixels = None
+    if isinstance(image, EncodedPng):
+        pixels = decode_png_pixels(image, alpha=True) if zoom > 0.5 else None  # else reduced by Pillow
+        image = image if pixels is not None else image.pil()
     scale = 1.0
     if pixels is None:
         image, scale = load_rgb(image, (stored[0] * zoom, stored[1] * zoom))

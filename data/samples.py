@@ -28,7 +28,7 @@ from data.formats import (  # noqa: F401  (SampleError, BOX_* and format_box are
     format_box,
     grounding_text,
 )
-from data.images import ColourJitter, ImageError, Warp, image_to_patches, open_image
+from data.images import ColourJitter, EncodedPng, ImageError, Warp, image_to_patches, open_image
 from data.shards import RawSample, ShardSource  # noqa: F401  (part of this module's interface)
 from data.tokenizer import TextTokenizer
 
@@ -100,7 +100,7 @@ def load_meta(sample: RawSample) -> dict:
 class OpenedImage:
     """An image of a sample with its header parsed and checked and its augmentation planned, not yet decoded."""
 
-    image: Image.Image
+    image: Image.Image | EncodedPng
     # (width, height) of the frame it is shown in: the augmented one, else the stored image's (taken when opened: a
     # JPEG decoded at a reduced scale changes its image's size).
     frame: tuple[int, int]

@@ -207,17 +207,20 @@ def test_pngs_decoded_by_opencv_have_exactly_pillows_rgb_pixels():
         "gamma": _raw_png(pixels, gamma=45455),
     }
     for name, data in layouts.items():
+        assert isinstance(images.open_image(data), images.EncodedPng), name
         expected = np.asarray(decode_image(data))
         got = images.decode_png_pixels(images.open_image(data))
         assert got is not None and np.array_equal(got, expected), name
         rgbx = images.decode_png_pixels(images.open_image(data), alpha=True)
         assert np.array_equal(rgbx[..., :3], expected) and np.all(rgbx[..., 3] == 255), name
     assert np.array_equal(decode_image(layouts["interlaced"]), pixels)
-    # Pillow keeps decoding what OpenCV does not take: 16-bit samples, other formats, decoded images.
-    assert images.decode_png_pixels(images.open_image(_encoded(Image.fromarray(np.full((8, 8), 999, np.uint16)),
-                                                                "PNG"))) is None
-    assert images.decode_png_pixels(images.open_image(_encoded(photo, "JPEG"))) is None
-    assert images.decode_png_pixels(photo) is None
+    # Pillow keeps opening and decoding what OpenCV does not take: 16-bit samples, grey with alpha, other formats.
+    for data in (_encoded(Image.fromarray(np.full((8, 8), 999, np.uint16)), "PNG"), _encoded(grey.convert("LA"), "PNG"),
+                 _encoded(photo, "JPEG")):
+        assert isinstance(images.open_image(data), Image.Image)
+    # Headers are checked as strictly either way.
+    with pytest.raises(ImageError, match="aspect ratio"):
+        images.open_image(_raw_png(np.zeros((1, 201, 3), np.uint8)))
     # A PNG cut short: OpenCV refuses it; Pillow takes it if the pixels are all there, else names the fault.
     whole = layouts["RGB"]
     assert images.decode_png_pixels(images.open_image(whole[:-20])) is None
