@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -49,6 +50,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Decoded straight to RGB (OpenCV >= 4.10; older ones decode BGR, converted after), ignoring EXIF orientation
 # (Pillow does not apply it either).
 _OPENCV_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+# Where patches are cut: given their size in bytes, a writable uint8 buffer of exactly that many, or None for fresh
+# memory (a loader worker cuts them straight into the shared memory it hands them over in).
+PatchBuffer = Callable[[int], np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,7 @@ class ColourJitter:
 def image_to_patches(
     image: Image.Image | EncodedPng, patch_size: int, merge_size: int, max_patches: int,
     max_grid_side: int = MAX_GRID_SIDE,
-    warp: Warp | None = None, jitter: ColourJitter | None = None,
+    warp: Warp | None = None, jitter: ColourJitter | None = None, patch_buffer: PatchBuffer | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Resize to the fitted grid and cut into patches of raw RGB bytes, decoding only the resolution the grid needs.
 
@@ -249,6 +255,7 @@ def image_to_patches(
 
     Args:
         image: An opened image (:func:`open_image`; decoded here) or a decoded one.
+        patch_buffer: Where to cut the patches (see :data:`PatchBuffer`); fresh memory if not given.
 
     Returns:
         ``(patches, (rows, cols))``: uint8 patches [rows * cols, p * p * 3] in row-major grid order, each flattened
@@ -261,14 +268,14 @@ def image_to_patches(
         if isinstance(image, EncodedPng):
             pixels = decode_png_pixels(image) if image.size == size else None  # cut as it is
             if pixels is not None:
-                return cut_patches(pixels, patch_size), (rows, cols)
+                return cut_patches(pixels, patch_size, patch_buffer), (rows, cols)
             image = image.pil()  # resized by Pillow (or refused by OpenCV)
         image, scale = load_rgb(image, size)
         if image.size != size:
             box = (0.0, 0.0, frame[0] * scale, frame[1] * scale)
             image = image.resize(size, Image.Resampling.BICUBIC, box=box, reducing_gap=RESIZE_REDUCING_GAP)
-        return cut_patches(rgb_pixels(image), patch_size), (rows, cols)
-    return cut_patches(render(image, size, warp, jitter), patch_size), (rows, cols)
+        return cut_patches(rgb_pixels(image), patch_size, patch_buffer), (rows, cols)
+    return cut_patches(render(image, size, warp, jitter), patch_size, patch_buffer), (rows, cols)
 
 
 def rgb_pixels(image: Image.Image) -> np.ndarray:
@@ -278,19 +285,21 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image) if view is None else cv2.cvtColor(view, cv2.COLOR_RGBA2RGB)
 
 
-def cut_patches(pixels: np.ndarray, patch_size: int) -> torch.Tensor:
+def cut_patches(pixels: np.ndarray, patch_size: int, patch_buffer: PatchBuffer | None = None) -> torch.Tensor:
     """Cut ``[H, W, 3]`` uint8 pixels (sides multiples of ``patch_size``) into ``[patches, p * p * 3]``, row-major
     over the patch grid, each patch flattened as (y, x, channel): the decoded image's own layout, so the cut moves
     whole runs of ``p`` pixels (a (channel, y, x) order would gather single bytes, several times slower; the
     model's patch embedding reads either order for free, see :class:`~model.vision.MoonViT`). Each run moves as one
     opaque item of ``p * 3`` bytes (a numpy void dtype): numpy then copies run by run instead of byte by byte, twice
-    as fast."""
+    as fast. Into ``patch_buffer``'s memory if it gives some."""
     height, width, channels = pixels.shape
     p = patch_size
     rows, cols = height // p, width // p
     run = np.dtype(f"V{p * channels}")  # one patch row: p pixels
     source = np.ascontiguousarray(pixels).reshape(height, width * channels).view(run)  # [H, cols] runs
-    patches = np.empty((rows, cols, p, p * channels), dtype=np.uint8)
+    shape = (rows, cols, p, p * channels)
+    buffer = patch_buffer(math.prod(shape)) if patch_buffer is not None else None
+    patches = np.empty(shape, dtype=np.uint8) if buffer is None else buffer.reshape(shape)
     np.copyto(patches.view(run)[..., 0], source.reshape(rows, p, cols).transpose(0, 2, 1))
     return torch.from_numpy(patches).view(rows * cols, p * p * channels)
 

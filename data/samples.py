@@ -28,7 +28,7 @@ from data.formats import (  # noqa: F401  (SampleError, BOX_* and format_box are
     format_box,
     grounding_text,
 )
-from data.images import ColourJitter, EncodedPng, ImageError, Warp, image_to_patches, open_image
+from data.images import ColourJitter, EncodedPng, ImageError, PatchBuffer, Warp, image_to_patches, open_image
 from data.shards import RawSample, ShardSource  # noqa: F401  (part of this module's interface)
 from data.tokenizer import TextTokenizer
 
@@ -138,15 +138,16 @@ def open_images(sample: RawSample, meta: dict, augmenter: Augmenter | None = Non
     return images
 
 
-def patchify_images(images: dict[str, OpenedImage], patch: int, merge: int,
-                    max_patches: int) -> dict[str, ImagePatches]:
+def patchify_images(images: dict[str, OpenedImage], patch: int, merge: int, max_patches: int,
+                    patch_buffer: PatchBuffer | None = None) -> dict[str, ImagePatches]:
     """Decode opened images and cut them into patch grids of at most ``max_patches`` (the planned warp is sampled
-    as they are patchified, so an image is decoded once and resampled at most once)."""
+    as they are patchified, so an image is decoded once and resampled at most once), in ``patch_buffer``'s memory
+    if given (:data:`data.images.PatchBuffer`)."""
     patched = {}
     for ext, opened in images.items():
         try:
             patches, grid = image_to_patches(opened.image, patch, merge, max_patches, warp=opened.warp,
-                                             jitter=opened.jitter)
+                                             jitter=opened.jitter, patch_buffer=patch_buffer)
         except ImageError as error:
             raise SampleError(f"image '{ext}': {error}") from None
         patched[ext] = ImagePatches(patches, grid, opened.frame)

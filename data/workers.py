@@ -13,6 +13,7 @@ with any number of workers.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import multiprocessing
 import os
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from data.augment import AugmentConfig, plan_augment
+from data.images import PatchBuffer
 from data.mixture import DrawRandom
 from data.samples import (
     Augmenter,
@@ -84,8 +86,10 @@ class SampleReader:
             raise outcome
         return outcome
 
-    def read_many(self, keys: list[tuple[str, int, int, int]]) -> list[Drawn | Exception]:
-        """:meth:`read` of each key, or the exception it raised.
+    def read_many(self, keys: list[tuple[str, int, int, int]],
+                  patch_buffer: PatchBuffer | None = None) -> list[Drawn | Exception]:
+        """:meth:`read` of each key, or the exception it raised; patches are cut into ``patch_buffer``'s memory if
+        given (:data:`data.images.PatchBuffer`).
 
         The draws go through the read step by step together (fetch all, parse all, open and plan all, decode and
         patchify all, tokenize all), not one after another: each step's code and tables then stay in the CPU caches
@@ -93,7 +97,7 @@ class SampleReader:
         JSON and image headers, interleaved with decoding, cost 2-3x what they do in a row; tokenizing between
         decodes cost 3x, and captions are tokenized in one call)."""
         staged: list = list(keys)
-        for step in (self._fetch, self._parse, self._open, self._decode):
+        for step in (self._fetch, self._parse, self._open, functools.partial(self._decode, patch_buffer=patch_buffer)):
             _each(staged, step)
         if self.image_text:
             return self._pairs(staged)
@@ -113,9 +117,9 @@ class SampleReader:
         _, _, draw, _ = key
         return key, raw, meta, open_images(raw, meta, self._augmenter(draw, meta))
 
-    def _decode(self, opened: tuple) -> Loaded:
+    def _decode(self, opened: tuple, patch_buffer: PatchBuffer | None = None) -> Loaded:
         (_, _, _, cap), raw, meta, images = opened
-        return raw, meta, patchify_images(images, self.patch_size, self.merge_size, cap)
+        return raw, meta, patchify_images(images, self.patch_size, self.merge_size, cap, patch_buffer)
 
     def _render(self, loaded: Loaded) -> Document:
         _, meta, images = loaded
@@ -179,24 +183,40 @@ def _serve(connection, reader: SampleReader, arena_name: str, slot_bytes: int) -
     except (EOFError, KeyboardInterrupt):  # the loader went away (or the job is being stopped): nothing to answer
         pass
     finally:
-        arena.close()
+        try:
+            arena.close()
+        except BufferError:  # stopped mid-chunk, its patch views still alive: the mapping goes with the process
+            pass
 
 
 def _load_chunk(reader: SampleReader, arena: shared_memory.SharedMemory, keys: list[tuple[str, int, int, int]],
                 start: int, end: int) -> list:
+    """The reads of ``keys``, their patches in the arena's bytes ``[start, end)`` as (offset, shape) where they fit:
+    cut straight into it (one copy less of every image than cutting them elsewhere first), in the order read."""
+    memory = np.frombuffer(arena.buf, dtype=np.uint8)
+    placed: dict[int, int] = {}  # address of a patch buffer in the arena -> its offset
+    cursor = start
+
+    def patch_buffer(count: int) -> np.ndarray | None:
+        nonlocal cursor
+        if cursor + count > end:
+            return None  # the slot is full: fresh memory, through the pipe
+        buffer = memory[cursor:cursor + count]
+        placed[buffer.ctypes.data] = cursor
+        cursor += count
+        return buffer
+
     outcomes = []
-    for drawn in reader.read_many(keys):
+    for drawn in reader.read_many(keys, patch_buffer):
         if isinstance(drawn, Exception):
             outcomes.append(drawn)
             continue
         shipped = []
         for image in _images(drawn):
-            count = image.patches.numel()  # uint8: bytes
-            if start + count <= end:  # into the caller's slot of the shared arena: no copy through the pipe
-                torch.frombuffer(arena.buf, dtype=torch.uint8, count=count, offset=start).copy_(image.patches.view(-1))
-                shipped.append(ImagePatches((start, tuple(image.patches.shape)), image.grid, image.size))
-                start += count
-            else:  # larger than the slot's rest: through the pipe
+            offset = placed.get(image.patches.data_ptr())
+            if offset is not None and image.patches.is_contiguous():
+                shipped.append(ImagePatches((offset, tuple(image.patches.shape)), image.grid, image.size))
+            else:  # not cut into the slot (it was full): through the pipe
                 shipped.append(ImagePatches(image.patches.numpy(), image.grid, image.size))
         outcomes.append(_with_images(drawn, shipped))
     return outcomes
@@ -376,9 +396,9 @@ class ProcessReader:
         for the request, not one per image: samples read together usually make a batch together)."""
         placed = [image.patches for drawn in outcomes if not isinstance(drawn, BaseException)
                   for image in _images(drawn) if isinstance(image.patches, tuple)]
-        if placed:
-            start = placed[0][0]
-            end = placed[-1][0] + math.prod(placed[-1][1])
+        if placed:  # in the order cut, usually; a patch buffer not shipped (e.g. a later image of a pair) is skipped
+            start = min(offset for offset, _ in placed)
+            end = max(offset + math.prod(shape) for offset, shape in placed)
             # Copied by numpy: torch's allocator takes fresh pages for each new buffer of this size (the last ones
             # are still held by batches in use) and faults them in one by one, 2-4x slower (measured on 1 MB).
             pixels = np.frombuffer(self.arena.buf, dtype=np.uint8, count=end - start, offset=start)

@@ -75,9 +75,15 @@ def test_pieces_of_one_buffer_are_concatenated_without_a_copy():
         assert torch.equal(joined, torch.cat(others)) and joined.data_ptr() != buffer.data_ptr()
 
 
-def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer):
-    """Several draws per trip to a worker: good ones come back as the synchronous read gives them (patches through
-    shared memory), a corrupt one as its own error, without spoiling the others."""
+# The patches of the first two good draws (14,112 and 21,168 bytes) fill such a slot: the others go through the pipe.
+SMALL_SLOT_BYTES = 40_000
+
+
+@pytest.mark.parametrize("slot_bytes", [None, SMALL_SLOT_BYTES])
+def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer, slot_bytes):
+    """Several draws per trip to a worker: good ones come back as the synchronous read gives them (patches cut
+    straight into shared memory, or through the pipe when the request's slot is full), a corrupt one as its own
+    error, without spoiling the others."""
     from data.samples import SampleError
     from data.workers import ProcessReader
     from tests.unit.test_data_corrupt import caption, png, write_corpus
@@ -90,11 +96,14 @@ def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer
                                   multimodal_share_end=1.0)
     loader = StageLoader("vit_coca", stage, tmp_path, tokenizer, VISION, 0, 0, 1)
     keys = [("mixed", position, position, 64) for position in range(len(samples))]
-    workers = ProcessReader(loader.reader, 1)
+    workers = ProcessReader(loader.reader, 1) if slot_bytes is None else ProcessReader(loader.reader, 1, slot_bytes)
     try:
         outcomes = workers.read_many(keys)
     finally:
         workers.close()
+    shared = [outcome[0].patches.untyped_storage().data_ptr() for outcome in outcomes if isinstance(outcome, tuple)]
+    # One copy out of shared memory for the draws that fit in it, each draw through the pipe its own memory.
+    assert len(set(shared)) == (1 if slot_bytes is None else 3)
     for key, outcome in zip(keys, outcomes):
         try:
             image, ids = loader.reader.read(*key)
