@@ -156,17 +156,16 @@ def samples_per_s(url: str, endpoint: str, tokenizer, cache: str, batches: int, 
 CEILING_WINDOW_S = 1.5
 
 
-def _read_windows(reader, keys: list, offset: int, windows: int, barrier, counts) -> None:
-    """A read-ceiling process: from ``keys[offset]`` round the list, ``reader.read_many`` of a worker request's
-    draws at a time, for :data:`CEILING_WINDOW_S` after each barrier; puts "ready" once warm, then (samples,
-    seconds) per window."""
+def _read_windows(reader, keys: list, offset: int, chunk: int, windows: int, barrier, counts) -> None:
+    """A read-ceiling process: from ``keys[offset]`` round the list, ``reader.read_many`` of ``chunk`` draws (a
+    worker request's) at a time, for :data:`CEILING_WINDOW_S` after each barrier; puts "ready" once warm, then
+    (samples, seconds) per window."""
     import cv2
     import torch
 
     torch.set_num_threads(1)  # as a loader worker (data.workers._serve)
     cv2.setNumThreads(1)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    chunk = 16
     for start in range(0, 8 * chunk, chunk):  # shard indexes and the first touches, outside any window
         reader.read_many(keys[offset + start:offset + start + chunk])
     counts.put("ready")
@@ -190,14 +189,17 @@ def read_ceiling(url: str, endpoint: str, tokenizer, cache: str, processes: int,
     before each window (medians), on the same storage and warm disk cache as :func:`samples_per_s`."""
     import multiprocessing
 
+    from data.loader import worker_request_draws
+
     loader = our_loader(url, endpoint, tokenizer, cache)
     draws_per_slot = 300
     plans = [loader._plan(slot, 0.5, draws_per_slot)[0] for slot in loader.slots]  # noqa: SLF001 (the stream's draws)
     keys = [plan[k] for k in range(draws_per_slot) for plan in plans]
     context = multiprocessing.get_context("spawn")  # as the loader's workers
     barrier, counts = context.Barrier(processes + 1), context.Queue()
+    chunk = worker_request_draws(PREFETCH_SAMPLES * len(loader.slots), processes)  # as our loader's requests
     readers = [context.Process(target=_read_windows,
-                               args=(loader.reader, keys, i * len(keys) // processes, windows, barrier, counts))
+                               args=(loader.reader, keys, i * len(keys) // processes, chunk, windows, barrier, counts))
                for i in range(processes)]
     for process in readers:
         process.start()
