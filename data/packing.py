@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from data.batch import ImageTextBatch, PackedBatch
@@ -93,27 +95,32 @@ def concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     """``torch.cat(tensors)``, without a copy when they are back-to-back pieces of one contiguous buffer (the
     images of a worker's chunk, when its samples make up the batch in order); the result then shares their memory."""
     first = tensors[0]
-    offset = first.storage_offset()
-    storage = first.untyped_storage()
+    storage = first.untyped_storage()  # once: a storage object per tensor would cost more than the check
+    trailing, dtype = first.shape[1:], first.dtype
+    address, rows = first.data_ptr(), 0
     for tensor in tensors:
-        if not (tensor.is_contiguous() and tensor.storage_offset() == offset and tensor.dtype == first.dtype
-                and tensor.shape[1:] == first.shape[1:] and tensor.untyped_storage().data_ptr() == storage.data_ptr()):
+        if not (tensor.data_ptr() == address and tensor.is_contiguous() and tensor.dtype == dtype
+                and tensor.shape[1:] == trailing):
             return torch.cat(tensors)
-        offset += tensor.numel()
-    rows = sum(tensor.shape[0] for tensor in tensors)
-    return first.new_empty(0).set_(storage, first.storage_offset(), (rows, *first.shape[1:]))
+        address += tensor.numel() * tensor.element_size()
+        rows += tensor.shape[0]
+    if address > storage.data_ptr() + storage.nbytes():  # back to back, but past the first one's buffer
+        return torch.cat(tensors)
+    return first.new_empty(0).set_(storage, first.storage_offset(), (rows, *trailing))
 
 
 def collate_image_text(pairs: list[tuple[ImagePatches, list[int]]], pad_id: int) -> ImageTextBatch:
     """Pack the images NaViT-style and pad the texts to the longest one."""
-    text_len = max(len(ids) for _, ids in pairs)
-    # Padded in Python and converted once: a few tensor operations per row would cost more than the rows.
-    text_ids = torch.tensor([[*ids, *[pad_id] * (text_len - len(ids))] for _, ids in pairs], dtype=torch.long)
-    lengths = torch.tensor([len(ids) for _, ids in pairs])
-    text_mask = torch.arange(text_len)[None, :] < lengths[:, None]
+    lengths = [len(ids) for _, ids in pairs]
+    # The mask first, then every id in one numpy pass over its True places (row-major: each text left-aligned):
+    # a third of the time of converting padded Python rows with torch.tensor.
+    text_mask = np.arange(max(lengths)) < np.array(lengths)[:, None]
+    text_ids = np.full(text_mask.shape, pad_id, dtype=np.int64)
+    text_ids[text_mask] = np.fromiter(itertools.chain.from_iterable(ids for _, ids in pairs), dtype=np.int64,
+                                      count=sum(lengths))
     return ImageTextBatch(
         pixel_values=concat_rows([img.patches for img, _ in pairs]),
         image_grid_hw=torch.tensor([img.grid for img, _ in pairs], dtype=torch.long),
-        text_ids=text_ids,
-        text_mask=text_mask,
+        text_ids=torch.from_numpy(text_ids),
+        text_mask=torch.from_numpy(text_mask),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,6 +74,28 @@ def test_pieces_of_one_buffer_are_concatenated_without_a_copy():
                    [buffer[0:12].view(2, 6), buffer[12:24].view(3, 4)[:, :2].reshape(2, 3).repeat(1, 2)]):
         joined = concat_rows(others)  # out of order, a gap, another buffer, another layout: copied
         assert torch.equal(joined, torch.cat(others)) and joined.data_ptr() != buffer.data_ptr()
+    # Back to back in memory, but each its own storage (numpy views of one array): the first one's storage does not
+    # hold the second, so they are copied.
+    memory = np.arange(60, dtype=np.uint8)
+    apart = [torch.from_numpy(memory[0:30]).view(5, 6), torch.from_numpy(memory[30:60]).view(5, 6)]
+    assert apart[1].data_ptr() == apart[0].data_ptr() + 30 and apart[0].untyped_storage().nbytes() == 30
+    joined = concat_rows(apart)
+    assert torch.equal(joined, torch.cat(apart)) and joined.data_ptr() != apart[0].data_ptr()
+
+
+def test_image_text_collation_pads_each_text_and_masks_the_padding():
+    from data.packing import collate_image_text
+    from data.samples import ImagePatches
+
+    texts = [[1, 17, 2], [1, 2], [1, 40, 41, 42, 2]]
+    pairs = [(ImagePatches(torch.full((4 * (i + 1), 12), i, dtype=torch.uint8), (2, 2 * (i + 1)), (28, 28)), ids)
+             for i, ids in enumerate(texts)]
+    batch = collate_image_text(pairs, pad_id=0)
+    assert batch.text_ids.tolist() == [[1, 17, 2, 0, 0], [1, 2, 0, 0, 0], [1, 40, 41, 42, 2]]
+    assert batch.text_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 2 + [False] * 3, [True] * 5]
+    assert batch.text_ids.dtype == torch.long and batch.text_mask.dtype == torch.bool
+    assert batch.image_grid_hw.tolist() == [[2, 2], [2, 4], [2, 6]]
+    assert torch.equal(batch.pixel_values, torch.cat([image.patches for image, _ in pairs]))
 
 
 # The patches of the first two good draws (14,112 and 21,168 bytes) fill such a slot: the others go through the pipe.
