@@ -5,8 +5,8 @@ it can run anywhere: :class:`SampleReader` is that function, down to what the lo
 document, or an image and its caption's token ids: the trainer's process, whose threads share one GIL with the
 training step, is left with collation); :class:`ProcessReader` runs it in spawned worker
 processes (spawned, not forked: the trainer has threads, process groups and possibly CUDA, none of which survive a
-fork) for when decoding and resizing need more than one core. Workers write patches into a shared-memory arena
-the reader owns (no per-tensor shared-memory handles cross the process boundary); the loader's output is the same
+fork) for when decoding and resizing need more than one core. Workers cut patches straight into a shared-memory
+arena the reader owns (no per-tensor shared-memory handles cross the process boundary); the loader's output is the same
 with any number of workers.
 """
 
@@ -393,7 +393,7 @@ class ProcessReader:
 
     def _copy_out(self, outcomes: list) -> list[Drawn | Exception]:
         """Patches left in the arena, as (offset, shape), copied out at once before the slot is reused (one copy
-        for the request, not one per image: samples read together usually make a batch together)."""
+        for the request, not one per image: samples read together make one or more batches together, in order)."""
         placed = [image.patches for drawn in outcomes if not isinstance(drawn, BaseException)
                   for image in _images(drawn) if isinstance(image.patches, tuple)]
         if placed:  # in the order cut, usually; a patch buffer not shipped (e.g. a later image of a pair) is skipped
