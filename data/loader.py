@@ -13,6 +13,8 @@ import collections
 import json
 import logging
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ from data.mixture import MixtureSampler, epoch_permutation
 from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
 from data.prefetch import Prefetcher
 from data.samples import Document, SampleError, ShardSource
-from data.storage import Storage, open_storage
+from data.shards import INDEX_READS_AT_ONCE
+from data.storage import Storage, abandoned_when, open_storage
 from data.tokenizer import TextTokenizer
 from data.workers import REQUESTS_PER_WORKER, Drawn, ImageText, ProcessReader, SampleReader
 from model.args import VisionArgs
@@ -42,6 +45,11 @@ ORDER_CACHE_BYTES = 256 * 1024 * 1024
 # every draw read ahead (planned at one progress, taken at a later one) a miss (75% of them, measured over a
 # debug-size ramp), while the reads ahead stay valid between steps.
 RESOLUTION_STEPS = 16
+
+
+def _load_index(source: ShardSource, shard: int, closed: threading.Event) -> None:
+    with abandoned_when(closed):  # a closed loader's index reads stop retrying
+        source.load_index(shard)
 
 
 class DataError(RuntimeError):
@@ -173,6 +181,9 @@ class StageLoader:
         self._ahead: dict[int, collections.deque[tuple[str, int, int, int]]] = {}
         self._plan_end: dict[int, tuple[int, dict[str, int]]] = {}
         self._plan_cap = -1  # the patch cap of the draws planned
+        # Shard indexes read ahead for the read-ahead threads (see _index_ahead): the pool, and the shards asked for.
+        self._index_pool: ThreadPoolExecutor | None = None
+        self._indexing: set[tuple[str, int]] = set()
 
     @property
     def corrupt(self) -> int:
@@ -190,6 +201,9 @@ class StageLoader:
 
     def close(self) -> None:
         """Stop the prefetch threads and worker processes (the loader keeps working, reading in the foreground)."""
+        if self._index_pool is not None:
+            self._index_pool.shutdown(wait=False, cancel_futures=True)
+            self._index_pool = None
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
@@ -289,8 +303,28 @@ class StageLoader:
                                                            self._plan_end.get(stream.slot))
             ahead.extend(plan)
             plans.append(plan)
+        if self.workers is None:
+            self._index_ahead([key for plan in plans for key in plan])
         # Round-robin over the slots, in the order batches consume draws: the next batch's samples first.
         self.prefetcher.want(plan[k] for k in range(max(map(len, plans))) for plan in plans if k < len(plan))
+
+    def _index_ahead(self, keys: list[tuple[str, int, int, int]]) -> None:
+        """Start reading, all at once, the indexes of the shards planned draws land in that are not indexed yet:
+        each read-ahead thread would otherwise wait for them one after another before its draws (at a start or a
+        resume, the first batch lands in a dozen shards never read). Worker processes do this per request
+        (:meth:`SampleReader.read_many`)."""
+        positions = collections.defaultdict(list)
+        for name, position, _, _ in keys:
+            positions[name].append(position)
+        for name, where in positions.items():
+            source = self.sources[name]
+            for shard in source.unindexed_shards(where):
+                if (name, shard) in self._indexing:
+                    continue
+                self._indexing.add((name, shard))
+                if self._index_pool is None:
+                    self._index_pool = ThreadPoolExecutor(INDEX_READS_AT_ONCE, thread_name_prefix="shard-index")
+                self._index_pool.submit(_load_index, source, shard, self.prefetcher.closed)
 
     def _read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
         if self.prefetcher is not None:  # the same pure function, maybe already computed in the background

@@ -17,6 +17,7 @@ import json
 import logging
 import tarfile
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ from data.storage import Storage
 
 logger = logging.getLogger(__name__)
 INDEX_SUFFIX = ".idx.json"
+# Shard indexes read at a time when draws land in several shards not indexed yet (at a start or resume, most of
+# them): small requests, whose latency, not bandwidth, is the cost.
+INDEX_READS_AT_ONCE = 16
 Members = dict[str, tuple[int, int]]  # member extension -> (offset, size) in the shard
 
 
@@ -154,6 +158,22 @@ class ShardSource:
             raise ValueError(f"source '{self.name}': shard {self.storage.url}/{shard} holds {len(samples)} samples, "
                              f"the manifest says {expected}")
         return samples
+
+    def unindexed_shards(self, positions: Iterable[int]) -> list[int]:
+        """The shards that samples ``positions`` lie in whose index is not loaded yet (none for an eager index)."""
+        if not self.lazy:
+            return []
+        return sorted({bisect.bisect_right(self._starts, position) - 1 for position in positions}
+                      - self._shard_index.keys())
+
+    def load_index(self, shard_id: int) -> None:
+        """Load one shard's index now, e.g. ahead of its draws and alongside other shards'. A failure is left to
+        the draws that land in it: they read it again and raise it with their own context (a missing shard's
+        name, the corrupt sample's key)."""
+        try:
+            self._shard_samples(shard_id)
+        except Exception:  # noqa: BLE001 (raised again, where it matters, by the draws' own reads)
+            pass
 
     def _entry(self, position: int) -> tuple[int, str, Members]:
         if not self.lazy:

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import shared_memory
 
 import cv2
@@ -42,7 +42,7 @@ from data.samples import (
     patchify_images,
     render_document,
 )
-from data.shards import ShardSource
+from data.shards import INDEX_READS_AT_ONCE, ShardSource
 from data.tokenizer import TextTokenizer
 
 Loaded = tuple[RawSample, dict, dict[str, ImagePatches]]
@@ -96,6 +96,7 @@ class SampleReader:
         from one draw to the next. Measured on the demo shards, one process: ~40 us a draw less of ~320 (fetching,
         JSON and image headers, interleaved with decoding, cost 2-3x what they do in a row; tokenizing between
         decodes cost 3x, and captions are tokenized in one call)."""
+        self._index_shards(keys)
         staged: list = list(keys)
         for step in (self._fetch, self._parse, self._open, functools.partial(self._decode, patch_buffer=patch_buffer)):
             _each(staged, step)
@@ -103,6 +104,19 @@ class SampleReader:
             return self._pairs(staged)
         _each(staged, self._render)
         return staged
+
+    def _index_shards(self, keys: list[tuple[str, int, int, int]]) -> None:
+        """Read the indexes of the shards these draws land in that are not indexed yet, all at once: fetched one
+        draw after another, each would wait for its own (at a start or resume, a request's draws land in a dozen
+        shards never read)."""
+        positions = collections.defaultdict(list)
+        for name, position, _, _ in keys:
+            positions[name].append(position)
+        unindexed = [(source, shard) for name, where in positions.items()
+                     for source in (self.sources[name],) for shard in source.unindexed_shards(where)]
+        if len(unindexed) > 1:
+            with ThreadPoolExecutor(min(len(unindexed), INDEX_READS_AT_ONCE), "shard-index") as pool:
+                list(pool.map(lambda job: job[0].load_index(job[1]), unindexed))
 
     def _fetch(self, key: tuple[str, int, int, int]) -> tuple:
         name, position, _, _ = key
