@@ -23,7 +23,7 @@ from data.mixture import MixtureSampler, epoch_permutation
 from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
 from data.prefetch import Prefetcher
 from data.samples import Document, SampleError, ShardSource
-from data.shards import INDEX_READS_AT_ONCE
+from data.shards import INDEX_READS_AT_ONCE, shards_to_index
 from data.storage import Storage, abandoned_when, open_storage
 from data.tokenizer import TextTokenizer
 from data.workers import REQUESTS_PER_WORKER, Drawn, ImageText, ProcessReader, SampleReader
@@ -313,18 +313,13 @@ class StageLoader:
         each read-ahead thread would otherwise wait for them one after another before its draws (at a start or a
         resume, the first batch lands in a dozen shards never read). Worker processes do this per request
         (:meth:`SampleReader.read_many`)."""
-        positions = collections.defaultdict(list)
-        for name, position, _, _ in keys:
-            positions[name].append(position)
-        for name, where in positions.items():
-            source = self.sources[name]
-            for shard in source.unindexed_shards(where):
-                if (name, shard) in self._indexing:
-                    continue
-                self._indexing.add((name, shard))
-                if self._index_pool is None:
-                    self._index_pool = ThreadPoolExecutor(INDEX_READS_AT_ONCE, thread_name_prefix="shard-index")
-                self._index_pool.submit(_load_index, source, shard, self.prefetcher.closed)
+        for name, shard in shards_to_index(self.sources, keys):
+            if (name, shard) in self._indexing:  # already asked for, its read maybe still under way
+                continue
+            self._indexing.add((name, shard))
+            if self._index_pool is None:
+                self._index_pool = ThreadPoolExecutor(INDEX_READS_AT_ONCE, thread_name_prefix="shard-index")
+            self._index_pool.submit(_load_index, self.sources[name], shard, self.prefetcher.closed)
 
     def _read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
         if self.prefetcher is not None:  # the same pure function, maybe already computed in the background

@@ -11,6 +11,7 @@ Otherwise every shard is read once at the first use to count and index its sampl
 from __future__ import annotations
 
 import bisect
+import collections
 import io
 import itertools
 import json
@@ -50,6 +51,15 @@ def shard_members(data: bytes) -> list[tuple[str, Members]]:
                 key, _, ext = Path(info.name).name.partition(".")
                 groups.setdefault(key, {})[ext] = (info.offset_data, info.size)
     return list(groups.items())
+
+
+def shards_to_index(sources: dict[str, ShardSource], keys: Iterable[tuple]) -> list[tuple[str, int]]:
+    """(source name, shard) of every shard that draws ``keys`` (``(source name, position, ...)``) land in whose
+    index is not loaded yet: what to read at once ahead of them (:data:`INDEX_READS_AT_ONCE`)."""
+    positions = collections.defaultdict(list)
+    for key in keys:
+        positions[key[0]].append(key[1])
+    return [(name, shard) for name, where in positions.items() for shard in sources[name].unindexed_shards(where)]
 
 
 def index_bytes(data: bytes) -> bytes:

@@ -42,7 +42,7 @@ from data.samples import (
     patchify_images,
     render_document,
 )
-from data.shards import INDEX_READS_AT_ONCE, ShardSource
+from data.shards import INDEX_READS_AT_ONCE, ShardSource, shards_to_index
 from data.tokenizer import TextTokenizer
 
 Loaded = tuple[RawSample, dict, dict[str, ImagePatches]]
@@ -109,14 +109,12 @@ class SampleReader:
         """Read the indexes of the shards these draws land in that are not indexed yet, all at once: fetched one
         draw after another, each would wait for its own (at a start or resume, a request's draws land in a dozen
         shards never read)."""
-        positions = collections.defaultdict(list)
-        for name, position, _, _ in keys:
-            positions[name].append(position)
-        unindexed = [(source, shard) for name, where in positions.items()
-                     for source in (self.sources[name],) for shard in source.unindexed_shards(where)]
+        if len(keys) < 2:  # one draw reads its own shard's index as it is fetched
+            return
+        unindexed = shards_to_index(self.sources, keys)
         if len(unindexed) > 1:
             with ThreadPoolExecutor(min(len(unindexed), INDEX_READS_AT_ONCE), "shard-index") as pool:
-                list(pool.map(lambda job: job[0].load_index(job[1]), unindexed))
+                list(pool.map(lambda job: self.sources[job[0]].load_index(job[1]), unindexed))
 
     def _fetch(self, key: tuple[str, int, int, int]) -> tuple:
         name, position, _, _ = key
