@@ -39,6 +39,19 @@ from dataclasses import dataclass, fields
 
 import torch
 
+# Index metadata: small, read on the host (document and image boundaries drive Python loops and kernel arguments),
+# so it stays on the CPU when a batch moves to its device. Everything else is device data.
+HOST_FIELDS = frozenset({"cu_seqlens", "image_grid_hw"})
+
+
+def _moved(batch, move):
+    """A copy of ``batch`` with ``move`` applied to its device data (index metadata stays as it is). The token
+    counts are taken along, counted where the batch is now (on the host), so the step never waits for the device."""
+    copy = type(batch)(**{f.name: getattr(batch, f.name) if f.name in HOST_FIELDS else move(getattr(batch, f.name))
+                          for f in fields(batch)})
+    copy._host_counts = (batch.num_loss_tokens, batch.num_tokens)
+    return copy
+
 
 @dataclass
 class PackedBatch:
@@ -53,14 +66,20 @@ class PackedBatch:
 
     @property
     def num_loss_tokens(self) -> int:
-        return int(self.loss_mask.sum())
+        counts = self.__dict__.get("_host_counts")
+        return int(self.loss_mask.sum()) if counts is None else counts[0]
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
-    def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        """The batch on ``device`` (``cu_seqlens`` and ``image_grid_hw`` stay on the host)."""
+        return _moved(self, lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> PackedBatch:
+        """The batch with its device data in page-locked host memory (asynchronous copies to a GPU)."""
+        return _moved(self, torch.Tensor.pin_memory)
 
 
 @dataclass
@@ -73,11 +92,18 @@ class ImageTextBatch:
     @property
     def num_loss_tokens(self) -> int:
         # Caption loss is over next-token targets: every real text token but the first.
-        return int(self.text_mask[:, 1:].sum())
+        counts = self.__dict__.get("_host_counts")
+        return int(self.text_mask[:, 1:].sum()) if counts is None else counts[0]
 
     @property
     def num_tokens(self) -> int:
-        return int(self.text_mask.sum()) + self.pixel_values.shape[0]
+        counts = self.__dict__.get("_host_counts")
+        return int(self.text_mask.sum()) + self.pixel_values.shape[0] if counts is None else counts[1]
 
-    def to(self, device: torch.device | str) -> ImageTextBatch:
-        return ImageTextBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageTextBatch:
+        """The batch on ``device`` (``image_grid_hw`` stays on the host)."""
+        return _moved(self, lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> ImageTextBatch:
+        """The batch with its device data in page-locked host memory (asynchronous copies to a GPU)."""
+        return _moved(self, torch.Tensor.pin_memory)

@@ -2,7 +2,8 @@
 
 Tokens of a batch are flattened and packed: a ``[T, heads, head_dim]`` tensor plus ``cu_seqlens`` (the flash-attn
 varlen convention, ``int32 [docs + 1]``, ``cu_seqlens[i]:cu_seqlens[i + 1]`` is document ``i``). Attention never
-crosses a document boundary.
+crosses a document boundary. ``cu_seqlens`` is host metadata (a CPU tensor, as every batch carries it): the CPU
+backend loops over the documents and the flash kernel's maximum length is read without waiting for the device.
 
 Both RoPE flavours rotate *interleaved* pairs: elements ``2j`` and ``2j + 1`` of a head form complex number ``j``,
 rotated by an angle ``angles[..., j]``. The 1D and 2D variants differ only in how those angles are computed, so one
@@ -115,8 +116,8 @@ def _flash_varlen(q, k, v, cu_seqlens, causal: bool, scale: float | None) -> tor
     dv = v.shape[-1]
     if dv != q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    max_len = max(document_lengths(cu_seqlens))  # host metadata: no device wait
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32, non_blocking=True)
     out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
     return out[..., :dv]
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import CocaArgs
+from model.init import ParamInit
 from model.layers import init_default_weights
 
 __all__ = ["CocaOutput", "CocaTowers", "caption_loss_sum", "pad_packed_images", "siglip_loss"]
@@ -47,7 +48,8 @@ def pad_packed_images(features: torch.Tensor, grid_hw: torch.Tensor) -> tuple[to
     bool mask that is True on real patches. Differentiable with respect to ``features``."""
     lengths = grid_hw[:, 0] * grid_hw[:, 1]
     images = lengths.shape[0]
-    max_len = int(lengths.max())
+    max_len = int(lengths.max())  # grids are host metadata: no device wait
+    lengths = lengths.to(features.device)
     image_of = torch.repeat_interleave(torch.arange(images, device=features.device), lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     slot = torch.arange(features.shape[0], device=features.device) - starts[image_of]
@@ -185,15 +187,17 @@ class CocaTowers(nn.Module):
         self.logit_bias = nn.Parameter(torch.empty(()))
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Initialize every parameter from the current torch RNG; SigLIP temperature and bias to their init values.
+    def init_weights(self, init: ParamInit | None = None, std: float = 0.02) -> None:
+        """Initialize every parameter; SigLIP temperature and bias to their init values.
 
         Args:
+            init: The initializer named at these towers (None: seeded from torch's global generator).
             std: Standard deviation of weight matrices, embeddings, the pooling query and the position tables.
         """
-        init_default_weights(self, std)
-        for table in (self.pool_query, self.text_pos, self.caption_pos):
-            nn.init.normal_(table, mean=0.0, std=std)
+        init = init or ParamInit.from_global_rng()
+        init_default_weights(self, std, init)
+        for name in ("pool_query", "text_pos", "caption_pos"):
+            init.normal_(getattr(self, name), std, name)
         self.logit_scale.fill_(self.init_logit_scale)
         self.logit_bias.fill_(self.init_logit_bias)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from model.args import DecoderArgs
 from model.attention import DocumentAttention, apply_rotary, rope_angles_1d
+from model.init import ParamInit
 from model.layers import RMSNorm, SwiGLU, init_default_weights
 from model.moe import MoE
 
@@ -126,9 +127,10 @@ class DecoderLayer(nn.Module):
         return x + out, load, aux
 
 
-def default_cu_seqlens(rows: int, seq: int, device: torch.device) -> torch.Tensor:
-    """``cu_seqlens`` of one document per row."""
-    return torch.arange(0, (rows + 1) * seq, seq, device=device, dtype=torch.int32)
+def default_cu_seqlens(rows: int, seq: int) -> torch.Tensor:
+    """``cu_seqlens`` of one document per row, on the host like every batch's document boundaries (attention reads
+    them there; the flash kernel copies them to the device)."""
+    return torch.arange(0, (rows + 1) * seq, seq, device="cpu", dtype=torch.int32)
 
 
 class MoEDecoder(nn.Module):
@@ -163,17 +165,23 @@ class MoEDecoder(nn.Module):
             raise ValueError(f"rope_theta must be > 0, got {theta}.")
         self.rope_theta = float(theta)
 
-    def init_weights(self) -> None:
-        """Initialize every parameter and buffer from the current torch RNG (weights ``normal(0, init_std)``)."""
+    def init_weights(self, init: ParamInit | None = None) -> None:
+        """Initialize every parameter and buffer this decoder holds (weights ``normal(0, init_std)``).
+
+        Args:
+            init: The initializer named at this decoder (None: seeded from torch's global generator).
+        """
+        init = init or ParamInit.from_global_rng()
         for name, child in self.named_children():
             if name != "layers":
-                init_default_weights(child, self.init_std)
-        for layer in self.layers.values():
-            for child in layer.children():
+                init_default_weights(child, self.init_std, init.child(name))
+        for key, layer in self.layers.items():
+            for name, child in layer.named_children():
+                child_init = init.child(f"layers.{key}.{name}")
                 if isinstance(child, MoE):  # stacked experts and the balancing bias need their own rule
-                    child.init_weights(self.init_std)
+                    child.init_weights(self.init_std, child_init)
                 else:
-                    init_default_weights(child, self.init_std)
+                    init_default_weights(child, self.init_std, child_init)
 
     def forward(
         self,
@@ -201,7 +209,7 @@ class MoEDecoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq, device=x.device).expand(rows, seq)
         if cu_seqlens is None:
-            cu_seqlens = default_cu_seqlens(rows, seq, x.device)
+            cu_seqlens = default_cu_seqlens(rows, seq)
         angles = rope_angles_1d(position_ids.reshape(-1), self.rope_dim, self.rope_theta)
         loads, aux_losses = [], []
         for layer in self.layers.values():

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.init import ParamInit
+
 __all__ = ["RMSNorm", "SwiGLU", "init_default_weights"]
 
 
@@ -43,8 +45,8 @@ class SwiGLU(nn.Module):
 
 
 @torch.no_grad()
-def init_default_weights(module: nn.Module, std: float) -> None:
-    """Initialize the standard layers of ``module`` in place, in ``named_modules`` order (deterministic).
+def init_default_weights(module: nn.Module, std: float, init: ParamInit) -> None:
+    """Initialize the standard layers of ``module`` in place, each parameter from its own named generator.
 
     Linear, convolution and embedding weights get ``normal(0, std)``, their biases zeros; LayerNorm and RMSNorm
     scales ones and shifts zeros. Parameters owned directly by custom modules (position tables, stacked experts,
@@ -53,10 +55,11 @@ def init_default_weights(module: nn.Module, std: float) -> None:
     Args:
         module: The module tree to initialize.
         std: Standard deviation of the weight matrices.
+        init: The initializer named at ``module``'s path.
     """
-    for sub in module.modules():
+    for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear | nn.Conv2d | nn.Embedding):
-            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            init.child(name).normal_(sub.weight, std, "weight")
             if getattr(sub, "bias", None) is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.LayerNorm):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import DecoderArgs
+from model.init import ParamInit
 from model.layers import SwiGLU, init_default_weights
 
 __all__ = ["GroupedExperts", "MoE", "RoutingResult", "grouped_mm_supported"]
@@ -43,53 +44,64 @@ class GroupedExperts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w_down = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    @torch.no_grad()
+    def init_weights(self, std: float, init: ParamInit) -> None:
+        """``normal(0, std)`` for every expert, keyed by its global index: an expert-parallel shard (whose first
+        expert is ``expert_offset``) holds the same values as the whole stack."""
+        first = getattr(self, "expert_offset", 0)
+        for name in ("w_gate", "w_up", "w_down"):
+            init.normal_experts_(getattr(self, name), std, name, first)
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Run the experts on token rows already sorted by expert.
 
         Args:
             x: ``[assignments, dim]``, the rows of expert 0 first, then expert 1, ...
-            tokens_per_expert: How many rows each local expert owns (``len == w_gate.shape[0]``).
+            tokens_per_expert: ``int64 [local experts]`` rows of each expert, on ``x``'s device (the grouped GEMM
+                reads it there, so the step never waits for the host).
 
         Returns:
             ``[assignments, dim]`` expert outputs in the same order.
         """
-        if len(tokens_per_expert) != self.w_gate.shape[0] or sum(tokens_per_expert) != x.shape[0]:
-            raise ValueError(f"tokens_per_expert={tokens_per_expert} does not split {x.shape[0]} rows over "
-                             f"{self.w_gate.shape[0]} experts.")
+        if tokens_per_expert.shape != (self.w_gate.shape[0],):
+            raise ValueError(f"tokens_per_expert has shape {list(tokens_per_expert.shape)}, expected "
+                             f"[{self.w_gate.shape[0]}] (one count per local expert).")
         if grouped_mm_supported(x):
             return self._forward_grouped(x, tokens_per_expert)
-        return self._forward_looped(x, tokens_per_expert)
+        return self._forward_looped(x, tokens_per_expert.tolist())
 
-    def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    def _forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         # One grouped GEMM per projection: every expert multiplies its own contiguous row slice, with no Python
         # loop and no per-expert weight slicing (whose backward would write a zero-filled [E, out, in] gradient
         # for every expert). Each row sees the same dot products as in the loop, so results match it bit for bit
         # on CPU.
-        offsets = torch.tensor(tokens_per_expert, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device)
+        offsets = tokens_per_expert.cumsum(0, dtype=torch.int32)
         gate = F.grouped_mm(x, self.w_gate.transpose(-2, -1), offs=offsets)
         up = F.grouped_mm(x, self.w_up.transpose(-2, -1), offs=offsets)
         return F.grouped_mm(F.silu(gate) * up, self.w_down.transpose(-2, -1), offs=offsets)
 
     def _forward_looped(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         # Fallback (dtypes or devices without a grouped GEMM kernel). ``unbind`` once instead of indexing
-        # ``w[expert]`` per expert: its backward stacks the per-expert gradients in one go.
-        outputs = []
+        # ``w[expert]`` per expert: its backward stacks the per-expert gradients in one go. An expert without rows
+        # multiplies an empty slice (no branch on the counts, so symbolic sizes trace through it).
+        for count in tokens_per_expert:
+            torch._check_is_size(count)
+        torch._check(sum(tokens_per_expert) == x.shape[0])
         weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0), strict=True)
-        for rows, (w_gate, w_up, w_down) in zip(x.split(tokens_per_expert), weights, strict=True):
-            if rows.shape[0] == 0:  # only experts that received tokens do any work
-                continue
-            outputs.append((F.silu(rows @ w_gate.t()) * (rows @ w_up.t())) @ w_down.t())
-        if not outputs:
-            return x.new_zeros(0, self.w_down.shape[1])
+        outputs = [(F.silu(rows @ w_gate.t()) * (rows @ w_up.t())) @ w_down.t()
+                   for rows, (w_gate, w_up, w_down) in zip(x.split(tokens_per_expert), weights, strict=True)]
         return torch.cat(outputs)
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` has a kernel for ``x``: CPU in fp32/bf16/fp16, CUDA in bf16 (Ampere or newer)."""
+    """Whether ``F.grouped_mm`` has a kernel for ``x``: CPU in fp32/bf16/fp16, CUDA in bf16 (Ampere or newer);
+    ``meta`` follows CUDA's contract (bf16), as its shape functions do."""
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type == "meta":
+        return x.dtype == torch.bfloat16
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return False
@@ -126,11 +138,16 @@ class MoE(nn.Module):
         self.shared_experts = SwiGLU(dim, args.moe_ffn_size * args.num_shared_experts)
 
     @torch.no_grad()
-    def init_weights(self, std: float) -> None:
-        """Initialize every parameter from the current torch RNG; the balancing bias starts at zero."""
-        init_default_weights(self, std)  # router and shared experts
-        for weight in (self.experts.w_gate, self.experts.w_up, self.experts.w_down):
-            nn.init.normal_(weight, mean=0.0, std=std)
+    def init_weights(self, std: float, init: ParamInit | None = None) -> None:
+        """Initialize every parameter; the balancing bias starts at zero.
+
+        Args:
+            std: Standard deviation of the weight matrices.
+            init: The initializer named at this module (None: seeded from torch's global generator).
+        """
+        init = init or ParamInit.from_global_rng()
+        init_default_weights(self, std, init)  # router and shared experts
+        self.experts.init_weights(std, init.child("experts"))
         self.expert_bias.zero_()
 
     def route(self, x: torch.Tensor) -> RoutingResult:
@@ -154,12 +171,15 @@ class MoE(nn.Module):
         routing = self.route(flat)
         num_experts = self.expert_bias.shape[0]
         assigned = routing.indices.reshape(-1)  # [T * k], token t's choices at t*k .. t*k+k-1
-        counts = torch.bincount(assigned, minlength=num_experts)
+        # Tokens per expert, on the device (a scatter, not bincount: its output shape is static, so it also runs on
+        # meta and fake tensors).
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, assigned, torch.ones_like(assigned))
         # Sort the (token, expert) assignments by expert so each expert sees one contiguous slice; stable for a
         # deterministic order within an expert.
         order = torch.argsort(assigned, stable=True)
         token_of = order // self.top_k
-        expert_out = self.experts(flat[token_of], counts.tolist())
+        expert_out = self.experts(flat[token_of], counts)
         weighted = expert_out * routing.weights.reshape(-1)[order].unsqueeze(-1).to(expert_out.dtype)
         routed = torch.zeros_like(flat).index_add(0, token_of, weighted)
         out = routed.view(rows, seq, dim) + self.shared_experts(x)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.init import ParamInit
 from model.layers import init_default_weights
 
 __all__ = ["PatchMergerProjector", "merge_patches"]
@@ -62,9 +63,14 @@ class PatchMergerProjector(nn.Module):
         self.linear_1 = nn.Linear(merged, merged, bias=True)
         self.linear_2 = nn.Linear(merged, out_hidden, bias=True)
 
-    def init_weights(self, std: float = 0.02) -> None:
-        """Initialize every parameter from the current torch RNG (weights ``normal(0, std)``)."""
-        init_default_weights(self, std)
+    def init_weights(self, init: ParamInit | None = None, std: float = 0.02) -> None:
+        """Initialize every parameter (weights ``normal(0, std)``).
+
+        Args:
+            init: The initializer named at this module (None: seeded from torch's global generator).
+            std: Standard deviation of the weight matrices.
+        """
+        init_default_weights(self, std, init or ParamInit.from_global_rng())
 
     def forward(self, features: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Project packed vision features ``[patches, Dv]`` to decoder tokens ``[patches / m^2, out_hidden]``."""

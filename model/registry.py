@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from model.args import CocaArgs, DecoderArgs, ModelArgs, VisionArgs
+from model.init import ParamInit
 from model.moe import GroupedExperts
 from model.vlm import KimiVL
 
@@ -40,12 +41,16 @@ FLAVORS: dict[str, ModelArgs] = {
 }
 
 
-def build_model(args: ModelArgs, device: torch.device | str = "cpu") -> KimiVL:
-    """Build on ``meta``, materialize on ``device`` and initialize from the current torch RNG.
+def build_model(args: ModelArgs, device: torch.device | str = "cpu", seed: int | None = None) -> KimiVL:
+    """The whole model on one device: built on ``meta``, materialized on ``device``, initialized.
+
+    The single-process case of ``parallel.parallelize``: with the same ``seed`` every parameter gets the values a
+    rank of any parallel layout gives it (model/init.py).
 
     Args:
         args: Model hyper-parameters (e.g. ``FLAVORS["debug"]``).
         device: Where the parameters live.
+        seed: The run's seed; None draws one from torch's global generator (``torch.manual_seed`` first).
 
     Returns:
         The initialized model (fp32).
@@ -53,7 +58,7 @@ def build_model(args: ModelArgs, device: torch.device | str = "cpu") -> KimiVL:
     with torch.device("meta"):
         model = KimiVL(args)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(ParamInit(seed) if seed is not None else None)
     return model
 
 

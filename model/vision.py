@@ -14,6 +14,7 @@ from torch import nn
 
 from model.args import VisionArgs
 from model.attention import apply_rotary, rope_angles_2d, varlen_attention
+from model.init import ParamInit
 from model.layers import init_default_weights
 
 __all__ = ["MoonViT", "grid_cu_seqlens", "grid_positions", "interpolate_pos_table"]
@@ -25,12 +26,14 @@ def grid_cu_seqlens(grid_hw: torch.Tensor) -> torch.Tensor:
     return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
 
 
-def grid_positions(grid_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column of every packed patch inside its own image grid (row-major), each ``int64 [patches]``."""
+def grid_positions(grid_hw: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every packed patch inside its own image grid (row-major), each ``int64 [patches]`` on
+    ``device`` (``grid_hw``'s by default: grids are host metadata, positions feed device math)."""
+    device = grid_hw.device if device is None else device
     rows, cols = [], []
     for h, w in grid_hw.tolist():
-        rows.append(torch.arange(h, device=grid_hw.device).repeat_interleave(w))
-        cols.append(torch.arange(w, device=grid_hw.device).repeat(h))
+        rows.append(torch.arange(h, device=device).repeat_interleave(w))
+        cols.append(torch.arange(w, device=device).repeat(h))
     return torch.cat(rows), torch.cat(cols)
 
 
@@ -112,15 +115,16 @@ class MoonViT(nn.Module):
         """Width of the features this tower emits."""
         return self.norm.normalized_shape[0]
 
-    def init_weights(self, std: float = 0.02) -> None:
-        """Initialize every parameter from the current torch RNG.
+    def init_weights(self, init: ParamInit | None = None, std: float = 0.02) -> None:
+        """Initialize every parameter.
 
         Args:
+            init: The initializer named at this tower (None: seeded from torch's global generator).
             std: Standard deviation of the weight matrices (the position table always uses 0.02).
         """
-        init_default_weights(self, std)
-        with torch.no_grad():
-            nn.init.normal_(self.pos_table, mean=0.0, std=0.02)
+        init = init or ParamInit.from_global_rng()
+        init_default_weights(self, std, init)
+        init.normal_(self.pos_table, 0.02, "pos_table")
 
     def position_embeddings(self, grid_hw: torch.Tensor) -> torch.Tensor:
         """The absolute position embedding of every packed patch, ``[patches, hidden]``."""
@@ -171,7 +175,7 @@ class MoonViT(nn.Module):
         cu_seqlens = grid_cu_seqlens(grid_hw)
         angles = None
         if self.use_rope:
-            rows, cols = grid_positions(grid_hw)
+            rows, cols = grid_positions(grid_hw, x.device)
             angles = rope_angles_2d(rows, cols, self.head_dim, self.rope_theta)
         for block in self.blocks:
             x = block(x, cu_seqlens, angles)

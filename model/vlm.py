@@ -11,6 +11,7 @@ from torch import nn
 from model.args import ModelArgs
 from model.coca import CocaOutput, CocaTowers
 from model.decoder import MoEAux, MoEDecoder
+from model.init import ParamInit
 from model.projector import PatchMergerProjector
 from model.vision import MoonViT
 
@@ -33,17 +34,24 @@ class KimiVL(nn.Module):
         self.decoder = MoEDecoder(args.decoder)
         self.coca = CocaTowers(args.coca, args.vision.hidden_size, args.decoder.vocab_size)
 
-    def init_weights(self) -> None:
-        """Initialize every parameter and buffer from the current torch RNG, part after part (deterministic).
+    def init_weights(self, init: ParamInit | None = None) -> None:
+        """Initialize every parameter and buffer this model holds (parts a pipeline stage dropped are skipped).
 
         Weights ``normal(0, decoder.init_std)``, biases zeros, norms ones, the vision position table
-        ``normal(0, 0.02)``, MoE balancing biases zeros, SigLIP temperature and bias to their init values.
+        ``normal(0, 0.02)``, MoE balancing biases zeros, SigLIP temperature and bias to their init values. Each
+        parameter's values depend only on the seed and its name (model/init.py), whatever else the model holds.
+
+        Args:
+            init: The root initializer (its seed); None draws the seed from torch's global generator.
         """
+        init = init or ParamInit.from_global_rng()
         std = self.args.decoder.init_std
-        self.vision.init_weights(std)
-        self.projector.init_weights(std)
-        self.decoder.init_weights()
-        self.coca.init_weights(std)
+        for name in ("vision", "projector", "coca"):
+            part = getattr(self, name)
+            if part is not None:
+                part.init_weights(init.child(name), std)
+        if self.decoder is not None:
+            self.decoder.init_weights(init.child("decoder"))
 
     def set_rope_theta(self, theta: float) -> None:
         """Change the decoder's RoPE base (curriculum stages); the vision tower's 2D RoPE is unaffected."""

@@ -138,6 +138,8 @@ class Partition:
         if bucket_elements < 1:
             raise ValueError(f"bucket_elements must be >= 1, got {bucket_elements}")
         self.group = group
+        # Buffers live where the parameters do (all units of a partition share one device).
+        self.device = units[0].param.device if units else torch.device("cpu")
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.owned = assign_owners(units, self.world)
@@ -171,7 +173,7 @@ class Partition:
     def _pack(self, source, lo: int, hi: int, ranks) -> torch.Tensor:
         """The ``[lo, hi)`` slice of the segments of ``ranks``, rank after rank (padding stays zero)."""
         width = hi - lo
-        flat = torch.zeros(len(ranks) * width, dtype=torch.float32)
+        flat = torch.zeros(len(ranks) * width, dtype=torch.float32, device=self.device)
         for index, rank in enumerate(ranks):
             base = index * width
             for unit, start, stop, at in self._pieces(rank, lo, hi):
@@ -182,10 +184,10 @@ class Partition:
         """The gradients of this rank's units, summed over the group (missing gradients count as zeros)."""
         def grad_of(unit: Unit) -> torch.Tensor:
             if unit.param.grad is None:  # e.g. an expert no local token chose
-                return torch.zeros(unit.numel)
+                return torch.zeros(unit.numel, device=self.device)
             return unit.view(unit.param.grad)
 
-        mine = torch.zeros(self.segment, dtype=torch.float32)
+        mine = torch.zeros(self.segment, dtype=torch.float32, device=self.device)
         everyone = range(self.world)
         pending: list = []
         for lo, hi in self.buckets():
@@ -206,7 +208,7 @@ class Partition:
             return
         for lo, hi in self.buckets():
             segment = self._pack(lambda unit: unit.view(unit.param.data), lo, hi, [self.rank])
-            gathered = torch.empty(self.world * (hi - lo), dtype=torch.float32)
+            gathered = torch.empty(self.world * (hi - lo), dtype=torch.float32, device=self.device)
             dist.all_gather_single(gathered, segment, group=self.group)
             for rank in range(self.world):
                 if rank == self.rank:  # already up to date
@@ -258,6 +260,9 @@ class ZeroOptimizer:
                                              bucket_elements))
         self.params = list(dict.fromkeys(u.param for u in self.units))
         self.state = {u.key: self._fresh_state(u) for u in self.owned_units()}
+        # AdamW's step count mirrored on the host: its bias correction is a Python scalar, read without waiting
+        # for the device (the tensor in ``state`` is what checkpoints hold).
+        self._adamw_steps = {key: 0 for key, state in self.state.items() if "step" in state}
 
     def owned_units(self) -> list[Unit]:
         """The units whose optimizer state lives on this rank."""
@@ -267,7 +272,8 @@ class ZeroOptimizer:
         zeros = torch.zeros(unit.numel, dtype=torch.float32, device=unit.param.device)
         if unit.route.rule == MUON:
             return {"momentum": zeros.view(unit.matrix_shape)}
-        return {"exp_avg": zeros, "exp_avg_sq": zeros.clone(), "step": torch.zeros((), dtype=torch.float64)}
+        return {"exp_avg": zeros, "exp_avg_sq": zeros.clone(),
+                "step": torch.zeros((), dtype=torch.float64, device=unit.param.device)}
 
     # ----- the step ------------------------------------------------------------------------------------------------
 
@@ -279,26 +285,44 @@ class ZeroOptimizer:
     def step(self, max_grad_norm: float = 0.0) -> float:
         """Reduce gradients, clip them to ``max_grad_norm`` (0: no clipping), update, and share the new parameters.
 
+        Raises:
+            FloatingPointError: A gradient is not finite (raised before any parameter changes).
+
         Returns:
             The global gradient norm before clipping.
         """
-        grads = [partition.reduce_scatter_gradients() for partition in self.partitions]
+        grads = self.reduce_gradients()
+        squared_norm = self.global_squared_norm(grads)
+        if not torch.isfinite(squared_norm):  # the step's one wait for the device
+            raise FloatingPointError(f"non-finite gradients in: {', '.join(self._non_finite_names(grads))}")
+        self.apply_updates(grads, squared_norm, max_grad_norm)
+        return float(squared_norm.sqrt())
+
+    def reduce_gradients(self) -> list[torch.Tensor]:
+        """Each partition's gradients of the units this rank owns, summed over its group."""
+        return [partition.reduce_scatter_gradients() for partition in self.partitions]
+
+    def global_squared_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The squared global gradient norm (fp64, on the device): every unit is owned exactly once in the world."""
         total = sum(g.double().pow(2).sum() for g in grads)
         if self.norm_group is not None and dist.get_world_size(self.norm_group) > 1:
             dist.all_reduce(total, group=self.norm_group)
-        norm = float(total.sqrt())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite gradients in: {', '.join(self._non_finite_names(grads))}")
-        coefficient = max_grad_norm / (norm + 1e-6) if max_grad_norm > 0 else 1.0  # clip_grad_norm_'s rule
+        return total
+
+    def apply_updates(self, grads: list[torch.Tensor], squared_norm: torch.Tensor, max_grad_norm: float) -> None:
+        """Clip (``clip_grad_norm_``'s rule, as a device scalar: no wait), update the owned units and all-gather
+        them into every rank's parameters."""
+        coefficient = None
+        if max_grad_norm > 0:
+            coefficient = (max_grad_norm / (squared_norm.sqrt() + 1e-6)).clamp(max=1.0).float()
         for partition, grad in zip(self.partitions, grads):
-            if coefficient < 1.0:
+            if coefficient is not None:
                 grad.mul_(coefficient)
             offset = 0
             for unit in partition.mine:
                 self._apply(unit, grad[offset : offset + unit.numel])
                 offset += unit.numel
             partition.all_gather_parameters()
-        return norm
 
     def _apply(self, unit: Unit, grad: torch.Tensor) -> None:
         state = self.state[unit.key]
@@ -308,7 +332,8 @@ class ZeroOptimizer:
             muon_update_(target, grad.view(unit.matrix_shape), state["momentum"], self.lr, decay, self.muon)
         else:
             state["step"] += 1
-            adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), self.lr,
+            self._adamw_steps[unit.key] += 1
+            adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], self._adamw_steps[unit.key], self.lr,
                           decay, self.adamw)
 
     def _non_finite_names(self, grads: list[torch.Tensor]) -> list[str]:
@@ -352,4 +377,6 @@ class ZeroOptimizer:
                                      f"{list(tensor.shape)}: it was saved for another model")
                 if loaded is not tensor:
                     tensor.copy_(loaded)
+            if key in self._adamw_steps:
+                self._adamw_steps[key] = int(fresh["step"])
 

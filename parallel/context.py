@@ -24,6 +24,7 @@ Order of operations in a step (see :func:`forward_context_parallel`):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -63,15 +64,16 @@ class ZigzagLayout:
         pair = (cp_rank, 2 * self.cp_degree - 1 - cp_rank)
         return [row * self.seq_len + c * self.chunk for row in range(self.rows) for c in pair]
 
-    def local_indices(self, cp_rank: int) -> torch.Tensor:
-        """``int64 [rows * seq_len / cp]``: the global flat index of every local token, in local order."""
-        offsets = torch.arange(self.chunk)
+    def local_indices(self, cp_rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``int64 [rows * seq_len / cp]`` on ``device``: the global flat index of every local token, in local
+        order."""
+        offsets = torch.arange(self.chunk, device=device)
         return torch.cat([start + offsets for start in self.chunk_starts(cp_rank)])
 
     def shard(self, tensor: torch.Tensor, cp_rank: int) -> torch.Tensor:
         """This rank's tokens of a ``[rows, seq_len, ...]`` tensor, as ``[rows, seq_len / cp, ...]``."""
         flat = tensor.reshape(self.rows * self.seq_len, *tensor.shape[2:])
-        local = flat[self.local_indices(cp_rank).to(tensor.device)]
+        local = flat[self.local_indices(cp_rank, tensor.device)]
         return local.view(self.rows, self.seq_len // self.cp_degree, *tensor.shape[2:])
 
 
@@ -140,11 +142,11 @@ class ContextParallelAttention(nn.Module):
         if dv < q.shape[-1]:  # one head dim for q, k and v keeps SDPA on its fused CPU kernel (see attention.py)
             v = F.pad(v, (0, q.shape[-1] - dv))
         # Gather in rank order, then put every token at its global index.
-        gathered_order = torch.cat([layout.local_indices(r) for r in range(cp)]).to(q.device)
+        gathered_order = torch.cat([layout.local_indices(r, q.device) for r in range(cp)])
         to_global = torch.argsort(gathered_order)
         keys = _all_gather(k, self.group)[to_global]
         values = _all_gather(v, self.group)[to_global]
-        boundaries = [0, *torch.cumsum(torch.tensor(document_lengths(cu_seqlens)), 0).tolist()]
+        boundaries = [0, *itertools.accumulate(document_lengths(cu_seqlens))]
         outputs = []
         for index, start in enumerate(layout.chunk_starts(cp_rank)):
             local_start = index * layout.chunk
@@ -156,14 +158,15 @@ class ContextParallelAttention(nn.Module):
               layout: ZigzagLayout, cp_rank: int, scale: float | None) -> torch.Tensor:
         cp = layout.cp_degree
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        doc_of = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)  # global token -> doc
-        query_pos = layout.local_indices(cp_rank).to(q.device)
+        lengths = torch.tensor(document_lengths(cu_seqlens), dtype=torch.int64, device=q.device)
+        doc_of = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths,
+                                         output_size=layout.rows * layout.seq_len)  # global token -> doc
+        query_pos = layout.local_indices(cp_rank, q.device)
         dk = k.shape[-1]
         block = torch.cat((k, v), dim=-1)  # one tensor travels the ring
         out, lse, source = None, None, cp_rank
         for step in range(cp):
-            key_pos = layout.local_indices(source).to(q.device)
+            key_pos = layout.local_indices(source, q.device)
             allowed = doc_of[query_pos][:, None] == doc_of[key_pos][None, :]
             if self.causal:
                 allowed &= key_pos[None, :] <= query_pos[:, None]
@@ -260,7 +263,7 @@ def embed_inputs_context_parallel(model: nn.Module, input_ids: torch.Tensor, pix
     merge = model.args.vision.merge_size ** 2
     patches = (image_grid_hw[:, 0] * image_grid_hw[:, 1]).tolist()
     owner = assign_images(patches, cp)
-    starts = [0, *torch.tensor(patches).cumsum(0).tolist()]
+    starts = [0, *itertools.accumulate(patches)]
     mine = [i for i in range(len(patches)) if owner[i] == cp_rank]
     tokens_of = [p // merge for p in patches]
     width = model.decoder.embed_tokens.weight.shape[1]
@@ -268,7 +271,7 @@ def embed_inputs_context_parallel(model: nn.Module, input_ids: torch.Tensor, pix
     per_rank = [sum(tokens_of[i] for i in range(len(patches)) if owner[i] == r) for r in range(cp)]
     local = embeds.new_zeros(max(per_rank), width)
     if mine:
-        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine])
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=pixel_values.device) for i in mine])
         encoded = model.embed_images(pixel_values[rows], image_grid_hw[mine])
         local = torch.cat((encoded.to(embeds.dtype), local[encoded.shape[0]:]))
     # Every rank of the group must take part in the gather's backward (a reduce-scatter), also one that encoded no

@@ -24,14 +24,16 @@ MESH_DIMS = ("pp", "dp", "cp")
 @dataclass
 class ParallelGroups:
     """This rank's process groups: ``dense`` (data x context ranks of its pipeline stage: dense gradients and
-    optimizer state), ``cp`` (context), ``ep`` (expert parallel) and ``expert_data`` (same experts: expert gradients
-    and their optimizer state); ``expert_mesh`` is the ``(pp, expert_data, ep)`` mesh when experts are sharded."""
+    optimizer state), ``cp`` (context), ``ep`` (expert parallel), ``expert_data`` (same experts: expert gradients
+    and their optimizer state) and ``pp`` (the ranks of its pipeline, in stage order; None without pipeline
+    parallelism); ``expert_mesh`` is the ``(pp, expert_data, ep)`` mesh when experts are sharded."""
 
     dense: dist.ProcessGroup
     cp: dist.ProcessGroup
     ep: dist.ProcessGroup
     expert_data: dist.ProcessGroup
     expert_mesh: DeviceMesh | None = None
+    pp: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,9 @@ class ParallelDims:
                     mine = group
         return mine
 
-    def build_groups(self) -> ParallelGroups:
-        """Every process group this rank takes part in (every rank creates every group, in the same order)."""
+    def build_groups(self, device_type: str = "cpu") -> ParallelGroups:
+        """Every process group this rank takes part in (every rank creates every group, in the same order); the
+        expert mesh is of ``device_type`` (``cuda`` or ``cpu``), the device the expert shards live on."""
         stage = self.dp_degree * self.cp_degree
         rank = dist.get_rank()
         mine: dict[str, dist.ProcessGroup] = {}
@@ -173,16 +176,18 @@ class ParallelDims:
                    for p in range(self.pp_degree) for d in range(self.dp_degree)],
         }
         layouts["ep"], layouts["expert_data"] = self.expert_group_ranks()
+        if self.pp_degree > 1:  # pipeline outermost: ranks r, r + stage, r + 2 stage, ...
+            layouts["pp"] = [[r + p * stage for p in range(self.pp_degree)] for r in range(stage)]
         for kind, groups in layouts.items():
             for ranks in groups:
                 group = dist.new_group(ranks)
                 if rank in ranks:
                     mine[kind] = group
         # A mesh over which expert shards are DTensors in checkpoints (sharded over ep, replicated elsewhere).
-        expert_mesh = init_device_mesh("cpu", (self.pp_degree, self.expert_data_degree, self.ep_degree),
+        expert_mesh = init_device_mesh(device_type, (self.pp_degree, self.expert_data_degree, self.ep_degree),
                                        mesh_dim_names=("pp", "expert_data", "ep")) if self.ep_degree > 1 else None
         return ParallelGroups(dense=mine["dense"], cp=mine["cp"], ep=mine["ep"], expert_data=mine["expert_data"],
-                              expert_mesh=expert_mesh)
+                              expert_mesh=expert_mesh, pp=mine.get("pp"))
 
     def dp_rank(self, rank: int | None = None) -> int:
         """This rank's index among the data-parallel replicas (the data loader's shard)."""

@@ -41,12 +41,13 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, group))
 
 
-def regroup_by_expert(received: torch.Tensor) -> torch.Tensor:
+def regroup_by_expert(received: torch.Tensor, total: int) -> torch.Tensor:
     """The permutation that reorders rows received from every source (source-major, each source's rows sorted by
     local expert) into expert-major order (each local expert's rows, source by source).
 
     Args:
         received: ``int64 [sources, local_experts]`` rows each source sent for each local expert.
+        total: Their sum (known on the host from the exchange's splits).
 
     Returns:
         ``int64 [rows]`` indices into the received rows.
@@ -56,15 +57,18 @@ def regroup_by_expert(received: torch.Tensor) -> torch.Tensor:
     by_expert_lengths = received.t().reshape(-1)
     by_expert_starts = starts.view_as(received).t().reshape(-1)
     first_out = torch.cumsum(by_expert_lengths, 0) - by_expert_lengths
-    total = int(lengths.sum())
-    return torch.arange(total) + torch.repeat_interleave(by_expert_starts - first_out, by_expert_lengths)
+    return (torch.arange(total, device=received.device)
+            + torch.repeat_interleave(by_expert_starts - first_out, by_expert_lengths))
 
 
 class ExpertParallelExperts(GroupedExperts):
     """This rank's shard of a :class:`~model.moe.GroupedExperts`, dispatching over an expert-parallel group.
 
+    Built where ``full`` lives: on ``meta`` (the device path: nothing is allocated, the shard is initialized after
+    ``to_empty``), or from materialized weights, whose slice of this rank is copied.
+
     Args:
-        full: The layer's experts (all ``E``); their weights are copied, the slice of this rank kept.
+        full: The layer's experts (all ``E``).
         group: The expert-parallel group (``ep`` ranks).
     """
 
@@ -74,33 +78,36 @@ class ExpertParallelExperts(GroupedExperts):
         if num_experts % ep:
             raise ValueError(f"{num_experts} experts do not divide over {ep} expert-parallel ranks")
         local = num_experts // ep
-        super().__init__(local, dim, hidden_dim)
+        with torch.device(full.w_gate.device):
+            super().__init__(local, dim, hidden_dim)
+        self.to(full.w_gate.dtype)
         self.group = group
         self.ep_degree = ep
         self.num_global_experts = num_experts
-        # The global index of this rank's first expert: optimizer-state keys and checkpoints use global indices,
-        # so a state saved at one expert-parallel degree loads at another.
+        # The global index of this rank's first expert: initialization, optimizer-state keys and checkpoints use
+        # global indices, so a state saved at one expert-parallel degree loads at another.
         self.expert_offset = ep_rank * local
         shard = slice(self.expert_offset, self.expert_offset + local)
         with torch.no_grad():
             for name in ("w_gate", "w_up", "w_down"):
-                getattr(self, name).copy_(getattr(full, name)[shard])
+                if not full.w_gate.is_meta:
+                    getattr(self, name).copy_(getattr(full, name)[shard])
                 getattr(self, name).requires_grad_(getattr(full, name).requires_grad)
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """Compute the rows ``x`` (sorted by global expert, ``tokens_per_expert`` for all ``E``) on whichever rank
-        holds each expert; returns them in the order given."""
-        if len(tokens_per_expert) != self.num_global_experts or sum(tokens_per_expert) != x.shape[0]:
-            raise ValueError(f"tokens_per_expert={tokens_per_expert} does not split {x.shape[0]} rows over "
-                             f"{self.num_global_experts} experts.")
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Compute the rows ``x`` (sorted by global expert, ``tokens_per_expert`` ``[E]`` on ``x``'s device) on
+        whichever rank holds each expert; returns them in the order given."""
+        if tokens_per_expert.shape != (self.num_global_experts,):
+            raise ValueError(f"tokens_per_expert has shape {list(tokens_per_expert.shape)}, expected "
+                             f"[{self.num_global_experts}] (one count per expert of the layer).")
         local = self.w_gate.shape[0]
-        sent = torch.tensor(tokens_per_expert, dtype=torch.int64).view(self.ep_degree, local)
+        sent = tokens_per_expert.view(self.ep_degree, local)
         received = funcol.wait_tensor(funcol.all_to_all_single(sent, None, None, self.group))  # counts: no grad
-        input_splits = sent.sum(1).tolist()
-        output_splits = received.sum(1).tolist()
+        # The exchange sizes must be known on the host (all-to-all splits): the one wait of a dispatch.
+        input_splits, output_splits = torch.stack((sent.sum(1), received.sum(1))).tolist()
         rows = all_to_all(x, output_splits, input_splits, self.group)
-        order = regroup_by_expert(received).to(x.device)
-        out = super().forward(rows[order], received.sum(0).tolist())
+        order = regroup_by_expert(received, sum(output_splits))
+        out = super().forward(rows[order], received.sum(0))
         back = out[torch.argsort(order)]  # inverse permutation: rows in the order they arrived
         return all_to_all(back, input_splits, output_splits, self.group)
 

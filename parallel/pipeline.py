@@ -55,7 +55,7 @@ from parallel.context import ZigzagLayout, embed_inputs_context_parallel
 from parallel.dims import ParallelDims
 from train.config import ConfigError, RunConfig
 
-__all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "build_pipeline", "build_pp_groups",
+__all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "build_pipeline",
            "check_pipeline_config", "cu_seqlens_from_doc_ids", "doc_ids_from_cu_seqlens", "layer_costs",
            "pipeline_lm_step", "split_layers", "stage_ranks"]
 
@@ -175,8 +175,8 @@ def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, rows: int, seq: int) -> to
 
 def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """``int32 [docs + 1]`` boundaries rebuilt from per-token document indices (empty documents vanish, which
-    changes no attention)."""
-    flat = doc_ids.reshape(-1)
+    changes no attention), on the host where attention reads them: the stage's one wait for the device."""
+    flat = doc_ids.reshape(-1).cpu()
     starts = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
     edges = torch.tensor([0, flat.numel()], device=flat.device)
     return torch.cat((edges[:1], starts, edges[1:])).to(torch.int32)
@@ -394,14 +394,14 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         schedule.step(*args, target=target, losses=losses, return_outputs=False,
                       loss_kwargs={"num_targets": max(float(num_targets), 1.0)}, **kwargs)
-        return torch.stack(losses).detach().sum() if losses else torch.zeros(())
+        return torch.stack(losses).detach().sum() if losses else torch.zeros((), device=self.device)
 
     def expert_load(self) -> torch.Tensor:
         """``[local MoE layers, E]`` loads of the last step in the pruned decoder's layer order."""
         loads = {k: v for stage in self.stages for k, v in stage.expert_load.items()}
         keys = [k for k, layer in self.model.decoder.layers.items() if layer.moe is not None]
         if not keys:
-            return torch.zeros(0, self.model.decoder.num_experts)
+            return torch.zeros(0, self.model.decoder.num_experts, device=self.device)
         return torch.stack([loads[k] for k in keys])
 
     def aux_loss_sum(self) -> float:
@@ -413,16 +413,17 @@ def pack_microbatches(batches: list[PackedBatch]) -> tuple[tuple, dict]:
     """The schedule's whole-step inputs: token tensors concatenated over micro-batches along rows (chunked back by
     the schedule), images padded to the step's largest micro-batch and stacked along a leading micro-batch dim."""
     rows, seq = batches[0].input_ids.shape
+    device = batches[0].input_ids.device
     input_ids = torch.cat([b.input_ids for b in batches])
     position_ids = torch.cat([b.position_ids for b in batches])
-    doc_ids = torch.cat([doc_ids_from_cu_seqlens(b.cu_seqlens, rows, seq) for b in batches])
-    counts = torch.tensor([[b.pixel_values.shape[0], b.image_grid_hw.shape[0], b.image_token_positions.shape[0]]
-                           for b in batches], dtype=torch.int64).view(len(batches), 3)
-    caps = counts.max(0).values.tolist()
+    doc_ids = torch.cat([doc_ids_from_cu_seqlens(b.cu_seqlens, rows, seq) for b in batches]).to(device)
+    sizes = [[b.pixel_values.shape[0], b.image_grid_hw.shape[0], b.image_token_positions.shape[0]] for b in batches]
+    counts = torch.tensor(sizes, dtype=torch.int64, device=device).view(len(batches), 3)
+    caps = [max(column) for column in zip(*sizes, strict=True)]
     patch_dim = batches[0].pixel_values.shape[-1]
 
     def padded(tensors: list[torch.Tensor], cap: int, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        out = torch.zeros(len(tensors), cap, *tail, dtype=dtype)
+        out = torch.zeros(len(tensors), cap, *tail, dtype=dtype, device=device)
         for i, t in enumerate(tensors):
             out[i, : t.shape[0]] = t
         return out
@@ -490,18 +491,6 @@ def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, seq_l
     return PipelineRunner(model, modules, mine, num_stages, layout, schedule, group, torch.device(device))
 
 
-def build_pp_groups(pp_degree: int, replicas: int) -> dist.ProcessGroup:
-    """This rank's pipeline group in a ``pp x (dp * cp)`` world (pipeline outermost, as in parallel/dims.py): ranks
-    ``r, r + replicas, r + 2 replicas, ...``; every rank creates every group, in the same order."""
-    rank, mine = dist.get_rank(), None
-    for r in range(replicas):
-        ranks = [r + p * replicas for p in range(pp_degree)]
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            mine = group
-    return mine
-
-
 def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_loss_coef: float, pp_degree: int,
                      cp_degree: int = 1) -> tuple[float, float, int, torch.Tensor]:
     """The trainer's next-token step under pipeline parallelism (what ``train.trainer.lm_step`` is without it).
@@ -522,12 +511,13 @@ def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_los
         (all replicas), this rank's ``[local MoE layers, E]`` loads (still to be summed over the stage's replicas).
     """
     counts = torch.tensor([sum(b.num_loss_tokens for b in batches), sum(b.num_tokens for b in batches)],
-                          dtype=torch.float64)
+                          dtype=torch.float64, device=runner.device)
     dist.all_reduce(counts)
     num_targets, tokens = (counts / (pp_degree * cp_degree)).tolist()
     replicas = dist.get_world_size() // (pp_degree * cp_degree)
     loss = runner.step(batches, num_targets, aux_loss_coef / (len(batches) * replicas))
-    totals = torch.tensor([float(loss), runner.aux_loss_sum()], dtype=torch.float64)
+    totals = torch.stack((loss.double(), torch.tensor(runner.aux_loss_sum(), dtype=torch.float64,
+                                                      device=runner.device)))
     dist.all_reduce(totals)
     lm_loss, aux_total = totals.tolist()
     return lm_loss, aux_total / (len(batches) * replicas), int(tokens), runner.expert_load()

@@ -100,13 +100,25 @@ class ModelState(Stateful):
 
 
 class RNGState(Stateful):
-    """The torch CPU generator."""
+    """The torch CPU generator and, on a GPU, the CUDA generator of this rank's device.
+
+    Args:
+        device: The rank's device; its generator is saved as well when it is a CUDA device.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cpu": torch.get_rng_state()}
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["cpu"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state_dict["cuda"], self.device)
 
 
 def _is_rank0() -> bool:

@@ -26,6 +26,7 @@ OBJECTIVES = ("coca", "lm")
 TRAINABLE_PARTS = ("vision", "projector", "decoder", "coca")
 LR_DECAYS = ("constant", "linear", "cosine", "wsd")
 ACTIVATION_CHECKPOINT_POLICIES = ("auto", "none", "selective", "full")
+DEVICES = ("auto", "cpu", "cuda")
 STAGE_OBJECTIVE_PARTS = {"coca": ("vision", "coca"), "lm": ("vision", "projector", "decoder")}
 
 
@@ -196,6 +197,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    # Where each rank computes: auto (cuda:$LOCAL_RANK when CUDA is available, else cpu) | cpu | cuda. CUDA runs
+    # use NCCL, CPU runs gloo (parallel/runtime.py).
+    device: str = "auto"
+
+
+@dataclass
 class LogConfig:
     progress_bar: bool = True
     # Weights & Biases (offline unless WANDB_MODE is set; credentials only ever come from the environment).
@@ -229,6 +237,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     @property
@@ -336,6 +345,7 @@ def validate(cfg: RunConfig) -> None:
            "the number of ranks to simulate, >= 1 (with dry_run=true)")
     _check(cfg.device_memory_gb >= 0, "device_memory_gb", cfg.device_memory_gb, ">= 0 (0: no limit)")
     _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", cfg.log.peak_tflops, ">= 0 (0: measure)")
+    _check(cfg.runtime.device in DEVICES, "runtime.device", cfg.runtime.device, f"one of {DEVICES}")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     _check(cfg.checkpoint.max_attempts >= 1, "checkpoint.max_attempts", cfg.checkpoint.max_attempts, ">= 1")
     _check(not cfg.checkpoint.url.startswith("s3://") or len(cfg.checkpoint.url) > len("s3://")

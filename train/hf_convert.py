@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from model.args import ModelArgs
 from model.hf import FORMATS, export_state_dict, hf_config, import_state_dict, load_safetensors, save_safetensors
+from model.init import ParamInit
 from model.registry import FLAVORS
 from model.vlm import KimiVL
 
@@ -74,7 +75,7 @@ def complete_state(imported: dict[str, torch.Tensor], args: ModelArgs, seed: int
     """
     with torch.device("meta"):
         model = KimiVL(args)
-    torch.manual_seed(seed)
+    init = ParamInit(seed)
     state = dict(imported)
     initialized = []
     std = args.decoder.init_std
@@ -84,9 +85,9 @@ def complete_state(imported: dict[str, torch.Tensor], args: ModelArgs, seed: int
             continue
         part.to_empty(device="cpu")
         if name == "decoder":
-            part.init_weights()
+            part.init_weights(init.child(name))
         else:
-            part.init_weights(std)
+            part.init_weights(init.child(name), std)
         for key, tensor in part.state_dict().items():
             state.setdefault(f"{name}.{key}", tensor)
         initialized.append(name)

@@ -30,16 +30,18 @@ from data.loader import StageLoader, read_manifest
 from data.storage import LocalStorage, build_storage
 from data.tokenizer import TextTokenizer
 from model.coca import caption_loss_sum, siglip_loss
-from model.registry import build_model
+from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
 from optim.muon import AdamWHParams, MuonHParams
 from optim.schedules import lr_at
 from parallel.context import forward_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
-from parallel.parallelize import apply_stage_parallel, parallelize_model
-from parallel.pipeline import build_pipeline, build_pp_groups, check_pipeline_config, pipeline_lm_step
+from parallel.parallelize import PipelineOptions, parallelize
+from parallel.pipeline import IGNORE_INDEX, check_pipeline_config, pipeline_lm_step
+from parallel.runtime import init_distributed, resolve_device
 from train.checkpoint import CheckpointManager, ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
+from train.device_feed import DeviceFeed
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
 from train.signals import STOP
@@ -79,11 +81,19 @@ class TrainState(Stateful):
 
 @dataclass
 class StepResult:
-    loss: float
-    parts: dict[str, float]
-    tokens: int
+    """What one step's forward and backward produced, as device scalars (read on the host once, by the trainer)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    tokens: torch.Tensor
     expert_load: torch.Tensor | None = None
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_host(self) -> dict[str, float]:
+        """``loss``, every part, ``tokens`` and every extra as Python floats, read in one transfer."""
+        named = {"loss": self.loss, **self.parts, "tokens": self.tokens, **self.extra}
+        values = torch.stack([v.detach().double().reshape(()) for v in named.values()]).tolist()
+        return dict(zip(named, values, strict=True))
 
 
 class RunLocked(RuntimeError):
@@ -103,21 +113,28 @@ def lock_run_dir(run_dir: Path) -> IO:
     return handle
 
 
-def init_distributed() -> None:
-    """Join the torchrun process group (gloo on CPU, NCCL on GPU), or form a group of one."""
-    if dist.is_initialized():
-        return
-    if "WORLD_SIZE" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+def _sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> torch.Tensor:
+    """``fp64 [len(values)]``: each value summed over every rank, in one all-reduce on ``device`` (host numbers
+    are sent there; device scalars are never waited for)."""
+    total = torch.stack([v.detach().double().reshape(()) if isinstance(v, torch.Tensor)
+                         else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
+    dist.all_reduce(total)
+    return total
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+def _host_order_sum(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fp64 sum of fp32 device scalars, added one after another (the order a Python float sum would take)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for value in values:
+        total = total + value.double()
+    return total
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the positions ``loss_mask`` selects (static shapes: the others are
+    ignored by index, not cut out, so nothing waits for the device)."""
+    targets = labels.masked_fill(~loss_mask, IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, world: int,
@@ -128,8 +145,11 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
     its share of their tokens (parallel/context.py); counts are divided by ``cp`` so that no token counts twice.
     """
     cp = dist.get_world_size(cp_group) if cp_group is not None else 1
-    (global_targets,) = _all_reduce_sum([sum(b.num_loss_tokens for b in batches) / cp])
-    loss_sum, aux_sum, loads = 0.0, 0.0, []
+    device = batches[0].input_ids.device
+    counts = _sum_over_ranks([sum(b.num_loss_tokens for b in batches) / cp, sum(b.num_tokens for b in batches) / cp],
+                             device)
+    global_targets = counts[0].clamp(min=1.0).float()
+    loss_sum, aux_sum, loads = [], [], []
     for batch in batches:
         if cp > 1:
             logits, labels, loss_mask, aux = forward_context_parallel(model, batch, cp_group)
@@ -137,23 +157,22 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
             logits, aux = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.pixel_values,
                                 batch.image_grid_hw, batch.image_token_positions)
             labels, loss_mask = batch.labels, batch.loss_mask
-        mask = loss_mask.reshape(-1)
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1])[mask], labels.reshape(-1)[mask], reduction="sum")
-        loss = ce / max(global_targets, 1.0)
+        ce = token_cross_entropy_sum(logits, labels, loss_mask)
+        loss = ce / global_targets
         if aux_loss_coef > 0:
             # The balance loss is a mean per micro-batch; average it over every micro-batch of every rank.
             loss = loss + aux_loss_coef * aux.aux_loss / (len(batches) * world)
-            aux_sum += float(aux.aux_loss.detach())
+            aux_sum.append(aux.aux_loss.detach())
         loss.backward()
-        loss_sum += float(ce.detach())
+        loss_sum.append(ce.detach())
         loads.append(aux.expert_load)
-    local_tokens = sum(b.num_tokens for b in batches) / cp
-    total_ce, total_aux, tokens = _all_reduce_sum([loss_sum, aux_sum, local_tokens])
-    lm_loss = total_ce / max(global_targets, 1.0)
+    total_ce, total_aux = _sum_over_ranks([_host_order_sum(loss_sum, device), _host_order_sum(aux_sum, device)],
+                                          device)
+    lm_loss = total_ce / counts[0].clamp(min=1.0)
     parts = {"lm_loss": lm_loss}
     if aux_loss_coef > 0:
         parts["aux_loss"] = total_aux / (len(batches) * world)
-    return StepResult(lm_loss, parts, int(tokens), expert_load=torch.stack(loads).sum(0))
+    return StepResult(lm_loss, parts, counts[1], expert_load=torch.stack(loads).sum(0))
 
 
 def global_siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
@@ -171,7 +190,7 @@ def global_siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, lo
     local, total = image_embeds.shape[0], texts.shape[0]
     logits = logit_scale.exp() * image_embeds @ texts.t() + logit_bias
     labels = -torch.ones_like(logits)
-    rows = torch.arange(local)
+    rows = torch.arange(local, device=logits.device)
     labels[rows, dist.get_rank() * local + rows] = 1.0
     return -F.logsigmoid(labels * logits).sum() / total
 
@@ -182,23 +201,25 @@ def coca_step(model: nn.Module, batches: list[ImageTextBatch]) -> StepResult:
     The SigLIP loss of each micro-step takes every rank's pairs as negatives (as one process with the whole batch
     would) and is averaged over micro-steps; the caption loss is a global token mean.
     """
-    (global_targets,) = _all_reduce_sum([sum(b.num_loss_tokens for b in batches)])
-    siglip_total, caption_total = 0.0, 0.0
+    device = batches[0].pixel_values.device
+    counts = _sum_over_ranks([sum(b.num_loss_tokens for b in batches), sum(b.num_tokens for b in batches)], device)
+    global_targets = counts[0].clamp(min=1.0).float()
+    siglip_parts, caption_parts = [], []
     for batch in batches:
         out = model.forward_coca(batch.pixel_values, batch.image_grid_hw, batch.text_ids, batch.text_mask)
         siglip = global_siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
         caption_sum, _ = caption_loss_sum(out.caption_logits, batch.text_ids, batch.text_mask)
-        loss = siglip / len(batches) + CAPTION_LOSS_WEIGHT * caption_sum / max(global_targets, 1.0)
+        loss = siglip / len(batches) + CAPTION_LOSS_WEIGHT * caption_sum / global_targets
         loss.backward()
-        siglip_total += float(siglip.detach())
-        caption_total += float(caption_sum.detach())
-    local_tokens = sum(b.num_tokens for b in batches)
-    siglip_total, caption_total, tokens = _all_reduce_sum([siglip_total, caption_total, local_tokens])
+        siglip_parts.append(siglip.detach())
+        caption_parts.append(caption_sum.detach())
+    siglip_total, caption_total = _sum_over_ranks([_host_order_sum(siglip_parts, device),
+                                                   _host_order_sum(caption_parts, device)], device)
     siglip_mean = siglip_total / len(batches)
-    caption_mean = caption_total / max(global_targets, 1.0)
+    caption_mean = caption_total / counts[0].clamp(min=1.0)
     loss = siglip_mean + CAPTION_LOSS_WEIGHT * caption_mean
-    extra = {"logit_scale": float(model.coca.logit_scale.detach().exp())}
-    return StepResult(loss, {"siglip_loss": siglip_mean, "caption_loss": caption_mean}, int(tokens), extra=extra)
+    extra = {"logit_scale": model.coca.logit_scale.detach().exp()}
+    return StepResult(loss, {"siglip_loss": siglip_mean, "caption_loss": caption_mean}, counts[1], extra=extra)
 
 
 class TrainingDiverged(RuntimeError):
@@ -218,13 +239,14 @@ class Trainer:
         self._lock = lock_run_dir(cfg.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         # Installed early by `python -m train` (train/signals.py); here for programmatic use.
         self._installed_signals = STOP.install()
-        init_distributed()
+        self.device = resolve_device(cfg.runtime.device)  # before any process group: a bad choice fails here
+        init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         seq_lens = [cfg.curriculum.stages[n].seq_len for n in cfg.curriculum.order]
         self.dims = ParallelDims.from_config(cfg.parallel, self.world, cfg.model, seq_lens)
         if self.dims.pp_degree > 1:
             check_pipeline_config(cfg, self.dims)
-        self.groups = self.dims.build_groups()
+        self.groups = self.dims.build_groups(self.device.type)
         # Background checkpoint writes talk over a group of their own, never interleaving with training collectives.
         self.checkpoint_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
         self.checkpoints: CheckpointManager | None = None
@@ -232,15 +254,11 @@ class Trainer:
         self._cp_groups = {self.dims.cp_degree: self.groups.cp}
         self.tokenizer = self._build_tokenizer()
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model)
-        # Every rank builds the same full model from the same seed, then keeps its shards.
-        self.activation_checkpointing = parallelize_model(self.model, self.dims, self.groups)
-        self.pipeline = None
-        if self.dims.pp_degree > 1:  # keeps only this rank's stages of the model (parameter names unchanged)
-            self.pipeline = build_pipeline(
-                self.model, cfg.parallel.pp_schedule,
-                build_pp_groups(self.dims.pp_degree, self.dims.dp_degree * self.dims.cp_degree),
-                max(seq_lens), cfg.parallel.pp_virtual_stages)
+        with torch.device("meta"):  # nothing is allocated before this rank's share is known
+            model = KimiVL(cfg.model)
+        pipeline = PipelineOptions(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages, max(seq_lens))
+        self.parallel = parallelize(model, self.dims, self.groups, self.device, cfg.seed, pipeline)
+        self.model, self.pipeline = self.parallel.model, self.parallel.pipeline
         self.steps_this_run = 0
         self.peak_flops = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0 else measure_peak_flops()
         self.wandb = WandbLogger(cfg.log.wandb and self.rank == 0, cfg.log.wandb_project, cfg.run_dir,
@@ -306,7 +324,7 @@ class Trainer:
         if self.cfg.exit_after_steps and self.steps_this_run >= self.cfg.exit_after_steps:
             self.exit_reason = f"exit_after_steps={self.cfg.exit_after_steps}"
             return True
-        flag = torch.tensor([1.0 if STOP.received else 0.0])
+        flag = torch.tensor([1.0 if STOP.received else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
             self.exit_reason = f"received {STOP.received or 'a stop signal on another rank'}"
@@ -330,21 +348,20 @@ class Trainer:
         if cp not in self._cp_groups:  # every rank runs the same stages in the same order: groups line up
             self._cp_groups[cp] = self.stage_dims.build_cp_group()
         self.stage_cp_group = self._cp_groups[cp] if cp > 1 else None
-        apply_stage_parallel(self.model, self.stage_cp_group, self.activation_checkpointing,
-                             stage.activation_checkpoint or self.cfg.parallel.activation_checkpoint, stage.seq_len,
-                             self.cfg.parallel.cp_attention)
-        if self.pipeline is not None:
-            self.pipeline.set_context_parallel(self.stage_cp_group)
+        self.parallel.apply_stage(self.stage_cp_group,
+                                  stage.activation_checkpoint or self.cfg.parallel.activation_checkpoint,
+                                  stage.seq_len, self.cfg.parallel.cp_attention)
 
-    def _state(self, optimizer: ZeroOptimizer, train: TrainState, loader: StageLoader) -> dict[str, Any]:
+    def _state(self, optimizer: ZeroOptimizer, train: TrainState, feed: DeviceFeed) -> dict[str, Any]:
         return {
             "model": ModelState(self.model, self.groups.expert_mesh),
             "optim": optimizer,
             "train": train,
-            # One state per global-batch slot: a checkpoint resumes at another data-parallel size.
-            "loader": loader,
+            # The loader's state as of the batches trained on; one state per global-batch slot: a checkpoint
+            # resumes at another data-parallel size.
+            "loader": feed,
             # Ranks start from the same seed and draw no rank-specific randomness, so one generator state serves all.
-            "rng": RNGState(),
+            "rng": RNGState(self.device),
         }
 
     def run_stage(self, name: str) -> bool:
@@ -355,11 +372,12 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr, self.groups)
         loader = StageLoader(name, stage, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
                              *self._data_shard(stage), cfg.data.max_corrupt_fraction, data=cfg.data)
+        feed = DeviceFeed(loader, stage.objective, stage.grad_accum_steps, self.device)
         train = TrainState()
         checkpoints = self.checkpoints = checkpoints_of(cfg, name, self.checkpoint_group)
         latest = checkpoints.latest_step()
         if latest is not None:
-            checkpoints.load(latest, self._state(optimizer, train, loader))
+            checkpoints.load(latest, self._state(optimizer, train, feed))
             logger.info("stage %s: resumed from step %d", name, train.step)
         else:
             source = init_stage_weights(self.model, cfg, name, self.groups.expert_mesh)
@@ -368,7 +386,7 @@ class Trainer:
                                 cfg.log.progress_bar, stage.steps, name)
         try:
             while train.step < stage.steps:
-                record = self.train_step(name, stage, optimizer, loader, train)
+                record = self.train_step(name, stage, optimizer, feed, train)
                 metrics.log(record)
                 self.wandb.log(record, self.step_offset[name] + record["step"])
                 self.steps_this_run += 1
@@ -378,7 +396,7 @@ class Trainer:
                 if last or leaving or (interval and train.step % interval == 0):
                     # The stage's final checkpoint (the next stage starts from it) and the one taken when leaving
                     # are committed before going on; the others may finish in the background.
-                    checkpoints.save(train.step, self._state(optimizer, train, loader),
+                    checkpoints.save(train.step, self._state(optimizer, train, feed),
                                      self._checkpoint_info(name, stage, train), blocking=last or leaving)
                 if leaving and train.step < stage.steps:
                     return False
@@ -414,49 +432,56 @@ class Trainer:
         logger.info("stage %s: %.0f tokens/s over %d ranks, model FLOPs utilization %.1f%% (of %.1f TFLOP/s per "
                     "rank)", name, tokens_per_s, self.world, 100 * mfu, self.peak_flops / 1e12)
 
-    def train_step(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, loader: StageLoader,
+    def forward_backward(self, stage: StageConfig, batches: list[PackedBatch] | list[ImageTextBatch]) -> StepResult:
+        """The stage objective's forward and backward over this rank's micro-batches (gradients accumulate)."""
+        if stage.objective == "coca":
+            return coca_step(self.model, batches)
+        if self.pipeline is None:
+            return lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
+                           self.stage_cp_group)
+        lm_loss, aux_loss, tokens, load = pipeline_lm_step(
+            self.pipeline, batches, self.cfg.model.decoder.aux_loss_coef, self.dims.pp_degree,
+            self.stage_dims.cp_degree)
+        as_tensor = lambda value: torch.tensor(value, dtype=torch.float64, device=self.device)  # noqa: E731
+        parts = {"lm_loss": as_tensor(lm_loss)}
+        if self.cfg.model.decoder.aux_loss_coef:
+            parts["aux_loss"] = as_tensor(aux_loss)
+        return StepResult(parts["lm_loss"], parts, as_tensor(tokens), expert_load=load)
+
+    def train_step(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, feed: DeviceFeed,
                    train: TrainState) -> dict[str, Any]:
         """One optimizer step: micro-batches, backward, then the optimizer's gradient reduction, clipping and
         update, and bookkeeping."""
         start = time.perf_counter()
         lr = lr_at(stage.lr, train.step, stage.steps, self.previous_final_lr[name])
         optimizer.lr = lr
-        progress = train.step / stage.steps
         optimizer.zero_grad()
-        if stage.objective == "coca":
-            batches = [loader.next_image_text_batch(progress) for _ in range(stage.grad_accum_steps)]
-            result = coca_step(self.model, batches)
-        else:
-            batches = [loader.next_packed_batch(progress) for _ in range(stage.grad_accum_steps)]
-            if self.pipeline is not None:
-                lm_loss, aux_loss, tokens, load = pipeline_lm_step(
-                    self.pipeline, batches, self.cfg.model.decoder.aux_loss_coef, self.dims.pp_degree,
-                    self.stage_dims.cp_degree)
-                parts = {"lm_loss": lm_loss, **({"aux_loss": aux_loss} if self.cfg.model.decoder.aux_loss_coef else {})}
-                result = StepResult(lm_loss, parts, tokens, expert_load=load)
-            else:
-                result = lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
-                                 self.stage_cp_group)
-        grad_norm = self._update(name, stage, optimizer, result, train)
+        batches = feed.next_step(train.step / stage.steps)
+        result = self.forward_backward(stage, batches)
+        if train.step + 1 < stage.steps:  # the device is busy with this step: draw and copy the next one meanwhile
+            feed.prefetch((train.step + 1) / stage.steps)
+        host = result.to_host()
+        grad_norm = self._update(name, stage, optimizer, result, host["loss"], train)
         train.step += 1
-        train.tokens += result.tokens
+        tokens = int(host.pop("tokens"))
+        train.tokens += tokens
         elapsed = time.perf_counter() - start
         # Model FLOPs this rank did: the ranks of a pipeline (each its share of the layers) or of a context-parallel
         # group (each its share of the tokens) are all handed the same rows. CoCa rows are whole per rank (no
         # token split; pipelines refuse CoCa stages).
         shared_by = 1 if stage.objective == "coca" else self.dims.pp_degree * self.stage_dims.cp_degree
         flops = step_model_flops(self.cfg.model, batches) / shared_by
-        return {"stage": name, "step": train.step, "loss": result.loss, **result.parts, "lr": lr,
+        return {"stage": name, "step": train.step, **host, "lr": lr,
                 "tokens": train.tokens, "grad_norm": float(grad_norm), "step_time_s": elapsed,
-                "tokens_per_s": result.tokens / elapsed, "corrupt_samples": loader.corrupt,
+                "tokens_per_s": tokens / elapsed, "corrupt_samples": feed.loader.corrupt,
                 "skipped_steps": train.skipped_steps, "model_tflops_per_s": flops / elapsed / 1e12,
-                "mfu": flops / elapsed / self.peak_flops, **result.extra}
+                "mfu": flops / elapsed / self.peak_flops}
 
-    def _update(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, result: StepResult,
+    def _update(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, result: StepResult, loss: float,
                 train: TrainState) -> float:
         """The optimizer step, unless the loss or a gradient is not finite: then the update is skipped and counted,
         and after ``max_nonfinite_steps`` in a row the run stops (:class:`TrainingDiverged`)."""
-        reason = "" if math.isfinite(result.loss) else f"loss {result.loss}"
+        reason = "" if math.isfinite(loss) else f"loss {loss}"
         grad_norm = float("nan")
         if not reason:
             try:

@@ -17,12 +17,13 @@ import torch.distributed as dist
 
 from data.batch import PackedBatch
 from model.registry import FLAVORS, build_model
+from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
 from optim.muon import MuonHParams
+from parallel.dims import ParallelDims
 from parallel.forked import run_ranks
+from parallel.parallelize import PipelineOptions, parallelize
 from parallel.pipeline import (
-    build_pipeline,
-    build_pp_groups,
     cu_seqlens_from_doc_ids,
     doc_ids_from_cu_seqlens,
     layer_costs,
@@ -72,9 +73,11 @@ def make_batches(seed: int = 0, count: int = MICRO) -> list[PackedBatch]:
     return batches
 
 
+SEED = 0
+
+
 def build_reference_model():
-    torch.manual_seed(0)
-    model = build_model(ARGS)
+    model = build_model(ARGS, seed=SEED)
     model.coca.requires_grad_(False)  # not part of the next-token objective (the trainer freezes it too)
     return model
 
@@ -91,22 +94,24 @@ def reference_rank(rank: int, world: int) -> dict:
     moe_keys = [k for k, layer in model.decoder.layers.items() if layer.moe is not None]
     optimizer_for(model, dist.group.WORLD).step(max_grad_norm=CLIP)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"loss": result.loss, "grads": grads, "params": params,
+    return {"loss": float(result.loss), "grads": grads, "params": params,
             "loads": dict(zip(moe_keys, result.expert_load, strict=True))}
 
 
 def pipeline_rank(rank: int, world: int, schedule: str, pp: int) -> dict:
     replicas = world // pp
-    model = build_reference_model()
-    pp_group = build_pp_groups(pp, replicas)
-    dense_group = None
-    for p in range(pp):  # the replicas of one stage: dense gradients and optimizer state
-        group = dist.new_group([p * replicas + r for r in range(replicas)])
-        dense_group = group if rank // replicas == p else dense_group
+    dims = ParallelDims(pp_degree=pp, dp_degree=replicas, cp_degree=1, ep_degree=1, world_size=world)
+    groups = dims.build_groups()
+    dense_group = groups.dense  # the replicas of one stage: dense gradients and optimizer state
+    with torch.device("meta"):  # the device path: this rank's stages only are ever allocated and initialized
+        model = KimiVL(ARGS)
+    parallel = parallelize(model, dims, groups, "cpu", SEED, PipelineOptions(schedule, 2, SEQ))
+    model, runner = parallel.model, parallel.pipeline
+    if model.coca is not None:
+        model.coca.requires_grad_(False)
     batches = make_batches()
     num_targets = sum(b.num_loss_tokens for b in batches)
     mine = batches[rank % replicas :: replicas]
-    runner = build_pipeline(model, schedule, pp_group, SEQ, virtual_stages=2)
     aux_weight = ARGS.decoder.aux_loss_coef / len(batches)
     loss = runner.step(mine, num_targets, aux_weight)
     dist.all_reduce(loss)

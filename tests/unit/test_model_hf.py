@@ -13,6 +13,7 @@ import torch
 
 from model.args import CocaArgs, DecoderArgs, ModelArgs, VisionArgs
 from model.hf import FORMATS, export_state_dict, import_state_dict, load_safetensors, save_safetensors
+from model.init import ParamInit
 from model.registry import FLAVORS, build_model
 from model.vision import MoonViT, interpolate_pos_table
 from model.vlm import KimiVL
@@ -338,8 +339,7 @@ def test_cli_round_trip_through_a_trainer_checkpoint(tmp_path: Path):
     with torch.device("meta"):  # CoCa is not in Kimi-VL: the import initialized it from --seed
         fresh = KimiVL(args)
     fresh.coca.to_empty(device="cpu")
-    torch.manual_seed(5)
-    fresh.coca.init_weights(args.decoder.init_std)
+    fresh.coca.init_weights(ParamInit(5).child("coca"), std=args.decoder.init_std)
     assert all(torch.equal(back["coca." + n], t) for n, t in fresh.coca.state_dict().items())
 
 
