@@ -2,8 +2,9 @@
 
 Tokens of a batch are flattened and packed: a ``[T, heads, head_dim]`` tensor plus ``cu_seqlens`` (the flash-attn
 varlen convention, ``int32 [docs + 1]``, ``cu_seqlens[i]:cu_seqlens[i + 1]`` is document ``i``). Attention never
-crosses a document boundary. ``cu_seqlens`` is host metadata (a CPU tensor, as every batch carries it): the CPU
-backend loops over the documents and the flash kernel's maximum length is read without waiting for the device.
+crosses a document boundary. ``cu_seqlens`` is host metadata, a CPU tensor (a batch's) or a sequence of ints
+(boundaries derived in Python, e.g. from image grids): the CPU backend loops over the documents and the flash
+kernel's maximum length is read without waiting for the device.
 
 Both RoPE flavours rotate *interleaved* pairs: elements ``2j`` and ``2j + 1`` of a head form complex number ``j``,
 rotated by an angle ``angles[..., j]``. The 1D and 2D variants differ only in how those angles are computed, so one
@@ -11,6 +12,8 @@ rotated by an angle ``angles[..., j]``. The 1D and 2D variants differ only in ho
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "DocumentAttention",
     "apply_rotary",
+    "document_bounds",
     "document_lengths",
     "rope_angles_1d",
     "rope_angles_2d",
@@ -31,9 +35,15 @@ __all__ = [
 ]
 
 
-def document_lengths(cu_seqlens: torch.Tensor) -> list[int]:
-    """Lengths of the documents delimited by ``cu_seqlens`` (a host list: the CPU backend loops over them)."""
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+def document_bounds(cu_seqlens: torch.Tensor | Sequence[int]) -> list[int]:
+    """The document boundaries as Python ints (a host tensor is read once; no tensor op runs on the metadata)."""
+    return cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+
+
+def document_lengths(cu_seqlens: torch.Tensor | Sequence[int]) -> list[int]:
+    """Lengths of the documents delimited by ``cu_seqlens``."""
+    bounds = document_bounds(cu_seqlens)
+    return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
 
 
 def varlen_attention(
@@ -87,10 +97,11 @@ class DocumentAttention(nn.Module):
 def _sdpa_per_document(q, k, v, cu_seqlens, causal: bool, scale: float | None) -> torch.Tensor:
     # One SDPA call per document: on CPU this beats a single call with a block-diagonal mask (no wasted T^2 work,
     # no mask materialization), forward and backward.
-    lengths = document_lengths(cu_seqlens)  # one host sync, needed anyway to slice the documents
-    if sum(lengths) != q.shape[0] or int(cu_seqlens[0]) != 0:
-        raise ValueError(f"cu_seqlens spans tokens {int(cu_seqlens[0])}..{int(cu_seqlens[-1])} but there are "
-                         f"{q.shape[0]} tokens; the packed documents must cover every token exactly once.")
+    bounds = document_bounds(cu_seqlens)
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens spans tokens {bounds[0]}..{bounds[-1]} but there are {q.shape[0]} tokens; the "
+                         "packed documents must cover every token exactly once.")
     dv = v.shape[-1]
     if dv < q.shape[-1]:
         # SDPA's fused CPU kernel needs one head dim for q, k and v; with MLA's narrower v it falls back to the math
@@ -116,8 +127,9 @@ def _flash_varlen(q, k, v, cu_seqlens, causal: bool, scale: float | None) -> tor
     dv = v.shape[-1]
     if dv != q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
-    max_len = max(document_lengths(cu_seqlens))  # host metadata: no device wait
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32, non_blocking=True)
+    bounds = document_bounds(cu_seqlens)
+    max_len = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))  # host metadata: no device wait
+    cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
     out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
     return out[..., :dv]
 
@@ -176,6 +188,6 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     sin = angles.sin().unsqueeze(-2)
     # At least fp32: bf16 rotations lose the low bits of large angles.
     pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
+    real, imag = pairs.unbind(-1)
     rotated = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1)
     return rotated.flatten(-2).to(x.dtype)

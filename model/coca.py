@@ -18,6 +18,9 @@ from model.args import CocaArgs
 from model.init import ParamInit
 from model.layers import init_default_weights
 
+# Cross-entropy's ignored target (torch's default).
+IGNORE_INDEX = -100
+
 __all__ = ["CocaOutput", "CocaTowers", "caption_loss_sum", "pad_packed_images", "siglip_loss"]
 
 LAYER_NORM_EPS = 1e-6
@@ -46,11 +49,12 @@ class CocaOutput:
 def pad_packed_images(features: torch.Tensor, grid_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpack ``[patches, D]`` features into ``[N, max_len, D]`` (zeros after each image) and a ``[N, max_len]``
     bool mask that is True on real patches. Differentiable with respect to ``features``."""
-    lengths = grid_hw[:, 0] * grid_hw[:, 1]
-    images = lengths.shape[0]
-    max_len = int(lengths.max())  # grids are host metadata: no device wait
-    lengths = lengths.to(features.device)
-    image_of = torch.repeat_interleave(torch.arange(images, device=features.device), lengths)
+    sizes = [h * w for h, w in grid_hw.tolist()]  # grids are host metadata: read in Python, no device wait
+    images, max_len = len(sizes), max(sizes)
+    lengths = torch.tensor(sizes, dtype=torch.int64, device=features.device)
+    # The output size is known on the host: the repeat needs no wait for the device.
+    image_of = torch.repeat_interleave(torch.arange(images, device=features.device), lengths,
+                                       output_size=features.shape[0])
     starts = torch.cumsum(lengths, 0) - lengths
     slot = torch.arange(features.shape[0], device=features.device) - starts[image_of]
     padded = features.new_zeros(images, max_len, features.shape[-1]).index_put((image_of, slot), features)
@@ -298,7 +302,9 @@ def caption_loss_sum(
     Returns:
         ``(loss_sum, count)``: scalar fp32 sum and int64 scalar count of targets.
     """
-    targets = text_mask[:, 1:]
-    logits = caption_logits[:, :-1][targets]
-    loss_sum = F.cross_entropy(logits.float(), text_ids[:, 1:][targets], reduction="sum")
-    return loss_sum, targets.sum()
+    counted = text_mask[:, 1:]
+    # Positions without a target are ignored by index (static shapes: nothing waits for the device).
+    targets = text_ids[:, 1:].masked_fill(~counted, IGNORE_INDEX)
+    loss_sum = F.cross_entropy(caption_logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, counted.sum()

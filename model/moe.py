@@ -85,7 +85,7 @@ class GroupedExperts(nn.Module):
         # ``w[expert]`` per expert: its backward stacks the per-expert gradients in one go. An expert without rows
         # multiplies an empty slice (no branch on the counts, so symbolic sizes trace through it).
         for count in tokens_per_expert:
-            torch._check_is_size(count)
+            torch._check(count >= 0)
         torch._check(sum(tokens_per_expert) == x.shape[0])
         weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0), strict=True)
         outputs = [(F.silu(rows @ w_gate.t()) * (rows @ w_up.t())) @ w_down.t()

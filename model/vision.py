@@ -8,6 +8,9 @@ queries and keys inside every block.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,10 +23,10 @@ from model.layers import init_default_weights
 __all__ = ["MoonViT", "grid_cu_seqlens", "grid_positions", "interpolate_pos_table"]
 
 
-def grid_cu_seqlens(grid_hw: torch.Tensor) -> torch.Tensor:
-    """``int32 [images + 1]`` boundaries of the packed images: one attention document per image."""
-    lengths = (grid_hw[:, 0] * grid_hw[:, 1]).to(torch.int32)
-    return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+def grid_cu_seqlens(grid_hw: torch.Tensor) -> tuple[int, ...]:
+    """Boundaries of the packed images, one attention document per image, as host ints (``cu_seqlens`` form;
+    derived from the host grids in Python, no tensor op runs on the metadata)."""
+    return (0, *itertools.accumulate(h * w for h, w in grid_hw.tolist()))
 
 
 def grid_positions(grid_hw: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +66,12 @@ class VisionBlock(nn.Module):
         self.fc1 = nn.Linear(args.hidden_size, args.mlp_hidden_size, bias=True)
         self.fc2 = nn.Linear(args.mlp_hidden_size, args.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, angles: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: Sequence[int], angles: torch.Tensor | None) -> torch.Tensor:
         """Apply the block.
 
         Args:
             x: Packed patch features ``[T, hidden]``.
-            cu_seqlens: ``int32 [images + 1]`` image boundaries.
+            cu_seqlens: ``[images + 1]`` image boundaries (host ints, see ``grid_cu_seqlens``).
             angles: 2D RoPE angles ``[T, head_dim / 2]``, or None without RoPE.
 
         Returns:
@@ -167,7 +170,7 @@ class MoonViT(nn.Module):
             Patch features ``[patches, hidden]`` in the same order.
         """
         patches = pixel_values.shape[0]
-        expected = int((grid_hw[:, 0] * grid_hw[:, 1]).sum())
+        expected = sum(h * w for h, w in grid_hw.tolist())
         if patches != expected:
             raise ValueError(f"pixel_values holds {patches} patches but image_grid_hw describes {expected}.")
         x = self.embed_patches(pixel_values)

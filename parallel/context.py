@@ -33,7 +33,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import DocumentAttention, document_lengths
+from model.attention import DocumentAttention, document_bounds, document_lengths
 from parallel.expert import all_to_all
 
 CP_METHODS = ("allgather", "ring")
@@ -133,9 +133,10 @@ class ContextParallelAttention(nn.Module):
         cp, cp_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         local_tokens = q.shape[0]
         layout = ZigzagLayout(rows=local_tokens * cp // self.seq_len, seq_len=self.seq_len, cp_degree=cp)
-        if layout.rows * self.seq_len != local_tokens * cp or int(cu_seqlens[-1]) != local_tokens * cp:
+        covered = document_bounds(cu_seqlens)[-1]
+        if layout.rows * self.seq_len != local_tokens * cp or covered != local_tokens * cp:
             raise ValueError(f"{local_tokens} local tokens on {cp} context ranks do not form rows of {self.seq_len} "
-                             f"tokens covered by cu_seqlens (ending at {int(cu_seqlens[-1])})")
+                             f"tokens covered by cu_seqlens (ending at {covered})")
         if self.method == "ring":
             return self._ring(q, k, v, cu_seqlens, layout, cp_rank, scale)
         dv = v.shape[-1]

@@ -18,6 +18,8 @@ import torch
 
 from data.batch import ImageTextBatch, PackedBatch
 from model.args import ModelArgs
+from model.attention import document_lengths
+from model.vision import grid_cu_seqlens
 
 
 def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
@@ -58,14 +60,9 @@ def vision_params_per_patch(args: ModelArgs) -> int:
     return v.num_layers * block + v.in_channels * v.patch_size**2 * v.hidden_size
 
 
-def _attended_pairs(cu_seqlens: torch.Tensor, causal: bool) -> int:
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    return int((lengths * (lengths + 1) // 2).sum() if causal else (lengths * lengths).sum())
-
-
-def _grid_cu_seqlens(grid_hw: torch.Tensor) -> torch.Tensor:
-    sizes = grid_hw.prod(-1).to(torch.int64)
-    return torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+def _attended_pairs(cu_seqlens: torch.Tensor | tuple[int, ...], causal: bool) -> int:
+    lengths = document_lengths(cu_seqlens)
+    return sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
 
 
 def step_model_flops(args: ModelArgs, batches: list[PackedBatch | ImageTextBatch]) -> float:
@@ -81,7 +78,7 @@ def step_model_flops(args: ModelArgs, batches: list[PackedBatch | ImageTextBatch
         patches = batch.pixel_values.shape[0]
         if patches:
             total += 6 * vision_params_per_patch(args) * patches
-            total += vision_attention * _attended_pairs(_grid_cu_seqlens(batch.image_grid_hw), causal=False)
+            total += vision_attention * _attended_pairs(grid_cu_seqlens(batch.image_grid_hw), causal=False)
         if isinstance(batch, PackedBatch):
             total += 6 * decoder_active_params_per_token(args) * batch.num_tokens
             total += decoder_attention * _attended_pairs(batch.cu_seqlens, causal=True)
