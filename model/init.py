@@ -7,9 +7,10 @@ decoder layers under pipeline parallelism) gives its parameters exactly the valu
 parameters of the whole model. Parallel runs and single-process references then start from the same weights, and
 every parity test keeps its meaning.
 
-Generators live on the parameter's device, so initialization runs where the parameters are (a CUDA generator on a
-GPU). Values therefore depend on the device type as well: CPU and CUDA produce different (equally distributed)
-numbers for the same seed. Tensors on ``meta`` hold no values and are skipped.
+The numbers are drawn by CPU generators whatever the parameter's device, so a GPU run starts from exactly the
+weights of the CPU run of the same recipe (the CPU proofs and the GPU tier compare the same model). A parameter on
+another device is drawn into a host buffer of its size and copied over: the host holds at most one parameter (or
+one expert's matrix) at a time. Tensors on ``meta`` hold no values and are skipped.
 """
 
 from __future__ import annotations
@@ -54,22 +55,26 @@ class ParamInit:
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
 
-    def generator(self, key: str, device: torch.device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(derive_seed(self.seed, key))
-
     @torch.no_grad()
     def normal_(self, tensor: torch.Tensor, std: float, name: str) -> None:
         """Fill ``tensor`` (named ``name`` in this module) with ``normal(0, std)`` from its own generator."""
-        if tensor.is_meta:
-            return
-        tensor.normal_(0.0, std, generator=self.generator(self.key(name), tensor.device))
+        _fill_normal(tensor, std, derive_seed(self.seed, self.key(name)))
 
     @torch.no_grad()
     def normal_experts_(self, tensor: torch.Tensor, std: float, name: str, first_expert: int = 0) -> None:
         """Fill a stacked expert tensor ``[local experts, ...]`` whose first slice is global expert ``first_expert``:
         every expert from a generator keyed by its global index, so its values do not depend on the sharding."""
-        if tensor.is_meta:
-            return
         for local, matrix in enumerate(tensor.unbind(0)):
-            key = f"{self.key(name)}#{first_expert + local}"
-            matrix.normal_(0.0, std, generator=self.generator(key, tensor.device))
+            _fill_normal(matrix, std, derive_seed(self.seed, f"{self.key(name)}#{first_expert + local}"))
+
+
+def _fill_normal(tensor: torch.Tensor, std: float, seed: int) -> None:
+    """``normal(0, std)`` from a CPU generator seeded with ``seed``, written into ``tensor`` wherever it lives."""
+    if tensor.is_meta:
+        return
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if tensor.device.type == "cpu":
+        tensor.normal_(0.0, std, generator=generator)
+        return
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu").normal_(0.0, std, generator=generator)
+    tensor.copy_(host)

@@ -68,6 +68,9 @@ def _main(argv: list[str]) -> int:
 
     try:
         run_curriculum(cfg)
+    except ConfigError as error:  # found once the run starts (the device, the data's vocabulary)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (TrainingDiverged, RunLocked) as error:
         print(f"error: {error}", file=sys.stderr)
         return 3

@@ -22,14 +22,21 @@ from model.attention import document_lengths
 from model.vision import grid_cu_seqlens
 
 
-def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of this process's best fp32 matmul: the CPU's practical peak, to divide achieved FLOP/s by."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm up the BLAS threads
+def measure_peak_flops(size: int = 1024, repeats: int = 5, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of this process's best ``dtype`` matmul on ``device``: the practical peak to divide achieved FLOP/s
+    by (the CPU's, or the GPU's)."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm up the BLAS threads / the kernel choice
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 

@@ -236,10 +236,10 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.exit_reason = ""
+        self.device = resolve_device(cfg.runtime.device)  # before anything starts: a bad choice fails here
         self._lock = lock_run_dir(cfg.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         # Installed early by `python -m train` (train/signals.py); here for programmatic use.
         self._installed_signals = STOP.install()
-        self.device = resolve_device(cfg.runtime.device)  # before any process group: a bad choice fails here
         init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         seq_lens = [cfg.curriculum.stages[n].seq_len for n in cfg.curriculum.order]
@@ -260,7 +260,8 @@ class Trainer:
         self.parallel = parallelize(model, self.dims, self.groups, self.device, cfg.seed, pipeline)
         self.model, self.pipeline = self.parallel.model, self.parallel.pipeline
         self.steps_this_run = 0
-        self.peak_flops = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0 else measure_peak_flops()
+        self.peak_flops = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0
+                           else measure_peak_flops(4096 if self.device.type == "cuda" else 1024, device=self.device))
         self.wandb = WandbLogger(cfg.log.wandb and self.rank == 0, cfg.log.wandb_project, cfg.run_dir,
                                  OmegaConf.to_container(OmegaConf.structured(cfg)))
         # Steps of the stages before each one: W&B's global step axis across the curriculum.
