@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from data.augment import AugmentConfig, plan_augment
-from data.images import PatchBuffer
+from data.images import WHITE, PatchBuffer
 from data.mixture import DrawRandom
 from data.samples import (
     Augmenter,
@@ -68,16 +68,18 @@ class SampleReader:
         tokenizer: The text tokenizer (:meth:`read` only).
         image_text: :meth:`read` gives image-text pairs (the CoCa objective) instead of documents.
         max_tokens: :meth:`read`'s limit: tokens of a caption (bos and eos included), or of a document.
+        background: RGB colour transparent pixels are composited onto (``data.alpha_background``).
     """
 
     def __init__(self, sources: dict[str, ShardSource], augment_cfg: AugmentConfig, seed: int, stage_name: str,
                  patch_size: int, merge_size: int, tokenizer: TextTokenizer | None = None, image_text: bool = False,
-                 max_tokens: int = 0):
+                 max_tokens: int = 0, background: tuple[int, int, int] = WHITE):
         self.sources = sources
         self.augment_cfg = augment_cfg
         self.seed, self.stage_name = seed, stage_name
         self.patch_size, self.merge_size = patch_size, merge_size
         self.tokenizer, self.image_text, self.max_tokens = tokenizer, image_text, max_tokens
+        self.background = background
 
     def read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
         """The draw as the loader uses it (see :data:`Drawn`); raises :class:`SampleError` for a corrupt sample."""
@@ -127,7 +129,7 @@ class SampleReader:
     def _open(self, parsed: tuple) -> tuple:
         key, raw, meta = parsed
         _, _, draw, _ = key
-        return key, raw, meta, open_images(raw, meta, self._augmenter(draw, meta))
+        return key, raw, meta, open_images(raw, meta, self._augmenter(draw, meta), self.background)
 
     def _decode(self, opened: tuple, patch_buffer: PatchBuffer | None = None) -> Loaded:
         (_, _, _, cap), raw, meta, images = opened

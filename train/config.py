@@ -26,6 +26,7 @@ OBJECTIVES = ("coca", "lm")
 TRAINABLE_PARTS = ("vision", "projector", "decoder", "coca")
 LR_DECAYS = ("constant", "linear", "cosine", "wsd")
 ACTIVATION_CHECKPOINT_POLICIES = ("auto", "none", "selective", "full")
+MISSING_SOURCES = ("error", "drop")
 STAGE_OBJECTIVE_PARTS = {"coca": ("vision", "coca"), "lm": ("vision", "projector", "decoder")}
 
 
@@ -135,6 +136,12 @@ class DataConfig:
     # A shard listed in the manifest but missing from storage fails the run naming it, unless this skips (and
     # counts) it.
     skip_missing_shards: bool = False
+    # Sources a stage's mixture names that the root lacks: "error" lists them all before training starts; "drop"
+    # leaves them out of every mixture (the other weights renormalized) and fails for a stage left with none.
+    missing_sources: str = "error"
+    # What transparent pixels (RGBA, LA, palette or colour transparency) are composited onto: a colour name or
+    # #rrggbb.
+    alpha_background: str = "white"
 
 
 @dataclass
@@ -346,6 +353,10 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.data.max_attempts >= 1, "data.max_attempts", cfg.data.max_attempts, "an integer >= 1")
     _check(0 <= cfg.data.max_corrupt_fraction <= 1, "data.max_corrupt_fraction", cfg.data.max_corrupt_fraction,
            "a fraction in [0, 1]")
+    _check(cfg.data.missing_sources in MISSING_SOURCES, "data.missing_sources", cfg.data.missing_sources,
+           f"one of {MISSING_SOURCES}")
+    _check(_is_colour(cfg.data.alpha_background), "data.alpha_background", cfg.data.alpha_background,
+           "a colour name (white, black, grey, ...) or #rrggbb")
     vision = cfg.model.vision
     _check(vision.hidden_size % vision.num_heads == 0 and (vision.hidden_size // vision.num_heads) % 4 == 0,
            "model.vision.num_heads", vision.num_heads,
@@ -443,6 +454,16 @@ def _validate_mixture(key: str, mix: MixtureConfig, objective: str) -> None:
            mix.multimodal_sources, "positive weights (the multimodal share is above 0)")
     _check(mix.long_share == 0 or sum(mix.long_sources.values()) > 0, f"{key}.long_sources", mix.long_sources,
            "positive weights (long_share is above 0)")
+
+
+def _is_colour(colour: str) -> bool:
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(colour)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
