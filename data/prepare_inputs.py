@@ -178,7 +178,7 @@ def _json_member(members: dict[str, bytes]) -> dict | None:
 def _image_ext(name: str) -> str:
     """A file's or member's image extension (``img`` when it has none of :data:`IMAGE_EXTS`: images are told
     apart by their bytes, not their names)."""
-    ext = name.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower() if "." in name.rsplit("/", 1)[-1] else ""
+    ext = name.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower()
     return ext if ext in IMAGE_EXTS else "img"
 
 
