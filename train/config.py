@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from data.augment import AugmentConfig
@@ -215,6 +215,9 @@ class LogConfig:
 @dataclass
 class RunConfig:
     recipe: str = "debug"
+    # A folder of your own recipes, searched after the package's (recipe/<name>.yaml, curriculum/, stage/, ...):
+    # ``recipe_dir=DIR`` or ``python -m train --config-dir DIR``.
+    recipe_dir: str = ""
     run_name: str = ""
     output_dir: str = "outputs"
     seed: int = 0
@@ -243,30 +246,85 @@ class RunConfig:
         return Path(self.output_dir) / (self.run_name or self.recipe)
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in (RECIPES_DIR / "recipe").glob("*.yaml"))
+def available_recipes(recipe_dir: str = "") -> list[str]:
+    folders = [RECIPES_DIR] + ([Path(recipe_dir)] if recipe_dir else [])
+    return sorted({p.stem for folder in folders for p in (folder / "recipe").glob("*.yaml")})
 
 
-def compose_recipe(overrides: list[str]) -> DictConfig:
-    """Compose ``recipes/config.yaml`` with Hydra and the given ``key=value`` overrides (untyped)."""
+def split_recipe_dir(overrides: list[str]) -> tuple[str, list[str]]:
+    """The ``recipe_dir=DIR`` among the overrides (absolute), and the other overrides."""
+    found = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe_dir=")]
+    rest = [o for o in overrides if not o.startswith("recipe_dir=")]
+    return (str(Path(found[-1]).resolve()) if found and found[-1] else ""), rest
+
+
+def compose_recipe(overrides: list[str], recipe_dir: str = "") -> DictConfig:
+    """Compose ``recipes/config.yaml`` with Hydra and the given ``key=value`` overrides (untyped), searching
+    ``recipe_dir`` (e.g. your own ``recipe/<name>.yaml``) after the package's recipes.
+
+    An override whose value is a mapping replaces the mapping it names (``...mixture.multimodal_sources={caption:
+    1.0}`` means exactly that source), where Hydra would merge it into the recipe's."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    if recipe_dir and not (Path(recipe_dir).is_dir()):
+        raise ConfigError(f"Invalid value recipe_dir={recipe_dir!r}: allowed is an existing folder of recipes.")
+    recipes = ", ".join(available_recipes(recipe_dir))
     GlobalHydra.instance().clear()
     try:
+        replaced = [(o, _parsed_mapping(o)) for o in overrides]
+        hydra_overrides = [_as_upsert(o, recipe_dir) for o, value in replaced if value is None]
+        if recipe_dir:
+            hydra_overrides.append(f"hydra.searchpath=[file://{Path(recipe_dir).resolve()}]")
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=[_as_upsert(o) for o in overrides])
+            cfg = compose(config_name="config", overrides=hydra_overrides)
     except HydraException as error:
-        raise ConfigError(f"{error}\nRecipes: {', '.join(available_recipes())} (recipe=<name>).") from None
+        raise ConfigError(f"{error}\nRecipes: {recipes} (recipe=<name>).") from None
+    with open_dict(cfg):
+        for override, value in replaced:
+            if value is not None:
+                OmegaConf.update(cfg, override.split("=", 1)[0].lstrip("+"), value, merge=False)
+    if recipe_dir:
+        with open_dict(cfg):
+            cfg.recipe_dir = str(Path(recipe_dir).resolve())
+    return cfg
 
 
-def _as_upsert(override: str) -> str:
+def _parsed_mapping(override: str) -> dict | None:
+    """The value of ``key={...}`` when ``key`` is a mapping of the schema (mixture weights), else None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    key, _, value = override.partition("=")
+    if not value.lstrip().startswith("{") or key.startswith("~") or not _is_mapping(key.lstrip("+")):
+        return None
+    parsed = OverridesParser.create().parse_override(override).value()
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _is_mapping(dotted: str) -> bool:
+    """Whether the schema's key ``dotted`` is a ``dict[...]`` of values (not a dataclass section)."""
+    node: Any = RunConfig
+    parts = dotted.split(".")
+    for index, part in enumerate(parts):
+        if typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        elif dataclasses.is_dataclass(node):
+            node = typing.get_type_hints(node).get(part, ModelArgs if part == "model" and index == 0 else None)
+        else:
+            return False
+        if node is None:
+            return False
+    return typing.get_origin(node) is dict
+
+
+def _as_upsert(override: str, recipe_dir: str = "") -> str:
     """``key=value`` becomes Hydra's ``++key=value`` (set, whether or not the YAML mentions the key) unless it picks
     a config group (``recipe=debug``). The typed schema, not the YAML, decides which keys exist: a misspelt key
     fails in :func:`to_run_config` with the allowed keys."""
     key = override.split("=", 1)[0]
-    groups = {p.name for p in RECIPES_DIR.iterdir() if p.is_dir()}
+    folders = [RECIPES_DIR] + ([Path(recipe_dir)] if recipe_dir else [])
+    groups = {p.name for folder in folders for p in folder.iterdir() if p.is_dir()}
     if "=" not in override or key.startswith(("+", "~")) or key in groups:
         return override
     return "++" + override
@@ -316,9 +374,11 @@ def to_run_config(raw: DictConfig) -> RunConfig:
     return cfg
 
 
-def load_config(overrides: list[str]) -> RunConfig:
-    """Compose, type and validate a recipe: the single entry for the trainer, tests and tools."""
-    return to_run_config(compose_recipe(overrides))
+def load_config(overrides: list[str], recipe_dir: str = "") -> RunConfig:
+    """Compose, type and validate a recipe: the single entry for the trainer, tests and tools. ``recipe_dir`` (or a
+    ``recipe_dir=DIR`` override) is a folder of your own recipes, searched after the package's."""
+    found, overrides = split_recipe_dir(overrides)
+    return to_run_config(compose_recipe(overrides, found or recipe_dir))
 
 
 def validate(cfg: RunConfig) -> None:
