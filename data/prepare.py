@@ -37,7 +37,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.images import WHITE, EncodedPng, background_rgb, is_near_blank, load_rgb, open_image
+from PIL import Image
+
+from data.images import RESIZE_REDUCING_GAP, WHITE, EncodedPng, background_rgb, is_near_blank, load_rgb
 from data.prepare_inputs import Record, Rejected, read_records, to_members
 from data.samples import RawSample, SampleError, load_meta, open_images
 from data.shards import INDEX_SUFFIX, index_bytes
@@ -45,9 +47,10 @@ from data.storage import S3Options, Storage, open_storage
 from data.synthetic import sample_texts
 from data.tokenizer import TextTokenizer
 
-# Records per task sent to a worker (spreads the per-task cost), and tasks in flight per worker: the bound on what
-# the reader runs ahead of the writer.
-RECORDS_PER_TASK = 16
+# Records per task sent to a worker (spreads the per-task cost; a few decodes of large images each, so the last
+# tasks do not leave a worker idle for long), and tasks in flight per worker: the bound on what the reader runs
+# ahead of the writer.
+RECORDS_PER_TASK = 8
 TASKS_PER_WORKER = 4
 # Records named per rejection reason in the table.
 EXAMPLES_PER_REASON = 3
@@ -112,15 +115,19 @@ def check_sample(key: str, members: dict[str, bytes], background: tuple[int, int
     has_coordinates = bool(meta.get("objects")) or meta.get("kind") == "agent"
     sizes, near_blank, resized = [], 0, 0
     for ext, image in opened.items():
-        pil = image.image.pil() if isinstance(image.image, EncodedPng) else image.image
+        source = image.image.pil() if isinstance(image.image, EncodedPng) else image.image
+        # An image with transparency was decoded and composited when opened (it has no format of its own then).
+        composited = source.format is None
         try:
-            rgb, _ = load_rgb(pil)
+            rgb = source if composited else load_rgb(source)[0]
         except Exception as error:  # noqa: BLE001 (data.images.ImageError, and what Pillow raises on bad data)
             raise SampleError(f"image '{ext}': {error}") from None
         near_blank += is_near_blank(rgb)
         if max_side and max(rgb.size) > max_side and not has_coordinates:
-            members = {**members, ext: downscale(members[ext], max_side)}
-            rgb = open_image(members[ext], background)
+            # Stored with its alpha (the loader composites onto the run's background), decoded once otherwise.
+            pixels = Image.open(io.BytesIO(members[ext])).convert("RGBA") if composited else rgb
+            rgb = downscaled(pixels, max_side)
+            members = {**members, ext: encode(rgb, "JPEG" if source.format == "JPEG" else "PNG")}
             resized += 1
         sizes.append(rgb.size)
     texts = sample_texts(meta)
@@ -129,19 +136,16 @@ def check_sample(key: str, members: dict[str, bytes], background: tuple[int, int
                    tokens if tokenizer is not None else None, near_blank, resized)
 
 
-def downscale(data: bytes, max_side: int) -> bytes:
-    """The image with its long side at ``max_side`` pixels (aspect kept, Pillow's bicubic with a box pre-reduction,
-    as the loader resizes), re-encoded: JPEG stays JPEG (quality 95), anything else becomes PNG (alpha kept)."""
-    from PIL import Image
-
-    from data.images import RESIZE_REDUCING_GAP, has_alpha
-
-    image = Image.open(io.BytesIO(data))
-    fmt = "JPEG" if image.format == "JPEG" else "PNG"
-    image = image.convert("RGBA" if has_alpha(image) and fmt == "PNG" else "RGB")
+def downscaled(image: Image.Image, max_side: int) -> Image.Image:
+    """A decoded image with its long side at ``max_side`` pixels (aspect kept; Pillow's bicubic with a box
+    pre-reduction, as the loader resizes)."""
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=RESIZE_REDUCING_GAP)
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=RESIZE_REDUCING_GAP)
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    """``fmt`` bytes of a decoded image: JPEG at quality 95 (img2dataset's default), else PNG."""
     out = io.BytesIO()
     image.save(out, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
     return out.getvalue()
