@@ -96,6 +96,8 @@ def check_records(records: list[Record]) -> list[Checked | tuple[str, str, str]]
             outcomes.append((record.where, rejected.reason, rejected.detail))
         except SampleError as error:
             outcomes.append((record.where, _reason(str(error)), str(error)))
+        except Exception as error:  # noqa: BLE001 (a record no check foresaw: rejected and named, never fatal)
+            outcomes.append((record.where, f"unexpected {type(error).__name__}", str(error)[:200]))
     return outcomes
 
 

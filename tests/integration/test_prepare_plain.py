@@ -207,3 +207,13 @@ def test_stats_check_finds_every_missing_file_the_manifest_lists(tmp_path, capsy
     (out / "tokenizer.json").unlink()
     assert stats.main([str(out), "--check"]) == 1
     assert "missing: tokenizer tokenizer.json" in capsys.readouterr().out
+
+
+def test_full_samples_with_unforeseen_fields_are_rejected_by_name_never_fatal(tmp_path, capsys):
+    jsonl = tmp_path / "odd.jsonl"
+    jsonl.write_text('{"segments": [{"image": 5}], "images": {"5": "odd.jsonl"}}\n'
+                     '{"segments": [{"text": "ok"}], "objects": 3}\n{"segments": [{"text": "fine"}]}\n')
+    assert prepare.main(["--input", str(jsonl), "--out", str(tmp_path / "o"), "--source", "s", "--workers", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "accepted           1" in table and "missing field: 1: line 1 (missing field: image member '5')" in table
+    assert "unexpected TypeError: 1: line 2" in table
