@@ -10,6 +10,8 @@ Prints one JSON line:
   each (composited when it has alpha) and, for those over 512 px, downscale and encode it (the mean of three
   measurements: before, between and after the prepare runs, on a machine whose load drifts);
 - ``prepare_vs_decode_floor``: the ratio (goal >= 1.4 with 2 processes);
+- ``prepare_cores_used``: the CPU time the 4x run's processes got over its wall time (other work on the cores
+  shows here);
 - ``prepare_peak_rss_ratio``: peak RSS preparing 4x the corpus / 1x (goal <= 1.2), the larger of the main process's
   and a worker's ratios (both reported).
 
@@ -40,11 +42,15 @@ from data.prepare import downscaled, encode  # noqa: E402
 RUN = """
 import json, resource, sys, time
 from data.prepare import prepare
-began = time.perf_counter()
+def cpu():
+    return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for field in ("ru_utime", "ru_stime"))
+began, cpu_began = time.perf_counter(), cpu()
 report, entry = prepare(sys.argv[1], sys.argv[2], "bench", samples_per_shard=50, workers=int(sys.argv[3]),
                         max_image_side=int(sys.argv[4]))
 seconds = time.perf_counter() - began
 print(json.dumps({"samples": report.accepted + report.heldout, "seconds": seconds,
+                  "cores": (cpu() - cpu_began) / seconds,
                   "main_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "worker_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
@@ -134,6 +140,9 @@ def main() -> None:
         "prepare_1x_samples_per_s": round(one["samples"] / one["seconds"], 1),
         "decode_floor_samples_per_s": round(floor, 1), "decode_floors": [round(f, 1) for f in floors],
         "prepare_vs_decode_floor": round(rate / floor, 3),
+        # CPU seconds per second the 4x run got (its processes' user + system time over its wall time): below ~1.8
+        # other work held a core, and the ratio says more about the machine than about prepare.
+        "prepare_cores_used": round(four["cores"], 2),
         "prepare_peak_rss_ratio": round(max(main_ratio, worker_ratio), 3),
         "main_rss_mb_1x_4x": [round(one["main_rss_kb"] / 1024), round(four["main_rss_kb"] / 1024)],
         "worker_rss_mb_1x_4x": [round(one["worker_rss_kb"] / 1024), round(four["worker_rss_kb"] / 1024)],
