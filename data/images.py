@@ -33,6 +33,12 @@ MAX_ASPECT_RATIO = 200
 RESIZE_REDUCING_GAP = 3.0
 # What augmentation fills outside the image: mid-grey, the nearest byte to what the model normalizes to 0.
 MID_GREY = 128
+# What transparent pixels are composited onto (``data.alpha_background``): the hidden colour of a transparent pixel
+# is arbitrary (often black), so dropping alpha shows clip-art as black or blank squares.
+WHITE = (255, 255, 255)
+# An image whose grey levels (after compositing) have a standard deviation below this, on a 0..255 scale, is counted
+# as near-blank (``data.prepare`` and ``data.stats`` report them; they are still trained on).
+NEAR_BLANK_STD = 3.0
 # PIL's grey level ("L" mode): 299/1000 R + 587/1000 G + 114/1000 B.
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
@@ -41,11 +47,12 @@ class ImageError(ValueError):
     """An image that cannot be used (undecodable, empty, too large)."""
 
 
-# The 8-bit PNG layouts (IHDR colour types: grey, RGB, palette, RGBA) that OpenCV decodes to exactly Pillow's RGB
-# conversion (alpha and transparency dropped, grey and palette expanded; tested). PNG is lossless and OpenCV's
-# decoder takes ~20% less time than Pillow's on the demo shards; other layouts (16-bit samples, which the two round
-# differently; grey with alpha; fewer bits a sample) are decoded by Pillow.
-OPENCV_PNG_COLOUR_TYPES = frozenset({0, 2, 3, 6})
+# The 8-bit PNG layouts without transparency (IHDR colour types: grey, RGB, palette; no tRNS chunk) that OpenCV
+# decodes to exactly Pillow's RGB conversion (grey and palette expanded; tested). PNG is lossless and OpenCV's
+# decoder takes ~20% less time than Pillow's on the demo shards; other layouts (anything with alpha or a transparent
+# colour, composited onto the background through Pillow; 16-bit samples, which the two round differently; fewer
+# bits a sample) are decoded by Pillow.
+OPENCV_PNG_COLOUR_TYPES = frozenset({0, 2, 3})
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Decoded straight to RGB (OpenCV >= 4.10; older ones decode BGR, converted after), ignoring EXIF orientation
 # (Pillow does not apply it either).
@@ -78,12 +85,13 @@ class EncodedPng:
         return _open_pil(self.data)
 
 
-def open_image(data: bytes) -> Image.Image | EncodedPng:
+def open_image(data: bytes, background: tuple[int, int, int] = WHITE) -> Image.Image | EncodedPng:
     """Parse an image's header and check its size; the pixels are decoded later (at a reduced scale when that is
     all the patch grid needs, see :func:`image_to_patches`). Rejects empty, unreadable and oversized images.
 
     A PNG of a layout OpenCV decodes exactly as Pillow comes back as an :class:`EncodedPng`, any other image as a
-    Pillow image."""
+    Pillow image. An image with transparency (an alpha channel, or a transparent palette index or colour) is decoded
+    here and composited onto ``background`` (:func:`composite_alpha`): it comes back as a loaded RGB image."""
     if not data:
         raise ImageError("empty image bytes")
     image = _png_header(data) or _open_pil(data)
@@ -94,7 +102,46 @@ def open_image(data: bytes) -> Image.Image | EncodedPng:
         raise ImageError("image has zero size")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ImageError(f"image of {width}x{height} pixels has an aspect ratio above {MAX_ASPECT_RATIO}:1")
+    if isinstance(image, Image.Image) and has_alpha(image):
+        return composite_alpha(image, background)
     return image
+
+
+def background_rgb(colour: str) -> tuple[int, int, int]:
+    """An RGB triple from a colour name or ``#rrggbb`` (Pillow's ``ImageColor``), e.g. ``white``.
+
+    Raises:
+        ValueError: An unknown colour (a configuration error: the message says what is allowed).
+    """
+    from PIL import ImageColor
+
+    try:
+        return tuple(ImageColor.getrgb(colour)[:3])
+    except ValueError:
+        raise ValueError(f"unknown colour {colour!r}: a colour name (white, black, grey, ...) or #rrggbb") from None
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether an opened image has transparent pixels to composite: an alpha channel (RGBA, LA, PA, ...) or a
+    transparent palette index or colour (PNG's tRNS, GIF's transparency)."""
+    return "A" in image.getbands() or "transparency" in image.info
+
+
+def composite_alpha(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """The image over an opaque ``background``: Pillow's ``alpha_composite`` of its RGBA conversion, as RGB."""
+    try:
+        rgba = image.convert("RGBA")
+    except Exception as error:  # PIL raises many types for broken data
+        raise ImageError(f"undecodable image: {error}") from None
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+
+
+def is_near_blank(image: Image.Image) -> bool:
+    """Whether a decoded image is (nearly) one flat colour: the grey levels of a thumbnail of at most 64 px a side
+    have a standard deviation below :data:`NEAR_BLANK_STD`."""
+    thumbnail = image.convert("L")
+    thumbnail.thumbnail((64, 64), Image.Resampling.BILINEAR)
+    return float(np.asarray(thumbnail, dtype=np.float32).std()) < NEAR_BLANK_STD
 
 
 def _open_pil(data: bytes) -> Image.Image:
@@ -113,7 +160,23 @@ def _png_header(data: bytes) -> EncodedPng | None:
     width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", data[16:29])
     if depth != 8 or colour not in OPENCV_PNG_COLOUR_TYPES or compression or filtering or interlace > 1:
         return None
+    if _has_transparency_chunk(data):
+        return None
     return EncodedPng(data, (width, height))
+
+
+def _has_transparency_chunk(data: bytes) -> bool:
+    """Whether a PNG has a tRNS chunk (a transparent palette index or colour); it precedes the first IDAT, so only
+    the few chunk headers before the pixels are read."""
+    offset = 33  # signature (8) + IHDR (length, type, 13 bytes, CRC)
+    while offset + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        if kind == b"tRNS":
+            return True
+        if kind in (b"IDAT", b"IEND"):
+            return False
+        offset += 12 + length
+    return False
 
 
 def load_rgb(image: Image.Image, needed: tuple[float, float] | None = None) -> tuple[Image.Image, float]:
@@ -155,9 +218,10 @@ def decode_png_pixels(image: EncodedPng, alpha: bool = False) -> np.ndarray | No
     return cv2.cvtColor(pixels, cv2.COLOR_RGB2RGBA) if alpha else pixels
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to RGB at full resolution, rejecting empty, broken and oversized images."""
-    image = open_image(data)
+def decode_image(data: bytes, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Decode encoded image bytes to RGB at full resolution (transparency composited onto ``background``),
+    rejecting empty, broken and oversized images."""
+    image = open_image(data, background)
     return load_rgb(image.pil() if isinstance(image, EncodedPng) else image)[0]
 
 

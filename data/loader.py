@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data.batch import ImageTextBatch, PackedBatch
+from data.images import background_rgb
 from data.mixture import MixtureSampler, epoch_permutation
 from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
 from data.prefetch import Prefetcher
@@ -156,7 +157,8 @@ class StageLoader:
         self.image_text = stage.objective == "coca"
         max_tokens = stage.max_text_len if self.image_text else stage.seq_len * MAX_ROWS_PER_DOCUMENT
         self.reader = SampleReader(self.sources, stage.augment, seed, stage_name, vision.patch_size,
-                                   vision.merge_size, tokenizer, self.image_text, max_tokens)
+                                   vision.merge_size, tokenizer, self.image_text, max_tokens,
+                                   background_rgb(data.alpha_background))
         self.prefetch_samples = data.prefetch_samples
         self.prefetcher = self.workers = None
         if data.prefetch_samples > 0:

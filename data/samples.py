@@ -28,7 +28,7 @@ from data.formats import (  # noqa: F401  (SampleError, BOX_* and format_box are
     format_box,
     grounding_text,
 )
-from data.images import ColourJitter, EncodedPng, ImageError, PatchBuffer, Warp, image_to_patches, open_image
+from data.images import WHITE, ColourJitter, EncodedPng, ImageError, PatchBuffer, Warp, image_to_patches, open_image
 from data.shards import RawSample, ShardSource  # noqa: F401  (part of this module's interface)
 from data.tokenizer import TextTokenizer
 
@@ -108,9 +108,11 @@ class OpenedImage:
     jitter: ColourJitter | None = None
 
 
-def open_images(sample: RawSample, meta: dict, augmenter: Augmenter | None = None) -> dict[str, OpenedImage]:
+def open_images(sample: RawSample, meta: dict, augmenter: Augmenter | None = None,
+                background: tuple[int, int, int] = WHITE) -> dict[str, OpenedImage]:
     """Parse and check the header of every image the segments reference (keyed by member extension), and plan its
-    augmentation; nothing is decoded yet (:func:`patchify_images` does that).
+    augmentation; nothing is decoded yet (:func:`patchify_images` does that), except images with transparency,
+    composited onto ``background`` as they are opened (:func:`data.images.open_image`).
 
     ``augmenter`` plans each image's augmentation from its size and the sample's grounding objects, which belong to
     its first image; ``meta["objects"]`` is replaced by the transformed ones.
@@ -121,7 +123,7 @@ def open_images(sample: RawSample, meta: dict, augmenter: Augmenter | None = Non
         if ext is None or ext in images:
             continue
         try:
-            image = open_image(sample.members[ext])
+            image = open_image(sample.members[ext], background)
         except ImageError as error:
             raise SampleError(f"image '{ext}': {error}") from None
         first = not images
@@ -155,10 +157,11 @@ def patchify_images(images: dict[str, OpenedImage], patch: int, merge: int, max_
 
 
 def load_images(sample: RawSample, meta: dict, patch: int, merge: int, max_patches: int,
-                augmenter: Augmenter | None = None) -> dict[str, ImagePatches]:
+                augmenter: Augmenter | None = None, background: tuple[int, int, int] = WHITE
+                ) -> dict[str, ImagePatches]:
     """Decode and patchify every image the segments reference, keyed by member extension (:func:`open_images`, then
     :func:`patchify_images`)."""
-    return patchify_images(open_images(sample, meta, augmenter), patch, merge, max_patches)
+    return patchify_images(open_images(sample, meta, augmenter, background), patch, merge, max_patches)
 
 
 def _check_objects(meta: dict, size: tuple[int, int]) -> None:

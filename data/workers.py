@@ -17,18 +17,21 @@ import functools
 import math
 import multiprocessing
 import os
+import pickle
+import sys
 import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import shared_memory
+from multiprocessing.reduction import ForkingPickler
 
 import cv2
 import numpy as np
 import torch
 
 from data.augment import AugmentConfig, plan_augment
-from data.images import PatchBuffer
+from data.images import WHITE, PatchBuffer
 from data.mixture import DrawRandom
 from data.samples import (
     Augmenter,
@@ -68,16 +71,18 @@ class SampleReader:
         tokenizer: The text tokenizer (:meth:`read` only).
         image_text: :meth:`read` gives image-text pairs (the CoCa objective) instead of documents.
         max_tokens: :meth:`read`'s limit: tokens of a caption (bos and eos included), or of a document.
+        background: RGB colour transparent pixels are composited onto (``data.alpha_background``).
     """
 
     def __init__(self, sources: dict[str, ShardSource], augment_cfg: AugmentConfig, seed: int, stage_name: str,
                  patch_size: int, merge_size: int, tokenizer: TextTokenizer | None = None, image_text: bool = False,
-                 max_tokens: int = 0):
+                 max_tokens: int = 0, background: tuple[int, int, int] = WHITE):
         self.sources = sources
         self.augment_cfg = augment_cfg
         self.seed, self.stage_name = seed, stage_name
         self.patch_size, self.merge_size = patch_size, merge_size
         self.tokenizer, self.image_text, self.max_tokens = tokenizer, image_text, max_tokens
+        self.background = background
 
     def read(self, name: str, position: int, draw: int, cap: int) -> Drawn:
         """The draw as the loader uses it (see :data:`Drawn`); raises :class:`SampleError` for a corrupt sample."""
@@ -127,7 +132,7 @@ class SampleReader:
     def _open(self, parsed: tuple) -> tuple:
         key, raw, meta = parsed
         _, _, draw, _ = key
-        return key, raw, meta, open_images(raw, meta, self._augmenter(draw, meta))
+        return key, raw, meta, open_images(raw, meta, self._augmenter(draw, meta), self.background)
 
     def _decode(self, opened: tuple, patch_buffer: PatchBuffer | None = None) -> Loaded:
         (_, _, _, cap), raw, meta, images = opened
@@ -182,13 +187,16 @@ def _each(staged: list, step) -> None:
                 staged[index] = error
 
 
-def _serve(connection, reader: SampleReader, arena_name: str, slot_bytes: int) -> None:
-    """A worker process: answers ``(keys, slot)`` requests with their outcomes until it reads ``None``."""
+def _serve(connection, arena_name: str, slot_bytes: int) -> None:
+    """A worker process: reads its :class:`SampleReader` from the pipe, then answers ``(keys, slot)`` requests with
+    their outcomes until it reads ``None``."""
     torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
     cv2.setNumThreads(1)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     arena = shared_memory.SharedMemory(name=arena_name)
     try:
+        reader = pickle.loads(connection.recv_bytes())
+        connection.send(READY)
         while (request := connection.recv()) is not None:
             keys, slot = request
             connection.send(_load_chunk(reader, arena, keys, slot * slot_bytes, (slot + 1) * slot_bytes))
@@ -245,7 +253,33 @@ def _with_images(drawn: Drawn, images: list[ImagePatches]) -> Drawn:
 
 
 class WorkerError(RuntimeError):
-    """A loader worker process died (killed, out of memory, a crash in a native decoder)."""
+    """A loader worker process could not start, or died (killed, out of memory, a crash in a native decoder)."""
+
+
+# What a worker answers once it has read its payload and can serve.
+READY = "ready"
+# A worker that has not read its payload this long after it was spawned (alive, but stuck before it could serve)
+# is stopped and named: importing the main module and torch takes seconds, not minutes.
+WORKER_START_SECONDS = 120.0
+
+
+def _main_module_hint() -> str:
+    """Why a spawned worker may die before it starts: it imports the main script again first."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return ""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as source:
+            guarded = "__main__" in source.read()
+    except OSError:
+        guarded = True
+    if guarded:
+        return (f"; spawned workers import the main script {path} again before they start: code that starts loader "
+                "workers must run only under its `if __name__ == \"__main__\":` guard")
+    return (f"; the main script {path} has no `if __name__ == \"__main__\":` guard, and spawned workers import it "
+            "again before they start (so it starts workers of its own there and fails): put the script's work "
+            "under that guard")
 
 
 # Requests queued at each worker: while it works on one, the next waits in its pipe, so it never idles between
@@ -261,6 +295,9 @@ class _Worker:
     def __init__(self, connection, process):
         self.connection, self.process = connection, process
         self.in_flight: collections.deque[tuple[Future, int]] = collections.deque()
+        # Its payload (the reader) sent: requests may follow it down the pipe.
+        self.ready = False
+        self.timed_out = False
 
 
 def _stop(processes: list, threads: list[threading.Thread]) -> None:
@@ -303,18 +340,35 @@ class ProcessReader:
         self.free_slots = list(range(slots))
         context = multiprocessing.get_context("spawn")
         self.processes, self.workers, self.threads = [], [], []
+        # The reader (tokenizer included, often well over a pipe's 64 KiB) goes down each worker's own pipe once it
+        # runs, never as a Process argument: Process.start() writes its arguments into a pipe whose read end it
+        # keeps open itself until the write ends, so a child that dies before reading them (e.g. a script without a
+        # main guard, run again in the child) blocks the start forever.
+        payload = bytes(ForkingPickler.dumps(reader))
         for _ in range(processes):
             ours, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(theirs, reader, self.arena.name, slot_bytes),
+            process = context.Process(target=_serve, args=(theirs, self.arena.name, slot_bytes),
                                       name="loader-worker", daemon=True)
-            process.start()
+            try:
+                process.start()
+            except Exception as error:  # noqa: BLE001 (anything that stops a spawn: named, the others stopped)
+                ours.close()
+                theirs.close()
+                _stop(self.processes, self.threads)
+                self.arena.unlink()
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise WorkerError(f"cannot start a loader worker process: {reason}{_main_module_hint()}") from None
             theirs.close()
             self.processes.append(process)
             worker = _Worker(ours, process)
             self.workers.append(worker)
-            thread = threading.Thread(target=self._receive, args=(worker,), name="loader-worker-answers", daemon=True)
+            thread = threading.Thread(target=self._receive, args=(worker, payload), name="loader-worker-answers",
+                                      daemon=True)
             thread.start()
             self.threads.append(thread)
+            timer = threading.Timer(WORKER_START_SECONDS, self._start_timeout, (worker,))
+            timer.daemon = True
+            timer.start()
         # Daemon threads die where they stand when the interpreter finalizes; one freeing a tensor then (torch gives
         # up the GIL to free it) aborts the process ("terminate called without an active exception", exit code
         # 134; seen in 7 of 20 exits with a loader left open). So a reader never closed is closed at exit, before
@@ -351,7 +405,10 @@ class ProcessReader:
     def _dispatch(self) -> None:
         """Send queued requests to the workers with a free place, least busy first (under the lock)."""
         while self.queue and self.free_slots and not self.broken:
-            worker = min(self.workers, key=lambda w: len(w.in_flight))
+            ready = [w for w in self.workers if w.ready]
+            if not ready:
+                return
+            worker = min(ready, key=lambda w: len(w.in_flight))
             if len(worker.in_flight) >= REQUESTS_PER_WORKER:
                 return
             keys, future = self.queue.popleft()
@@ -364,8 +421,21 @@ class ProcessReader:
             except (OSError, EOFError):
                 pass  # it died: its answer thread fails the requests in flight, this one with them
 
-    def _receive(self, worker: _Worker) -> None:
+    def _start_timeout(self, worker: _Worker) -> None:
+        if not worker.ready and worker.process.is_alive():
+            worker.timed_out = True
+            worker.process.terminate()  # its pipe closes: the payload's send fails and names it
+
+    def _receive(self, worker: _Worker, payload: bytes) -> None:
         try:
+            # Fails as soon as the worker is gone (it holds the only other end of the pipe), whether it died before
+            # the payload was sent or before it had read it: the worker says when it has.
+            worker.connection.send_bytes(payload)
+            if worker.connection.recv() != READY:
+                raise EOFError
+            with self.lock:
+                worker.ready = True
+                self._dispatch()
             while True:
                 outcomes = worker.connection.recv()
                 with self.lock:
@@ -400,8 +470,14 @@ class ProcessReader:
         deadline = time.monotonic() + 2
         while worker.process.exitcode is None and time.monotonic() < deadline:
             worker.process.join(timeout=0.05)
-        return (f"loader worker process {worker.process.pid} died (exit code {worker.process.exitcode}) "
-                f"with {len(worker.in_flight)} requests unanswered")
+        pid, code = worker.process.pid, worker.process.exitcode
+        if worker.timed_out:
+            return (f"loader worker process {pid} did not start within {WORKER_START_SECONDS:.0f} s (stopped)"
+                    f"{_main_module_hint()}")
+        if not worker.ready:
+            return (f"loader worker process {pid} died (exit code {code}) before it started, before reading its "
+                    f"payload (its own error, if any, is on stderr above){_main_module_hint()}")
+        return f"loader worker process {pid} died (exit code {code}) with {len(worker.in_flight)} requests unanswered"
 
     def _copy_out(self, outcomes: list) -> list[Drawn | Exception]:
         """Patches left in the arena, as (offset, shape), copied out at once before the slot is reused (one copy

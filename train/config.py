@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from data.augment import AugmentConfig
@@ -27,6 +27,7 @@ TRAINABLE_PARTS = ("vision", "projector", "decoder", "coca")
 LR_DECAYS = ("constant", "linear", "cosine", "wsd")
 ACTIVATION_CHECKPOINT_POLICIES = ("auto", "none", "selective", "full")
 DEVICES = ("auto", "cpu", "cuda")
+MISSING_SOURCES = ("error", "drop")
 STAGE_OBJECTIVE_PARTS = {"coca": ("vision", "coca"), "lm": ("vision", "projector", "decoder")}
 
 
@@ -136,6 +137,12 @@ class DataConfig:
     # A shard listed in the manifest but missing from storage fails the run naming it, unless this skips (and
     # counts) it.
     skip_missing_shards: bool = False
+    # Sources a stage's mixture names that the root lacks: "error" lists them all before training starts; "drop"
+    # leaves them out of every mixture (the other weights renormalized) and fails for a stage left with none.
+    missing_sources: str = "error"
+    # What transparent pixels (RGBA, LA, palette or colour transparency) are composited onto: a colour name or
+    # #rrggbb.
+    alpha_background: str = "white"
 
 
 @dataclass
@@ -216,6 +223,9 @@ class LogConfig:
 @dataclass
 class RunConfig:
     recipe: str = "debug"
+    # A folder of your own recipes, searched after the package's (recipe/<name>.yaml, curriculum/, stage/, ...):
+    # ``recipe_dir=DIR`` or ``python -m train --config-dir DIR``.
+    recipe_dir: str = ""
     run_name: str = ""
     output_dir: str = "outputs"
     seed: int = 0
@@ -245,30 +255,85 @@ class RunConfig:
         return Path(self.output_dir) / (self.run_name or self.recipe)
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in (RECIPES_DIR / "recipe").glob("*.yaml"))
+def available_recipes(recipe_dir: str = "") -> list[str]:
+    folders = [RECIPES_DIR] + ([Path(recipe_dir)] if recipe_dir else [])
+    return sorted({p.stem for folder in folders for p in (folder / "recipe").glob("*.yaml")})
 
 
-def compose_recipe(overrides: list[str]) -> DictConfig:
-    """Compose ``recipes/config.yaml`` with Hydra and the given ``key=value`` overrides (untyped)."""
+def split_recipe_dir(overrides: list[str]) -> tuple[str, list[str]]:
+    """The ``recipe_dir=DIR`` among the overrides (absolute), and the other overrides."""
+    found = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe_dir=")]
+    rest = [o for o in overrides if not o.startswith("recipe_dir=")]
+    return (str(Path(found[-1]).resolve()) if found and found[-1] else ""), rest
+
+
+def compose_recipe(overrides: list[str], recipe_dir: str = "") -> DictConfig:
+    """Compose ``recipes/config.yaml`` with Hydra and the given ``key=value`` overrides (untyped), searching
+    ``recipe_dir`` (e.g. your own ``recipe/<name>.yaml``) after the package's recipes.
+
+    An override whose value is a mapping replaces the mapping it names (``...mixture.multimodal_sources={caption:
+    1.0}`` means exactly that source), where Hydra would merge it into the recipe's."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
+    if recipe_dir and not (Path(recipe_dir).is_dir()):
+        raise ConfigError(f"Invalid value recipe_dir={recipe_dir!r}: allowed is an existing folder of recipes.")
+    recipes = ", ".join(available_recipes(recipe_dir))
     GlobalHydra.instance().clear()
     try:
+        replaced = [(o, _parsed_mapping(o)) for o in overrides]
+        hydra_overrides = [_as_upsert(o, recipe_dir) for o, value in replaced if value is None]
+        if recipe_dir:
+            hydra_overrides.append(f"hydra.searchpath=[file://{Path(recipe_dir).resolve()}]")
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=[_as_upsert(o) for o in overrides])
+            cfg = compose(config_name="config", overrides=hydra_overrides)
     except HydraException as error:
-        raise ConfigError(f"{error}\nRecipes: {', '.join(available_recipes())} (recipe=<name>).") from None
+        raise ConfigError(f"{error}\nRecipes: {recipes} (recipe=<name>).") from None
+    with open_dict(cfg):
+        for override, value in replaced:
+            if value is not None:
+                OmegaConf.update(cfg, override.split("=", 1)[0].lstrip("+"), value, merge=False)
+    if recipe_dir:
+        with open_dict(cfg):
+            cfg.recipe_dir = str(Path(recipe_dir).resolve())
+    return cfg
 
 
-def _as_upsert(override: str) -> str:
+def _parsed_mapping(override: str) -> dict | None:
+    """The value of ``key={...}`` when ``key`` is a mapping of the schema (mixture weights), else None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    key, _, value = override.partition("=")
+    if not value.lstrip().startswith("{") or key.startswith("~") or not _is_mapping(key.lstrip("+")):
+        return None
+    parsed = OverridesParser.create().parse_override(override).value()
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _is_mapping(dotted: str) -> bool:
+    """Whether the schema's key ``dotted`` is a ``dict[...]`` of values (not a dataclass section)."""
+    node: Any = RunConfig
+    parts = dotted.split(".")
+    for index, part in enumerate(parts):
+        if typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        elif dataclasses.is_dataclass(node):
+            node = typing.get_type_hints(node).get(part, ModelArgs if part == "model" and index == 0 else None)
+        else:
+            return False
+        if node is None:
+            return False
+    return typing.get_origin(node) is dict
+
+
+def _as_upsert(override: str, recipe_dir: str = "") -> str:
     """``key=value`` becomes Hydra's ``++key=value`` (set, whether or not the YAML mentions the key) unless it picks
     a config group (``recipe=debug``). The typed schema, not the YAML, decides which keys exist: a misspelt key
     fails in :func:`to_run_config` with the allowed keys."""
     key = override.split("=", 1)[0]
-    groups = {p.name for p in RECIPES_DIR.iterdir() if p.is_dir()}
+    folders = [RECIPES_DIR] + ([Path(recipe_dir)] if recipe_dir else [])
+    groups = {p.name for folder in folders for p in folder.iterdir() if p.is_dir()}
     if "=" not in override or key.startswith(("+", "~")) or key in groups:
         return override
     return "++" + override
@@ -318,9 +383,11 @@ def to_run_config(raw: DictConfig) -> RunConfig:
     return cfg
 
 
-def load_config(overrides: list[str]) -> RunConfig:
-    """Compose, type and validate a recipe: the single entry for the trainer, tests and tools."""
-    return to_run_config(compose_recipe(overrides))
+def load_config(overrides: list[str], recipe_dir: str = "") -> RunConfig:
+    """Compose, type and validate a recipe: the single entry for the trainer, tests and tools. ``recipe_dir`` (or a
+    ``recipe_dir=DIR`` override) is a folder of your own recipes, searched after the package's."""
+    found, overrides = split_recipe_dir(overrides)
+    return to_run_config(compose_recipe(overrides, found or recipe_dir))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -356,6 +423,10 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.data.max_attempts >= 1, "data.max_attempts", cfg.data.max_attempts, "an integer >= 1")
     _check(0 <= cfg.data.max_corrupt_fraction <= 1, "data.max_corrupt_fraction", cfg.data.max_corrupt_fraction,
            "a fraction in [0, 1]")
+    _check(cfg.data.missing_sources in MISSING_SOURCES, "data.missing_sources", cfg.data.missing_sources,
+           f"one of {MISSING_SOURCES}")
+    _check(_is_colour(cfg.data.alpha_background), "data.alpha_background", cfg.data.alpha_background,
+           "a colour name (white, black, grey, ...) or #rrggbb")
     vision = cfg.model.vision
     _check(vision.hidden_size % vision.num_heads == 0 and (vision.hidden_size // vision.num_heads) % 4 == 0,
            "model.vision.num_heads", vision.num_heads,
@@ -453,6 +524,16 @@ def _validate_mixture(key: str, mix: MixtureConfig, objective: str) -> None:
            mix.multimodal_sources, "positive weights (the multimodal share is above 0)")
     _check(mix.long_share == 0 or sum(mix.long_sources.values()) > 0, f"{key}.long_sources", mix.long_sources,
            "positive weights (long_share is above 0)")
+
+
+def _is_colour(colour: str) -> bool:
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(colour)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

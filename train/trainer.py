@@ -43,6 +43,7 @@ from train.checkpoint import CheckpointManager, ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.device_feed import DeviceFeed
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
+from train.preflight import check_run, is_demo_root
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
 from train.signals import STOP
 from train.stages import (
@@ -275,7 +276,9 @@ class Trainer:
         # S3 with the request-rate limit and the bounded disk cache in front, as the recipe says (data/storage.py).
         self.storage = build_storage(data)
         local = isinstance(self.storage, LocalStorage)
-        if self.rank == 0 and data.generate_if_missing and local and not self.storage.exists("manifest.json"):
+        # Only ever at the default demo path: a mistyped root must fail (train/preflight.py), not fill with demo data.
+        if (self.rank == 0 and data.generate_if_missing and local and is_demo_root(root)
+                and not self.storage.exists("manifest.json")):
             from data.synthetic import generate_corpus
 
             logger.info("generating the demo corpus into %s", root)
@@ -525,7 +528,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, groups: Paral
 
 
 def run_curriculum(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """Entry used by ``python -m train``: train, then leave the process group."""
+    """Entry used by ``python -m train``: check the data of every stage, train, then leave the process group."""
+    check_run(cfg)
     trainer = Trainer(cfg)
     try:
         return trainer.run()

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from data import prepare, stats
+from data import tokenizer as tokenizer_cli
 from data.loader import StageLoader
 from data.storage import S3Options, S3Storage, open_storage
 from data.tokenizer import TextTokenizer
@@ -68,11 +69,16 @@ def test_prepare_a_folder_then_stats_then_load(tmp_path, capsys):
     assert prepare.main(["--input", str(folder), "--out", str(out), "--source", "cards",
                          "--samples-per-shard", "4"]) == 0
     captured = capsys.readouterr()
-    assert "skipped zbad: box [2, 2, 300, 30] outside the 56x56 image" in captured.err
+    assert ("box [N, N, N, N] outside the NxN image: 1: key zbad (box [2, 2, 300, 30] outside the 56x56 image)"
+            in captured.out)
     entry = json.loads((out / "manifest.json").read_text())["sources"]["cards"]
     assert entry["shards"] == [f"cards/shard-00000{i}.tar" for i in range(3)]
-    assert (entry["num_samples"], entry["num_images"], entry["num_skipped"]) == (10, 10, 1)
+    assert (entry["num_samples"], entry["num_images"], entry["num_rejected"]) == (10, 10, 1)
     assert entry["image_stats"]["width"] == {"min": 56, "mean": 81.2, "max": 112}
+    # No tokenizer yet: prepare does not train one; the root's is trained on every source at once.
+    assert entry["num_tokens"] is None and not (out / "tokenizer.json").exists()
+    assert tokenizer_cli.main(["train", str(out), "--recount"]) == 0
+    entry = json.loads((out / "manifest.json").read_text())["sources"]["cards"]
     assert entry["num_tokens"] >= entry["num_words"] > 0
     assert stats.main([str(out), "--check"]) == 0
     table = capsys.readouterr().out
@@ -104,11 +110,14 @@ def test_prepare_jsonl_uploaded_to_s3_then_stats_then_load(s3_corpus, jsonl, tok
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = f"s3://{BUCKET}/prepared"
     done = subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(jsonl), "--out", root, "--source",
-                           "photos", "--endpoint-url", s3_corpus], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+                           "photos", "--endpoint-url", s3_corpus, "--json", "--workers", "2"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "skipped lost: image '0.jpg': empty image bytes" in done.stderr
-    assert json.loads(done.stdout.splitlines()[-1])["num_samples"] == 8
+    assert f"missing file: 1: line 8 ({jsonl.parent / 'photos' / 'missing.jpg'})" in done.stdout
+    assert json.loads(done.stdout.splitlines()[0])["num_samples"] == 8
+    done = subprocess.run([sys.executable, "-m", "data.tokenizer", "train", root, "--endpoint-url", s3_corpus],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
     done = subprocess.run([sys.executable, "-m", "data.stats", root, "--endpoint-url", s3_corpus, "--json",
                            "--check"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -133,6 +142,7 @@ def test_a_heldout_split_is_chosen_by_key_kept_from_training_and_read_by_evaluat
     out = tmp_path / "out"
     assert prepare.main(["--input", str(folder), "--out", str(out), "--source", "tiles", "--samples-per-shard", "8",
                          "--heldout-fraction", "0.25"]) == 0
+    assert tokenizer_cli.main(["train", str(out)]) == 0
     entry = json.loads((out / "manifest.json").read_text())["sources"]["tiles"]
     expected = {f"tile{i:02d}" for i in range(40) if prepare.is_heldout(f"tile{i:02d}", 0.25)}
     assert 4 <= len(expected) <= 16  # a quarter, give or take the hash

@@ -206,6 +206,7 @@ def test_worker_requests_queue_in_order_urgent_first_and_withdrawn_ones_are_neve
     workers = ProcessReader(loader.reader, 1)
     try:
         served = []
+        workers.read(*keys[0])  # the worker has started and read its payload: requests now go to its pipe at once
         # The first requests fill the worker's pipe (tens of milliseconds of reads); the rest wait in the queue.
         busy = [workers.submit(keys) for _ in range(REQUESTS_PER_WORKER)]
         later, withdrawn = workers.submit(keys[:1]), workers.submit(keys[1:2])

@@ -198,13 +198,10 @@ def test_pngs_decoded_by_opencv_have_exactly_pillows_rgb_pixels():
     photo = _photo(53, 37)
     pixels = np.asarray(photo)
     palette = photo.convert("P")
-    palette.info["transparency"] = 3
     grey = photo.convert("L")
-    grey.info["transparency"] = 40
     layouts = {
-        "RGB": _encoded(photo, "PNG"), "RGBA": _encoded(photo.convert("RGBA"), "PNG"), "L": _encoded(grey, "PNG"),
-        "P": _encoded(palette, "PNG"), "interlaced": _raw_png(pixels, interlaced=True),
-        "gamma": _raw_png(pixels, gamma=45455),
+        "RGB": _encoded(photo, "PNG"), "L": _encoded(grey, "PNG"), "P": _encoded(palette, "PNG"),
+        "interlaced": _raw_png(pixels, interlaced=True), "gamma": _raw_png(pixels, gamma=45455),
     }
     for name, data in layouts.items():
         assert isinstance(images.open_image(data), images.EncodedPng), name
@@ -214,8 +211,13 @@ def test_pngs_decoded_by_opencv_have_exactly_pillows_rgb_pixels():
         rgbx = images.decode_png_pixels(images.open_image(data), alpha=True)
         assert np.array_equal(rgbx[..., :3], expected) and np.all(rgbx[..., 3] == 255), name
     assert np.array_equal(decode_image(layouts["interlaced"]), pixels)
-    # Pillow keeps opening and decoding what OpenCV does not take: 16-bit samples, grey with alpha, other formats.
+    # Pillow keeps opening and decoding what OpenCV does not take: 16-bit samples, anything with transparency
+    # (composited, see test_transparency_is_composited_onto_the_background), other formats.
+    with_transparency = {"P": palette.copy(), "L": grey.copy()}
+    with_transparency["P"].info["transparency"] = 3
+    with_transparency["L"].info["transparency"] = 40
     for data in (_encoded(Image.fromarray(np.full((8, 8), 999, np.uint16)), "PNG"), _encoded(grey.convert("LA"), "PNG"),
+                 _encoded(photo.convert("RGBA"), "PNG"), *(_encoded(i, "PNG") for i in with_transparency.values()),
                  _encoded(photo, "JPEG")):
         assert isinstance(images.open_image(data), Image.Image)
     # Headers are checked as strictly either way.
@@ -272,3 +274,56 @@ def test_the_cut_moves_each_patch_row_whole(patch):
     strided = np.random.default_rng(0).integers(0, 256, (patch * 2, patch * 4 + 1, 3), dtype=np.uint8)[:, 1:]
     assert torch.equal(images.cut_patches(strided, patch),
                        torch.from_numpy(strided.copy()).view(2, patch, 4, patch * 3).permute(0, 2, 1, 3).reshape(8, -1))
+
+
+def _transparent_layouts() -> dict[str, Image.Image]:
+    """RGBA, LA and palette-with-a-transparent-index images whose hidden pixels are black (as clip-art often is)."""
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (23, 31, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(rng.random((23, 31)) < 0.4, 0, rgba[..., 3])  # 40% fully transparent
+    rgba[rgba[..., 3] == 0, :3] = 0
+    la = rgba[..., [0, 3]]
+    palette = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    index = np.asarray(palette).copy()
+    index[rgba[..., 3] == 0] = 63
+    palette = Image.fromarray(index, "P")
+    palette.putpalette(Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+                       .getpalette()[:63 * 3] + [0, 0, 0])
+    palette.info["transparency"] = 63
+    return {"RGBA": Image.fromarray(rgba, "RGBA"), "LA": Image.fromarray(la, "LA"), "P": palette}
+
+
+@pytest.mark.parametrize("background", [(255, 255, 255), (12, 200, 77)])
+def test_transparency_is_composited_onto_the_background(background):
+    """Images with alpha reach the model composited onto ``data.alpha_background`` exactly as Pillow's
+    ``alpha_composite`` does it, through every path (the plain patch cut, a resize, the warp), never as their hidden
+    (black) pixels."""
+    for name, image in _transparent_layouts().items():
+        data = _encoded(image, "PNG")
+        reference = Image.alpha_composite(Image.new("RGBA", image.size, (*background, 255)), image.convert("RGBA"))
+        expected = np.asarray(reference.convert("RGB"))
+        assert np.array_equal(np.asarray(decode_image(data, background)), expected), name
+        opened = images.open_image(data, background)
+        assert not isinstance(opened, images.EncodedPng)
+        patches, (rows, cols) = image_to_patches(opened, 1, 1, 10**6)
+        assert (rows, cols) == (23, 31) and np.array_equal(patches.numpy().reshape(23, 31, 3), expected), name
+        # The warp path samples the composited pixels: an identity warp gives them back.
+        warp = images.Warp((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (31, 23))
+        assert np.array_equal(images.render(images.open_image(data, background), (31, 23), warp), expected), name
+        transparent = np.asarray(image.convert("RGBA"))[..., 3] == 0
+        assert np.all(expected[transparent] == background), name
+
+
+def test_near_blank_images_are_recognized():
+    flat = Image.new("RGB", (200, 120), (250, 250, 250))
+    assert images.is_near_blank(flat)
+    clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    assert images.is_near_blank(decode_image(_encoded(clear, "PNG")))  # white once composited
+    drawn = flat.copy()
+    drawn.paste((0, 0, 0), (40, 30, 120, 90))
+    assert not images.is_near_blank(drawn)
+    assert not images.is_near_blank(Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 50, 3),
+                                                                                      dtype=np.uint8)))
+    with pytest.raises(ValueError, match="unknown colour"):
+        images.background_rgb("whit")
+    assert images.background_rgb("#0a0b0c") == (10, 11, 12)
