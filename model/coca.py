@@ -16,10 +16,7 @@ from torch import nn
 
 from model.args import CocaArgs
 from model.init import ParamInit
-from model.layers import init_default_weights
-
-# Cross-entropy's ignored target (torch's default).
-IGNORE_INDEX = -100
+from model.layers import IGNORE_INDEX, init_default_weights, masked_targets
 
 __all__ = ["CocaOutput", "CocaTowers", "caption_loss_sum", "pad_packed_images", "siglip_loss"]
 
@@ -303,8 +300,7 @@ def caption_loss_sum(
         ``(loss_sum, count)``: scalar fp32 sum and int64 scalar count of targets.
     """
     counted = text_mask[:, 1:]
-    # Positions without a target are ignored by index (static shapes: nothing waits for the device).
-    targets = text_ids[:, 1:].masked_fill(~counted, IGNORE_INDEX)
+    targets = masked_targets(text_ids[:, 1:], counted)
     loss_sum = F.cross_entropy(caption_logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum, counted.sum()

@@ -8,7 +8,16 @@ from torch import nn
 
 from model.init import ParamInit
 
-__all__ = ["RMSNorm", "SwiGLU", "init_default_weights"]
+__all__ = ["IGNORE_INDEX", "RMSNorm", "SwiGLU", "init_default_weights", "masked_targets"]
+
+# The target id a cross-entropy skips (torch's default): every loss of the project masks positions with it.
+IGNORE_INDEX = -100
+
+
+def masked_targets(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """``labels`` with the positions outside ``loss_mask`` set to :data:`IGNORE_INDEX` (static shapes: nothing is
+    cut out, so nothing waits for the device)."""
+    return labels.masked_fill(~loss_mask, IGNORE_INDEX)
 
 
 class RMSNorm(nn.Module):

@@ -86,9 +86,23 @@ class KimiVL(nn.Module):
         Returns:
             ``(logits [B, S, vocab], MoEAux)``.
         """
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_hw, image_token_positions)
-        hidden, aux = self.decoder(position_ids=position_ids, cu_seqlens=cu_seqlens, inputs_embeds=embeds)
+        hidden, aux = self.hidden_states(input_ids, position_ids, cu_seqlens, pixel_values, image_grid_hw,
+                                         image_token_positions)
         return self.decoder.logits(hidden), aux
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.Tensor | None = None,
+        image_token_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MoEAux]:
+        """:meth:`forward` up to the final norm: ``(hidden [B, S, hidden], MoEAux)``. The training loss takes it
+        from here, fused with the output projection (train/loss.py), so the whole logits never exist."""
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_hw, image_token_positions)
+        return self.decoder(position_ids=position_ids, cu_seqlens=cu_seqlens, inputs_embeds=embeds)
 
     def embed_inputs(
         self,

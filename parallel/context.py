@@ -296,10 +296,11 @@ def embed_inputs_context_parallel(model: nn.Module, input_ids: torch.Tensor, pix
 
 
 def forward_context_parallel(model: nn.Module, batch, group: dist.ProcessGroup):
-    """Logits and labels of this rank's tokens of a :class:`~data.batch.PackedBatch` under context parallelism.
+    """Final hidden states and labels of this rank's tokens of a :class:`~data.batch.PackedBatch` under context
+    parallelism (the loss applies the output projection, fused with the cross-entropy).
 
     Returns:
-        ``(logits [B, S / cp, vocab], labels [B, S / cp], loss_mask [B, S / cp], MoEAux)``.
+        ``(hidden [B, S / cp, H], labels [B, S / cp], loss_mask [B, S / cp], MoEAux)``.
     """
     cp, cp_rank = dist.get_world_size(group), dist.get_rank(group)
     rows, seq_len = batch.input_ids.shape
@@ -308,5 +309,5 @@ def forward_context_parallel(model: nn.Module, batch, group: dist.ProcessGroup):
                                            batch.image_token_positions, group)
     hidden, aux = model.decoder(position_ids=layout.shard(batch.position_ids, cp_rank), cu_seqlens=batch.cu_seqlens,
                                 inputs_embeds=layout.shard(embeds, cp_rank))
-    return (model.decoder.logits(hidden), layout.shard(batch.labels, cp_rank),
+    return (hidden, layout.shard(batch.labels, cp_rank),
             layout.shard(batch.loss_mask, cp_rank), aux)

@@ -35,7 +35,7 @@ from parallel.activation_checkpoint import ActivationCheckpointing, default_poli
 from parallel.context import apply_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
 from parallel.expert import apply_expert_parallel
-from parallel.pipeline import PipelineRunner, build_pipeline
+from parallel.pipeline import PipelineRunner, SumLoss, build_pipeline, unfused_loss_sum
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +44,13 @@ __all__ = ["ParallelModel", "PipelineOptions", "parallelize", "resolve_checkpoin
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """How a ``pp > 1`` layout is cut: the schedule, its virtual stages per rank, and the longest row (the cost
-    model's attention term grows with it)."""
+    """How a ``pp > 1`` layout is cut: the schedule, its virtual stages per rank, the longest row (the cost
+    model's attention term grows with it), and the last stage's loss sum (the trainer's fused loss)."""
 
     schedule: str
     virtual_stages: int
     seq_len: int
+    loss: SumLoss = unfused_loss_sum
 
 
 @dataclass
@@ -110,7 +111,7 @@ def parallelize(model: KimiVL, dims: ParallelDims, groups: ParallelGroups, devic
         if pipeline is None or groups.pp is None:
             raise ValueError(f"pp_degree={dims.pp_degree} needs PipelineOptions and a pipeline process group")
         runner = build_pipeline(model, pipeline.schedule, groups.pp, pipeline.seq_len, pipeline.virtual_stages,
-                                device=device)
+                                device=device, loss=pipeline.loss)
     checkpointing = ActivationCheckpointing(model)
     model.to_empty(device=device)
     model.init_weights(ParamInit(seed))

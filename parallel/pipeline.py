@@ -31,6 +31,7 @@ the backward where the layer is, as Megatron's ``MoEAuxLossAutoScaler`` does), s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -50,16 +51,16 @@ from torch.distributed.pipelining.schedules import (
 from data.batch import PackedBatch
 from model.args import ModelArgs
 from model.attention import rope_angles_1d
+from model.layers import IGNORE_INDEX, masked_targets
 from model.vlm import KimiVL
 from parallel.context import ZigzagLayout, embed_inputs_context_parallel
 from parallel.dims import ParallelDims
 from train.config import ConfigError, RunConfig
 
-__all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "build_pipeline",
+__all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "SumLoss", "build_pipeline",
            "check_pipeline_config", "cu_seqlens_from_doc_ids", "doc_ids_from_cu_seqlens", "layer_costs",
-           "pipeline_lm_step", "split_layers", "stage_ranks"]
+           "pipeline_lm_step", "split_layers", "stage_ranks", "unfused_loss_sum"]
 
-IGNORE_INDEX = -100
 # name -> (schedule class, layout of stages over ranks: "loop" puts stage s on rank s % pp, "v" puts stages r and
 # 2 pp - 1 - r on rank r, fixed stages per rank or None for ``virtual_stages``)
 SCHEDULES: dict[str, tuple[type, str, int | None]] = {
@@ -245,7 +246,7 @@ class StageModule(nn.Module):
             image_counts: ``[1, 3]`` true numbers of patches, images and placeholder positions.
 
         Returns:
-            Logits ``[B, S, vocab]`` on the last stage, else ``(hidden, position_ids, doc_ids)``.
+            The final hidden states ``[B, S, H]`` on the last stage, else ``(hidden, position_ids, doc_ids)``.
         """
         if self.is_first:
             x = self._embed(x, pixel_values, image_grid_hw, image_token_positions, image_counts)
@@ -267,8 +268,8 @@ class StageModule(nn.Module):
             aux = torch.stack(aux_losses).sum()
             self.aux_loss_sum += float(aux.detach())
             x = AttachAuxLoss.apply(x, aux, self.aux_weight)
-        if self.is_last:
-            return self.output(self.norm(x))
+        if self.is_last:  # the loss applies the output projection (fused with the cross-entropy)
+            return self.norm(x)
         return x, position_ids, doc_ids
 
     def _embed(self, input_ids, pixel_values, image_grid_hw, image_token_positions, image_counts) -> torch.Tensor:
@@ -297,10 +298,18 @@ def prune_model(model: KimiVL, keep_layers: set[str], first: bool, last: bool) -
 # ---------------------------------------------------------------------------------------------------------- runner
 
 
-def pipeline_loss(logits: torch.Tensor, target: torch.Tensor, num_targets: float) -> torch.Tensor:
-    """The last stage's loss of one micro-batch: cross-entropy *sum* over its loss tokens / the step's global count."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum") / num_targets
+# The next-token loss *sum* of final hidden states: ``(hidden [B, S, H], output weight [V, H], targets [B, S]
+# with IGNORE_INDEX where no loss is taken) -> fp32 scalar``. The trainer hands in its fused, chunked loss
+# (train/loss.py); this default holds the whole logits.
+SumLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unfused_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy sum over all logits at once (the default :data:`SumLoss`)."""
+    return F.cross_entropy((hidden @ weight.t()).flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
 
 
 class PipelineRunner:
@@ -317,13 +326,16 @@ class PipelineRunner:
         schedule_name: One of :data:`SCHEDULES`.
         group: The pipeline process group.
         device: Where the stages run.
+        loss: The last stage's loss sum of hidden states (:data:`SumLoss`).
     """
 
     def __init__(self, model: KimiVL, stages: list[StageModule], stage_indices: list[int], num_stages: int,
-                 layout: list[list[str]], schedule_name: str, group: dist.ProcessGroup, device: torch.device):
+                 layout: list[list[str]], schedule_name: str, group: dist.ProcessGroup, device: torch.device,
+                 loss: SumLoss = unfused_loss_sum):
         self.model, self.stages, self.stage_indices = model, stages, stage_indices
         self.num_stages, self.layout, self.schedule_name = num_stages, layout, schedule_name
         self.group, self.device = group, device
+        self.loss = loss
         self._schedule: PipelineScheduleSingle | PipelineScheduleMulti | None = None
         self._shape: tuple[int, int, int] | None = None
 
@@ -334,6 +346,11 @@ class PipelineRunner:
     @property
     def has_last(self) -> bool:
         return any(s.is_last for s in self.stages)
+
+    def last_stage_loss(self, hidden: torch.Tensor, target: torch.Tensor, num_targets: float) -> torch.Tensor:
+        """The last stage's loss of one micro-batch: cross-entropy *sum* over its loss tokens / the step's global
+        count, the output projection fused into it."""
+        return self.loss(hidden, self.model.decoder.output.weight, target) / num_targets
 
     @property
     def cp_degree(self) -> int:
@@ -358,11 +375,13 @@ class PipelineRunner:
                                            self.cp_degree)
             pipeline_stages.append(PipelineStage(module, index, self.num_stages, self.device, input_args=inputs,
                                                  output_args=outputs, group=self.group))
-        # Sum, not mean, over micro-batches: the loss is already divided by the global token count.
+        # Sum, not mean, over micro-batches: the loss is already divided by the global token count. Every rank
+        # passes a loss function (without one a schedule runs no backward); only the last stage's calls it.
+        loss_fn = self.last_stage_loss
         if issubclass(schedule_cls, PipelineScheduleSingle):
-            self._schedule = schedule_cls(pipeline_stages[0], microbatches, loss_fn=pipeline_loss, scale_grads=False)
+            self._schedule = schedule_cls(pipeline_stages[0], microbatches, loss_fn=loss_fn, scale_grads=False)
         else:
-            self._schedule = schedule_cls(pipeline_stages, microbatches, loss_fn=pipeline_loss, scale_grads=False)
+            self._schedule = schedule_cls(pipeline_stages, microbatches, loss_fn=loss_fn, scale_grads=False)
         self._shape = (microbatches, rows, seq, self.cp_degree)
         return self._schedule
 
@@ -385,7 +404,7 @@ class PipelineRunner:
         args, kwargs = pack_microbatches(batches) if self.has_first else ((), {})
         target = None
         if self.has_last:
-            targets = [b.labels.masked_fill(~b.loss_mask, IGNORE_INDEX) for b in batches]
+            targets = [masked_targets(b.labels, b.loss_mask) for b in batches]
             group = self.stages[-1].cp_group
             if group is not None:  # the last stage's logits are this rank's tokens only
                 layout = ZigzagLayout(rows, seq, dist.get_world_size(group))
@@ -450,16 +469,16 @@ def _stage_metas(model_args: ModelArgs, rows: int, seq: int, dtype: torch.dtype,
     whole_rows = (torch.empty(rows, seq, dtype=torch.int64, device="meta"),
                   torch.empty(rows, seq, dtype=torch.int64, device="meta"), ints[1])
     inputs = whole_rows if first else (act, *ints)
-    if last:
-        outputs = (torch.empty(rows, local, model_args.decoder.vocab_size, dtype=dtype, device="meta",
-                               requires_grad=True),)
+    if last:  # final hidden states: the loss applies the output projection
+        outputs = (torch.empty(rows, local, hidden, dtype=dtype, device="meta", requires_grad=True),)
     else:
         outputs = (act, *ints)
     return inputs, outputs
 
 
 def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, seq_len: int, virtual_stages: int = 2,
-                   patches_per_token: float = 0.5, device: torch.device | str = "cpu") -> PipelineRunner:
+                   patches_per_token: float = 0.5, device: torch.device | str = "cpu",
+                   loss: SumLoss = unfused_loss_sum) -> PipelineRunner:
     """Cut ``model`` (built identically on every rank) into stages and prune it to this rank's, in place.
 
     Args:
@@ -470,6 +489,7 @@ def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, seq_l
         virtual_stages: Stages per rank of the interleaved schedules.
         patches_per_token: Expected image patches per token, for the cost estimate of stage 0.
         device: Where the stages run.
+        loss: The last stage's loss sum (:data:`SumLoss`).
 
     Returns:
         The :class:`PipelineRunner`.
@@ -488,7 +508,7 @@ def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, seq_l
     mine = [s for s in range(num_stages) if owners[s] == pp_rank]
     prune_model(model, {k for s in mine for k in layout[s]}, first=0 in mine, last=num_stages - 1 in mine)
     modules = [StageModule(model, layout[s], is_first=s == 0, is_last=s == num_stages - 1) for s in mine]
-    return PipelineRunner(model, modules, mine, num_stages, layout, schedule, group, torch.device(device))
+    return PipelineRunner(model, modules, mine, num_stages, layout, schedule, group, torch.device(device), loss)
 
 
 def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_loss_coef: float, pp_degree: int,

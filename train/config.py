@@ -241,6 +241,9 @@ class RunConfig:
     # and print per-rank memory per stage; fail if a rank needs more than ``device_memory_gb`` (0: no limit).
     dry_run: bool = False
     device_memory_gb: float = 0.0
+    # Tokens whose logits exist at once in the next-token loss (fused with the output projection, train/loss.py):
+    # at a 163,840-token vocabulary, 1024 tokens of fp32 logits are 0.63 GiB.
+    loss_chunk_tokens: int = 1024
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -411,6 +414,7 @@ def validate(cfg: RunConfig) -> None:
     _check(not cfg.dry_run or cfg.world_size >= 1, "world_size", cfg.world_size,
            "the number of ranks to simulate, >= 1 (with dry_run=true)")
     _check(cfg.device_memory_gb >= 0, "device_memory_gb", cfg.device_memory_gb, ">= 0 (0: no limit)")
+    _check(cfg.loss_chunk_tokens >= 1, "loss_chunk_tokens", cfg.loss_chunk_tokens, "an integer >= 1")
     _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", cfg.log.peak_tflops, ">= 0 (0: measure)")
     _check(cfg.runtime.device in DEVICES, "runtime.device", cfg.runtime.device, f"one of {DEVICES}")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")

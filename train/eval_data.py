@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data.batch import PackedBatch
@@ -28,6 +27,7 @@ from data.samples import (
 from data.storage import Storage
 from data.tokenizer import TextTokenizer
 from model.args import VisionArgs
+from train.loss import linear_cross_entropy_sum, masked_targets
 
 
 @dataclass
@@ -157,12 +157,11 @@ def forward_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
 
 def batch_loss_sum(model: nn.Module, batch: PackedBatch) -> tuple[float, int]:
     """Summed next-token cross-entropy over the batch's supervised targets, and their count (the trainer's
-    ``lm_step`` quantity, without the gradient)."""
-    logits = forward_logits(model, batch)
-    mask = batch.loss_mask.reshape(-1)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1])[mask], batch.labels.reshape(-1)[mask],
-                         reduction="sum")
-    return float(ce), int(mask.sum())
+    ``lm_step`` quantity and loss function, without the gradient)."""
+    hidden, _ = model.hidden_states(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.pixel_values,
+                                    batch.image_grid_hw, batch.image_token_positions)
+    ce = linear_cross_entropy_sum(hidden, model.decoder.output.weight, masked_targets(batch.labels, batch.loss_mask))
+    return float(ce), batch.num_loss_tokens
 
 
 def continuation_logprobs(model: nn.Module, prefix: Document, candidates: list[list[int]],

@@ -8,6 +8,7 @@ the whole global batch (token-mean loss, not a mean of per-rank means).
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -37,11 +38,12 @@ from optim.schedules import lr_at
 from parallel.context import forward_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
 from parallel.parallelize import PipelineOptions, parallelize
-from parallel.pipeline import IGNORE_INDEX, check_pipeline_config, pipeline_lm_step
+from parallel.pipeline import check_pipeline_config, pipeline_lm_step
 from parallel.runtime import init_distributed, resolve_device
 from train.checkpoint import CheckpointManager, ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.device_feed import DeviceFeed
+from train.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy_sum, masked_targets
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
 from train.preflight import check_run, is_demo_root
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
@@ -131,19 +133,13 @@ def _host_order_sum(values: list[torch.Tensor], device: torch.device) -> torch.T
     return total
 
 
-def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the positions ``loss_mask`` selects (static shapes: the others are
-    ignored by index, not cut out, so nothing waits for the device)."""
-    targets = labels.masked_fill(~loss_mask, IGNORE_INDEX)
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, world: int,
-            cp_group: dist.ProcessGroup | None = None) -> StepResult:
+            cp_group: dist.ProcessGroup | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> StepResult:
     """Forward and backward of the next-token objective over ``batches`` (this rank's micro-batches).
 
     With a context-parallel group of ``cp`` ranks, every rank of it receives the same rows and computes the loss of
     its share of their tokens (parallel/context.py); counts are divided by ``cp`` so that no token counts twice.
+    The loss is fused with the output projection, ``chunk_tokens`` tokens' logits at a time (train/loss.py).
     """
     cp = dist.get_world_size(cp_group) if cp_group is not None else 1
     device = batches[0].input_ids.device
@@ -153,12 +149,13 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
     loss_sum, aux_sum, loads = [], [], []
     for batch in batches:
         if cp > 1:
-            logits, labels, loss_mask, aux = forward_context_parallel(model, batch, cp_group)
+            hidden, labels, loss_mask, aux = forward_context_parallel(model, batch, cp_group)
         else:
-            logits, aux = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.pixel_values,
-                                batch.image_grid_hw, batch.image_token_positions)
+            hidden, aux = model.hidden_states(batch.input_ids, batch.position_ids, batch.cu_seqlens,
+                                              batch.pixel_values, batch.image_grid_hw, batch.image_token_positions)
             labels, loss_mask = batch.labels, batch.loss_mask
-        ce = token_cross_entropy_sum(logits, labels, loss_mask)
+        ce = linear_cross_entropy_sum(hidden, model.decoder.output.weight, masked_targets(labels, loss_mask),
+                                      chunk_tokens)
         loss = ce / global_targets
         if aux_loss_coef > 0:
             # The balance loss is a mean per micro-batch; average it over every micro-batch of every rank.
@@ -257,7 +254,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         with torch.device("meta"):  # nothing is allocated before this rank's share is known
             model = KimiVL(cfg.model)
-        pipeline = PipelineOptions(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages, max(seq_lens))
+        pipeline = PipelineOptions(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages, max(seq_lens),
+                                   functools.partial(linear_cross_entropy_sum, chunk_tokens=cfg.loss_chunk_tokens))
         self.parallel = parallelize(model, self.dims, self.groups, self.device, cfg.seed, pipeline)
         self.model, self.pipeline = self.parallel.model, self.parallel.pipeline
         self.steps_this_run = 0
@@ -442,7 +440,7 @@ class Trainer:
             return coca_step(self.model, batches)
         if self.pipeline is None:
             return lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
-                           self.stage_cp_group)
+                           self.stage_cp_group, self.cfg.loss_chunk_tokens)
         lm_loss, aux_loss, tokens, load = pipeline_lm_step(
             self.pipeline, batches, self.cfg.model.decoder.aux_loss_coef, self.dims.pp_degree,
             self.stage_dims.cp_degree)

@@ -1,0 +1,62 @@
+"""The fused, chunked next-token loss equals the unfused one, loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.layers import IGNORE_INDEX
+from train.loss import linear_cross_entropy_sum, reference_cross_entropy_sum
+
+TOKENS, HIDDEN, VOCAB = 37, 16, 101
+
+
+def inputs(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, TOKENS, HIDDEN, generator=generator).requires_grad_()
+    weight = (torch.randn(VOCAB, HIDDEN, generator=generator) * 0.3).requires_grad_()
+    targets = torch.randint(0, VOCAB, (2, TOKENS), generator=generator)
+    targets[torch.rand(2, TOKENS, generator=generator) < 0.3] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 16, 2 * TOKENS, 1000])
+def test_the_chunked_loss_and_its_gradients_equal_the_unfused_ones(chunk_tokens: int):
+    hidden, weight, targets = inputs()
+    reference = reference_cross_entropy_sum(hidden, weight, targets)
+    (2.5 * reference).backward()
+    expected = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss = linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens)
+    (2.5 * loss).backward()
+    assert abs(loss.item() - reference.item()) <= 1e-6 * abs(reference.item())
+    assert relative(hidden.grad, expected[0]) <= 1e-6
+    assert relative(weight.grad, expected[1]) <= 1e-6
+    assert torch.all(hidden.grad.view(-1, HIDDEN)[targets.view(-1) == IGNORE_INDEX] == 0)
+
+
+def test_without_gradients_only_the_loss_is_computed():
+    hidden, weight, targets = inputs(1)
+    with torch.no_grad():
+        loss = linear_cross_entropy_sum(hidden, weight, targets, 8)
+    assert not loss.requires_grad
+    reference = float(reference_cross_entropy_sum(hidden, weight, targets))
+    assert abs(float(loss) - reference) <= 1e-6 * reference
+
+
+def test_a_frozen_projection_gets_no_gradient_and_the_hidden_states_do():
+    hidden, weight, targets = inputs(2)
+    weight.requires_grad_(False)
+    linear_cross_entropy_sum(hidden, weight, targets, 8).backward()
+    assert weight.grad is None and hidden.grad is not None
+
+
+def test_every_position_ignored_gives_zero():
+    hidden, weight, targets = inputs(3)
+    loss = linear_cross_entropy_sum(hidden, weight, torch.full_like(targets, IGNORE_INDEX), 8)
+    loss.backward()
+    assert float(loss) == 0.0 and float(hidden.grad.abs().sum()) == 0.0
