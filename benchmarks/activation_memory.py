@@ -6,7 +6,13 @@ peak of what the backward needs, since the backward only frees) and the best for
 line with both per policy, ``selective_saving`` (1 - selective / none bytes; goal >= 0.4) and
 ``selective_time_overhead`` (selective / none time - 1; goal <= 0.25).
 
-    python benchmarks/activation_memory.py [--seq 4096 --layers 2 --repeats 3]
+And the loss: ``loss_peak_bytes_ratio``, the peak tensor bytes of the next-token loss's forward and backward fused
+and chunked (train/loss.py, ``loss_chunk_tokens`` tokens' logits at a time) over the unfused loss holding the
+whole logits, at ``--loss-tokens`` tokens with ``kimi_vl_a3b``'s vocabulary and width (goal <= 0.25). Measured
+with ``MemTracker`` on ``meta`` tensors (the unfused loss needs ~16 GiB there); both losses are first checked to
+agree on real values at a small size.
+
+    python benchmarks/activation_memory.py [--seq 4096 --layers 2 --repeats 3 --loss-tokens 8192]
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ import time
 
 import torch
 from torch import nn
+from torch.distributed._tools.mem_tracker import MemTracker
 
 from model.attention import rope_angles_1d
 from model.decoder import DecoderLayer
 from model.registry import FLAVORS
 from parallel.activation_checkpoint import POLICIES, ActivationCheckpointing
 from parallel.memory import measure_activation_bytes
+from train.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy_sum, reference_cross_entropy_sum
 
 
 def build_layers(count: int) -> nn.ModuleList:
@@ -35,12 +43,47 @@ def build_layers(count: int) -> nn.ModuleList:
     return layers
 
 
+def peak_bytes(run) -> int:
+    """Peak tensor bytes (``MemTracker``) of ``run()``'s forward and backward."""
+    tracker = MemTracker()
+    with tracker:
+        run().backward()
+    return int(sum(by_type["Total"] for by_type in tracker.get_tracker_snapshot("peak").values()))
+
+
+def measure_loss_peaks(tokens: int, chunk_tokens: int) -> dict[str, float]:
+    """The fused, chunked loss against the unfused one: same values (checked on real tensors), then peak bytes."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(512, 64, generator=generator, requires_grad=True)
+    weight = torch.randn(4096, 64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 4096, (512,), generator=generator)
+    fused = linear_cross_entropy_sum(hidden, weight, targets, 64)
+    unfused = reference_cross_entropy_sum(hidden, weight, targets)
+    if abs(float(fused) - float(unfused)) > 1e-5 * abs(float(unfused)):
+        raise SystemExit(f"the chunked loss {float(fused)} differs from the unfused one {float(unfused)}")
+    decoder = FLAVORS["kimi_vl_a3b"].decoder
+
+    def run(loss):
+        hidden = torch.empty(tokens, decoder.hidden_size, device="meta", requires_grad=True)
+        weight = torch.empty(decoder.vocab_size, decoder.hidden_size, device="meta", requires_grad=True)
+        return loss(hidden, weight, torch.zeros(tokens, dtype=torch.int64, device="meta"))
+
+    chunked = peak_bytes(lambda: run(lambda h, w, t: linear_cross_entropy_sum(h, w, t, chunk_tokens)))
+    whole = peak_bytes(lambda: run(reference_cross_entropy_sum))
+    return {"loss_tokens": tokens, "loss_chunk_tokens": chunk_tokens,
+            "loss_chunked_peak_gib": round(chunked / 2**30, 3), "loss_unfused_peak_gib": round(whole / 2**30, 3),
+            "loss_peak_bytes_ratio": round(chunked / whole, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loss-tokens", type=int, default=8192)
+    parser.add_argument("--loss-chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
     cli = parser.parse_args()
+    loss_figures = measure_loss_peaks(cli.loss_tokens, cli.loss_chunk_tokens)
     args = FLAVORS["small"].decoder
     x = torch.randn(1, cli.seq, args.hidden_size, requires_grad=True)
     angles = rope_angles_1d(torch.arange(cli.seq), args.qk_rope_head_dim, args.rope_theta)
@@ -68,7 +111,7 @@ def main() -> None:
     result["full_saving"] = round(1 - result["full_activation_bytes"] / result["none_activation_bytes"], 3)
     result["selective_time_overhead"] = round(result["selective_step_s"] / result["none_step_s"] - 1, 3)
     result["full_time_overhead"] = round(result["full_step_s"] / result["none_step_s"] - 1, 3)
-    print(json.dumps(result))
+    print(json.dumps({**result, **loss_figures}))
 
 
 if __name__ == "__main__":
