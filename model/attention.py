@@ -191,3 +191,76 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     real, imag = pairs.unbind(-1)
     rotated = torch.stack((real * cos - imag * sin, imag * cos + real * sin), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
+
+
+def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            scale: float | None = None) -> torch.Tensor:
+    """Causal attention of queries standing at the *last* ``Tq`` positions of ``Tk`` keys (bottom-right aligned):
+    every query sees the ``Tk - Tq`` prefix keys and the keys up to itself. What a sequence chunk of one document
+    does under context parallelism.
+
+    Memory stays ``O(T x D)``: no ``Tq x Tk`` mask or scores exist. On the CPU (and ``meta``) the prefix and the
+    diagonal are two fused attention calls merged by their log-sum-exp (:class:`_PrefixCausalAttention`); on CUDA
+    flash-attn aligns the causal mask bottom-right itself; elsewhere SDPA takes an explicit mask.
+
+    Args:
+        q: ``[Tq, H, D]``.
+        k: ``[Tk, H, D]`` with ``Tk >= Tq``.
+        v: ``[Tk, H, D]`` (one head dim for q, k and v: pad a narrower v first).
+        scale: Softmax scale (``1 / sqrt(D)`` when None).
+
+    Returns:
+        ``[Tq, H, D]``.
+    """
+    prefix = k.shape[0] - q.shape[0]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    to_bhtd = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [T, H, D] -> [1, H, T, D]
+    if q.device.type in ("cpu", "meta"):
+        return _PrefixCausalAttention.apply(q, k, v, scale)
+    if q.is_cuda and flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q[None], k[None], v[None], softmax_scale=scale, causal=True)[0]
+    positions = torch.arange(k.shape[0], device=q.device)
+    mask = positions[prefix:, None] >= positions[None, :]
+    out = F.scaled_dot_product_attention(to_bhtd(q), to_bhtd(k), to_bhtd(v), attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+class _PrefixCausalAttention(torch.autograd.Function):
+    """:func:`prefix_causal_attention` from two fused CPU attention calls: the queries against the prefix (no mask)
+    and against their own positions (plain causal), merged exactly by log-sum-exp. The backward runs each call's
+    fused backward with the *merged* output and log-sum-exp, which gives every block its exact share of the
+    gradient (as ring attention does)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        prefix = k.shape[0] - q.shape[0]
+        qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, D]
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = flash(qb, kb[:, :, prefix:], vb[:, :, prefix:], 0.0, True, scale=scale)
+        if prefix:
+            out_prefix, lse_prefix = flash(qb, kb[:, :, :prefix], vb[:, :, :prefix], 0.0, False, scale=scale)
+            merged = torch.logaddexp(lse, lse_prefix)
+            out = (out.float() * torch.exp(lse - merged).unsqueeze(-1)
+                   + out_prefix.float() * torch.exp(lse_prefix - merged).unsqueeze(-1)).to(q.dtype)
+            lse = merged
+        ctx.save_for_backward(qb, kb, vb, out, lse)
+        ctx.scale = scale
+        return out[0].transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        qb, kb, vb, out, lse = ctx.saved_tensors
+        prefix = kb.shape[2] - qb.shape[2]
+        grad = grad_out.transpose(0, 1).unsqueeze(0).contiguous()
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dq, dk_diag, dv_diag = backward(grad, qb, kb[:, :, prefix:], vb[:, :, prefix:], out, lse, 0.0, True,
+                                        scale=ctx.scale)
+        dk, dv = dk_diag, dv_diag
+        if prefix:
+            dq_prefix, dk_prefix, dv_prefix = backward(grad, qb, kb[:, :, :prefix], vb[:, :, :prefix], out, lse,
+                                                       0.0, False, scale=ctx.scale)
+            dq = dq + dq_prefix
+            dk, dv = torch.cat((dk_prefix, dk_diag), dim=2), torch.cat((dv_prefix, dv_diag), dim=2)
+        return dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1), None

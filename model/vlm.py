@@ -62,32 +62,10 @@ class KimiVL(nn.Module):
         ``MoonViT.embed_patches``) -> decoder-width image tokens ``[patches / m^2, hidden]``."""
         return self.projector(self.vision(pixel_values, grid_hw), grid_hw)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_hw: torch.Tensor | None = None,
-        image_token_positions: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, MoEAux]:
-        """Next-token logits of packed rows with images scattered into their placeholder positions.
-
-        Args:
-            input_ids: ``int64 [B, S]``.
-            position_ids: ``int64 [B, S]`` positions restarting at 0 in every document.
-            cu_seqlens: ``int32 [docs + 1]`` document boundaries over the flattened ``B * S`` tokens.
-            pixel_values: ``[patches, p*p*C]`` packed image patches (see ``MoonViT.embed_patches``), or None /
-                empty for text-only batches.
-            image_grid_hw: ``int64 [images, 2]`` patch grids.
-            image_token_positions: ``int64 [image_tokens]`` flattened positions receiving the merged image tokens,
-                in the order the projector emits them.
-
-        Returns:
-            ``(logits [B, S, vocab], MoEAux)``.
-        """
-        hidden, aux = self.hidden_states(input_ids, position_ids, cu_seqlens, pixel_values, image_grid_hw,
-                                         image_token_positions)
+    def forward(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux]:
+        """Next-token logits ``[B, S, vocab]`` and the MoE side outputs: the output projection of
+        :meth:`hidden_states`, which takes the same inputs."""
+        hidden, aux = self.hidden_states(*inputs)
         return self.decoder.logits(hidden), aux
 
     def hidden_states(
@@ -99,8 +77,23 @@ class KimiVL(nn.Module):
         image_grid_hw: torch.Tensor | None = None,
         image_token_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEAux]:
-        """:meth:`forward` up to the final norm: ``(hidden [B, S, hidden], MoEAux)``. The training loss takes it
-        from here, fused with the output projection (train/loss.py), so the whole logits never exist."""
+        """Final hidden states (after the last norm) of packed rows with images scattered into their placeholder
+        positions. The training loss takes them from here, fused with the output projection (train/loss.py), so the
+        whole logits never exist; :meth:`forward` adds the projection.
+
+        Args:
+            input_ids: ``int64 [B, S]``.
+            position_ids: ``int64 [B, S]`` positions restarting at 0 in every document.
+            cu_seqlens: ``int32 [docs + 1]`` document boundaries over the flattened ``B * S`` tokens (on the host).
+            pixel_values: ``[patches, p*p*C]`` packed image patches (see ``MoonViT.embed_patches``), or None /
+                empty for text-only batches.
+            image_grid_hw: ``int64 [images, 2]`` patch grids.
+            image_token_positions: ``int64 [image_tokens]`` flattened positions receiving the merged image tokens,
+                in the order the projector emits them.
+
+        Returns:
+            ``(hidden [B, S, hidden], MoEAux)``.
+        """
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_hw, image_token_positions)
         return self.decoder(position_ids=position_ids, cu_seqlens=cu_seqlens, inputs_embeds=embeds)
 

@@ -33,7 +33,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import DocumentAttention, document_bounds, document_lengths
+from model.attention import DocumentAttention, document_bounds, document_lengths, prefix_causal_attention
 from parallel.expert import all_to_all
 
 CP_METHODS = ("allgather", "ring")
@@ -93,17 +93,18 @@ def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 
 class ContextParallelAttention(nn.Module):
-    """Drop-in for :class:`~model.attention.DocumentAttention` on sequence-sharded inputs (all-gather-KV).
+    """Drop-in for :class:`~model.attention.DocumentAttention` on sequence-sharded inputs.
 
-    Two exchanges of keys and values:
+    Every rank's keys and values are brought to every rank of the group, by one of two exchanges:
 
-    * ``allgather``: one all-gather of every rank's keys and values, then one exact SDPA call per (local chunk,
-      document);
-    * ``ring``: ``cp`` steps; at each, the local queries attend to the keys and values currently held (with the
-      document and causal masks of their global positions) and those move on to the next rank of the ring. Partial
-      results are merged exactly with their log-sum-exp (the online softmax of ring attention). Neighbour-only
-      point-to-point traffic, which overlaps with compute on GPU interconnects; the backward is autograd's (the
-      shifts run backwards), so it keeps each visited block like the all-gather keeps all of them.
+    * ``allgather``: one all-gather;
+    * ``ring``: ``cp - 1`` shifts to the next rank of the ring (neighbour-only point-to-point traffic, which
+      overlaps with compute on GPU interconnects).
+
+    Both are differentiable (the backward reduce-scatters, or shifts back). The keys and values are put in global
+    order, and each local chunk of each document attends to its document's keys up to itself with
+    :func:`~model.attention.prefix_causal_attention` (bottom-right aligned causal attention of the chunk over the
+    document's prefix): fused kernels, no ``Tq x Tk`` mask or scores, so memory per chunk is ``O(tokens x D)``.
 
     Args:
         causal: Causal attention within documents.
@@ -137,16 +138,10 @@ class ContextParallelAttention(nn.Module):
         if layout.rows * self.seq_len != local_tokens * cp or covered != local_tokens * cp:
             raise ValueError(f"{local_tokens} local tokens on {cp} context ranks do not form rows of {self.seq_len} "
                              f"tokens covered by cu_seqlens (ending at {covered})")
-        if self.method == "ring":
-            return self._ring(q, k, v, cu_seqlens, layout, cp_rank, scale)
         dv = v.shape[-1]
-        if dv < q.shape[-1]:  # one head dim for q, k and v keeps SDPA on its fused CPU kernel (see attention.py)
+        if dv < q.shape[-1]:  # one head dim for q, k and v keeps attention on the fused kernels (see attention.py)
             v = F.pad(v, (0, q.shape[-1] - dv))
-        # Gather in rank order, then put every token at its global index.
-        gathered_order = torch.cat([layout.local_indices(r, q.device) for r in range(cp)])
-        to_global = torch.argsort(gathered_order)
-        keys = _all_gather(k, self.group)[to_global]
-        values = _all_gather(v, self.group)[to_global]
+        keys, values = self._exchange(torch.cat((k, v), dim=-1), layout, cp_rank).split(q.shape[-1], dim=-1)
         boundaries = [0, *itertools.accumulate(document_lengths(cu_seqlens))]
         outputs = []
         for index, start in enumerate(layout.chunk_starts(cp_rank)):
@@ -155,61 +150,38 @@ class ContextParallelAttention(nn.Module):
                                           boundaries, scale)
         return torch.cat(outputs)[..., :dv]
 
-    def _ring(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-              layout: ZigzagLayout, cp_rank: int, scale: float | None) -> torch.Tensor:
+    def _exchange(self, block: torch.Tensor, layout: ZigzagLayout, cp_rank: int) -> torch.Tensor:
+        """Every rank's ``block`` (keys and values side by side), each token at its global index."""
         cp = layout.cp_degree
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        lengths = torch.tensor(document_lengths(cu_seqlens), dtype=torch.int64, device=q.device)
-        doc_of = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths,
-                                         output_size=layout.rows * layout.seq_len)  # global token -> doc
-        query_pos = layout.local_indices(cp_rank, q.device)
-        dk = k.shape[-1]
-        block = torch.cat((k, v), dim=-1)  # one tensor travels the ring
-        out, lse, source = None, None, cp_rank
-        for step in range(cp):
-            key_pos = layout.local_indices(source, q.device)
-            allowed = doc_of[query_pos][:, None] == doc_of[key_pos][None, :]
-            if self.causal:
-                allowed &= key_pos[None, :] <= query_pos[:, None]
-            # A large finite fill (not -inf): a query with no key in this block gets weight exp(-1e30) = 0 in the
-            # merge, and no NaN reaches the backward. Every query has at least itself among all blocks.
-            scores = torch.einsum("qhd,khd->hqk", q.float(), block[..., :dk].float()) * scale
-            scores = scores.masked_fill(~allowed[None], -1e30)
-            block_lse = torch.logsumexp(scores, dim=-1)  # [H, Tq]
-            block_out = torch.einsum("hqk,khd->qhd", torch.exp(scores - block_lse[..., None]),
-                                     block[..., dk:].float())
-            if out is None:
-                out, lse = block_out, block_lse
-            else:
-                merged = torch.logaddexp(lse, block_lse)
-                out = (out * torch.exp(lse - merged).t()[..., None]
-                       + block_out * torch.exp(block_lse - merged).t()[..., None])
-                lse = merged
-            if step < cp - 1:
-                block = _ring_shift(block, self.group)
-                source = (source - 1) % cp
-        return out.to(q.dtype)
+        if self.method == "ring":
+            held, source, blocks = block, cp_rank, {cp_rank: block}
+            for _ in range(cp - 1):
+                held, source = _ring_shift(held, self.group), (source - 1) % cp
+                blocks[source] = held
+            gathered = torch.cat([blocks[rank] for rank in range(cp)])
+        else:
+            gathered = _all_gather(block, self.group)
+        gathered_order = torch.cat([layout.local_indices(rank, block.device) for rank in range(cp)])
+        return gathered[torch.argsort(gathered_order)]
 
     def _attend_chunk(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
                       boundaries: list[int], scale: float | None) -> list[torch.Tensor]:
-        # The chunk covers global tokens [start, end); each document overlapping it is one SDPA call whose keys
-        # run from the document's first token to the chunk's last (causal) or the document's end.
+        # The chunk covers global tokens [start, end); each document overlapping it attends from the document's
+        # first token to the chunk's last (causal: the chunk's queries are the last positions of those keys) or to
+        # the document's end.
         end = start + q.shape[0]
         pieces = []
         for doc_start, doc_end in zip(boundaries[:-1], boundaries[1:]):
             q_start, q_end = max(start, doc_start), min(end, doc_end)
             if q_start >= q_end:
                 continue
-            k_end = q_end if self.causal else doc_end
-            qd = q[q_start - start : q_end - start].transpose(0, 1)[None]
-            kd = keys[doc_start:k_end].transpose(0, 1)[None]
-            vd = values[doc_start:k_end].transpose(0, 1)[None]
-            mask = None
-            if self.causal:  # query at global i sees keys j <= i; the query block is bottom-right aligned
-                query_pos = torch.arange(q_start, q_end, device=q.device)[:, None]
-                mask = query_pos >= torch.arange(doc_start, k_end, device=q.device)[None, :]
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
-            pieces.append(out[0].transpose(0, 1))
+            chunk_q = q[q_start - start : q_end - start]
+            if self.causal:
+                pieces.append(prefix_causal_attention(chunk_q, keys[doc_start:q_end], values[doc_start:q_end], scale))
+                continue
+            qd, kd, vd = (t.transpose(0, 1)[None] for t in (chunk_q, keys[doc_start:doc_end],
+                                                              values[doc_start:doc_end]))
+            pieces.append(F.scaled_dot_product_attention(qd, kd, vd, scale=scale)[0].transpose(0, 1))
         return pieces
 
 

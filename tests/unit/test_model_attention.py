@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.attention import apply_rotary, rope_angles_1d, rope_angles_2d, varlen_attention
+from model.attention import apply_rotary, prefix_causal_attention, rope_angles_1d, rope_angles_2d, varlen_attention
 from model.vision import interpolate_pos_table
 
 
@@ -97,3 +97,35 @@ def test_position_table_interpolation():
     torch.testing.assert_close(resized, ref[0].permute(1, 2, 0).reshape(24, 5))
     # Row-major flattening: entry r * w + c is grid cell (r, c).
     torch.testing.assert_close(resized[1 * 6 + 4], ref[0, :, 1, 4])
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 9, 40])
+def test_prefix_causal_attention_equals_a_bottom_right_causal_mask(prefix):
+    generator = torch.Generator().manual_seed(prefix)
+    tq, heads, dim = 11, 3, 16
+    q, k, v = (torch.randn(n, heads, dim, generator=generator).requires_grad_() for n in (tq, prefix + tq, prefix + tq))
+    out = prefix_causal_attention(q, k, v, scale=0.3)
+    grad = torch.randn(out.shape, generator=generator)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    positions = torch.arange(prefix + tq)
+    mask = positions[prefix:, None] >= positions[None, :]
+    reference = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=mask,
+                                               scale=0.3)[0].transpose(0, 1)
+    expected = torch.autograd.grad(reference, (q, k, v), grad)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=2e-6)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+
+
+def test_prefix_causal_attention_never_holds_query_by_key_scores():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tq, tk, heads, dim = 4096, 16384, 4, 64
+    q, k, v = (torch.empty(n, heads, dim, device="meta", requires_grad=True) for n in (tq, tk, tk))
+    tracker = MemTracker()
+    with tracker:
+        prefix_causal_attention(q, k, v).sum().backward()
+    peak = sum(by_type["Total"] for by_type in tracker.get_tracker_snapshot("peak").values())
+    inputs = sum(t.numel() * t.element_size() for t in (q, k, v))
+    scores = tq * tk * heads * 4
+    assert peak < 6 * inputs < scores / 4  # linear in the tokens, far below one fp32 score matrix
