@@ -243,3 +243,46 @@ def export_config(fmt: str, args: ModelArgs, image_token_id: int | None = None, 
             "text_config": {**_deepseek_v3_config(d), **text_ids}, "vision_config": vision,
             "projection_hidden_size": v.hidden_size, "projection_layer_norm_eps": v.layer_norm_eps,
             "image_token_id": image_token_id, "video_token_id": video_token_id, "tie_word_embeddings": False}
+
+
+# --- recipes ----------------------------------------------------------------------------------------------------------
+
+HF_PREFIX = "hf:"
+
+
+def model_args_from_recipe(raw: dict[str, Any], flavors: dict[str, ModelArgs]) -> tuple[ModelArgs, dict[str, Any]]:
+    """The base :class:`ModelArgs` of a recipe's ``model`` section, and the overrides left to apply on top.
+
+    ``flavor: hf:DIR`` takes every part ``DIR/config.json`` describes (the rest from ``kimi_vl_a3b``);
+    ``decoder: hf:DIR`` / ``vision: hf:DIR`` take that part from the config over the flavor's.
+
+    Raises:
+        HFConfigError: An unknown flavor, an unreadable config, or a part the config does not describe.
+    """
+    raw = dict(raw)
+    flavor = str(raw.get("flavor", "kimi_vl_a3b"))
+    if flavor.startswith(HF_PREFIX):
+        base = dataclasses.replace(args_from_hf(_read(flavor, "model.flavor"), flavors["kimi_vl_a3b"]),
+                                   flavor=flavor)
+    elif flavor in flavors:
+        base = flavors[flavor]
+    else:
+        raise HFConfigError(f"model.flavor='{flavor}' is unknown; allowed: {', '.join(sorted(flavors))} or "
+                            "hf:<directory with a config.json>")
+    for part in ("vision", "decoder"):
+        value = raw.get(part)
+        if isinstance(value, str):
+            if not value.startswith(HF_PREFIX):
+                raise HFConfigError(f"model.{part}='{value}': a part given as a string must be hf:<directory>")
+            base = args_from_hf(_read(value, f"model.{part}"), base, parts=(part,))
+            raw.pop(part)
+    raw.pop("flavor", None)
+    return dataclasses.replace(base, flavor=flavor), raw
+
+
+def _read(source: str, key: str) -> dict[str, Any]:
+    directory = source[len(HF_PREFIX):]
+    try:
+        return read_hf_config(directory)
+    except FileNotFoundError as error:
+        raise HFConfigError(f"{key}='{source}': {error}") from None
