@@ -150,7 +150,9 @@ def _load_ours(model: nn.Module, part: str, reader, expert_mesh: DeviceMesh | No
              if name.startswith(part + ".")}
     if not state:
         return 0
-    dcp.load({MODEL_KEY: state}, storage_reader=reader)
+    # Without collectives: ranks hold different parts (a pipeline stage may hold none of this one), and each reads
+    # only its own tensors and expert shards.
+    dcp.load({MODEL_KEY: state}, storage_reader=reader, no_dist=True)
     held = _held(model, part)
     with torch.no_grad():
         for name, loaded in state.items():
