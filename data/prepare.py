@@ -189,9 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", default="")
     parser.add_argument("--heldout-fraction", type=float, default=0.0,
                         help="share of samples (by a hash of their key) kept out of training for evaluation")
+    parser.add_argument("--format", choices=("webdataset", "megatron"), default="webdataset",
+                        help="megatron: a JSONL of texts -> a Megatron indexed dataset (.bin/.idx), data/megatron.py")
     args = parser.parse_args(argv)
-    entry = prepare(args.input, args.out, args.source, args.samples_per_shard, args.tokenizer,
-                    S3Options(endpoint_url=args.endpoint_url, region=args.region), args.heldout_fraction)
+    options = S3Options(endpoint_url=args.endpoint_url, region=args.region)
+    if args.format == "megatron":
+        from data.megatron import prepare_megatron
+
+        entry = prepare_megatron(args.input, args.out, args.source, args.tokenizer, options)
+        print(json.dumps({"source": args.source, **entry}, sort_keys=True))
+        return 0
+    entry = prepare(args.input, args.out, args.source, args.samples_per_shard, args.tokenizer, options,
+                    args.heldout_fraction)
     print(json.dumps({"source": args.source, **entry}, sort_keys=True))
     return 0
 
