@@ -34,6 +34,7 @@ import numpy as np
 
 from data.samples import Document, SampleError
 from data.tokenizer import TextTokenizer
+from train.config import ConfigError
 
 __all__ = ["MegatronSource", "VocabularyError", "import_indexed_dataset", "is_megatron", "read_with_token_sources"]
 
@@ -41,8 +42,8 @@ __all__ = ["MegatronSource", "VocabularyError", "import_indexed_dataset", "is_me
 OPEN_CHECK_DOCUMENTS = 4096
 
 
-class VocabularyError(RuntimeError):
-    """A Megatron corpus whose token ids do not fit the run's tokenizer."""
+class VocabularyError(ConfigError):
+    """A Megatron corpus whose token ids do not fit the run's tokenizer (``python -m train``: one line, exit 2)."""
 
 
 def import_indexed_dataset():

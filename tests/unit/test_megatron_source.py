@@ -116,6 +116,12 @@ def test_vocabulary_mismatch_fails_before_training(tmp_path, demo_root, tokenize
     with pytest.raises(VocabularyError, match=rf"vocabulary of {tokenizer.vocab_size + 1000} ids.*has "
                                               rf"{tokenizer.vocab_size}"):
         _loader(root, tokenizer)
+    from train.__main__ import main
+
+    stage = "curriculum.stages.text_pretrain"
+    assert main(["recipe=debug", f"output_dir={tmp_path}", f"data.root={root}", "log.progress_bar=false",
+                 "log.peak_tflops=1", "curriculum.order=[text_pretrain]", f"{stage}.mixture.text_sources.text=0",
+                 f"+{stage}.mixture.text_sources.{SOURCE}=1.0"]) == 2  # one line, before any step
     docs[5][3] = tokenizer.vocab_size + 17  # an id the tokenizer does not have, in a corpus that claims it fits
     root = _root_with_corpus(tmp_path / "b", demo_root, docs, tokenizer.vocab_size + 1000)
     manifest = json.loads((root / "manifest.json").read_text())
