@@ -457,7 +457,7 @@ def _validate_init_from(key: str, stage: StageConfig, cfg: RunConfig) -> None:
     order = cfg.curriculum.order
     name = key.rpartition(".")[2]
     try:
-        parse_init_from(stage.init_from, order[:order.index(name)], order)
+        parse_init_from(stage.init_from, order[:order.index(name)], order, list(cfg.curriculum.stages))
     except ValueError as error:
         raise ConfigError(f"Invalid value {key}.init_from={stage.init_from!r}: {error}.") from None
 

@@ -59,17 +59,23 @@ def per_part(init_from: Any, stage_names: list[str]) -> bool:
     return not isinstance(init_from, str) or init_from.startswith(HF_PREFIX) or init_from in stage_names
 
 
-def parse_init_from(init_from: Any, earlier: list[str], stage_names: list[str]) -> dict[str, str]:
+def parse_init_from(init_from: Any, earlier: list[str], stage_names: list[str],
+                    defined: list[str] | None = None) -> dict[str, str]:
     """Every part's source (the whole model's string form spread over the parts it concerns).
+
+    A stage the recipe defines but this run's ``curriculum.order`` leaves out (e.g. ``curriculum.order=[vit_coca,
+    vit_align]`` without ``text_pretrain``) cannot provide weights: its parts start from ``scratch``.
 
     Args:
         init_from: The recipe's value.
         earlier: The stages before this one, in order.
-        stage_names: Every stage of the curriculum (a later stage's name is an error, not a path).
+        stage_names: The stages of this run (``curriculum.order``): a later one's name is an error, not a path.
+        defined: Every stage the recipe defines (default: ``stage_names``).
 
     Raises:
         ValueError: Unknown parts, ``previous`` for the first stage, a stage that does not come earlier.
     """
+    skipped = set(defined or ()) - set(stage_names)
     if isinstance(init_from, str):
         if init_from.startswith(HF_PREFIX):
             return {part: init_from for part in PARTS[:3]} | {"coca": "scratch"}
@@ -80,6 +86,7 @@ def parse_init_from(init_from: Any, earlier: list[str], stage_names: list[str]) 
     if unknown:
         raise ValueError(f"unknown parts {unknown}; the parts are {', '.join(PARTS)}")
     sources = {part: str(init_from.get(part, "scratch")) for part in PARTS}
+    sources = {part: "scratch" if source in skipped else source for part, source in sources.items()}
     for part, source in sources.items():
         if source == "previous" and not earlier:
             raise ValueError(f"{part}: 'previous' in the first stage (there is no previous stage)")

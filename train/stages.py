@@ -101,7 +101,7 @@ def init_parts(model: nn.Module, cfg: RunConfig, name: str, expert_mesh: DeviceM
     """Per-part ``init_from`` (train/init_from.py): each part of this rank's model from its own source."""
     order = cfg.curriculum.order
     earlier = order[:order.index(name)]
-    sources = parse_init_from(cfg.curriculum.stages[name].init_from, earlier, order)
+    sources = parse_init_from(cfg.curriculum.stages[name].init_from, earlier, order, list(cfg.curriculum.stages))
     try:
         done = load_parts(model, cfg.model, sources, earlier, lambda stage: final_checkpoint(cfg, stage), cfg.seed,
                           expert_mesh, checkpoint_s3_options(cfg))
@@ -116,7 +116,7 @@ def check_init_sources(cfg: RunConfig) -> None:
         init_from = cfg.curriculum.stages[name].init_from
         if per_part(init_from, cfg.curriculum.order):
             order = cfg.curriculum.order
-            sources = parse_init_from(init_from, order[:order.index(name)], order)
+            sources = parse_init_from(init_from, order[:order.index(name)], order, list(cfg.curriculum.stages))
             try:
                 check_sources(cfg.model, sources, order, checkpoint_s3_options(cfg))
             except (ValueError, FileNotFoundError) as error:

@@ -92,6 +92,14 @@ def test_stage_sources_resolve_to_their_final_checkpoints(tmp_path: Path):
     assert all(torch.equal(state[n], t) for n, t in _fresh("projector").items())  # not named: scratch
     with pytest.raises(ValueError, match="does not come before"):
         parse_init_from({"decoder": "here"}, ["stage_a"], ["stage_a", "here"])
+    # A defined stage this run leaves out of its order (a prefix of the curriculum) provides nothing: scratch.
+    from train.config import load_config
+
+    cfg = load_config(["recipe=debug", "curriculum.order=[vit_coca,vit_align]"])
+    assert cfg.curriculum.stages["vit_align"].init_from["decoder"] == "text_pretrain"
+    assert parse_init_from(cfg.curriculum.stages["vit_align"].init_from, ["vit_coca"], cfg.curriculum.order,
+                           list(cfg.curriculum.stages)) == {"vision": "vit_coca", "projector": "scratch",
+                                                            "decoder": "scratch", "coca": "drop"}
 
 
 def test_mismatches_fail_before_reading_naming_tensor_and_shapes(tmp_path: Path, moonlight_dir):

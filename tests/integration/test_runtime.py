@@ -18,7 +18,8 @@ from train.metrics import read_metrics
 from train.trainer import RunLocked, Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
+STAGES = ["text_pretrain", "vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k",
+          "long_ctx_128k"]
 
 
 def overrides(out: Path, demo_root: Path, long_stage_steps: int = 2) -> list[str]:
