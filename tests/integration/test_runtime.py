@@ -75,8 +75,9 @@ def test_a_warning_signal_during_start_up_is_not_fatal(demo_root, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(demo_root, tmp_path):
-    cfg = load_config([*overrides(tmp_path, demo_root), "max_nonfinite_steps=2",
-                       "curriculum.stages.vit_coca.steps=5"])
+    # vit_coca first, starting from the weights in memory (the string form of init_from), which are then broken.
+    cfg = load_config([*overrides(tmp_path, demo_root), "max_nonfinite_steps=2", "curriculum.order=[vit_coca]",
+                       "curriculum.stages.vit_coca.init_from=scratch", "curriculum.stages.vit_coca.steps=5"])
     trainer = Trainer(cfg)
     try:
         # Broken weights (as after a bad update or a corrupt import): every loss is NaN.
