@@ -30,7 +30,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package: run as a script, find its siblings
-STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
+STAGES = ["text_pretrain", "vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k",
+          "long_ctx_128k"]
 
 
 BUCKET = "crash-resume"

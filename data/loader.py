@@ -20,6 +20,7 @@ from typing import Any
 
 from data.batch import ImageTextBatch, PackedBatch
 from data.images import background_rgb
+from data.megatron import MegatronSource, is_megatron
 from data.mixture import MixtureSampler, epoch_permutation
 from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
 from data.prefetch import Prefetcher
@@ -151,8 +152,10 @@ class StageLoader:
             self.max_corrupt_fraction = data.max_corrupt_fraction
         data = data or DataConfig(prefetch_samples=0)
         self.sources = {
-            name: ShardSource(name, storage, known[name]["shards"], data.skip_missing_shards, data.prefetch_threads,
-                              known[name].get("shard_samples"), known[name].get("index_suffix", ""))
+            name: MegatronSource(name, storage, known[name], tokenizer.vocab_size, data.cache_dir)
+            if is_megatron(known[name]) else
+            ShardSource(name, storage, known[name]["shards"], data.skip_missing_shards, data.prefetch_threads,
+                        known[name].get("shard_samples"), known[name].get("index_suffix", ""))
             for name in self.sampler.sources()}
         self.image_text = stage.objective == "coca"
         max_tokens = stage.max_text_len if self.image_text else stage.seq_len * MAX_ROWS_PER_DOCUMENT

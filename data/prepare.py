@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-fraction", type=float, default=0.0,
                         help="share of samples (by a hash of their key) kept out of training for evaluation")
     parser.add_argument("--json", action="store_true", help="also print the manifest entry as JSON")
+    parser.add_argument("--format", choices=("webdataset", "megatron"), default="webdataset",
+                        help="megatron: a JSONL of texts -> a Megatron indexed dataset (.bin/.idx), data/megatron.py")
     args = parser.parse_args(argv)
     problems = [f"--heldout-fraction {args.heldout_fraction}: allowed is a fraction in [0, 1)"
                 if not 0 <= args.heldout_fraction < 1 else "",
@@ -398,6 +400,17 @@ def main(argv: list[str] | None = None) -> int:
     if any(problems):
         print("\n".join(f"error: {p}" for p in problems if p), file=sys.stderr)
         return 2
+    if args.format == "megatron":
+        from data.megatron import prepare_megatron
+
+        try:
+            entry = prepare_megatron(args.input, args.out, args.source, args.tokenizer,
+                                     S3Options(endpoint_url=args.endpoint_url, region=args.region))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps({"source": args.source, **entry}, sort_keys=True))
+        return 0
     report, entry = prepare(args.input, args.out, args.source, args.samples_per_shard, args.tokenizer,
                             S3Options(endpoint_url=args.endpoint_url, region=args.region), args.heldout_fraction,
                             args.workers, args.max_image_side, args.alpha_background)

@@ -32,6 +32,7 @@ import torch
 
 from data.augment import AugmentConfig, plan_augment
 from data.images import WHITE, PatchBuffer
+from data.megatron import read_with_token_sources
 from data.mixture import DrawRandom
 from data.samples import (
     Augmenter,
@@ -101,6 +102,8 @@ class SampleReader:
         from one draw to the next. Measured on the demo shards, one process: ~40 us a draw less of ~320 (fetching,
         JSON and image headers, interleaved with decoding, cost 2-3x what they do in a row; tokenizing between
         decodes cost 3x, and captions are tokenized in one call)."""
+        if any(getattr(self.sources[key[0]], "token_source", False) for key in keys):
+            return read_with_token_sources(self, keys, patch_buffer)  # Megatron corpora (data/megatron.py)
         self._index_shards(keys)
         staged: list = list(keys)
         for step in (self._fetch, self._parse, self._open, functools.partial(self._decode, patch_buffer=patch_buffer)):

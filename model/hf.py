@@ -4,7 +4,10 @@ Formats (the rules live in :mod:`model.hf_names`):
 
 * ``kimi_vl``: the released Kimi-VL-A3B checkpoint names (``vision_tower.*``, ``multi_modal_projector.*``,
   ``language_model.*``, one ``Linear`` per expert), as read by its ``modeling_kimi_vl.py`` and vLLM.
-* ``kimi_k25``: transformers' ``Kimi_K25ForConditionalGeneration`` (rotate-half vision q/k rows, fused experts).
+* ``kimi_k25``: transformers' ``Kimi_K25ForConditionalGeneration`` in memory (rotate-half vision q/k rows, fused
+  experts).
+* ``kimi_k25_hub``: the files of a Kimi_K25 checkpoint as on the hub (``vision_tower.encoder.blocks.N.wqkv``,
+  ``mm_projector.proj.0/2``, ``language_model.model.*``, one ``Linear`` per expert); ``from_pretrained`` maps them.
 * ``deepseek_v3``: a DeepSeek-V3 / Moonlight text checkpoint (``DeepseekV3ForCausalLM``); the decoder only.
 * ``siglip``: a SigLIP vision tower (SigLIP-SO400M: ``vision_model.*``); MoonViT only. Its position table is
   resampled to ``pos_table_size``; SigLIP has no 2D RoPE, so features equal SigLIP's only with ``use_rope=False``.
@@ -27,9 +30,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model.args import DecoderArgs, ModelArgs
+from model.hf_config import export_config as hf_config
+from model.hf_files import SafetensorsCheckpoint
 from model.hf_names import FORMATS, Rule, build_rules
 from model.vlm import KimiVL
 
@@ -148,19 +153,9 @@ def export_state_dict(
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a ``.safetensors`` file, or of every shard in a directory (``*.safetensors``)."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {path}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        shard = load_file(file)
-        duplicated = state.keys() & shard.keys()
-        if duplicated:
-            raise ValueError(f"tensor {sorted(duplicated)[0]!r} appears in two shards of {path}")
-        state.update(shard)
-    return state
+    """All tensors of a ``.safetensors`` file or checkpoint directory: the shards its ``*.index.json`` names (other
+    ``.safetensors`` files there are ignored), else its single safetensors file (model/hf_files.py)."""
+    return SafetensorsCheckpoint(path).load_all()
 
 
 def save_safetensors(state: dict[str, torch.Tensor], directory: str | Path, shard_bytes: int = SHARD_BYTES) -> None:
@@ -187,42 +182,3 @@ def save_safetensors(state: dict[str, torch.Tensor], directory: str | Path, shar
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _deepseek_v3_config(d: DecoderArgs) -> dict:
-    return {
-        "model_type": "deepseek_v3", "vocab_size": d.vocab_size, "hidden_size": d.hidden_size,
-        "intermediate_size": d.dense_ffn_size, "moe_intermediate_size": d.moe_ffn_size,
-        "num_hidden_layers": d.num_layers, "num_attention_heads": d.num_heads, "num_key_value_heads": d.num_heads,
-        "n_shared_experts": d.num_shared_experts, "n_routed_experts": d.num_routed_experts,
-        "routed_scaling_factor": d.routed_scaling_factor, "kv_lora_rank": d.kv_lora_rank, "q_lora_rank": None,
-        "qk_rope_head_dim": d.qk_rope_head_dim, "v_head_dim": d.v_head_dim, "qk_nope_head_dim": d.qk_nope_head_dim,
-        "n_group": 1, "topk_group": 1, "num_experts_per_tok": d.num_experts_per_token,
-        "first_k_dense_replace": d.num_dense_layers, "norm_topk_prob": d.norm_topk_prob,
-        "rms_norm_eps": d.rms_norm_eps, "hidden_act": "silu", "rope_interleave": True,
-        "rope_parameters": {"rope_type": "default", "rope_theta": d.rope_theta}, "tie_word_embeddings": False,
-    }
-
-
-def hf_config(fmt: str, args: ModelArgs) -> dict | None:
-    """A transformers ``config.json`` for the exported weights, or None where there is no native class.
-
-    ``kimi_vl`` is remote code on the hub (its config comes with the released files) and a bare ``siglip`` vision
-    tower is usually loaded into a larger config, so neither gets one.
-    """
-    if fmt == "deepseek_v3":
-        return {"architectures": ["DeepseekV3ForCausalLM"], **_deepseek_v3_config(args.decoder)}
-    if fmt == "kimi_k25":
-        v = args.vision
-        vision = {"model_type": "kimi_k25_vision", "patch_size": v.patch_size, "pos_emb_height": v.pos_table_size,
-                  "pos_emb_width": v.pos_table_size, "num_attention_heads": v.num_heads,
-                  "num_hidden_layers": v.num_layers, "hidden_size": v.hidden_size,
-                  "intermediate_size": v.mlp_hidden_size, "merge_kernel_size": [v.merge_size, v.merge_size],
-                  "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
-        return {"architectures": ["Kimi_K25ForConditionalGeneration"], "model_type": "kimi_k25",
-                "text_config": _deepseek_v3_config(args.decoder), "vision_config": vision,
-                "projection_hidden_size": v.hidden_size, "projection_layer_norm_eps": v.layer_norm_eps,
-                "tie_word_embeddings": False}
-    _spec(fmt)
-    return None
-

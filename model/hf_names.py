@@ -256,6 +256,14 @@ FORMATS: dict[str, FormatSpec] = {
         projector=("model.mm_projector.", ("pre_norm", "in_proj", "out_proj")),
         decoder=("model.language_model.", "lm_head.weight"), fused_experts=True,
         ignored=(), description="transformers Kimi_K25ForConditionalGeneration"),
+    # The files of a Kimi_K25 checkpoint (what the hub holds; transformers renames them on load, see its
+    # conversion_mapping.py "kimi_k25"): Kimi-VL's vision and decoder names, fused interleaved wqkv, one Linear per
+    # expert, and the projector as an nn.Sequential (proj.0 / proj.2).
+    "kimi_k25_hub": FormatSpec(
+        vision=("vision_tower.", KIMI_VL_VISION),
+        projector=("mm_projector.", ("pre_norm", "proj.0", "proj.2")),
+        decoder=("language_model.model.", "language_model.lm_head.weight"), fused_experts=False,
+        ignored=("rotary_emb.inv_freq",), description="Kimi_K25 checkpoint files (on-disk names)"),
     "deepseek_v3": FormatSpec(
         vision=None, projector=None, decoder=("model.", "lm_head.weight"), fused_experts=False,
         ignored=("rotary_emb.inv_freq",), description="DeepSeek-V3 / Moonlight decoder (DeepseekV3ForCausalLM)"),

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data.augment import AugmentConfig
 from model.args import ModelArgs
+from model.hf_config import HFConfigError, model_args_from_recipe
 from model.registry import FLAVORS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -82,7 +83,10 @@ class StageConfig:
     trainable: list[str] = field(default_factory=lambda: ["vision", "projector", "decoder"])
     rope_theta: float = 50000.0
     # "previous": weights of the previous stage's final checkpoint; "scratch": fresh init; else a checkpoint dir.
-    init_from: str = "previous"
+    # Or per part, e.g. {vision: vit_coca, projector: scratch, decoder: "hf:/ckpts/Moonlight", coca: drop}: sources
+    # are scratch | drop | previous | an earlier stage's name | a checkpoint path or s3:// URL | hf:DIR
+    # (train/init_from.py).
+    init_from: Any = "previous"
     # Pixel cap: at most this many ViT patches per image (larger images are downscaled, aspect kept).
     max_image_patches: int = 4096
     # Progressive resolution: the cap starts here and grows to max_image_patches in 16 equal steps (0: no ramp).
@@ -244,6 +248,9 @@ class RunConfig:
     # Tokens whose logits exist at once in the next-token loss (fused with the output projection, train/loss.py):
     # at a 163,840-token vocabulary, 1024 tokens of fp32 logits are 0.63 GiB.
     loss_chunk_tokens: int = 1024
+    # A Moonlight (DeepSeek-V3-format) Hugging Face directory: where kimi_vl_a3b's decoder starts (the report
+    # initializes the LLM from an intermediate Moonlight checkpoint). Required by that recipe (??? there).
+    moonlight_dir: str = ""
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -370,14 +377,24 @@ def _allowed_keys(schema: Any, dotted: str) -> list[str]:
 
 def to_run_config(raw: DictConfig) -> RunConfig:
     """Turn a composed recipe into a validated :class:`RunConfig`."""
-    raw = OmegaConf.to_container(raw, resolve=True)
+    try:
+        raw = OmegaConf.to_container(raw, resolve=True)
+    except OmegaConfBaseException as error:  # e.g. ${moonlight_dir} while moonlight_dir is ??? (required)
+        reason = str(getattr(error, "msg", error)).splitlines()[0]
+        required = reason.rpartition("Missing mandatory value: ")[2] if "Missing mandatory" in reason else ""
+        where = getattr(error, "full_key", "?")
+        if required:
+            raise ConfigError(f"Missing required value {required} (used by {where}): set it on the command line, "
+                              f"{required}=...") from None
+        raise ConfigError(f"Cannot resolve '{where}': {reason}.") from None
     model_raw = raw.pop("model", {}) or {}
-    flavor = model_raw.get("flavor", "kimi_vl_a3b")
-    if flavor not in FLAVORS:
-        raise ConfigError(f"model.flavor='{flavor}' is unknown; allowed: {', '.join(sorted(FLAVORS))}.")
+    try:  # a flavor, or hf:<dir> for the whole model or a part (model/hf_config.py)
+        model_base, model_raw = model_args_from_recipe(model_raw, FLAVORS)
+    except HFConfigError as error:
+        raise ConfigError(str(error)) from None
     curriculum_raw = raw.pop("curriculum", {}) or {}
     cfg: RunConfig = _typed("", RunConfig, raw)
-    cfg.model = _typed("model", FLAVORS[flavor], model_raw)
+    cfg.model = _typed("model", model_base, model_raw)
     stages_raw = curriculum_raw.get("stages", {}) or {}
     order = list(curriculum_raw.get("order", []) or [])
     stages = {name: _typed(f"curriculum.stages.{name}", StageConfig, body) for name, body in stages_raw.items()}
@@ -487,6 +504,7 @@ def _validate_stage(key: str, stage: StageConfig, first: bool, cfg: RunConfig) -
            f"parts the '{stage.objective}' objective uses: {used} (the others get no gradient)")
     _check(stage.init_from != "previous" or not first, f"{key}.init_from", stage.init_from,
            "'scratch' or a checkpoint directory for the first stage (there is no previous stage)")
+    _validate_init_from(key, stage, cfg)
     lr = stage.lr
     _check(lr.peak_lr > 0, f"{key}.lr.peak_lr", lr.peak_lr, "> 0")
     _check(0 <= lr.warmup_steps <= stage.steps, f"{key}.lr.warmup_steps", lr.warmup_steps,
@@ -506,6 +524,17 @@ def _validate_stage(key: str, stage: StageConfig, first: bool, cfg: RunConfig) -
            "degrees in [0, 180]")
     for knob in ("resize_jitter", "color_jitter"):
         _check(0 <= getattr(aug, knob) < 1, f"{key}.augment.{knob}", getattr(aug, knob), "a value in [0, 1)")
+
+
+def _validate_init_from(key: str, stage: StageConfig, cfg: RunConfig) -> None:
+    from train.init_from import parse_init_from  # train.init_from reads checkpoints: imported when needed
+
+    order = cfg.curriculum.order
+    name = key.rpartition(".")[2]
+    try:
+        parse_init_from(stage.init_from, order[:order.index(name)], order, list(cfg.curriculum.stages))
+    except ValueError as error:
+        raise ConfigError(f"Invalid value {key}.init_from={stage.init_from!r}: {error}.") from None
 
 
 def _validate_mixture(key: str, mix: MixtureConfig, objective: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from model.args import ModelArgs
 from model.hf import FORMATS, export_state_dict, hf_config, import_state_dict, load_safetensors, save_safetensors
+from model.hf_config import args_from_hf, detect_format, read_hf_config
+from model.hf_files import SafetensorsCheckpoint
 from model.init import ParamInit
 from model.registry import FLAVORS
 from model.vlm import KimiVL
@@ -94,39 +97,91 @@ def complete_state(imported: dict[str, torch.Tensor], args: ModelArgs, seed: int
     return state, initialized
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the command line and convert one checkpoint; prints a one-line JSON summary."""
+def resolve_import(src: str | Path, fmt: str | None, flavor: str | None) -> tuple[str, ModelArgs]:
+    """The format and model hyper-parameters of an HF checkpoint directory: from its ``config.json`` and tensor
+    names unless given (``flavor`` then fixes the shapes the import checks against)."""
+    src = Path(src)
+    config = read_hf_config(src) if src.is_dir() and (src / "config.json").exists() else None
+    if fmt is None:
+        if config is None:
+            raise ValueError(f"{src} has no config.json: give --format")
+        fmt = detect_format(config, SafetensorsCheckpoint(src).keys())
+    if flavor is not None:
+        return fmt, FLAVORS[flavor]
+    if config is None:
+        raise ValueError(f"{src} has no config.json: give --flavor")
+    return fmt, args_from_hf(config, FLAVORS["kimi_vl_a3b"])
+
+
+def _token_ids(opts: argparse.Namespace) -> dict[str, int | None]:
+    ids = {"image_token_id": opts.image_token_id, "video_token_id": opts.video_token_id}
+    if opts.tokenizer:
+        from data.tokenizer import TextTokenizer
+
+        tokenizer = TextTokenizer.from_file(opts.tokenizer)
+        ids.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        ids["image_token_id"] = ids["image_token_id"] if ids["image_token_id"] is not None else tokenizer.image_id
+    return ids
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train.hf_convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command, src_help, dst_help in (
-        ("import", "HF safetensors file or directory", "our DCP directory (or .pt / .safetensors file)"),
-        ("export", "our DCP directory (or .pt / .safetensors file)", "HF safetensors directory"),
-    ):
-        p = sub.add_parser(command)
-        p.add_argument("--format", required=True, choices=sorted(FORMATS))
-        p.add_argument("--flavor", required=True, choices=sorted(FLAVORS))
-        p.add_argument("src", help=src_help)
-        p.add_argument("dst", help=dst_help)
-        if command == "import":
-            p.add_argument("--seed", type=int, default=0, help="initializes the parts the format does not carry")
-        else:
-            p.add_argument("--fused-experts", action=argparse.BooleanOptionalAction, default=None,
-                           help="transformers' fused gate_up_proj instead of one Linear per expert")
+    p = sub.add_parser("import", help="HF safetensors (directory with config.json, or file) -> our checkpoint")
+    p.add_argument("--hf", help="HF checkpoint directory (format and sizes read from its config.json)")
+    p.add_argument("--out", help="our DCP directory (or .pt / .safetensors file)")
+    p.add_argument("--format", choices=sorted(FORMATS), help="default: detected from config.json and tensor names")
+    p.add_argument("--flavor", choices=sorted(FLAVORS), help="default: the sizes config.json gives")
+    p.add_argument("--seed", type=int, default=0, help="initializes the parts the format does not carry")
+    p.add_argument("src", nargs="?", help="(positional form of --hf)")
+    p.add_argument("dst", nargs="?", help="(positional form of --out)")
+    p = sub.add_parser("export", help="our checkpoint -> HF safetensors + a complete config.json")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS))
+    p.add_argument("--flavor", required=True, choices=sorted(FLAVORS))
+    p.add_argument("--fused-experts", action=argparse.BooleanOptionalAction, default=None,
+                   help="transformers' fused gate_up_proj instead of one Linear per expert")
+    p.add_argument("--tokenizer", help="tokenizer.json whose special tokens give config.json its token ids")
+    p.add_argument("--image-token-id", type=int, help="the image placeholder id (default: the tokenizer's)")
+    p.add_argument("--video-token-id", type=int, help="the video placeholder id (default: the image one)")
+    p.add_argument("src", help="our DCP directory (or .pt / .safetensors file)")
+    p.add_argument("dst", help="HF safetensors directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and convert one checkpoint; prints a one-line JSON summary. A checkpoint or config
+    that cannot be converted exits with status 2 and one line saying why."""
+    parser = _parser()
     opts = parser.parse_args(argv)
-    args = FLAVORS[opts.flavor]
+    try:
+        _convert(parser, opts)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        if argv is not None:  # called from Python: the caller handles it
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _convert(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
     if opts.command == "import":
-        imported = import_state_dict(load_safetensors(opts.src), opts.format, args)
-        state, initialized = complete_state(imported, args, opts.seed)
-        write_our_checkpoint(state, opts.dst)
-        summary = {"imported": len(imported), "initialized_parts": initialized}
+        src, dst = opts.hf or opts.src, opts.out or opts.dst
+        if not src or not dst:
+            parser.error("import needs --hf DIR and --out CKPT")
+        fmt, args = resolve_import(src, opts.format, opts.flavor)
+        imported = import_state_dict(load_safetensors(src), fmt, args)
+        # With a flavor the checkpoint is a whole model (the parts the format lacks initialized from --seed);
+        # without one it holds exactly the parts the HF directory holds, for a per-part ``init_from``.
+        state, initialized = complete_state(imported, args, opts.seed) if opts.flavor else (imported, [])
+        write_our_checkpoint(state, dst)
+        summary = {"format": fmt, "flavor": args.flavor, "imported": len(imported), "initialized_parts": initialized}
     else:
+        args = FLAVORS[opts.flavor]
         exported = export_state_dict(read_our_checkpoint(opts.src), opts.format, args, opts.fused_experts)
         save_safetensors(exported, opts.dst)
-        config = hf_config(opts.format, args)
-        if config is not None:
-            (Path(opts.dst) / "config.json").write_text(json.dumps(config, indent=2))
-        summary = {"exported": len(exported), "config": config is not None}
-    print(json.dumps({"command": opts.command, "format": opts.format, "flavor": opts.flavor, **summary}))
+        config = hf_config(opts.format, args, **_token_ids(opts))
+        (Path(opts.dst) / "config.json").write_text(json.dumps(config, indent=2))
+        summary = {"format": opts.format, "flavor": opts.flavor, "exported": len(exported)}
+    print(json.dumps({"command": opts.command, **summary}))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from data.storage import S3Options
 from optim.schedules import final_lr
 from train.checkpoint import CheckpointManager, ModelState, load_checkpoint, open_checkpoint_store
-from train.config import TRAINABLE_PARTS, RunConfig, StageConfig
+from train.config import TRAINABLE_PARTS, ConfigError, RunConfig, StageConfig
+from train.init_from import check_sources, load_parts, parse_init_from, per_part
 from train.metrics import write_atomic
 
 
@@ -70,6 +71,8 @@ def init_stage_weights(model: nn.Module, cfg: RunConfig, name: str, expert_mesh:
     """Load the weights a stage starts from (when it has no checkpoint of its own); returns where from.
     ``expert_mesh``: the mesh of expert-parallel shards (:class:`ModelState`), if experts are sharded."""
     stage = cfg.curriculum.stages[name]
+    if per_part(stage.init_from, cfg.curriculum.order):
+        return init_parts(model, cfg, name, expert_mesh)
     if stage.init_from == "scratch":
         return "scratch (the run's seeded initialization)"
     if stage.init_from == "previous":
@@ -83,6 +86,41 @@ def init_stage_weights(model: nn.Module, cfg: RunConfig, name: str, expert_mesh:
         return manager.location(step)
     load_checkpoint(stage.init_from, {"model": ModelState(model, expert_mesh)}, checkpoint_s3_options(cfg))
     return stage.init_from
+
+
+def final_checkpoint(cfg: RunConfig, name: str) -> str:
+    """The location of a finished stage's final checkpoint."""
+    manager = checkpoints_of(cfg, name)
+    step = manager.latest_step()
+    if not is_done(cfg, name) or step is None:
+        raise RuntimeError(f"stage '{name}' has no final checkpoint (it has not finished)")
+    return manager.location(step)
+
+
+def init_parts(model: nn.Module, cfg: RunConfig, name: str, expert_mesh: DeviceMesh | None = None) -> str:
+    """Per-part ``init_from`` (train/init_from.py): each part of this rank's model from its own source."""
+    order = cfg.curriculum.order
+    earlier = order[:order.index(name)]
+    sources = parse_init_from(cfg.curriculum.stages[name].init_from, earlier, order, list(cfg.curriculum.stages))
+    try:
+        done = load_parts(model, cfg.model, sources, earlier, lambda stage: final_checkpoint(cfg, stage), cfg.seed,
+                          expert_mesh, checkpoint_s3_options(cfg))
+    except (ValueError, FileNotFoundError) as error:  # InitError, HFConfigError, an absent directory
+        raise ConfigError(f"curriculum.stages.{name}.init_from: {error}") from None
+    return ", ".join(f"{part} from {where}" for part, where in done.items())
+
+
+def check_init_sources(cfg: RunConfig) -> None:
+    """Check every stage's ``hf:`` and checkpoint-path sources against the model before anything trains."""
+    for name in cfg.curriculum.order:
+        init_from = cfg.curriculum.stages[name].init_from
+        if per_part(init_from, cfg.curriculum.order):
+            order = cfg.curriculum.order
+            sources = parse_init_from(init_from, order[:order.index(name)], order, list(cfg.curriculum.stages))
+            try:
+                check_sources(cfg.model, sources, order, checkpoint_s3_options(cfg))
+            except (ValueError, FileNotFoundError) as error:
+                raise ConfigError(f"curriculum.stages.{name}.init_from: {error}") from None
 
 
 def previous_final_lrs(cfg: RunConfig) -> dict[str, float | None]:

@@ -50,6 +50,7 @@ from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_m
 from train.signals import STOP
 from train.stages import (
     apply_stage,
+    check_init_sources,
     checkpoints_of,
     init_stage_weights,
     is_done,
@@ -251,6 +252,7 @@ class Trainer:
         self.stage_dims, self.stage_cp_group = self.dims, None
         self._cp_groups = {self.dims.cp_degree: self.groups.cp}
         self.tokenizer = self._build_tokenizer()
+        check_init_sources(cfg)  # hf: and checkpoint sources of every stage: names and shapes, before any step
         torch.manual_seed(cfg.seed)
         with torch.device("meta"):  # nothing is allocated before this rank's share is known
             model = KimiVL(cfg.model)

@@ -18,7 +18,8 @@ from train.metrics import read_metrics
 from train.trainer import RunLocked, Trainer, TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
+STAGES = ["text_pretrain", "vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k",
+          "long_ctx_128k"]
 
 
 def overrides(out: Path, demo_root: Path, long_stage_steps: int = 2) -> list[str]:
@@ -74,8 +75,9 @@ def test_a_warning_signal_during_start_up_is_not_fatal(demo_root, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(demo_root, tmp_path):
-    cfg = load_config([*overrides(tmp_path, demo_root), "max_nonfinite_steps=2",
-                       "curriculum.stages.vit_coca.steps=5"])
+    # vit_coca first, starting from the weights in memory (the string form of init_from), which are then broken.
+    cfg = load_config([*overrides(tmp_path, demo_root), "max_nonfinite_steps=2", "curriculum.order=[vit_coca]",
+                       "curriculum.stages.vit_coca.init_from=scratch", "curriculum.stages.vit_coca.steps=5"])
     trainer = Trainer(cfg)
     try:
         # Broken weights (as after a bad update or a corrupt import): every loss is NaN.

@@ -197,7 +197,8 @@ def test_whole_vlm_matches_kimi_k25_logits():
 # --- round trips, released names, errors ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fmt", "fused"), [("kimi_vl", None), ("kimi_k25", None), ("deepseek_v3", False),
+@pytest.mark.parametrize(("fmt", "fused"), [("kimi_vl", None), ("kimi_k25", None), ("kimi_k25_hub", None),
+                                            ("deepseek_v3", False),
                                             ("deepseek_v3", True), ("siglip", None)])
 def test_round_trips_are_bit_exact(fmt, fused):
     ours = _random_ours()
@@ -206,6 +207,7 @@ def test_round_trips_are_bit_exact(fmt, fused):
     assert back and all(torch.equal(t, ours[name]) and t.dtype == ours[name].dtype for name, t in back.items())
     assert {name.split(".")[0] for name in back} == {
         "kimi_vl": {"vision", "projector", "decoder"}, "kimi_k25": {"vision", "projector", "decoder"},
+        "kimi_k25_hub": {"vision", "projector", "decoder"},
         "deepseek_v3": {"decoder"}, "siglip": {"vision"}}[fmt]
     again = export_state_dict(back, fmt, ARGS, fused_experts=fused)
     assert again.keys() == theirs.keys() and all(torch.equal(again[n], theirs[n]) for n in theirs)
@@ -293,7 +295,7 @@ def test_import_errors_name_the_tensor():
         import_state_dict(state, "kimi_vl", ARGS)
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         import_state_dict(state, "llama", ARGS)
-    assert set(FORMATS) == {"kimi_vl", "kimi_k25", "deepseek_v3", "siglip"}
+    assert set(FORMATS) == {"kimi_vl", "kimi_k25", "kimi_k25_hub", "deepseek_v3", "siglip"}
 
 
 def test_safetensors_shards_round_trip(tmp_path: Path):
@@ -328,7 +330,8 @@ def test_cli_round_trip_through_a_trainer_checkpoint(tmp_path: Path):
                                    atol=1e-4, rtol=0)
     vlm_dir = tmp_path / "kimi_vl"
     subprocess.run([sys.executable, "-m", "train.hf_convert", "export", "--format", "kimi_vl", "--flavor", "debug",
-                    str(saved), str(vlm_dir)], check=True, cwd=Path(__file__).parents[2], capture_output=True)
+                    "--image-token-id", "4", str(saved), str(vlm_dir)], check=True, cwd=Path(__file__).parents[2],
+                   capture_output=True)
     imported_dir = tmp_path / "imported"
     hf_main(["import", "--format", "kimi_vl", "--flavor", "debug", "--seed", "5", str(vlm_dir), str(imported_dir)])
     torch.manual_seed(1)
@@ -351,6 +354,6 @@ def test_kimi_k25_export_loads_with_from_pretrained(tmp_path: Path):
     ours = _random_ours()
     exported = export_state_dict(ours, "kimi_k25", ARGS)
     save_safetensors(exported, tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(hf_config("kimi_k25", ARGS)))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("kimi_k25", ARGS, image_token_id=IMAGE_TOKEN)))
     loaded = Kimi_K25ForConditionalGeneration.from_pretrained(tmp_path).state_dict()
     assert loaded.keys() == exported.keys() and all(torch.equal(loaded[n], t) for n, t in exported.items())

@@ -7,6 +7,7 @@ import pytest
 from train.__main__ import main
 from train.config import load_config
 
+MOONLIGHT = "moonlight_dir=/ckpts/Moonlight-16B-A3B"  # validation does not read it; the trainer checks it
 STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
 # Report: ViT training 2.0T (CoCa) + 0.1T (alignment), joint pretraining 1.4T, joint cooldown 0.6T, long-context
 # activation 0.3T (here split evenly over the 32K and 128K stages).
@@ -18,7 +19,7 @@ TOKENS_PER_PAIR = 512
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(["recipe=kimi_vl_a3b"])
+    return load_config(["recipe=kimi_vl_a3b", MOONLIGHT])
 
 
 def tokens_per_step(cfg, name: str) -> int:
@@ -63,7 +64,7 @@ def test_layout_per_stage(cfg):
 
 
 def test_the_real_recipe_fits_80_gb_devices_in_the_dry_run(capsys):
-    assert main(["recipe=kimi_vl_a3b", "dry_run=true", "device_memory_gb=80"]) == 0
+    assert main(["recipe=kimi_vl_a3b", MOONLIGHT, "dry_run=true", "device_memory_gb=80"]) == 0
     out = capsys.readouterr().out
     totals = [float(line.split()[7]) for line in out.splitlines() if line.split()[:1] and line.split()[0] in STAGES]
     assert len(totals) == len(STAGES) and max(totals) <= 80
@@ -71,7 +72,10 @@ def test_the_real_recipe_fits_80_gb_devices_in_the_dry_run(capsys):
 
 def test_the_debug_curriculum_mirrors_the_real_one(cfg):
     debug = load_config(["recipe=debug"])
-    assert debug.curriculum.order == cfg.curriculum.order
+    # The debug recipe first trains the stand-in for Moonlight the real recipe reads (moonlight_dir).
+    assert debug.curriculum.order == ["text_pretrain", *cfg.curriculum.order]
+    assert cfg.curriculum.stages["vit_align"].init_from["decoder"] == "hf:/ckpts/Moonlight-16B-A3B"
+    assert debug.curriculum.stages["vit_align"].init_from["decoder"] == "text_pretrain"
     for name in STAGES:
         real, small = cfg.curriculum.stages[name], debug.curriculum.stages[name]
         assert (small.objective, sorted(small.trainable), small.rope_theta) == \

@@ -50,7 +50,7 @@ def test_debug_curriculum_cooldown_continues_joint_pretraining():
     cfg = load_config(["recipe=debug"])
     starts = previous_final_lrs(cfg)
     stages = cfg.curriculum.stages
-    assert starts["vit_coca"] is None
+    assert starts["text_pretrain"] is None
     pretrain_end = final_lr(stages["joint_pretrain"].lr, stages["joint_pretrain"].steps, starts["joint_pretrain"])
     assert starts["joint_cooldown"] == pretrain_end
     cooldown = stages["joint_cooldown"]
@@ -60,4 +60,4 @@ def test_debug_curriculum_cooldown_continues_joint_pretraining():
 
 def test_first_stage_cannot_continue():
     with pytest.raises(ConfigError, match="continue_previous"):
-        load_config(["recipe=debug", "curriculum.stages.vit_coca.lr.continue_previous=true"])
+        load_config(["recipe=debug", "curriculum.stages.text_pretrain.lr.continue_previous=true"])
