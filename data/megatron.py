@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from data.samples import Document, SampleError
+from data.shards import is_megatron
 from data.tokenizer import TextTokenizer
 from train.config import ConfigError
 
@@ -55,11 +56,6 @@ def import_indexed_dataset():
         warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
-
-
-def is_megatron(entry: dict[str, Any]) -> bool:
-    """Whether a manifest source entry is a Megatron indexed dataset."""
-    return isinstance(entry, dict) and entry.get("format") == "megatron"
 
 
 def _storage_dataset(storage, prefix: str, cache_dir: str):

@@ -26,6 +26,19 @@ from pathlib import Path
 from data.formats import SampleError
 from data.storage import Storage
 
+
+def is_megatron(entry: dict) -> bool:
+    """Whether a manifest source entry is a Megatron indexed dataset (token ids in ``.bin`` + ``.idx``,
+    data/megatron.py) rather than webdataset shards."""
+    return isinstance(entry, dict) and entry.get("format") == "megatron"
+
+
+def source_files(entry: dict) -> list[str]:
+    """The data files a manifest source entry lists: its training shards, or a Megatron corpus's two files."""
+    if is_megatron(entry):
+        return [f"{entry['prefix']}.bin", f"{entry['prefix']}.idx"]
+    return list(entry["shards"])
+
 logger = logging.getLogger(__name__)
 INDEX_SUFFIX = ".idx.json"
 # Shard indexes read at a time when draws land in several shards not indexed yet (at a start or resume, most of

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from data.shards import is_megatron, source_files
 from data.storage import S3Options, Storage, open_storage
 
 COLUMNS = ("source", "kind", "shards", "samples", "images", "near-blank", "rejected", "tokens", "mean image")
@@ -26,7 +27,8 @@ def summarize(storage: Storage, check: bool = False) -> dict:
         stats = entry.get("image_stats", {})
         counted_with = entry.get("tokens_tokenizer")
         rows.append({
-            "source": name, "kind": entry.get("kind", ""), "shards": len(entry["shards"]),
+            "source": name, "kind": entry.get("kind", "megatron" if is_megatron(entry) else ""),
+            "shards": len(source_files(entry)),
             "samples": entry.get("num_samples", 0), "images": entry.get("num_images", 0),
             "near_blank": entry.get("num_near_blank"), "rejected": entry.get("num_rejected", entry.get("num_skipped")),
             "rejected_reasons": entry.get("rejected", {}), "heldout": entry.get("heldout_samples", 0),
@@ -47,7 +49,7 @@ def summarize(storage: Storage, check: bool = False) -> dict:
 def _missing(storage: Storage, entry: dict) -> list[str]:
     """Every file of a source's entry that storage does not have: shards and held-out shards, and their indexes."""
     suffix = entry.get("index_suffix", "")
-    shards = list(entry["shards"]) + list(entry.get("heldout_shards", []))
+    shards = source_files(entry) + list(entry.get("heldout_shards", []))
     files = shards + ([shard + suffix for shard in shards] if suffix else [])
     present = set(storage.list(_common_folder(files))) if files else set()
     return [name for name in files if name not in present]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data.shards import is_megatron
+
 # Their order fixes their ids (0..9): changing it invalidates every trained tokenizer.
 SPECIAL_TOKENS = (
     "<|pad|>",
@@ -132,7 +134,9 @@ def train_root_tokenizer(storage, vocab_size: int = 4096, samples_per_source: in
 
     manifest = json.loads(storage.read("manifest.json"))
     texts, trained_on = [], {}
-    for name, entry in sorted(manifest["sources"].items()):
+    # A Megatron corpus holds ids of the tokenizer it was made with, no texts to train on.
+    text_sources = {name: entry for name, entry in manifest["sources"].items() if not is_megatron(entry)}
+    for name, entry in sorted(text_sources.items()):
         source, count = source_texts(storage, entry, samples_per_source)
         texts += source
         trained_on[name] = count
@@ -143,7 +147,7 @@ def train_root_tokenizer(storage, vocab_size: int = 4096, samples_per_source: in
     manifest.update(tokenizer="tokenizer.json", tokenizer_id=tokenizer_id(data), tokenizer_trained_on=trained_on)
     if recount:
         tokenizer = TextTokenizer.from_bytes(data)
-        for entry in manifest["sources"].values():
+        for entry in text_sources.values():
             source, _ = source_texts(storage, entry, entry.get("num_samples", 0) or 2**62)
             entry["num_tokens"] = sum(len(ids) for ids in tokenizer.encode_many(source)) if source else 0
             entry["tokens_tokenizer"] = manifest["tokenizer_id"]

@@ -62,10 +62,10 @@ class KimiVL(nn.Module):
         ``MoonViT.embed_patches``) -> decoder-width image tokens ``[patches / m^2, hidden]``."""
         return self.projector(self.vision(pixel_values, grid_hw), grid_hw)
 
-    def forward(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, *inputs: torch.Tensor | None, **named_inputs: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux]:
         """Next-token logits ``[B, S, vocab]`` and the MoE side outputs: the output projection of
         :meth:`hidden_states`, which takes the same inputs."""
-        hidden, aux = self.hidden_states(*inputs)
+        hidden, aux = self.hidden_states(*inputs, **named_inputs)
         return self.decoder.logits(hidden), aux
 
     def hidden_states(

@@ -18,6 +18,7 @@ from pathlib import Path
 from data.images import fit_grid
 from data.loader import DataError
 from data.mixture import MixtureSampler
+from data.shards import source_files
 from data.storage import LocalStorage, Storage, build_storage
 from data.tokenizer import TextTokenizer
 from train.config import ConfigError, DataConfig, MixtureConfig, RunConfig
@@ -145,7 +146,7 @@ def _check_shards(storage: Storage, manifest: dict, used: list[str]) -> None:
     """Every shard of the sources the curriculum reads exists (one listing per source folder)."""
     missing = []
     for source in used:
-        shards = manifest["sources"][source]["shards"]
+        shards = source_files(manifest["sources"][source])
         folders = {shard.rsplit("/", 1)[0] + "/" if "/" in shard else "" for shard in shards}
         present = {key for folder in folders for key in storage.list(folder)}
         missing += [shard for shard in shards if shard not in present]
