@@ -45,7 +45,7 @@ from data.samples import RawSample, SampleError, load_meta, open_images
 from data.shards import INDEX_SUFFIX, index_bytes
 from data.storage import S3Options, Storage, open_storage
 from data.synthetic import sample_texts
-from data.tokenizer import TextTokenizer
+from data.tokenizer import TextTokenizer, tokenizer_id
 
 # Records per task sent to a worker (spreads the per-task cost; a few decodes of large images each, so the last
 # tasks do not leave a worker idle for long), and tasks in flight per worker: the bound on what the reader runs
@@ -281,11 +281,6 @@ def _tokenizer_bytes(storage: Storage, path: str) -> bytes | None:
     if path:
         return Path(path).read_bytes()
     return storage.read("tokenizer.json") if storage.exists("tokenizer.json") else None
-
-
-def tokenizer_id(data: bytes) -> str:
-    """How the manifest names a tokenizer: the SHA-256 of its ``tokenizer.json`` (first 16 hex digits)."""
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def prepare(input_path: str | Path, out: str, source: str, samples_per_shard: int = 1000, tokenizer: str = "",

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from data import prepare
-from data import tokenizer as tokenizer_cli
 from data.loader import DataError
+from data.tokenizer import __main__ as tokenizer_cli
 from train.config import ConfigError, load_config
 from train.preflight import check_run
 
