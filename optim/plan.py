@@ -144,7 +144,9 @@ def build_units_all_adamw(model: nn.Module) -> list[Unit]:
     """Units for plain ZeRO-1 AdamW: every parameter chunked as AdamW (the baseline Muon is compared with)."""
     params = dict(model.named_parameters())
     return [unit for route in route_parameters(model)
-            for unit in adamw_chunks(Route(route.name, route.shape, ADAMW, weight_decay=route.weight_decay),
+            # per_expert stays: expert parameters are sharded over their expert-data group, as under Muon.
+            for unit in adamw_chunks(Route(route.name, route.shape, ADAMW, per_expert=route.per_expert,
+                                           weight_decay=route.weight_decay),
                                      params[route.name])]
 
 
