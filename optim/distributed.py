@@ -1,140 +1,65 @@
 """ZeRO-1 distributed Muon + AdamW: optimizer state split over the data-parallel group, exact single-process math.
 
-Design: **whole-matrix ownership with load balancing** (rather than "Muon is Scalable" Algorithm 1's element
-partition plus a gather of each matrix for Newton-Schulz). The parameters are cut into *units*:
+The layout of the work is planned by :mod:`optim.plan` (a pure function of shapes and the group size): parameters
+are cut into units (whole Muon matrices, AdamW chunks) and units into storage pieces of at most ``PIECE``
+elements, each with one home rank; every Muon matrix gets one or more compute ranks. One step is:
 
-* a Muon unit is one whole matrix (each expert's matrix of a stacked expert tensor on its own);
-* an AdamW unit is a fixed chunk of at most ``ADAMW_CHUNK`` elements of a flattened tensor (AdamW is
-  elementwise, so it can be cut anywhere).
-
-Every unit has exactly one owner rank. Muon units are dealt largest-first to the rank with the fewest Newton-Schulz
-FLOPs so far; AdamW chunks then fill the ranks with the fewest elements, which evens out the bytes. Each rank's units
-form one segment of a flat buffer (padded to the longest segment), so one step is:
-
-1. ``reduce_scatter`` of the gradients: each rank receives the summed gradients of exactly the units it owns;
+1. ``reduce_scatter`` of the gradients into equal rank segments: each rank receives the summed gradients of exactly
+   the pieces it homes (segments differ by at most a piece: no padding to the largest matrix);
 2. the global gradient norm from the owned segments (one all-reduce of a scalar), clipping;
-3. each owner applies Muon (the whole matrix is local: no gather for Newton-Schulz) or AdamW to its units;
-4. ``all_gather`` of the updated segments into every rank's parameters.
+3. AdamW on the homed AdamW pieces; Muon's momentum and Nesterov update on the homed Muon pieces (elementwise);
+4. Newton-Schulz: a matrix whose pieces are all homed on its one compute rank (most of them) runs locally; pieces
+   homed elsewhere travel to the compute ranks in one all-to-all (``ns_dtype``), a matrix split into row-block tasks
+   swaps its Gram and iterate rows between its compute ranks after each product (one all-to-all per product for
+   all split matrices at once), and results for homes that computed nothing travel back in one all-to-all;
+5. every home applies weight decay and the scaled orthogonalized step to its pieces; ``all_gather`` of the updated
+   segments into every rank's parameters.
 
-That moves the same bytes as ZeRO-1 AdamW (a reduce-scatter and an all-gather of all parameters), up to the
-padding of the longest segment, where Algorithm 1 needs an extra gather per Muon matrix. Unit keys depend only on
-parameter names and shapes, never on the world size, so the state reshards: a checkpoint saved at one data-parallel
-size loads at another (each rank reads the keys of the units it owns now).
+Every number a rank computes is computed as in one process (elementwise rules on pieces; Newton-Schulz row blocks
+are full-length dot products of the same operands), so the result equals the single-process optimizer's. Piece keys
+depend only on parameter names and shapes, never on the world size, so the state reshards: a checkpoint saved at one
+data-parallel size loads at another (each rank reads the keys of the pieces it homes now).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from optim.build import ADAMW, MUON, Route, route_parameters
-from optim.muon import AdamWHParams, MuonHParams, adamw_update_, muon_update_, newton_schulz_flops
+from optim.muon import (
+    AdamWHParams,
+    MuonHParams,
+    adamw_update_,
+    muon_apply_,
+    muon_momentum_,
+    newton_schulz,
+    ns_gram_rows,
+    ns_prepare,
+    ns_step_rows,
+)
+from optim.plan import Piece, Plan, Unit, build_units, build_units_all_adamw
 
-# AdamW chunk size (elements): small enough to balance bytes across ranks, large enough to keep few units.
-ADAMW_CHUNK = 1 << 18
-
-
-@dataclass
-class Unit:
-    """One independently optimized piece of a parameter."""
-
-    key: str
-    route: Route
-    param: nn.Parameter
-    expert: int | None = None  # Muon: index along dim 0 of a stacked expert tensor
-    start: int = 0  # AdamW: element range of the flattened parameter
-    stop: int = 0
-
-    @property
-    def numel(self) -> int:
-        if self.route.rule == ADAMW:
-            return self.stop - self.start
-        return self.matrix_shape[0] * self.matrix_shape[1]
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        shape = self.route.shape[1:] if self.expert is not None else self.route.shape
-        return shape[0], int(torch.Size(shape[1:]).numel())
-
-    def view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This unit's part of a parameter-shaped tensor (the parameter, its gradient): a view, never a copy."""
-        if self.route.rule == ADAMW:
-            return tensor.view(-1)[self.start : self.stop]
-        matrix = tensor[self.expert] if self.expert is not None else tensor
-        return matrix.view(self.matrix_shape)
-
-    def flops(self) -> int:
-        return newton_schulz_flops(*self.matrix_shape) if self.route.rule == MUON else 0
-
-
-def build_units(model: nn.Module) -> list[Unit]:
-    """Cut every trainable parameter into units (deterministic; independent of the world size)."""
-    params = dict(model.named_parameters())
-    units = []
-    for route in route_parameters(model):
-        param = params[route.name]
-        if route.rule == MUON and route.per_expert:
-            # Keys carry the *global* expert index (an expert-parallel shard knows its offset), so the state
-            # reshards across expert-parallel degrees as it does across data-parallel ones.
-            offset = getattr(model.get_submodule(route.name.rpartition(".")[0]), "expert_offset", 0)
-            units += [Unit(f"{route.name}#{offset + e}", route, param, expert=e) for e in range(route.shape[0])]
-        elif route.rule == MUON:
-            units.append(Unit(route.name, route, param))
-        else:
-            units += adamw_chunks(route, param)
-    return units
-
-
-def adamw_chunks(route: Route, param: nn.Parameter) -> list[Unit]:
-    numel = param.numel()
-    return [Unit(f"{route.name}@{i}", route, param, start=s, stop=min(s + ADAMW_CHUNK, numel))
-            for i, s in enumerate(range(0, numel, ADAMW_CHUNK))]
-
-
-def build_units_all_adamw(model: nn.Module) -> list[Unit]:
-    """Units for plain ZeRO-1 AdamW: every parameter chunked as AdamW (the baseline Muon is compared with)."""
-    params = dict(model.named_parameters())
-    return [unit for route in route_parameters(model)
-            for unit in adamw_chunks(Route(route.name, route.shape, ADAMW, weight_decay=route.weight_decay),
-                                     params[route.name])]
-
-
-def assign_owners(units: list[Unit], world: int) -> list[list[Unit]]:
-    """Deal units to ranks: Muon by Newton-Schulz FLOPs (largest first), then AdamW chunks by elements."""
-    owned: list[list[Unit]] = [[] for _ in range(world)]
-    flops = [0] * world
-    elements = [0] * world
-    muon = sorted((u for u in units if u.route.rule == MUON), key=lambda u: (-u.flops(), u.key))
-    for unit in muon:
-        rank = min(range(world), key=lambda r: (flops[r], elements[r], r))
-        owned[rank].append(unit)
-        flops[rank] += unit.flops()
-        elements[rank] += unit.numel
-    adamw = sorted((u for u in units if u.route.rule == ADAMW), key=lambda u: (-u.numel, u.key))
-    for unit in adamw:
-        rank = min(range(world), key=lambda r: (elements[r], r))
-        owned[rank].append(unit)
-        elements[rank] += unit.numel
-    return owned
+__all__ = ["Partition", "ZeroOptimizer", "Unit", "build_units", "build_units_all_adamw"]
 
 
 class Partition:
-    """The units reduced and sharded over one process group, laid out as one flat buffer of equal rank segments.
+    """The units reduced and sharded over one process group: a :class:`~optim.plan.Plan` and its execution.
 
     Communication is bucketed: the segments are processed ``bucket_elements`` at a time (each collective moves
     ``world x bucket`` elements), so the temporary buffers stay bounded whatever the model size, and the packing of
     the next bucket overlaps the collective of the previous one (at most two in flight).
 
     Args:
-        units: The units of this partition.
+        units: The units of this partition (the same list, in the same order, on every rank of ``group``).
         group: The process group (None: one process).
         bucket_elements: Elements of each rank's segment per collective.
+        base_flops: Newton-Schulz FLOPs each rank of ``group`` carries from another partition (its experts).
+        ns_dtype: Newton-Schulz's dtype (what the compute-layout all-to-alls carry).
     """
 
-    def __init__(self, units: list[Unit], group: dist.ProcessGroup | None, bucket_elements: int = 1 << 24):
+    def __init__(self, units: list[Unit], group: dist.ProcessGroup | None, bucket_elements: int = 1 << 24,
+                 base_flops: list[int] | None = None, ns_dtype: torch.dtype = torch.bfloat16):
         if bucket_elements < 1:
             raise ValueError(f"bucket_elements must be >= 1, got {bucket_elements}")
         self.group = group
@@ -142,21 +67,48 @@ class Partition:
         self.device = units[0].param.device if units else torch.device("cpu")
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
-        self.owned = assign_owners(units, self.world)
-        self.segment = max((sum(u.numel for u in rank_units) for rank_units in self.owned), default=0)
+        self.plan = Plan(units, self.world, base_flops, ns_bytes=ns_dtype.itemsize)
+        self.segment = self.plan.segment
         self.bucket_elements = bucket_elements
-        # Each rank's units with their offset inside the rank's segment.
-        self.layout = []
-        for rank_units in self.owned:
+        self.layout = []  # each rank's pieces with their offset inside the rank's segment
+        for pieces in self.plan.stored:
             offsets, offset = [], 0
-            for unit in rank_units:
-                offsets.append((unit, offset))
-                offset += unit.numel
+            for piece in pieces:
+                offsets.append((piece, offset))
+                offset += piece.numel
             self.layout.append(offsets)
+        self._route_moves()
+
+    def _route_moves(self) -> None:
+        """This rank's share of the plan's moves, each list in the plan's global order (so that what a sender
+        packs for a destination is what the destination expects from it)."""
+        me, plan = self.rank, self.plan
+        self.update_send: dict[int, list[Piece]] = {}
+        self.update_recv: dict[int, list[Piece]] = {}
+        self.result_send: dict[int, list[Piece]] = {}
+        self.result_recv: dict[int, list[Piece]] = {}
+        self.row_send: dict[int, list[Unit]] = {}
+        self.row_recv: dict[int, list[tuple[Unit, int, int]]] = {}
+        self.any_update_move = self.any_result_move = False
+        for sends, receives, moves, flag in ((self.update_send, self.update_recv, plan.update_moves(), "update"),
+                                             (self.result_send, self.result_recv, plan.result_moves(), "result")):
+            for piece, source, destination in moves:
+                setattr(self, f"any_{flag}_move", True)
+                if source == me:
+                    sends.setdefault(destination, []).append(piece)
+                if destination == me:
+                    receives.setdefault(source, []).append(piece)
+        for unit, task, destination in plan.row_moves():
+            if task.rank == me:
+                self.row_send.setdefault(destination, []).append(unit)
+            if destination == me:
+                self.row_recv.setdefault(task.rank, []).append((unit, task.lo, task.hi))
+        self.my_task = {unit: task for unit, tasks in plan.tasks.items() for task in tasks if task.rank == me}
+        self.returned = {piece for pieces in self.result_send.values() for piece in pieces}
 
     @property
-    def mine(self) -> list[Unit]:
-        return self.owned[self.rank]
+    def mine(self) -> list[Piece]:
+        return self.plan.stored[self.rank]
 
     def buckets(self) -> list[tuple[int, int]]:
         """``[lo, hi)`` element ranges of a segment, one per collective."""
@@ -164,11 +116,12 @@ class Partition:
                                                                                    self.bucket_elements)]
 
     def _pieces(self, rank: int, lo: int, hi: int):
-        """``(unit, start, stop, at)``: elements ``start:stop`` of ``unit`` sit at ``at`` in the bucket ``[lo, hi)``."""
-        for unit, offset in self.layout[rank]:
-            start, stop = max(lo, offset), min(hi, offset + unit.numel)
+        """``(piece, start, stop, at)``: elements ``start:stop`` of ``piece`` sit at ``at`` in the bucket
+        ``[lo, hi)``."""
+        for piece, offset in self.layout[rank]:
+            start, stop = max(lo, offset), min(hi, offset + piece.numel)
             if start < stop:
-                yield unit, start - offset, stop - offset, start - lo
+                yield piece, start - offset, stop - offset, start - lo
 
     def _pack(self, source, lo: int, hi: int, ranks) -> torch.Tensor:
         """The ``[lo, hi)`` slice of the segments of ``ranks``, rank after rank (padding stays zero)."""
@@ -176,16 +129,16 @@ class Partition:
         flat = torch.zeros(len(ranks) * width, dtype=torch.float32, device=self.device)
         for index, rank in enumerate(ranks):
             base = index * width
-            for unit, start, stop, at in self._pieces(rank, lo, hi):
-                flat[base + at : base + at + stop - start] = source(unit).reshape(-1)[start:stop]
+            for piece, start, stop, at in self._pieces(rank, lo, hi):
+                flat[base + at : base + at + stop - start] = source(piece)[start:stop]
         return flat
 
     def reduce_scatter_gradients(self) -> torch.Tensor:
-        """The gradients of this rank's units, summed over the group (missing gradients count as zeros)."""
-        def grad_of(unit: Unit) -> torch.Tensor:
-            if unit.param.grad is None:  # e.g. an expert no local token chose
-                return torch.zeros(unit.numel, device=self.device)
-            return unit.view(unit.param.grad)
+        """The gradients of this rank's pieces, summed over the group (missing gradients count as zeros)."""
+        def grad_of(piece: Piece) -> torch.Tensor:
+            if piece.unit.param.grad is None:  # e.g. an expert no local token chose
+                return torch.zeros(piece.numel, device=self.device)
+            return piece.view(piece.unit.param.grad)
 
         mine = torch.zeros(self.segment, dtype=torch.float32, device=self.device)
         everyone = range(self.world)
@@ -203,23 +156,105 @@ class Partition:
         return mine
 
     def all_gather_parameters(self) -> None:
-        """Copy every owner's updated units into every rank's parameters."""
+        """Copy every home's updated pieces into every rank's parameters."""
         if self.world == 1:
             return
         for lo, hi in self.buckets():
-            segment = self._pack(lambda unit: unit.view(unit.param.data), lo, hi, [self.rank])
+            segment = self._pack(lambda piece: piece.view(piece.unit.param.data), lo, hi, [self.rank])
             gathered = torch.empty(self.world * (hi - lo), dtype=torch.float32, device=self.device)
             dist.all_gather_single(gathered, segment, group=self.group)
             for rank in range(self.world):
                 if rank == self.rank:  # already up to date
                     continue
                 base = rank * (hi - lo)
-                for unit, start, stop, at in self._pieces(rank, lo, hi):
-                    target = unit.view(unit.param.data).reshape(-1)
-                    target[start:stop] = gathered[base + at : base + at + stop - start]
+                for piece, start, stop, at in self._pieces(rank, lo, hi):
+                    piece.view(piece.unit.param.data)[start:stop] = gathered[base + at : base + at + stop - start]
+
+    # ----- Newton-Schulz in the compute layout ---------------------------------------------------------------------
+
+    def _exchange(self, send: dict[int, list[torch.Tensor]], receive: dict[int, int],
+                  dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        """One ``all_to_all_single`` over the group: ``send[d]`` (concatenated) goes to rank ``d``; returns what
+        each source sent here (``receive[s]`` elements). Every rank of the group must call it."""
+        in_splits = [sum(t.numel() for t in send.get(r, [])) for r in range(self.world)]
+        out_splits = [receive.get(r, 0) for r in range(self.world)]
+        parts = [t.reshape(-1).to(dtype) for r in range(self.world) for t in send.get(r, [])]
+        flat_in = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=self.device)
+        flat_out = torch.empty(sum(out_splits), dtype=dtype, device=self.device)
+        dist.all_to_all_single(flat_out, flat_in, out_splits, in_splits, group=self.group)
+        return dict(zip(range(self.world), flat_out.split(out_splits)))
+
+    def _share_rows(self, mine: dict[Unit, torch.Tensor], width, dtype: torch.dtype) -> dict[Unit, torch.Tensor]:
+        """Assemble each split matrix's whole ``m x width(unit)`` block from this rank's rows and the other
+        compute ranks' rows."""
+        send = {d: [mine[u] for u in units] for d, units in self.row_send.items()}
+        sizes = {s: sum((hi - lo) * width(u) for u, lo, hi in blocks) for s, blocks in self.row_recv.items()}
+        received = self._exchange(send, sizes, dtype)
+        whole = {}
+        for unit, rows in mine.items():
+            task = self.my_task[unit]
+            whole[unit] = torch.empty(unit.ns_shape[0], width(unit), dtype=dtype, device=self.device)
+            whole[unit][task.lo : task.hi] = rows
+        for source, blocks in self.row_recv.items():
+            offset = 0
+            for unit, lo, hi in blocks:
+                size = (hi - lo) * width(unit)
+                whole[unit][lo:hi] = received[source][offset : offset + size].view(hi - lo, width(unit))
+                offset += size
+        return whole
+
+    def orthogonalize(self, updates: dict[Piece, torch.Tensor], hp: MuonHParams) -> dict[Piece, torch.Tensor]:
+        """Newton-Schulz of every Muon matrix from its pieces' updates (``ns_dtype``, keyed by the pieces this rank
+        homes); returns the orthogonalized pieces this rank homes. Every rank of the group must call it."""
+        plan, dtype = self.plan, hp.ns_dtype
+        received: dict[Piece, torch.Tensor] = {}
+        if self.world > 1 and self.any_update_move:
+            send = {d: [updates[p] for p in pieces] for d, pieces in self.update_send.items()}
+            out = self._exchange(send, {s: sum(p.numel for p in ps) for s, ps in self.update_recv.items()}, dtype)
+            for source, pieces in self.update_recv.items():
+                received.update(zip(pieces, out[source].split([p.numel for p in pieces])))
+
+        def whole_update(unit: Unit) -> torch.Tensor:
+            flat = torch.empty(unit.numel, dtype=dtype, device=self.device)
+            for piece in plan.pieces[unit]:
+                flat[piece.start : piece.stop] = updates[piece] if piece in updates else received[piece]
+            return flat.view(unit.matrix_shape)
+
+        results: dict[Piece, torch.Tensor] = {}
+        outgoing: dict[Piece, torch.Tensor] = {}
+
+        def keep(unit: Unit, ortho: torch.Tensor) -> None:
+            flat = ortho.reshape(-1)
+            for piece in plan.pieces[unit]:
+                if piece in updates:
+                    results[piece] = flat[piece.start : piece.stop]
+                elif piece in self.returned:
+                    outgoing[piece] = flat[piece.start : piece.stop]
+
+        # Split matrices: every product's rows are swapped between their compute ranks, all matrices at once.
+        split = {u: ns_prepare(whole_update(u), hp) for u in self.my_task if len(plan.tasks[u]) > 1}
+        if self.world > 1 and plan.has_split:
+            xs = {u: x for u, (x, _) in split.items()}
+            for _ in range(hp.ns_steps):
+                grams = self._share_rows({u: ns_gram_rows(x, self.my_task[u].lo, self.my_task[u].hi)
+                                          for u, x in xs.items()}, lambda u: u.ns_shape[0], dtype)
+                xs = self._share_rows({u: ns_step_rows(x, grams[u], self.my_task[u].lo, self.my_task[u].hi, hp)
+                                       for u, x in xs.items()}, lambda u: u.ns_shape[1], dtype)
+            for unit, (_, transposed) in split.items():
+                keep(unit, xs[unit].T if transposed else xs[unit])
+        # Whole matrices, one at a time (bounded memory).
+        for unit in self.my_task:
+            if len(plan.tasks[unit]) == 1:
+                keep(unit, newton_schulz(whole_update(unit), hp))
+        if self.world > 1 and self.any_result_move:
+            send = {d: [outgoing[p] for p in pieces] for d, pieces in self.result_send.items()}
+            out = self._exchange(send, {s: sum(p.numel for p in ps) for s, ps in self.result_recv.items()}, dtype)
+            for source, pieces in self.result_recv.items():
+                results.update(zip(pieces, out[source].split([p.numel for p in pieces])))
+        return results
 
     def communication_bytes(self) -> int:
-        return 2 * self.world * self.segment * 4 if self.world > 1 else 0
+        return self.plan.comm_bytes()[self.rank]
 
 
 class ZeroOptimizer:
@@ -254,26 +289,29 @@ class ZeroOptimizer:
         self.units = build_units(model) if use_muon else build_units_all_adamw(model)
         dense = [u for u in self.units if not u.route.per_expert]
         experts = [u for u in self.units if u.route.per_expert]
-        self.partitions = [Partition(dense, group, bucket_elements)]
+        self.partitions = []
+        base = None
         if experts:
-            self.partitions.append(Partition(experts, expert_group if expert_group is not None else group,
-                                             bucket_elements))
+            expert_group = expert_group if expert_group is not None else group
+            self.partitions.append(Partition(experts, expert_group, bucket_elements, ns_dtype=self.muon.ns_dtype))
+            base = _expert_base_flops(self.partitions[0], group, expert_group)
+        self.partitions.insert(0, Partition(dense, group, bucket_elements, base, ns_dtype=self.muon.ns_dtype))
         self.params = list(dict.fromkeys(u.param for u in self.units))
-        self.state = {u.key: self._fresh_state(u) for u in self.owned_units()}
+        self.state = {p.key: self._fresh_state(p) for p in self.owned_pieces()}
         # AdamW's step count mirrored on the host: its bias correction is a Python scalar, read without waiting
         # for the device (the tensor in ``state`` is what checkpoints hold).
         self._adamw_steps = {key: 0 for key, state in self.state.items() if "step" in state}
 
-    def owned_units(self) -> list[Unit]:
-        """The units whose optimizer state lives on this rank."""
-        return [unit for partition in self.partitions for unit in partition.mine]
+    def owned_pieces(self) -> list[Piece]:
+        """The pieces whose optimizer state lives on this rank."""
+        return [piece for partition in self.partitions for piece in partition.mine]
 
-    def _fresh_state(self, unit: Unit) -> dict[str, torch.Tensor]:
-        zeros = torch.zeros(unit.numel, dtype=torch.float32, device=unit.param.device)
-        if unit.route.rule == MUON:
-            return {"momentum": zeros.view(unit.matrix_shape)}
+    def _fresh_state(self, piece: Piece) -> dict[str, torch.Tensor]:
+        zeros = torch.zeros(piece.numel, dtype=torch.float32, device=piece.unit.param.device)
+        if piece.unit.is_muon:
+            return {"momentum": zeros}
         return {"exp_avg": zeros, "exp_avg_sq": zeros.clone(),
-                "step": torch.zeros((), dtype=torch.float64, device=unit.param.device)}
+                "step": torch.zeros((), dtype=torch.float64, device=piece.unit.param.device)}
 
     # ----- the step ------------------------------------------------------------------------------------------------
 
@@ -310,40 +348,43 @@ class ZeroOptimizer:
         return total
 
     def apply_updates(self, grads: list[torch.Tensor], squared_norm: torch.Tensor, max_grad_norm: float) -> None:
-        """Clip (``clip_grad_norm_``'s rule, as a device scalar: no wait), update the owned units and all-gather
-        them into every rank's parameters."""
+        """Clip (``clip_grad_norm_``'s rule, as a device scalar: no wait), update the homed pieces (Newton-Schulz in
+        the compute layout) and all-gather them into every rank's parameters."""
         coefficient = None
         if max_grad_norm > 0:
             coefficient = (max_grad_norm / (squared_norm.sqrt() + 1e-6)).clamp(max=1.0).float()
         for partition, grad in zip(self.partitions, grads):
             if coefficient is not None:
                 grad.mul_(coefficient)
-            offset = 0
-            for unit in partition.mine:
-                self._apply(unit, grad[offset : offset + unit.numel])
-                offset += unit.numel
+            updates = {}
+            for piece, offset in partition.layout[partition.rank]:
+                piece_grad = grad[offset : offset + piece.numel]
+                if piece.unit.is_muon:
+                    momentum = self.state[piece.key]["momentum"]
+                    updates[piece] = muon_momentum_(piece_grad, momentum, self.muon).to(self.muon.ns_dtype)
+                else:
+                    self._adamw(piece, piece_grad)
+            orthogonalized = partition.orthogonalize(updates, self.muon)
+            for piece in updates:
+                decay = self.weight_decay if piece.unit.route.weight_decay else 0.0
+                muon_apply_(piece.view(piece.unit.param.data), orthogonalized[piece], self.lr, decay,
+                            piece.unit.matrix_shape)
             partition.all_gather_parameters()
 
-    def _apply(self, unit: Unit, grad: torch.Tensor) -> None:
-        state = self.state[unit.key]
-        target = unit.view(unit.param.data)
-        decay = self.weight_decay if unit.route.weight_decay else 0.0
-        if unit.route.rule == MUON:
-            muon_update_(target, grad.view(unit.matrix_shape), state["momentum"], self.lr, decay, self.muon)
-        else:
-            state["step"] += 1
-            self._adamw_steps[unit.key] += 1
-            adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], self._adamw_steps[unit.key], self.lr,
-                          decay, self.adamw)
+    def _adamw(self, piece: Piece, grad: torch.Tensor) -> None:
+        state = self.state[piece.key]
+        decay = self.weight_decay if piece.unit.route.weight_decay else 0.0
+        state["step"] += 1
+        self._adamw_steps[piece.key] += 1
+        adamw_update_(piece.view(piece.unit.param.data), grad, state["exp_avg"], state["exp_avg_sq"],
+                      self._adamw_steps[piece.key], self.lr, decay, self.adamw)
 
     def _non_finite_names(self, grads: list[torch.Tensor]) -> list[str]:
         bad = []
         for partition, grad in zip(self.partitions, grads):
-            offset = 0
-            for unit in partition.mine:
-                if not torch.isfinite(grad[offset : offset + unit.numel]).all():
-                    bad.append(unit.route.name)
-                offset += unit.numel
+            for piece, offset in partition.layout[partition.rank]:
+                if not torch.isfinite(grad[offset : offset + piece.numel]).all():
+                    bad.append(piece.unit.route.name)
         group = self.norm_group
         if group is not None and dist.get_world_size(group) > 1:
             everyone: list[list[str]] = [[] for _ in range(dist.get_world_size(group))]
@@ -358,8 +399,12 @@ class ZeroOptimizer:
         return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values())
 
     def communication_bytes(self) -> int:
-        """Bytes one step hands to collectives on this rank (reduce-scatter input + all-gather output)."""
+        """Bytes one step moves on this rank (see :meth:`optim.plan.Plan.comm_bytes`)."""
         return sum(partition.communication_bytes() for partition in self.partitions)
+
+    def ns_flops(self) -> int:
+        """Newton-Schulz FLOPs this rank computes per step."""
+        return sum(partition.plan.ns_flops()[partition.rank] for partition in self.partitions)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """The state of the units this rank owns, keyed by layout-independent unit keys (reshardable with DCP)."""
@@ -380,3 +425,25 @@ class ZeroOptimizer:
             if key in self._adamw_steps:
                 self._adamw_steps[key] = int(fresh["step"])
 
+
+
+def _expert_base_flops(experts: Partition, group: dist.ProcessGroup | None,
+                       expert_group: dist.ProcessGroup | None) -> list[int] | None:
+    """Each dense rank's expert Newton-Schulz FLOPs, so that the dense plan fills around them.
+
+    Every expert-data group holds the same shapes, so it has the same plan; rank ``r`` of the dense group is rank
+    ``r // ep`` of its expert-data group in :class:`parallel.dims.ParallelDims`' layout (expert-parallel groups of
+    ``ep`` consecutive dense ranks). Another layout gets no base load (the plans stay consistent either way: the
+    check is agreed on by every dense rank)."""
+    if group is None or expert_group is None:
+        return None
+    world, expert_world = dist.get_world_size(group), dist.get_world_size(expert_group)
+    if world == expert_world or world % expert_world:
+        return None
+    ep = world // expert_world
+    regular = torch.tensor([int(dist.get_rank(expert_group) == dist.get_rank(group) // ep)])
+    dist.all_reduce(regular, op=dist.ReduceOp.MIN, group=group)
+    if not int(regular):
+        return None
+    flops = experts.plan.ns_flops()
+    return [flops[r // ep] for r in range(world)]

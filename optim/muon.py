@@ -41,18 +41,37 @@ class AdamWHParams:
     eps: float = 1e-8
 
 
+def ns_prepare(update: torch.Tensor, hp: MuonHParams) -> tuple[torch.Tensor, bool]:
+    """Newton-Schulz's start ``X``: the update in ``ns_dtype``, wide (transposed if it has more rows than columns:
+    the Gram matrix is then the smaller one), contiguous, divided by its Frobenius norm. Returns ``(X, transposed)``.
+
+    ``X`` is made contiguous so that a block of its rows is multiplied exactly as in the whole product (a non-
+    contiguous transposed view can take another bf16 GEMM path): the distributed optimizer computes row blocks of one
+    matrix on several ranks and must get the single-process result."""
+    transposed = update.shape[0] > update.shape[1]
+    x = update.to(hp.ns_dtype)
+    x = (x.T if transposed else x).contiguous()
+    return x / x.norm().clamp(min=hp.eps), transposed
+
+
+def ns_gram_rows(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``lo:hi`` of the Gram matrix ``A = X X^T`` (each element one full dot product, as in ``X @ X.T``)."""
+    return x[lo:hi] @ x.T
+
+
+def ns_step_rows(x: torch.Tensor, gram: torch.Tensor, lo: int, hi: int, hp: MuonHParams) -> torch.Tensor:
+    """Rows ``lo:hi`` of one quintic step ``a X + (b A + c A^2) X`` from the whole ``X`` and ``A``."""
+    a, b, c = hp.ns_coefficients
+    poly = torch.addmm(gram[lo:hi], gram[lo:hi], gram, beta=b, alpha=c)
+    return torch.addmm(x[lo:hi], poly, x, beta=a)
+
+
 def newton_schulz(update: torch.Tensor, hp: MuonHParams) -> torch.Tensor:
     """Approximately orthogonalize a 2-D matrix (the "zeroth power" ``U S^0 V^T`` of its SVD)."""
-    a, b, c = hp.ns_coefficients
-    x = update.to(hp.ns_dtype)
-    transposed = update.shape[0] > update.shape[1]
-    if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
-        x = x.T
-    x = x / x.norm().clamp(min=hp.eps)
+    x, transposed = ns_prepare(update, hp)
+    rows = x.shape[0]
     for _ in range(hp.ns_steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, poly, x, beta=a)
+        x = ns_step_rows(x, ns_gram_rows(x, 0, rows), 0, rows, hp)
     return x.T if transposed else x
 
 
@@ -68,14 +87,27 @@ def muon_lr_scale(rows: int, cols: int) -> float:
 
 
 @torch.no_grad()
+def muon_momentum_(grad: torch.Tensor, momentum: torch.Tensor, hp: MuonHParams) -> torch.Tensor:
+    """Update the momentum buffer in place and return the update Newton-Schulz orthogonalizes (elementwise: any
+    piece of a matrix gives that piece of the result)."""
+    momentum.lerp_(grad, 1 - hp.momentum)
+    return grad.lerp(momentum, hp.momentum) if hp.nesterov else momentum
+
+
+@torch.no_grad()
+def muon_apply_(param: torch.Tensor, ortho: torch.Tensor, lr: float, weight_decay: float,
+                shape: tuple[int, int]) -> None:
+    """Decoupled weight decay, then the scaled orthogonalized step (elementwise; ``shape`` is the whole matrix's)."""
+    param.mul_(1 - lr * weight_decay)
+    param.add_(ortho.to(param.dtype), alpha=-lr * muon_lr_scale(*shape))
+
+
+@torch.no_grad()
 def muon_update_(param: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, lr: float, weight_decay: float,
                  hp: MuonHParams) -> None:
     """One Muon step of a single matrix ``param`` (a view; updated in place) with its momentum buffer."""
-    momentum.lerp_(grad, 1 - hp.momentum)
-    update = grad.lerp(momentum, hp.momentum) if hp.nesterov else momentum
-    ortho = newton_schulz(update, hp)
-    param.mul_(1 - lr * weight_decay)
-    param.add_(ortho.to(param.dtype), alpha=-lr * muon_lr_scale(*param.shape))
+    update = muon_momentum_(grad, momentum, hp)
+    muon_apply_(param, newton_schulz(update, hp), lr, weight_decay, tuple(param.shape))
 
 
 @torch.no_grad()

@@ -65,7 +65,7 @@ def train(rank: int, world: int, steps: int, group_world: bool = True, bucket_el
         rank_grads(model, step, rank)
         norms.append(optimizer.step(max_grad_norm=CLIP))
     return {"params": {k: v.detach().clone() for k, v in model.named_parameters()}, "norms": norms,
-            "state_bytes": optimizer.state_bytes(), "owned": len(optimizer.owned_units())}
+            "state_bytes": optimizer.state_bytes(), "owned": len(optimizer.owned_pieces())}
 
 
 def single_process(world: int, steps: int) -> dict:
