@@ -1,25 +1,37 @@
-"""``python -m train recipe=<name> dry_run=true world_size=<N>``: the memory of every rank of a real-size layout,
-per curriculum stage, without a GPU.
+"""``python -m train recipe=<name> dry_run=true world_size=<N>``: the peak memory of every rank of a real-size
+layout, per curriculum stage, without a GPU.
 
 The real model is built on ``meta`` (no memory) under a fake process group of ``N`` ranks, the layout is validated
 and its device mesh built exactly as in a run. Per pipeline stage (ranks of one pipeline stage hold the same
-shapes) and per curriculum stage it reports bytes of:
+shapes) and per curriculum stage it reports the bytes one rank holds at the peak of a training step:
 
-* parameters (fp32, as the trainer keeps them): the stage's decoder layers, the vision tower, projector, CoCa towers
-  and embeddings on the first stage, the output head on the last; routed experts divided by ``ep``;
-* gradients of the parameters the curriculum stage trains;
-* optimizer state, ZeRO-1: Muon momentum (4 B per element) and AdamW moments (8 B), dense state divided over the
-  data x context ranks, expert state over the expert-data ranks;
-* activations: bytes per token *measured* on one real-width block under the stage's checkpointing policy
-  (parallel/memory.py), times the tokens of a micro-batch on this rank (``micro_batch_size x seq_len / cp``), the
-  stage's layers and the micro-batches in flight under 1F1B (``pp - stage index``), plus the logits on the last
-  stage and the vision tower's patches on the first.
+* parameters (fp32, as the trainer keeps them), frozen ones included; routed experts divided by ``ep``;
+* gradients (fp32) of the parameters the stage trains;
+* optimizer state, ZeRO-1 as optim/plan.py lays it out (Muon momentum 4 B, AdamW moments 8 B per element of
+  the units a rank owns: the largest rank's share);
+* the forward/backward peak above those: the maximum over the moments of the last micro-batch (the loss, each
+  decoder block's backward, the vision tower's backward) of the activations still stored plus that moment's
+  temporaries, plus the gradients present then (all of them after the first micro-batch; with one micro-batch,
+  those of the parts whose backward has run). Stored bytes, forward and backward temporaries per token are
+  *measured* on one real-width block under the stage's checkpointing policy (parallel/memory.py); the loss head
+  (final norm, one chunk of logits, gradients of the hidden states and of the output projection) is measured on
+  ``meta`` at the stage's exact shapes; context parallelism adds the gathered keys and values of the whole row
+  (kept by ``none`` and ``selective``, rebuilt twice during a ``full`` block's recompute); image patches per row
+  follow the stage's mixture (the largest multimodal share of its replay part, each multimodal token an image
+  token, ``merge^2`` patches each, images spread over the context ranks). With pipeline parallelism, stage ``s``
+  holds the stored activations of ``pp - s`` micro-batches (1F1B);
+* the optimizer step's buffers above parameters, gradients and state: the reduced gradient segments of every
+  partition, plus the largest of: two reduce-scatter buckets (``world x optim.reduce_bucket_mb``), the fp64 copy and
+  square of a segment for the gradient norm, one owned matrix's Muon temporaries (Nesterov update, Newton-Schulz
+  iterates in ``optim.muon_ns_dtype``, the fp32 result), an all-gather bucket and its output.
 
-With ``device_memory_gb > 0`` the run fails if any rank exceeds it, naming the stage, the rank and what to change.
+``peak`` is the larger of the two phases. It prints the table and one JSON line per stage (``dry_run {...}``). With
+``device_memory_gb > 0`` the run fails if any rank's peak exceeds it, naming the stage, the rank and what to change.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -28,17 +40,23 @@ import torch.distributed as dist
 
 from model.args import ModelArgs
 from model.vlm import KimiVL
-from optim.build import MUON, route_parameters
+from optim.build import route_parameters
+from optim.plan import Plan, Unit, build_units, build_units_all_adamw
 from parallel.activation_checkpoint import default_policy
 from parallel.dims import ParallelDims
-from parallel.memory import decoder_layer_activation_bytes_per_token, vision_block_activation_bytes_per_token
+from parallel.memory import (
+    BlockBytes,
+    decoder_layer_bytes_per_token,
+    loss_head_peak_bytes,
+    vision_block_bytes_per_patch,
+)
 from parallel.pipeline import layer_costs, split_layers
-from train.config import ConfigError, RunConfig, StageConfig
+from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.stages import apply_stage
 
 GIB = 1024**3
 FP32 = 4
-_MEASURED: dict[str, dict[tuple[str, str], float]] = {}
+_MEASURED: dict[str, dict[tuple[str, str], BlockBytes]] = {}
 
 
 @dataclass
@@ -49,13 +67,28 @@ class RankMemory:
     params: int
     grads: int
     optimizer: int
-    activations: int
+    activations: int  # the forward/backward peak above parameters, optimizer state and the gradients of then
+    grads_at_activation_peak: int
+    step_buffers: int  # the optimizer step's temporaries above parameters, gradients and state
     cp_degree: int = 1
     policy: str = "none"
+    image_patches: int = 0
 
     @property
-    def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+    def peak(self) -> int:
+        static = self.params + self.optimizer
+        return static + max(self.grads_at_activation_peak + self.activations, self.grads + self.step_buffers)
+
+    def as_json(self) -> dict:
+        return {"stage": self.stage, "pp_rank": self.pp_rank, "layers": [self.layers.start, self.layers.stop - 1],
+                "params_gib": _gib(self.params), "grads_gib": _gib(self.grads), "optimizer_gib": _gib(self.optimizer),
+                "activations_gib": _gib(self.activations), "step_buffers_gib": _gib(self.step_buffers),
+                "peak_gib": _gib(self.peak), "cp_degree": self.cp_degree, "activation_checkpoint": self.policy,
+                "image_patches_per_micro_batch": self.image_patches}
+
+
+def _gib(value: int) -> float:
+    return round(value / GIB, 3)
 
 
 def _owned(name: str, layers: range, pp_rank: int, pp: int) -> bool:
@@ -67,8 +100,13 @@ def _owned(name: str, layers: range, pp_rank: int, pp: int) -> bool:
     return pp_rank == 0  # vision, projector, coca, token embeddings
 
 
-def estimate(cfg: RunConfig, dims: ParallelDims) -> list[RankMemory]:
-    """Per curriculum stage and pipeline stage, the bytes one rank holds (see the module docstring)."""
+def estimate(cfg: RunConfig, dims: ParallelDims, image_token_share: float | None = None) -> list[RankMemory]:
+    """Per curriculum stage and pipeline stage, the bytes one rank holds at its peak (see the module docstring).
+
+    Args:
+        image_token_share: The share of a row's tokens that are image tokens, when known (a measured batch);
+            None takes the bound the stage's mixture gives (:func:`image_patches`).
+    """
     with torch.device("meta"):
         model = KimiVL(cfg.model)
     # The trainer's own split (parallel/pipeline.py's cost model), one stage per rank as in 1F1B.
@@ -86,8 +124,12 @@ def estimate(cfg: RunConfig, dims: ParallelDims) -> list[RankMemory]:
         policy = default_policy(stage.seq_len) if policy == "auto" else policy
         stage_dims = dims.for_stage(stage.cp_degree, stage.seq_len)
         routes = {r.name: r for r in route_parameters(model)}
+        units = build_units(model) if cfg.optim.name == "muon" else build_units_all_adamw(model)
         for pp_rank, layers in enumerate(splits):
-            params = grads = optimizer = 0
+            here = [u for u in units if _owned(u.route.name, layers, pp_rank, dims.pp_degree)]
+            step = optimizer_step_bytes(here, stage_dims, cfg.optim)
+            params = 0
+            grads: dict[str, int] = {}
             for pname, param in model.named_parameters():
                 if not _owned(pname, layers, pp_rank, dims.pp_degree):
                     continue
@@ -97,41 +139,157 @@ def estimate(cfg: RunConfig, dims: ParallelDims) -> list[RankMemory]:
                 route = routes.get(pname)
                 if route is None:  # frozen in this stage
                     continue
-                grads += numel * FP32
-                share = dims.expert_data_degree if is_expert else dims.dp_degree * dims.cp_degree
-                optimizer += math.ceil(numel / share) * (FP32 if route.rule == MUON else 2 * FP32)
-            activations = _activations(cfg.model, stage, stage_dims, pp_rank, layers, moe_names, policy, per_token)
-            reports.append(RankMemory(name, pp_rank, layers, params, grads, optimizer, activations,
-                                      stage_dims.cp_degree, policy))
+                grads[pname] = numel * FP32
+            phase = ActivationPeak(cfg, stage, stage_dims, pp_rank, layers, moe_names, policy, grads, per_token,
+                                   image_token_share)
+            reports.append(RankMemory(name, pp_rank, layers, params, sum(grads.values()), step.state,
+                                      phase.bytes, phase.grads, step.buffers, stage_dims.cp_degree, policy,
+                                      phase.patches))
     return reports
 
 
-def _activations(args: ModelArgs, stage: StageConfig, dims: ParallelDims, pp_rank: int, layers: range,
-                 moe_names: set[str], policy: str, per_token: dict) -> int:
-    def measured(kind: str) -> float:
-        if (kind, policy) not in per_token:
-            if kind == "vision":
-                per_token[kind, policy] = vision_block_activation_bytes_per_token(args.vision, policy)
-            else:
-                per_token[kind, policy] = decoder_layer_activation_bytes_per_token(args.decoder, kind == "moe", policy)
-        return per_token[kind, policy]
+@dataclass
+class StepBytes:
+    state: int  # optimizer state of the most loaded rank
+    buffers: int  # the step's temporaries on the most loaded rank
 
-    in_flight = dims.pp_degree - pp_rank  # 1F1B: stage s holds at most pp - s micro-batches' activations
-    merge = args.vision.merge_size ** 2
-    if stage.objective == "coca":
-        patches = stage.micro_batch_size * stage.max_image_patches
-        return int(patches * measured("vision") * args.vision.num_layers) if pp_rank == 0 else 0
-    tokens = stage.micro_batch_size * stage.seq_len // dims.cp_degree
-    total = sum(tokens * measured("moe" if f"decoder.layers.{i}" in moe_names else "dense") for i in layers)
-    if pp_rank == 0:
-        # Image tokens are merged 2 x 2 patches; the multimodal share bounds how many of the tokens are images.
-        share = max(stage.mixture.multimodal_share_start, stage.mixture.multimodal_share_end)
-        # Images of whole rows, divided among the context ranks (parallel/context.py).
-        patches = stage.micro_batch_size * stage.seq_len * share * merge / dims.cp_degree
-        total += patches * measured("vision") * args.vision.num_layers
-    if pp_rank == dims.pp_degree - 1:
-        total += 2 * tokens * args.decoder.vocab_size * FP32  # logits and their gradient
-    return int(total * in_flight)
+
+def optimizer_step_bytes(units: list[Unit], dims: ParallelDims, optim: OptimConfig) -> StepBytes:
+    """The ZeRO-1 step's state and temporaries on the most loaded rank, from the optimizer's own plan
+    (optim/plan.py: ``units`` of one pipeline stage from ``build_units`` on the meta model, dense units over the
+    data x context ranks, this expert-parallel shard's expert units over the expert-data ranks)."""
+    local_experts = {u.route.name: u.route.shape[0] // dims.ep_degree for u in units if u.route.per_expert}
+    dense = [u for u in units if not u.route.per_expert]
+    experts = [u for u in units if u.route.per_expert and (u.expert is None or u.expert < local_experts[u.route.name])]
+    bucket = max(1, int(optim.reduce_bucket_mb * 2**20) // FP32)
+    ns_bytes = 2 if optim.muon_ns_dtype == "bfloat16" else 4
+    segments, phases, state = [], [], 0
+    for part, world in ((dense, dims.dp_degree * dims.cp_degree), (experts, dims.expert_data_degree)):
+        if not part:
+            continue
+        plan = Plan(part, world, ns_bytes=ns_bytes)
+        segment = plan.segment
+        width = min(bucket, segment)
+        buckets = math.ceil(segment / bucket)
+        segments.append(segment * FP32)
+        state = max(state, *plan.state_bytes())
+        computed = [u for u, tasks in plan.tasks.items() if tasks]
+        largest = max(computed, key=lambda u: u.numel, default=None)
+        muon = 0
+        if largest is not None:
+            rows, cols = largest.matrix_shape
+            small = min(rows, cols)
+            # the Nesterov update (fp32), three Newton-Schulz iterates and two Gram-sized products, the fp32 result
+            # (a rank computing a block of rows still holds the whole iterate), plus what the compute-layout
+            # all-to-alls bring in
+            received = [0] * world
+            for piece, _, destination in plan.update_moves():
+                received[destination] += piece.numel * ns_bytes
+            muon = largest.numel * (2 * FP32 + 3 * ns_bytes) + 2 * small * small * ns_bytes + max(received)
+        phases += [
+            sum(segments[:-1]) + min(2, buckets) * world * width * FP32,  # reduce-scatter: two buckets in flight
+            16 * segment,  # the gradient norm: an fp64 copy of the segment and its square
+            muon,
+            (world + 1) * width * FP32 if world > 1 else 0,  # all-gather: this rank's bucket and everyone's
+        ]
+    return StepBytes(state, sum(segments) + max(phases, default=0))
+
+
+class ActivationPeak:
+    """The forward/backward peak of the last micro-batch on one rank, above parameters and optimizer state: the
+    largest of the moments listed in the module docstring. ``bytes`` excludes gradients, ``grads`` are those
+    present at that moment."""
+
+    def __init__(self, cfg: RunConfig, stage: StageConfig, dims: ParallelDims, pp_rank: int, layers: range,
+                 moe_names: set[str], policy: str, grads: dict[str, int], per_token: dict,
+                 image_token_share: float | None = None):
+        args = cfg.model
+        self.patches = 0
+        self.bytes = self.grads = 0
+        accumulating = stage.grad_accum_steps > 1 or dims.pp_degree > 1
+        grads_before = sum(grads.values()) if accumulating else 0
+
+        def measured(kind: str) -> BlockBytes:
+            if (kind, policy) not in per_token:
+                if kind == "vision":
+                    per_token[kind, policy] = vision_block_bytes_per_patch(args.vision, policy)
+                else:
+                    per_token[kind, policy] = decoder_layer_bytes_per_token(args.decoder, kind == "moe", policy)
+            return per_token[kind, policy]
+
+        def moment(stored: float, extra: float, grads_now: int) -> None:
+            if stored + extra + grads_now > self.bytes + self.grads:
+                self.bytes, self.grads = int(stored + extra), grads_now
+
+        in_flight = dims.pp_degree - pp_rank  # 1F1B: stage s holds at most pp - s micro-batches' activations
+        if stage.objective == "coca":
+            self.patches = stage.micro_batch_size * stage.max_image_patches
+            vision = measured("vision")
+            if pp_rank == 0:
+                stored = self.patches * vision.stored * args.vision.num_layers * in_flight
+                moment(stored, self.patches * vision.backward_extra, sum(grads.values()))
+            return
+        tokens = stage.micro_batch_size * stage.seq_len // dims.cp_degree
+        hidden_bytes = tokens * args.decoder.hidden_size * FP32
+        if pp_rank == 0:
+            self.patches = int(image_patches(stage, args, image_token_share) / dims.cp_degree)
+        kinds = ["moe" if f"decoder.layers.{i}" in moe_names else "dense" for i in layers]
+        blocks = [measured(kind) for kind in kinds]
+        kv = context_parallel_kv_bytes(args, stage, dims)
+        kept_kv = kv if policy != "full" else 0
+        vision = measured("vision") if self.patches else BlockBytes(0.0, 0.0, 0.0)
+        vision_stored = self.patches * vision.stored * args.vision.num_layers
+        # Stored before the decoder: the embeddings (block 0's input) and the vision tower's activations.
+        base = (hidden_bytes + vision_stored) if pp_rank == 0 else hidden_bytes
+        stored = [tokens * b.stored + kept_kv for b in blocks]
+        earlier = (in_flight - 1) * (base + sum(stored))  # micro-batches whose backward has not started (1F1B)
+        # Forward of each block, then the loss head on the last stage.
+        for i, block in enumerate(blocks):
+            moment(earlier + base + sum(stored[:i]), tokens * block.forward_extra + 2 * kv, grads_before)
+        layer_grads = [sum(v for k, v in grads.items() if k.startswith(f"decoder.layers.{i}.")) for i in layers]
+        head = sum(v for k, v in grads.items() if k.startswith(("decoder.norm", "decoder.output")))
+        done = 0 if accumulating else head
+        if pp_rank == dims.pp_degree - 1:
+            loss = loss_head_peak_bytes(args.decoder, tokens, cfg.loss_chunk_tokens, accumulating)
+            moment(earlier + base + sum(stored), loss, grads_before)
+        # Backward of each block, last first: its own stored bytes and those below it still alive.
+        for i in reversed(range(len(blocks))):
+            if not accumulating:
+                done += layer_grads[i]
+            extra = tokens * blocks[i].backward_extra + (2 * kv if policy == "full" else 0)
+            moment(earlier + base + sum(stored[: i + 1]), extra, max(grads_before, done))
+        if pp_rank == 0 and self.patches:
+            # The vision tower's backward, after the decoder's: every decoder gradient exists by then.
+            moment(earlier + vision_stored + hidden_bytes, self.patches * vision.backward_extra,
+                   sum(grads.values()))
+
+
+def image_patches(stage: StageConfig, args: ModelArgs, image_token_share: float | None = None) -> float:
+    """Image patches of one micro-batch: ``image_token_share`` of its tokens, or by default the stage's largest
+    multimodal share of its replay draws with each multimodal token taken as an image token (a bound: captions
+    and interleaved text make it smaller), merged from ``merge^2`` patches each."""
+    mix = stage.mixture
+    share = image_token_share
+    if share is None:
+        share = (1.0 - mix.long_share) * max(mix.multimodal_share_start, mix.multimodal_share_end)
+    return stage.micro_batch_size * stage.seq_len * share * args.vision.merge_size**2
+
+
+def context_parallel_kv_bytes(args: ModelArgs, stage: StageConfig, dims: ParallelDims) -> int:
+    """Bytes of one decoder layer's gathered keys and values of a whole micro-batch (parallel/context.py: keys and
+    values padded to the query head dim, side by side, in global order); 0 without context parallelism."""
+    if dims.cp_degree == 1:
+        return 0
+    decoder = args.decoder
+    head_dim = decoder.qk_nope_head_dim + decoder.qk_rope_head_dim
+    return stage.micro_batch_size * stage.seq_len * decoder.num_heads * 2 * head_dim * FP32
+
+
+def predict(cfg: RunConfig, image_token_share: float | None = None) -> list[RankMemory]:
+    """The per-rank peaks of ``cfg`` at ``cfg.world_size`` ranks (no process group needed); see :func:`estimate`."""
+    seq_lens = [cfg.curriculum.stages[n].seq_len for n in cfg.curriculum.order]
+    dims = ParallelDims.from_config(cfg.parallel, cfg.world_size, cfg.model, seq_lens)
+    return estimate(cfg, dims, image_token_share)
 
 
 def run_dry_run(cfg: RunConfig) -> int:
@@ -151,16 +309,18 @@ def run_dry_run(cfg: RunConfig) -> int:
           f"ep={dims.ep_degree} (expert-data {dims.expert_data_degree}), activation checkpointing "
           f"'{cfg.parallel.activation_checkpoint}'")
     print(f"{'stage':<16}{'pp':>3} {'layers':>9} {'params GiB':>11} {'grads GiB':>10} {'optim GiB':>10} "
-          f"{'activ GiB':>10} {'total GiB':>10}  cp  checkpointing")
+          f"{'activ GiB':>10} {'step GiB':>9} {'peak GiB':>9}  cp  checkpointing")
     for r in reports:
         print(f"{r.stage:<16}{r.pp_rank:>3} {r.layers.start:>4}-{r.layers.stop - 1:<4} {r.params / GIB:>11.2f} "
               f"{r.grads / GIB:>10.2f} {r.optimizer / GIB:>10.2f} {r.activations / GIB:>10.2f} "
-              f"{r.total / GIB:>10.2f} {r.cp_degree:>3}  {r.policy}")
+              f"{r.step_buffers / GIB:>9.2f} {r.peak / GIB:>9.2f} {r.cp_degree:>3}  {r.policy}")
+    for r in reports:
+        print("dry_run " + json.dumps(r.as_json()))
     limit = cfg.device_memory_gb * GIB
-    over = [r for r in reports if limit and r.total > limit]
+    over = [r for r in reports if limit and r.peak > limit]
     if over:
-        worst = max(over, key=lambda r: r.total)
-        raise ConfigError(f"stage '{worst.stage}' needs {worst.total / GIB:.1f} GiB on pipeline rank "
+        worst = max(over, key=lambda r: r.peak)
+        raise ConfigError(f"stage '{worst.stage}' needs {worst.peak / GIB:.1f} GiB on pipeline rank "
                           f"{worst.pp_rank}, over device_memory_gb={cfg.device_memory_gb}: raise parallel.pp_degree, "
                           "ep_degree or cp_degree, use parallel.activation_checkpoint=full, or lower the stage's "
                           "micro_batch_size.")

@@ -66,7 +66,7 @@ def test_layout_per_stage(cfg):
 def test_the_real_recipe_fits_80_gb_devices_in_the_dry_run(capsys):
     assert main(["recipe=kimi_vl_a3b", MOONLIGHT, "dry_run=true", "device_memory_gb=80"]) == 0
     out = capsys.readouterr().out
-    totals = [float(line.split()[7]) for line in out.splitlines() if line.split()[:1] and line.split()[0] in STAGES]
+    totals = [float(line.split()[8]) for line in out.splitlines() if line.split()[:1] and line.split()[0] in STAGES]
     assert len(totals) == len(STAGES) and max(totals) <= 80
 
 
