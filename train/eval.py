@@ -34,7 +34,7 @@ from data.loader import read_manifest
 from data.packing import collate_image_text
 from data.samples import SampleError, caption_text, render_document
 from data.storage import S3Options, open_storage
-from data.tokenizer import TextTokenizer
+from data.tokenizer import TextTokenizer, load_root_tokenizer
 from model.registry import build_model
 from train.checkpoint import STEP_DIR, ModelState, S3CheckpointStore, load_checkpoint, read_checkpoint_info
 from train.config import RunConfig, StageConfig, to_run_config
@@ -111,7 +111,7 @@ def load_model(cfg: RunConfig, checkpoint: str, rope_theta: float, options: S3Op
 
 def load_tokenizer(cfg: RunConfig, root: str) -> TextTokenizer:
     storage = open_storage(root)
-    return TextTokenizer.from_bytes(storage.read(read_manifest(storage)["tokenizer"]))
+    return load_root_tokenizer(storage, read_manifest(storage))
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from data.loader import DataError
 from data.mixture import MixtureSampler
 from data.shards import source_files
 from data.storage import LocalStorage, Storage, build_storage
-from data.tokenizer import TextTokenizer
+from data.tokenizer import load_root_tokenizer
 from train.config import ConfigError, DataConfig, MixtureConfig, RunConfig
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,10 @@ def _check_tokenizer(cfg: RunConfig, manifest: dict, storage: Storage) -> None:
     if not name or not storage.exists(name):
         raise DataError(f"{storage.url} has no tokenizer: train one on its sources with python -m data.tokenizer "
                         f"train {cfg.data.root}")
-    tokenizer = TextTokenizer.from_bytes(storage.read(name))
+    try:
+        tokenizer = load_root_tokenizer(storage, manifest)
+    except ValueError as error:
+        raise DataError(f"{storage.url}: {error}") from None
     vocab = cfg.model.decoder.vocab_size
     if tokenizer.vocab_size > vocab:
         raise ConfigError(f"Invalid value model.decoder.vocab_size={vocab}: the tokenizer of {cfg.data.root} has "

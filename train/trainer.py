@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from data.batch import ImageTextBatch, PackedBatch
 from data.loader import StageLoader, read_manifest
 from data.storage import LocalStorage, build_storage
-from data.tokenizer import TextTokenizer
+from data.tokenizer import TextTokenizer, load_root_tokenizer
 from model.coca import caption_loss_sum, siglip_loss
 from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
@@ -284,7 +284,7 @@ class Trainer:
             logger.info("generating the demo corpus into %s", root)
             generate_corpus(self.storage.root, seed=self.cfg.seed)
         dist.barrier()
-        tokenizer = TextTokenizer.from_bytes(self.storage.read(read_manifest(self.storage)["tokenizer"]))
+        tokenizer = load_root_tokenizer(self.storage, read_manifest(self.storage))
         vocab = self.cfg.model.decoder.vocab_size
         if tokenizer.vocab_size > vocab:
             raise ConfigError(f"Invalid value model.decoder.vocab_size={vocab}: the tokenizer of {root} has "

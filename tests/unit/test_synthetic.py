@@ -108,7 +108,7 @@ def test_tokenizer_without_special_tokens_is_rejected(tmp_path):
     from tokenizers import Tokenizer, models
 
     bare = Tokenizer(models.BPE())
-    with pytest.raises(ValueError, match="special token"):
+    with pytest.raises(ValueError, match="for the special role 'pad'"):
         TextTokenizer(bare)
 
 
