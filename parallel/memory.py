@@ -176,13 +176,14 @@ def vision_block_bytes_per_patch(args: VisionArgs, policy: str, side: int = 16) 
     return measure_block_bytes(build, policy, side * side)
 
 
-def loss_head_peak_bytes(args: DecoderArgs, tokens: int, chunk_tokens: int, accumulating: bool) -> int:
-    """Peak bytes of the final norm and the fused chunked loss (train/loss.py), forward and backward, above their
-    weights and input, at the real shapes on ``meta`` (nothing is allocated): the gradients of hidden states, one
-    chunk's logits and their temporaries, the output projection's gradient (and, when ``accumulating``, the new
-    gradient beside the accumulated one). The output weight's accumulated gradient itself is not included."""
+def loss_head_peak_bytes(args: DecoderArgs, tokens: int, loss: Callable[..., torch.Tensor],
+                         accumulating: bool) -> int:
+    """Peak bytes of the final norm and the loss, forward and backward, above their weights and input, at the real
+    shapes on ``meta`` (nothing is allocated). ``loss(hidden, weight, targets)`` is the trainer's (the fused,
+    chunked one of train/loss.py: the gradients of hidden states, one chunk's logits and their temporaries, the output
+    projection's gradient, and, when ``accumulating``, the new gradient beside the accumulated one). The output
+    weight's accumulated gradient itself is not included."""
     from model.layers import RMSNorm
-    from train.loss import linear_cross_entropy_sum
 
     with torch.device("meta"):
         norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -196,6 +197,6 @@ def loss_head_peak_bytes(args: DecoderArgs, tokens: int, chunk_tokens: int, accu
     tracker.track_external(norm, weight, hidden, targets)
     with tracker:
         base = _total(tracker.get_tracker_snapshot("current"))
-        linear_cross_entropy_sum(norm(hidden), weight, targets, chunk_tokens).backward()
+        loss(norm(hidden), weight, targets).backward()
         peak = _total(tracker.get_tracker_snapshot("peak"))
     return peak - base

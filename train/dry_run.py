@@ -31,6 +31,7 @@ shapes) and per curriculum stage it reports the bytes one rank holds at the peak
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from parallel.memory import (
 )
 from parallel.pipeline import layer_costs, split_layers
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
+from train.loss import linear_cross_entropy_sum
 from train.stages import apply_stage
 
 GIB = 1024**3
@@ -250,7 +252,8 @@ class ActivationPeak:
         head = sum(v for k, v in grads.items() if k.startswith(("decoder.norm", "decoder.output")))
         done = 0 if accumulating else head
         if pp_rank == dims.pp_degree - 1:
-            loss = loss_head_peak_bytes(args.decoder, tokens, cfg.loss_chunk_tokens, accumulating)
+            loss = loss_head_peak_bytes(args.decoder, tokens, functools.partial(
+                linear_cross_entropy_sum, chunk_tokens=cfg.loss_chunk_tokens), accumulating)
             moment(earlier + base + sum(stored), loss, grads_before)
         # Backward of each block, last first: its own stored bytes and those below it still alive.
         for i in reversed(range(len(blocks))):

@@ -11,7 +11,7 @@ import optim.plan
 from benchmarks.muon_distributed import plan_figures
 from optim.plan import Plan, build_units
 from parallel.forked import run_ranks
-from tests.dist.test_zero_optimizer import mixed_model, resume_and_step, save_after, single_process, train
+from tests.dist.test_zero_optimizer import assert_resharded_resume_is_identical, mixed_model, single_process, train
 
 # Pieces of 200 elements cut every test matrix into several pieces, so that homes, moves and row blocks all occur.
 SMALL_PIECE = 200
@@ -45,13 +45,7 @@ def test_split_plan_equals_single_process(monkeypatch, world, piece):
 
 
 def test_split_state_saved_at_dp2_loads_at_dp4(small_pieces, tmp_path):
-    path = str(tmp_path / "checkpoint")
-    run_ranks(save_after, 2, 3, path)
-    resumed = run_ranks(resume_and_step, 4, 3, path, 2)
-    uninterrupted = run_ranks(train, 2, 4)
-    for name, expected in uninterrupted[0]["params"].items():
-        for result in resumed:
-            assert torch.allclose(result[name], expected, rtol=1e-6, atol=1e-9), name
+    assert_resharded_resume_is_identical(2, 4, str(tmp_path / "checkpoint"))
 
 
 def test_kimi_vl_plan_balances_at_256_ranks():

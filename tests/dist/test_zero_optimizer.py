@@ -121,14 +121,19 @@ def resume_and_step(rank: int, world: int, step: int, path: str, saved_world: in
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def test_state_saved_at_dp4_loads_at_dp2_and_the_next_step_is_identical(tmp_path):
-    path = str(tmp_path / "checkpoint")
-    run_ranks(save_after, 4, 3, path)
-    resumed = run_ranks(resume_and_step, 2, 3, path, 4)
-    uninterrupted = run_ranks(train, 4, 4)
+def assert_resharded_resume_is_identical(saved_world: int, resumed_world: int, path: str) -> None:
+    """State saved after 3 steps at ``saved_world`` ranks, loaded at ``resumed_world``: the 4th step's parameters
+    equal an uninterrupted run's."""
+    run_ranks(save_after, saved_world, 3, path)
+    resumed = run_ranks(resume_and_step, resumed_world, 3, path, saved_world)
+    uninterrupted = run_ranks(train, saved_world, 4)
     for name, expected in uninterrupted[0]["params"].items():
         for result in resumed:
             assert torch.allclose(result[name], expected, rtol=1e-6, atol=1e-9), name
+
+
+def test_state_saved_at_dp4_loads_at_dp2_and_the_next_step_is_identical(tmp_path):
+    assert_resharded_resume_is_identical(4, 2, str(tmp_path / "checkpoint"))
 
 
 # ----- expert parameters sharded over their expert-data group ------------------------------------------------------

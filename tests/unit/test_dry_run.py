@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 
@@ -13,6 +14,7 @@ from parallel.memory import loss_head_peak_bytes
 from train.__main__ import main
 from train.config import load_config
 from train.dry_run import image_patches, predict
+from train.loss import linear_cross_entropy_sum
 
 MOONLIGHT = "moonlight_dir=/ckpts/Moonlight-16B-A3B"  # validation does not read it; the trainer checks it
 
@@ -91,7 +93,8 @@ def test_the_vision_share_follows_the_stage_mixture():
 def test_the_loss_head_grows_by_a_chunk_of_logits_per_chunk():
     """One more chunk row costs its fp32 logits row and logsumexp's shifted copy: 2 x vocab x 4 bytes."""
     args = FLAVORS["kimi_vl_a3b"].decoder
-    small, large = (loss_head_peak_bytes(args, 8192, chunk, accumulating=False) for chunk in (1024, 2048))
+    small, large = (loss_head_peak_bytes(args, 8192, functools.partial(linear_cross_entropy_sum, chunk_tokens=chunk),
+                                         accumulating=False) for chunk in (1024, 2048))
     assert large - small == pytest.approx((2048 - 1024) * args.vocab_size * 4 * 2, rel=0.02)
     # never the whole logits: at 8K tokens with 2K-token chunks, less than one T x V fp32 buffer (an unfused loss
     # holds about four)
