@@ -39,8 +39,8 @@ from optim.distributed import ZeroOptimizer
 from parallel.dims import ParallelDims
 from parallel.parallelize import parallelize
 from parallel.pipeline import layer_costs
-from parallel.runtime import init_distributed
 from train.reporting import measure_peak_flops, step_model_flops
+from train.runtime import init_distributed
 from train.trainer import lm_step
 
 

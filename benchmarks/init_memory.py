@@ -31,6 +31,7 @@ from model.vlm import KimiVL
 from parallel.dims import ParallelDims
 from parallel.parallelize import PipelineOptions, parallelize
 from train.config import ParallelConfig
+from train.loss import linear_cross_entropy_sum
 
 
 def status_bytes(field: str) -> int:
@@ -66,7 +67,7 @@ def main() -> None:
     start = time.perf_counter()
     with torch.device("meta"):
         model = KimiVL(model_args)
-    pipeline = PipelineOptions("1f1b", 1, 8192)
+    pipeline = PipelineOptions("1f1b", 1, 8192, linear_cross_entropy_sum)
     parallel = parallelize(model, dims, groups, "cpu", seed=0, pipeline=pipeline)
     seconds = time.perf_counter() - start
     growth = status_bytes("VmHWM") - rss_before

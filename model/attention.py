@@ -214,7 +214,6 @@ def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     prefix = k.shape[0] - q.shape[0]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    to_bhtd = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [T, H, D] -> [1, H, T, D]
     if q.device.type in ("cpu", "meta"):
         return _PrefixCausalAttention.apply(q, k, v, scale)
     if q.is_cuda and flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
@@ -223,7 +222,8 @@ def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return flash_attn_func(q[None], k[None], v[None], softmax_scale=scale, causal=True)[0]
     positions = torch.arange(k.shape[0], device=q.device)
     mask = positions[prefix:, None] >= positions[None, :]
-    out = F.scaled_dot_product_attention(to_bhtd(q), to_bhtd(k), to_bhtd(v), attn_mask=mask, scale=scale)
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [T, H, D] -> [1, H, T, D]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
 

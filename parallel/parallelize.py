@@ -35,7 +35,7 @@ from parallel.activation_checkpoint import ActivationCheckpointing, default_poli
 from parallel.context import apply_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
 from parallel.expert import apply_expert_parallel
-from parallel.pipeline import PipelineRunner, SumLoss, build_pipeline, unfused_loss_sum
+from parallel.pipeline import PipelineRunner, SumLoss, build_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class PipelineOptions:
     schedule: str
     virtual_stages: int
     seq_len: int
-    loss: SumLoss = unfused_loss_sum
+    loss: SumLoss
 
 
 @dataclass
@@ -110,8 +110,8 @@ def parallelize(model: KimiVL, dims: ParallelDims, groups: ParallelGroups, devic
     if dims.pp_degree > 1:
         if pipeline is None or groups.pp is None:
             raise ValueError(f"pp_degree={dims.pp_degree} needs PipelineOptions and a pipeline process group")
-        runner = build_pipeline(model, pipeline.schedule, groups.pp, pipeline.seq_len, pipeline.virtual_stages,
-                                device=device, loss=pipeline.loss)
+        runner = build_pipeline(model, pipeline.schedule, groups.pp, pipeline.seq_len, pipeline.loss,
+                                pipeline.virtual_stages, device=device)
     checkpointing = ActivationCheckpointing(model)
     model.to_empty(device=device)
     model.init_weights(ParamInit(seed))

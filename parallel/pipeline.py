@@ -35,7 +35,6 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
@@ -51,7 +50,7 @@ from torch.distributed.pipelining.schedules import (
 from data.batch import PackedBatch
 from model.args import ModelArgs
 from model.attention import rope_angles_1d
-from model.layers import IGNORE_INDEX, masked_targets
+from model.layers import masked_targets
 from model.vlm import KimiVL
 from parallel.context import ZigzagLayout, embed_inputs_context_parallel
 from parallel.dims import ParallelDims
@@ -59,7 +58,7 @@ from train.config import ConfigError, RunConfig
 
 __all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "SumLoss", "build_pipeline",
            "check_pipeline_config", "cu_seqlens_from_doc_ids", "doc_ids_from_cu_seqlens", "layer_costs",
-           "pipeline_lm_step", "split_layers", "stage_ranks", "unfused_loss_sum"]
+           "pipeline_lm_step", "split_layers", "stage_ranks"]
 
 # name -> (schedule class, layout of stages over ranks: "loop" puts stage s on rank s % pp, "v" puts stages r and
 # 2 pp - 1 - r on rank r, fixed stages per rank or None for ``virtual_stages``)
@@ -300,14 +299,8 @@ def prune_model(model: KimiVL, keep_layers: set[str], first: bool, last: bool) -
 
 # The next-token loss *sum* of final hidden states: ``(hidden [B, S, H], output weight [V, H], targets [B, S]
 # with IGNORE_INDEX where no loss is taken) -> fp32 scalar``. The trainer hands in its fused, chunked loss
-# (train/loss.py); this default holds the whole logits.
+# (train/loss.py): one cross-entropy for training, pipelines and evaluation.
 SumLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def unfused_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy sum over all logits at once (the default :data:`SumLoss`)."""
-    return F.cross_entropy((hidden @ weight.t()).flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
 
 
 
@@ -331,7 +324,7 @@ class PipelineRunner:
 
     def __init__(self, model: KimiVL, stages: list[StageModule], stage_indices: list[int], num_stages: int,
                  layout: list[list[str]], schedule_name: str, group: dist.ProcessGroup, device: torch.device,
-                 loss: SumLoss = unfused_loss_sum):
+                 loss: SumLoss):
         self.model, self.stages, self.stage_indices = model, stages, stage_indices
         self.num_stages, self.layout, self.schedule_name = num_stages, layout, schedule_name
         self.group, self.device = group, device
@@ -476,9 +469,9 @@ def _stage_metas(model_args: ModelArgs, rows: int, seq: int, dtype: torch.dtype,
     return inputs, outputs
 
 
-def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, seq_len: int, virtual_stages: int = 2,
-                   patches_per_token: float = 0.5, device: torch.device | str = "cpu",
-                   loss: SumLoss = unfused_loss_sum) -> PipelineRunner:
+def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, seq_len: int, loss: SumLoss,
+                   virtual_stages: int = 2, patches_per_token: float = 0.5,
+                   device: torch.device | str = "cpu") -> PipelineRunner:
     """Cut ``model`` (built identically on every rank) into stages and prune it to this rank's, in place.
 
     Args:
@@ -486,10 +479,10 @@ def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, seq_l
         schedule: One of :data:`SCHEDULES`.
         group: The pipeline process group (ranks of one data-parallel replica, in stage order).
         seq_len: Tokens per row, for the cost estimate (attention grows with it).
+        loss: The last stage's loss sum (:data:`SumLoss`).
         virtual_stages: Stages per rank of the interleaved schedules.
         patches_per_token: Expected image patches per token, for the cost estimate of stage 0.
         device: Where the stages run.
-        loss: The last stage's loss sum (:data:`SumLoss`).
 
     Returns:
         The :class:`PipelineRunner`.

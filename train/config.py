@@ -210,7 +210,7 @@ class CheckpointConfig:
 @dataclass
 class RuntimeConfig:
     # Where each rank computes: auto (cuda:$LOCAL_RANK when CUDA is available, else cpu) | cpu | cuda. CUDA runs
-    # use NCCL, CPU runs gloo (parallel/runtime.py).
+    # use NCCL, CPU runs gloo (train/runtime.py).
     device: str = "auto"
 
 

@@ -39,7 +39,6 @@ from parallel.context import forward_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
 from parallel.parallelize import PipelineOptions, parallelize
 from parallel.pipeline import check_pipeline_config, pipeline_lm_step
-from parallel.runtime import init_distributed, resolve_device
 from train.checkpoint import CheckpointManager, ModelState, RNGState
 from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.device_feed import DeviceFeed
@@ -47,6 +46,7 @@ from train.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy_sum, masked_ta
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
 from train.preflight import check_run, is_demo_root
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
+from train.runtime import init_distributed, resolve_device
 from train.signals import STOP
 from train.stages import (
     apply_stage,

@@ -30,6 +30,7 @@ from parallel.pipeline import (
     split_layers,
     stage_ranks,
 )
+from train.loss import linear_cross_entropy_sum
 from train.trainer import lm_step
 
 BASE = FLAVORS["debug"]
@@ -105,7 +106,7 @@ def pipeline_rank(rank: int, world: int, schedule: str, pp: int) -> dict:
     dense_group = groups.dense  # the replicas of one stage: dense gradients and optimizer state
     with torch.device("meta"):  # the device path: this rank's stages only are ever allocated and initialized
         model = KimiVL(ARGS)
-    parallel = parallelize(model, dims, groups, "cpu", SEED, PipelineOptions(schedule, 2, SEQ))
+    parallel = parallelize(model, dims, groups, "cpu", SEED, PipelineOptions(schedule, 2, SEQ, linear_cross_entropy_sum))
     model, runner = parallel.model, parallel.pipeline
     if model.coca is not None:
         model.coca.requires_grad_(False)

@@ -38,9 +38,11 @@ from tests.device_checks import (
     place_on_fake_cuda,
 )
 from tests.dist.test_pipeline import ARGS, SEQ, make_batches
+from train.loss import linear_cross_entropy_sum
 from train.trainer import coca_step, lm_step
 
 NO_AUX = dataclasses.replace(ARGS, decoder=dataclasses.replace(ARGS.decoder, aux_loss_coef=0.0))
+PIPELINE = PipelineOptions("1f1b", 1, SEQ, linear_cross_entropy_sum)
 LAYOUTS = {  # name: (pp, dp, cp, ep, cp attention)
     "dp2": (1, 2, 1, 1, "allgather"),
     "cp2_allgather": (1, 1, 2, 1, "allgather"),
@@ -71,7 +73,7 @@ def build_layout(layout: str, device: str, args=NO_AUX):
     groups = dims.build_groups()
     with torch.device("meta"):
         model = KimiVL(args)
-    parallel = parallelize(model, dims, groups, device, seed=0, pipeline=PipelineOptions("1f1b", 1, SEQ))
+    parallel = parallelize(model, dims, groups, device, seed=0, pipeline=PIPELINE)
     cp_group = groups.cp if cp > 1 else None
     parallel.apply_stage(cp_group, "selective", SEQ, method)
     return parallel.model, groups, cp_group
@@ -180,7 +182,7 @@ def checked_step_rank(rank: int, world: int, layout: str, slip_cpu_tensor: bool)
     groups = dims.build_groups()
     with torch.device("meta"):
         model = KimiVL(ARGS if pp > 1 else NO_AUX)
-    parallel = parallelize(model, dims, groups, "cpu", seed=0, pipeline=PipelineOptions("1f1b", 1, SEQ))
+    parallel = parallelize(model, dims, groups, "cpu", seed=0, pipeline=PIPELINE)
     cp_group = groups.cp if cp > 1 else None
     parallel.apply_stage(cp_group, "selective", SEQ, method)
     model = parallel.model
