@@ -86,7 +86,7 @@ class CheckpointWatch:
         self.run_dir = run_dir
         self.storage = None
         if s3_url:
-            from data.storage import S3Options, S3Storage
+            from storage import S3Options, S3Storage
 
             self.storage = S3Storage(s3_url, S3Options(endpoint_url=endpoint))
 
@@ -114,8 +114,8 @@ def kill_at(process: subprocess.Popen, watch: CheckpointWatch, delay: float, dur
 
 def final_parameters(location: str, endpoint: str = "") -> dict[str, torch.Tensor]:
     """The model of the last stage's latest checkpoint under ``location`` (a directory or an S3 URL)."""
-    from data.storage import S3Options
     from model.registry import FLAVORS, build_model
+    from storage import S3Options
     from train.checkpoint import CheckpointManager, ModelState, open_checkpoint_store
 
     model = build_model(FLAVORS["debug"])

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from config import load_config
 from parallel.forked import run_ranks
 from parallel.memory import measure_peak_bytes
-from train.config import load_config
 
 GIB = 1024**3
 STAGE = "curriculum.stages.joint_pretrain"

@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from config import ParallelConfig
 from model.registry import FLAVORS
 from model.vlm import KimiVL
 from parallel.dims import ParallelDims
 from parallel.parallelize import PipelineOptions, parallelize
-from train.config import ParallelConfig
 from train.loss import linear_cross_entropy_sum
 
 

@@ -104,7 +104,7 @@ def decode_floor(images: list[bytes]) -> float:
 
 
 def coca_stage(sources: tuple[str, ...] = SOURCES):
-    from train.config import MixtureConfig, load_config
+    from config import MixtureConfig, load_config
 
     stage = load_config(["recipe=debug"]).curriculum.stages["vit_coca"]
     # Native resolution up to 256 patches (the demo images, at most 224 px, fit whole); no progressive ramp.
@@ -119,10 +119,10 @@ def our_loader(url: str, endpoint: str, tokenizer, cache: str, sources: tuple[st
                stage=None):
     """Our loader of the benchmark's stage (``stage``: composed already, e.g. outside a timed window; Hydra takes
     ~0.25 s to compose the recipe)."""
+    from config import DataConfig
     from data.loader import StageLoader
-    from data.storage import build_storage
     from model.registry import FLAVORS
-    from train.config import DataConfig
+    from storage import build_storage
 
     data = DataConfig(root=url, endpoint_url=endpoint, cache_dir=cache, prefetch_samples=PREFETCH_SAMPLES,
                       prefetch_threads=4, loader_workers=workers)
@@ -232,7 +232,7 @@ def photos(tmp: Path, endpoint: str, count: int) -> str:
     import numpy as np
 
     from data.prepare import prepare
-    from data.storage import S3Options
+    from storage import S3Options
 
     folder = tmp / "photos"
     folder.mkdir()
@@ -294,10 +294,10 @@ class ShardsDataset:
         self.sources = None
 
     def _open(self):
+        from config import DataConfig
         from data.samples import ShardSource
-        from data.storage import build_storage
         from data.tokenizer import TextTokenizer
-        from train.config import DataConfig
+        from storage import build_storage
 
         storage = build_storage(DataConfig(root=self.url, endpoint_url=self.endpoint, cache_dir=self.cache))
         manifest = json.loads(storage.read("manifest.json"))
@@ -372,9 +372,9 @@ def torchdata_figures(url: str, endpoint: str, tokenizer_json: str, batches: int
 
 
 def packing_efficiency(root: Path, tokenizer, rows: int) -> float:
+    from config import load_config
     from data.loader import StageLoader
     from model.registry import FLAVORS
-    from train.config import load_config
 
     stage = load_config(["recipe=debug"]).curriculum.stages["joint_pretrain"]
     stage.seq_len, stage.micro_batch_size = 8192, 1
@@ -499,9 +499,9 @@ def main() -> None:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(name, "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    from data.storage import LocalStorage, S3Options, S3Storage
     from data.synthetic import generate_corpus
     from data.tokenizer import TextTokenizer
+    from storage import LocalStorage, S3Options, S3Storage
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

@@ -15,32 +15,12 @@ the annotations are moved exactly, transform by transform.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from PIL import Image
 
+from config.schema import AugmentConfig
 from data.images import ColourJitter, Warp, render
-
-
-@dataclass
-class AugmentConfig:
-    """Per-stage augmentation; each transform is skipped when its strength is 0."""
-
-    enabled: bool = False
-    # Sample kinds to augment: those whose text stays true under flips and crops (grounding boxes move with the
-    # pixels; a caption saying "top left" or rendered text would not).
-    kinds: list[str] = field(default_factory=lambda: ["grounding"])
-    # Keep at least this share of each side in a random crop (1.0: no crop).
-    crop_min_scale: float = 0.8
-    # Objects with less than this share of their box inside the crop are dropped (a sliver is no longer them).
-    crop_min_visible: float = 0.3
-    flip_prob: float = 0.5
-    max_rotation_deg: float = 10.0
-    # Resize by a factor drawn from [1 - resize_jitter, 1 + resize_jitter].
-    resize_jitter: float = 0.2
-    # Brightness, contrast and saturation factors drawn from [1 - color_jitter, 1 + color_jitter].
-    color_jitter: float = 0.2
 
 
 class Random(Protocol):

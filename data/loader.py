@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from config.model import VisionArgs
+from config.schema import DataConfig, StageConfig
 from data.batch import ImageTextBatch, PackedBatch
 from data.images import background_rgb
 from data.megatron import MegatronSource, is_megatron
@@ -26,11 +28,9 @@ from data.packing import PackedRow, RowBuilder, collate_image_text, collate_rows
 from data.prefetch import Prefetcher
 from data.samples import Document, SampleError, ShardSource
 from data.shards import INDEX_READS_AT_ONCE, shards_to_index
-from data.storage import Storage, abandoned_when, open_storage
 from data.tokenizer import TextTokenizer
 from data.workers import REQUESTS_PER_WORKER, Drawn, ImageText, ProcessReader, SampleReader
-from model.args import VisionArgs
-from train.config import DataConfig, StageConfig
+from storage import Storage, abandoned_when, open_storage
 
 logger = logging.getLogger(__name__)
 # Below this many draws a few corrupt samples say nothing about the corrupt fraction.

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from config.schema import ConfigError
 from data.samples import Document, SampleError
 from data.shards import is_megatron
 from data.tokenizer import TextTokenizer
-from train.config import ConfigError
 
 __all__ = ["MegatronSource", "VocabularyError", "import_indexed_dataset", "is_megatron", "read_with_token_sources"]
 
@@ -252,7 +252,7 @@ def prepare_megatron(input_path: str | Path, out: str, source: str, tokenizer: s
     """
     import json
 
-    from data.storage import open_storage
+    from storage import open_storage
 
     storage = open_storage(out, s3_options) if s3_options is not None else open_storage(out)
     texts = list(_texts(Path(input_path)))

@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 
-from train.config import MixtureConfig
+from config.schema import MixtureConfig
 
 
 def stable_hash(text: str) -> int:

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from threading import Event
 from typing import Any
 
-from data.storage import abandoned_when
+from storage import abandoned_when
 
 
 class Prefetcher:

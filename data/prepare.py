@@ -43,9 +43,9 @@ from data.images import RESIZE_REDUCING_GAP, WHITE, EncodedPng, background_rgb, 
 from data.prepare_inputs import Record, Rejected, read_records, to_members
 from data.samples import RawSample, SampleError, load_meta, open_images
 from data.shards import INDEX_SUFFIX, index_bytes
-from data.storage import S3Options, Storage, open_storage
 from data.synthetic import sample_texts
 from data.tokenizer import TextTokenizer, tokenizer_id
+from storage import S3Options, Storage, open_storage
 
 # Records per task sent to a worker (spreads the per-task cost; a few decodes of large images each, so the last
 # tasks do not leave a worker idle for long), and tasks in flight per worker: the bound on what the reader runs

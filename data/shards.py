@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.formats import SampleError
-from data.storage import Storage
+from storage import Storage
 
 
 def is_megatron(entry: dict) -> bool:

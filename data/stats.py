@@ -13,7 +13,7 @@ import json
 import sys
 
 from data.shards import is_megatron, source_files
-from data.storage import S3Options, Storage, open_storage
+from storage import S3Options, Storage, open_storage
 
 COLUMNS = ("source", "kind", "shards", "samples", "images", "near-blank", "rejected", "tokens", "mean image")
 

@@ -1,6 +1,6 @@
 """Kimi-VL model code: single-device math, built on ``meta`` and parallelized from :mod:`parallel`."""
 
-from model.args import CocaArgs, DecoderArgs, ModelArgs, VisionArgs
+from config.model import CocaArgs, DecoderArgs, ModelArgs, VisionArgs
 from model.attention import apply_rotary, rope_angles_1d, rope_angles_2d, varlen_attention
 from model.coca import CocaOutput, CocaTowers, caption_loss_sum, siglip_loss
 from model.decoder import MoEAux, MoEDecoder

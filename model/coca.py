@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.args import CocaArgs
+from config.model import CocaArgs
 from model.init import ParamInit
 from model.layers import IGNORE_INDEX, init_default_weights, masked_targets
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.args import DecoderArgs
+from config.model import DecoderArgs
 from model.attention import DocumentAttention, apply_rotary, rope_angles_1d
 from model.init import ParamInit
 from model.layers import RMSNorm, SwiGLU, init_default_weights

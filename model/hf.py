@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.args import DecoderArgs, ModelArgs
-from model.hf_config import export_config as hf_config
+from config.hf_config import export_config as hf_config
+from config.model import DecoderArgs, ModelArgs
 from model.hf_files import SafetensorsCheckpoint
 from model.hf_names import FORMATS, Rule, build_rules
 from model.vlm import KimiVL

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from model.args import DecoderArgs, ModelArgs, VisionArgs
+from config.model import DecoderArgs, ModelArgs, VisionArgs
 from model.vision import interpolate_pos_table
 
 __all__ = ["FORMATS", "FormatSpec", "Rule", "build_rules"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.args import DecoderArgs
+from config.model import DecoderArgs
 from model.init import ParamInit
 from model.layers import SwiGLU, init_default_weights
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.args import VisionArgs
+from config.model import VisionArgs
 from model.attention import apply_rotary, rope_angles_2d, varlen_attention
 from model.init import ParamInit
 from model.layers import init_default_weights

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.args import ModelArgs
+from config.model import ModelArgs
 from model.coca import CocaOutput, CocaTowers
 from model.decoder import MoEAux, MoEDecoder
 from model.init import ParamInit

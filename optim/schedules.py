@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from train.config import LRScheduleConfig
+from config.schema import LRScheduleConfig
 
 
 def lr_at(schedule: LRScheduleConfig, step: int, total_steps: int, previous_final_lr: float | None = None) -> float:

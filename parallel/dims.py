@@ -1,4 +1,5 @@
-"""Parallel degrees: validated before any process group exists, then turned into a DeviceMesh and sub-groups.
+"""Parallel degrees (checked by config/validate.py before any process group exists) turned into a DeviceMesh
+and sub-groups.
 
 The world is a ``pp x dp x cp`` mesh (pipeline outermost, context innermost, so context ranks, which exchange the
 most, are neighbours). Expert parallelism is carved out of ``dp x cp``: the ``dp * cp`` ranks of a pipeline stage
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from model.args import ModelArgs
-from train.config import ConfigError, ParallelConfig
+from config.model import ModelArgs
+from config.schema import ParallelConfig
+from config.validate import check_degrees, check_stage_cp_degree
 
 MESH_DIMS = ("pp", "dp", "cp")
 
@@ -49,47 +51,10 @@ class ParallelDims:
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, model: ModelArgs | None = None,
                     seq_lens: list[int] | None = None) -> ParallelDims:
-        """Check every degree against the world size, the model and the sequence lengths; say what would work.
-
-        Args:
-            cfg: The recipe's degrees (``dp_degree=-1`` takes what ``pp`` and ``cp`` leave).
-            world_size: Number of ranks.
-            model: The model (expert and layer counts), when known.
-            seq_lens: The stages' sequence lengths, when known.
-        """
-        pp, cp, ep = cfg.pp_degree, cfg.cp_degree, cfg.ep_degree
-        for key, value in (("pp_degree", pp), ("cp_degree", cp), ("ep_degree", ep)):
-            if value < 1:
-                raise ConfigError(f"Invalid value parallel.{key}={value}: allowed is an integer >= 1.")
-        if world_size % (pp * cp):
-            raise ConfigError(f"Invalid layout: pp_degree={pp} x cp_degree={cp} does not divide the world size "
-                              f"{world_size}; use degrees whose product divides it ({_divisors(world_size)}).")
-        dp = world_size // (pp * cp) if cfg.dp_degree == -1 else cfg.dp_degree
-        if pp * dp * cp != world_size:
-            raise ConfigError(f"Invalid layout: pp_degree={pp} x dp_degree={dp} x cp_degree={cp} = {pp * dp * cp} "
-                              f"ranks, but the world has {world_size}; set parallel.dp_degree="
-                              f"{world_size // (pp * cp)} or -1.")
-        if (dp * cp) % ep:
-            raise ConfigError(f"Invalid value parallel.ep_degree={ep}: expert parallelism is carved out of "
-                              f"dp_degree x cp_degree = {dp * cp} ranks; allowed: {_divisors(dp * cp)}.")
-        dims = cls(pp_degree=pp, dp_degree=dp, cp_degree=cp, ep_degree=ep, world_size=world_size)
-        if model is not None:
-            dims._check_model(model)
-        for seq_len in seq_lens or []:
-            if seq_len % (2 * cp):
-                raise ConfigError(f"Invalid layout: sequence length {seq_len} is not divisible by 2 x cp_degree = "
-                                  f"{2 * cp} (zig-zag context parallelism gives each rank two equal chunks); "
-                                  f"allowed cp_degree: {[c for c in _divisors(seq_len // 2)]}.")
-        return dims
-
-    def _check_model(self, model: ModelArgs) -> None:
-        experts, layers = model.decoder.num_routed_experts, model.decoder.num_layers
-        if experts % self.ep_degree:
-            raise ConfigError(f"Invalid value parallel.ep_degree={self.ep_degree}: the {experts} routed experts do "
-                              f"not divide over it; allowed: {_divisors(experts)}.")
-        if layers < self.pp_degree:
-            raise ConfigError(f"Invalid value parallel.pp_degree={self.pp_degree}: the decoder has only {layers} "
-                              f"layers, fewer than the pipeline stages; allowed is at most {layers}.")
+        """The layout of ``world_size`` ranks the recipe's degrees give (checked by
+        :func:`config.validate.check_degrees`, which says what would work)."""
+        pp, dp, cp, ep = check_degrees(cfg, world_size, model, seq_lens)
+        return cls(pp_degree=pp, dp_degree=dp, cp_degree=cp, ep_degree=ep, world_size=world_size)
 
     @property
     def expert_data_degree(self) -> int:
@@ -138,14 +103,8 @@ class ParallelDims:
         The ``dp x cp`` ranks of a pipeline stage stay the same, and with them the expert and dense groups; only how
         they divide rows and tokens changes (e.g. 8K stages data parallel, 128K stages with ``cp = 16``).
         """
-        cp = cp_degree or self.cp_degree
         ranks = self.dp_degree * self.cp_degree
-        if cp < 1 or ranks % cp:
-            raise ConfigError(f"Invalid value {key}={cp_degree}: a stage's context parallelism splits the "
-                              f"dp_degree x cp_degree = {ranks} ranks; allowed: {_divisors(ranks)} (0: the run's).")
-        if seq_len % (2 * cp):
-            raise ConfigError(f"Invalid value {key}={cp_degree}: sequence length {seq_len} is not divisible by "
-                              f"2 x {cp}; allowed: {[c for c in _divisors(ranks) if seq_len % (2 * c) == 0]}.")
+        cp = check_stage_cp_degree(ranks, self.cp_degree, cp_degree, seq_len, key)
         if cp == self.cp_degree:
             return self
         return ParallelDims(pp_degree=self.pp_degree, dp_degree=ranks // cp, cp_degree=cp, ep_degree=self.ep_degree,
@@ -192,7 +151,3 @@ class ParallelDims:
     def dp_rank(self, rank: int | None = None) -> int:
         """This rank's index among the data-parallel replicas (the data loader's shard)."""
         return self.coordinates(dist.get_rank() if rank is None else rank)["dp"]
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]

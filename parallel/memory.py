@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
-from model.args import DecoderArgs, VisionArgs
+from config.model import DecoderArgs, VisionArgs
 from model.attention import rope_angles_1d, rope_angles_2d
 from model.decoder import DecoderLayer
 from model.vision import VisionBlock

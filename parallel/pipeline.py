@@ -47,17 +47,16 @@ from torch.distributed.pipelining.schedules import (
     ScheduleZBVZeroBubble,
 )
 
+from config.model import ModelArgs
+from config.schema import PIPELINE_SCHEDULES
 from data.batch import PackedBatch
-from model.args import ModelArgs
 from model.attention import rope_angles_1d
 from model.layers import masked_targets
 from model.vlm import KimiVL
 from parallel.context import ZigzagLayout, embed_inputs_context_parallel
-from parallel.dims import ParallelDims
-from train.config import ConfigError, RunConfig
 
 __all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "SumLoss", "build_pipeline",
-           "check_pipeline_config", "cu_seqlens_from_doc_ids", "doc_ids_from_cu_seqlens", "layer_costs",
+           "cu_seqlens_from_doc_ids", "doc_ids_from_cu_seqlens", "layer_costs",
            "pipeline_lm_step", "split_layers", "stage_ranks"]
 
 # name -> (schedule class, layout of stages over ranks: "loop" puts stage s on rank s % pp, "v" puts stages r and
@@ -69,6 +68,7 @@ SCHEDULES: dict[str, tuple[type, str, int | None]] = {
     "interleaved_zero_bubble": (ScheduleInterleavedZeroBubble, "loop", None),
     "zero_bubble": (ScheduleZBVZeroBubble, "v", 2),
 }
+assert {name: per_rank for name, (_, _, per_rank) in SCHEDULES.items()} == PIPELINE_SCHEDULES
 
 
 # ---------------------------------------------------------------------------------------------------------- split
@@ -534,30 +534,3 @@ def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_los
     dist.all_reduce(totals)
     lm_loss, aux_total = totals.tolist()
     return lm_loss, aux_total / (len(batches) * replicas), int(tokens), runner.expert_load()
-
-
-def check_pipeline_config(cfg: RunConfig, dims: ParallelDims) -> None:
-    """Reject, before any process group exists, what the pipeline does not run; say what would work."""
-    par = cfg.parallel
-    if par.pp_schedule not in SCHEDULES:
-        raise ConfigError(f"Invalid value parallel.pp_schedule={par.pp_schedule}: allowed are {sorted(SCHEDULES)}.")
-    per_rank = SCHEDULES[par.pp_schedule][2] or par.pp_virtual_stages
-    if per_rank < 1 or (SCHEDULES[par.pp_schedule][2] is None and per_rank < 2):
-        raise ConfigError(f"Invalid value parallel.pp_virtual_stages={par.pp_virtual_stages}: the interleaved "
-                          "schedules need at least 2 stages per rank.")
-    layers = cfg.model.decoder.num_layers
-    if dims.pp_degree * per_rank > layers:
-        raise ConfigError(f"Invalid layout: pp_degree={dims.pp_degree} x {per_rank} stages per rank "
-                          f"({par.pp_schedule}) = {dims.pp_degree * per_rank} stages, but the decoder has {layers} "
-                          "layers; use fewer stages or the 1f1b schedule.")
-    for name in cfg.curriculum.order:
-        micro = cfg.curriculum.stages[name].grad_accum_steps
-        rounds = max(1, micro // dims.pp_degree)
-        if micro < dims.pp_degree or (per_rank > 1 and micro % rounds):
-            raise ConfigError(f"Invalid value curriculum.stages.{name}.grad_accum_steps={micro}: the pipeline "
-                              f"needs at least pp_degree={dims.pp_degree} micro-batches per step (and, interleaved, "
-                              f"a multiple of {rounds}); use a multiple of {dims.pp_degree}.")
-    coca = [n for n in cfg.curriculum.order if cfg.curriculum.stages[n].objective == "coca"]
-    if coca:
-        raise ConfigError(f"Invalid layout: stages {coca} train the vision tower alone (CoCa objective), which "
-                          f"a pipeline cannot split; run them with parallel.pp_degree=1 (here {dims.pp_degree}).")

@@ -22,8 +22,8 @@ def demo_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer(demo_root):
     from data.loader import read_manifest
-    from data.storage import LocalStorage
     from data.tokenizer import TextTokenizer
+    from storage import LocalStorage
 
     return TextTokenizer.from_file(demo_root / read_manifest(LocalStorage(demo_root))["tokenizer"])
 

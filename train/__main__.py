@@ -13,7 +13,7 @@ import sys
 USAGE = """usage: python -m train recipe=<name> [key=value ...]
 
   recipe=<name>      one of: {recipes}
-  key=value          Hydra overrides of any key of the schema (train/config.py), e.g.
+  key=value          Hydra overrides of any key of the schema (config/schema.py), e.g.
                      curriculum.stages.joint_pretrain.steps=100  optim.weight_decay=0.05  run_name=try2
   --config-dir DIR   a folder of your own recipes (recipe/<name>.yaml, stage/, ...), as recipe_dir=DIR
   --print-config     print the composed, validated configuration and exit
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from train.config import ConfigError, available_recipes, load_config, split_recipe_dir
+    from config import ConfigError, available_recipes, load_config, split_recipe_dir
 
     argv = _config_dir_as_override(argv)
     if any(arg in ("-h", "--help") for arg in argv):

@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from data.storage import S3Options, S3Storage
+from storage import S3Options, S3Storage
 
 logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d{8})$")

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.args import ModelArgs
+from config import ConfigError, OptimConfig, RunConfig, StageConfig
+from config.model import ModelArgs
 from model.vlm import KimiVL
 from optim.build import route_parameters
 from optim.plan import Plan, Unit, build_units, build_units_all_adamw
@@ -52,7 +53,6 @@ from parallel.memory import (
     vision_block_bytes_per_patch,
 )
 from parallel.pipeline import layer_costs, split_layers
-from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.loss import linear_cross_entropy_sum
 from train.stages import apply_stage
 

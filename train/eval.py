@@ -30,14 +30,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from config import RunConfig, StageConfig, to_run_config
 from data.loader import read_manifest
 from data.packing import collate_image_text
 from data.samples import SampleError, caption_text, render_document
-from data.storage import S3Options, open_storage
 from data.tokenizer import TextTokenizer, load_root_tokenizer
 from model.registry import build_model
+from storage import S3Options, open_storage
 from train.checkpoint import STEP_DIR, ModelState, S3CheckpointStore, load_checkpoint, read_checkpoint_info
-from train.config import RunConfig, StageConfig, to_run_config
 from train.eval_data import HeldOutData, batch_loss_sum, pack_documents
 from train.eval_niah import HAYSTACKS, MODES, NeedleBench, length_buckets
 from train.metrics import write_atomic

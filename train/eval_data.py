@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from config.model import VisionArgs
 from data.batch import PackedBatch
 from data.loader import read_manifest
 from data.packing import RowBuilder, collate_rows
@@ -24,9 +25,8 @@ from data.samples import (
     load_images,
     load_meta,
 )
-from data.storage import Storage
 from data.tokenizer import TextTokenizer
-from model.args import VisionArgs
+from storage import Storage
 from train.loss import linear_cross_entropy_sum, masked_targets
 
 

@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from config.model import VisionArgs
 from data.images import image_to_patches
 from data.samples import Document, ImagePatches
 from data.tokenizer import TextTokenizer
-from model.args import VisionArgs
 from train.eval_data import HeldOutData, continuation_logprobs, greedy_decode, image_span_document
 
 HAYSTACKS = ("text", "image_caption", "image_frame")

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.args import ModelArgs
+from config.hf_config import args_from_hf, detect_format, read_hf_config
+from config.model import ModelArgs
 from model.hf import FORMATS, export_state_dict, hf_config, import_state_dict, load_safetensors, save_safetensors
-from model.hf_config import args_from_hf, detect_format, read_hf_config
 from model.hf_files import SafetensorsCheckpoint
 from model.init import ParamInit
 from model.registry import FLAVORS

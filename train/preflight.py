@@ -5,7 +5,7 @@ exists and holds a manifest (a mistyped ``data.root`` is never filled with the d
 at the default demo path, or by ``python -m data.synthetic``), the sources of every mixture (``data.missing_sources``:
 ``error`` lists them all, ``drop`` renormalizes each mixture over the sources the root has), the tokenizer against
 the model's vocabulary, every shard present, and the largest image at each stage's patch cap against its sequence
-length. Failures raise :class:`~train.config.ConfigError` or :class:`~data.loader.DataError` with one message
+length. Failures raise :class:`~config.ConfigError` or :class:`~data.loader.DataError` with one message
 saying what to change; ``python -m train`` prints it as one line (exit 2).
 """
 
@@ -15,13 +15,13 @@ import json
 import logging
 from pathlib import Path
 
+from config import ConfigError, DataConfig, MixtureConfig, RunConfig
 from data.images import fit_grid
 from data.loader import DataError
 from data.mixture import MixtureSampler
 from data.shards import source_files
-from data.storage import LocalStorage, Storage, build_storage
 from data.tokenizer import load_root_tokenizer
-from train.config import ConfigError, DataConfig, MixtureConfig, RunConfig
+from storage import LocalStorage, Storage, build_storage
 
 logger = logging.getLogger(__name__)
 # The only folder the demo corpus is ever generated into by a run (data.generate_if_missing).

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from config.model import ModelArgs
 from data.batch import ImageTextBatch, PackedBatch
-from model.args import ModelArgs
 from model.attention import document_lengths
 from model.vision import grid_cu_seqlens
 

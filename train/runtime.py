@@ -17,7 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from train.config import ConfigError
+from config import ConfigError
 
 __all__ = ["backend_for", "init_distributed", "resolve_device"]
 

@@ -13,11 +13,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from data.storage import S3Options
+from config import TRAINABLE_PARTS, ConfigError, RunConfig, StageConfig
+from config.init_sources import parse_init_from, per_part
 from optim.schedules import final_lr
+from storage import S3Options
 from train.checkpoint import CheckpointManager, ModelState, load_checkpoint, open_checkpoint_store
-from train.config import TRAINABLE_PARTS, ConfigError, RunConfig, StageConfig
-from train.init_from import check_sources, load_parts, parse_init_from, per_part
+from train.init_from import check_sources, load_parts
 from train.metrics import write_atomic
 
 

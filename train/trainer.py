@@ -26,9 +26,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
+from config import ConfigError, OptimConfig, RunConfig, StageConfig
+from config.validate import check_layout
 from data.batch import ImageTextBatch, PackedBatch
 from data.loader import StageLoader, read_manifest
-from data.storage import LocalStorage, build_storage
 from data.tokenizer import TextTokenizer, load_root_tokenizer
 from model.coca import caption_loss_sum, siglip_loss
 from model.vlm import KimiVL
@@ -38,9 +39,9 @@ from optim.schedules import lr_at
 from parallel.context import forward_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
 from parallel.parallelize import PipelineOptions, parallelize
-from parallel.pipeline import check_pipeline_config, pipeline_lm_step
+from parallel.pipeline import pipeline_lm_step
+from storage import LocalStorage, build_storage
 from train.checkpoint import CheckpointManager, ModelState, RNGState
-from train.config import ConfigError, OptimConfig, RunConfig, StageConfig
 from train.device_feed import DeviceFeed
 from train.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy_sum, masked_targets
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
@@ -242,9 +243,8 @@ class Trainer:
         init_distributed(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         seq_lens = [cfg.curriculum.stages[n].seq_len for n in cfg.curriculum.order]
+        check_layout(cfg, self.world)
         self.dims = ParallelDims.from_config(cfg.parallel, self.world, cfg.model, seq_lens)
-        if self.dims.pp_degree > 1:
-            check_pipeline_config(cfg, self.dims)
         self.groups = self.dims.build_groups(self.device.type)
         # Background checkpoint writes talk over a group of their own, never interleaving with training collectives.
         self.checkpoint_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
@@ -273,7 +273,7 @@ class Trainer:
     def _build_tokenizer(self) -> TextTokenizer:
         data = self.cfg.data
         root = data.root
-        # S3 with the request-rate limit and the bounded disk cache in front, as the recipe says (data/storage.py).
+        # S3 with the request-rate limit and the bounded disk cache in front, as the recipe says (storage/).
         self.storage = build_storage(data)
         local = isinstance(self.storage, LocalStorage)
         # Only ever at the default demo path: a mistyped root must fail (train/preflight.py), not fill with demo data.

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.storage import S3Options, open_storage
 from data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from data.tokenizer.root import train_root_tokenizer
+from storage import S3Options, open_storage
 
 USAGE = "python -m data.tokenizer train ROOT [--vocab-size N] [--samples-per-source N] [--recount] [--endpoint-url URL]"
 

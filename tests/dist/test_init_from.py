@@ -21,7 +21,8 @@ from parallel.forked import run_ranks
 from train.loss import linear_cross_entropy_sum
 from tests.unit.test_model_hf import ARGS, _perturb_norms
 from train.checkpoint import CheckpointManager, ModelState
-from train.init_from import InitError, load_parts, parse_init_from
+from config.init_sources import parse_init_from
+from train.init_from import InitError, load_parts
 
 SEED = 7
 
@@ -94,7 +95,7 @@ def test_stage_sources_resolve_to_their_final_checkpoints(tmp_path: Path):
     with pytest.raises(ValueError, match="does not come before"):
         parse_init_from({"decoder": "here"}, ["stage_a"], ["stage_a", "here"])
     # A defined stage this run leaves out of its order (a prefix of the curriculum) provides nothing: scratch.
-    from train.config import load_config
+    from config import load_config
 
     cfg = load_config(["recipe=debug", "curriculum.order=[vit_coca,vit_align]"])
     assert cfg.curriculum.stages["vit_align"].init_from["decoder"] == "text_pretrain"
@@ -144,7 +145,7 @@ def _parallel_model(pp: int, ep: int):
 
     from parallel.dims import ParallelDims
     from parallel.parallelize import PipelineOptions, parallelize
-    from train.config import ParallelConfig
+    from config import ParallelConfig
 
     dims = ParallelDims.from_config(ParallelConfig(pp_degree=pp, ep_degree=ep), dist.get_world_size(), ARGS, [32])
     groups = dims.build_groups("cpu")

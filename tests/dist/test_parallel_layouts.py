@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from parallel.forked import run_ranks
-from train.config import load_config
+from config import load_config
 from train.metrics import read_metrics
 from train.trainer import Trainer
 

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data.storage import S3Options, S3Storage
+from config import load_config
+from storage import S3Options, S3Storage
 from train.__main__ import main
 from train.checkpoint import (
     CheckpointManager,
@@ -24,7 +25,6 @@ from train.checkpoint import (
     load_checkpoint,
     read_checkpoint_info,
 )
-from train.config import load_config
 from train.metrics import read_metrics
 from train.stages import checkpoint_location, checkpoints_of
 

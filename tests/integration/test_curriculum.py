@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
+from config import load_config
 from model.registry import FLAVORS, build_model
 from train.__main__ import main
 from train.checkpoint import ModelState, load_checkpoint
-from train.config import load_config
 from train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from config import MixtureConfig
 from data import prepare, stats
 from data.loader import StageLoader
-from data.storage import S3Options, S3Storage, open_storage
 from data.tokenizer import TextTokenizer
 from data.tokenizer import __main__ as tokenizer_cli
 from model.registry import FLAVORS
+from storage import S3Options, S3Storage, open_storage
 from tests.integration.test_s3_loader import BUCKET, s3_corpus  # noqa: F401  (the module-scoped S3 server)
 from tests.unit.test_loader import stage_of
-from train.config import MixtureConfig
 
 REPO = Path(__file__).resolve().parents[2]
 VISION = FLAVORS["debug"].vision

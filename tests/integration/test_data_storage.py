@@ -10,14 +10,14 @@ import boto3
 import pytest
 import torch
 
-from data.cache import CachedStorage, DiskCache
+from config import DataConfig, load_config
 from data.loader import StageLoader
 from data.samples import ShardSource
-from data.storage import LocalStorage, S3Options, S3Storage
 from model.registry import FLAVORS
+from storage import LocalStorage, S3Options, S3Storage
+from storage.cache import CachedStorage, DiskCache
 from tests.integration.fault_proxy import FaultProxy
 from tests.integration.test_s3_loader import BUCKET, s3_corpus  # noqa: F401  (the module-scoped S3 server)
-from train.config import DataConfig, load_config
 
 
 def upstream(endpoint: str) -> int:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from data.samples import render_document
-from data.storage import LocalStorage
 from model.registry import FLAVORS, build_model
+from storage import LocalStorage
 from train.__main__ import main as train_main
 from train.eval import heldout_loss, main, retrieval_recall
 from train.eval_data import HeldOutData, batch_loss_sum, document_batch

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from config import ConfigError, load_config
 from data import prepare
 from data.loader import DataError
 from data.tokenizer import __main__ as tokenizer_cli
-from train.config import ConfigError, load_config
 from train.preflight import check_run
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image
 
 from data import prepare, stats
-from data.storage import LocalStorage
 from data.tokenizer import TextTokenizer
 from data.tokenizer import __main__ as tokenizer_cli
+from storage import LocalStorage
 from tests.integration.test_data_prepare import first_batch_texts
 
 REPO = Path(__file__).resolve().parents[2]

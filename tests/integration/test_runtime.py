@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from config import load_config
 from train.__main__ import main
-from train.config import load_config
 from train.metrics import read_metrics
 from train.trainer import RunLocked, Trainer, TrainingDiverged
 

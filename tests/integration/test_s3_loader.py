@@ -8,11 +8,11 @@ import boto3
 import pytest
 import torch
 
+from config import load_config
 from data.loader import StageLoader
-from data.storage import LocalStorage, S3Options, S3Storage
 from model.registry import FLAVORS
+from storage import LocalStorage, S3Options, S3Storage
 from train.__main__ import main
-from train.config import load_config
 
 BUCKET = "kimi-demo"
 

@@ -21,7 +21,7 @@ sys.path.insert(0, {repo!r})
 from data.loader import StageLoader
 from data.tokenizer import TextTokenizer
 from model.registry import FLAVORS
-from train.config import DataConfig, load_config
+from config import DataConfig, load_config
 
 def read_a_batch():
     tokenizer = TextTokenizer.from_file({tokenizer!r})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from config import ConfigError, available_recipes, load_config
 from train.__main__ import main
-from train.config import ConfigError, available_recipes, load_config
 
 STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]
 
@@ -96,6 +96,8 @@ def test_wrong_type():
         ("checkpoint.url=gs://bucket/ckpt", "checkpoint.url"),
         ("checkpoint.url=s3://", "checkpoint.url"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("parallel.pp_schedule=bogus", "parallel.pp_schedule"),
+        ("data.request_burst=0", "data.request_burst"),
     ],
 )
 def test_impossible_values_name_the_key(override, fragment):
@@ -120,3 +122,15 @@ def test_entry_point_rejects_bad_config_before_anything_starts(capsys, tmp_path)
 def test_print_config(capsys):
     assert main(["recipe=debug", "--print-config"]) == 0
     assert "long_ctx_128k" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("parallel.pp_schedule=bogus", "parallel.pp_schedule='bogus': allowed is one of"),
+    ("parallel.pp_schedule=interleaved_1f1b parallel.pp_virtual_stages=1", "parallel.pp_virtual_stages=1"),
+    # Checked at the recipe's world size before any process group: 3 decoder layers cannot make 2 x 2 stages.
+    ("parallel.pp_degree=2 parallel.pp_schedule=interleaved_1f1b world_size=2", "decoder has 3 layers"),
+])
+def test_print_config_rejects_what_a_launched_run_would(capsys, override, fragment):
+    assert main(["recipe=debug", *override.split(), "--print-config"]) == 2
+    error = capsys.readouterr().err
+    assert fragment in error and "Traceback" not in error

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from data.cache import CachedStorage, DiskCache
-from data.storage import LocalStorage, TokenBucket
+from storage import LocalStorage, TokenBucket
+from storage.cache import CachedStorage, DiskCache
 
 
 def payload(i: int) -> bytes:

@@ -13,10 +13,10 @@ import zlib
 import pytest
 from PIL import Image
 
+from config import DataConfig, MixtureConfig
 from data.loader import StageLoader
 from model.registry import FLAVORS
 from tests.unit.test_loader import stage_of
-from train.config import DataConfig, MixtureConfig
 
 VISION = FLAVORS["debug"].vision
 SHARD = "mixed/shard-000000.tar"

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from config import MixtureConfig
 from data.formats import BOX_END, BOX_START
 from data.loader import StageLoader
 from data.samples import RawSample, SampleError, ShardSource, load_images, load_meta, render_document
-from data.storage import LocalStorage
 from model.registry import FLAVORS
+from storage import LocalStorage
 from tests.unit.test_loader import stage_of
-from train.config import MixtureConfig
 
 VISION = FLAVORS["debug"].vision
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from config import DataConfig, MixtureConfig
 from data.loader import StageLoader
 from model.registry import FLAVORS
 from tests.unit.test_loader import stage_of
-from train.config import DataConfig, MixtureConfig
 
 VISION = FLAVORS["debug"].vision
 
@@ -227,7 +227,7 @@ from data.loader import StageLoader
 from data.tokenizer import TextTokenizer
 from model.registry import FLAVORS
 from tests.unit.test_loader import stage_of
-from train.config import DataConfig
+from config import DataConfig
 def main(root):
     loader = StageLoader("vit_coca", stage_of("vit_coca", micro_batch_size=16, max_image_patches=256,
                                               min_image_patches=0), root,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.shards import INDEX_SUFFIX, ShardSource
-from data.storage import LocalStorage
+from storage import LocalStorage
 
 
 class CountingStorage(LocalStorage):
@@ -91,9 +91,9 @@ def test_draws_landing_in_new_shards_read_their_indexes_at_once(demo_root, token
     """A start's first draws land in shards not indexed yet: a worker request (threads=0: SampleReader.read_many) or
     the read-ahead thread's plan (threads=1) reads all their indexes at once, each once, and the batch is the one a
     loader reading one draw after another gives."""
+    from config import DataConfig
     from data.loader import StageLoader
     from tests.unit.test_loader import VISION, stage_of
-    from train.config import DataConfig
 
     stage = stage_of("vit_coca", micro_batch_size=16)
     reference = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1).next_image_text_batch(0.0)

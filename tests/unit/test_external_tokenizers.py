@@ -9,9 +9,9 @@ import json
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from data.storage import LocalStorage
 from data.tokenizer import SPECIAL_ROLES, load_root_tokenizer, train_tokenizer
 from data.tokenizer.tiktoken_bpe import parse_tiktoken_bpe, tokenizer_from_tiktoken
+from storage import LocalStorage
 
 # A split pattern of tiktoken's kind (cl100k's shape, without possessive quantifiers).
 PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""

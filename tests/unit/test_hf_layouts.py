@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.args import ModelArgs
+from config.hf_config import HFConfigError, args_from_hf, detect_format, read_hf_config
+from config.model import ModelArgs
 from model.hf import export_state_dict, hf_config, import_state_dict, save_safetensors
-from model.hf_config import HFConfigError, args_from_hf, detect_format, read_hf_config
 from model.hf_files import SafetensorsCheckpoint
 from model.registry import FLAVORS, build_model
 from tests.unit.test_model_hf import ARGS, DECODER, IMAGE_TOKEN, VISION, _k25_reference, _perturb_norms

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from config import MixtureConfig, StageConfig, load_config
 from data.loader import DataError, StageLoader
 from data.mixture import DrawRandom, MixtureSampler, draw_uniforms
 from model.registry import FLAVORS
-from train.config import MixtureConfig, StageConfig, load_config
 
 VISION = FLAVORS["debug"].vision
 
@@ -275,7 +275,7 @@ def test_progressive_resolution_raises_the_patch_cap_over_the_stage(demo_root, t
 
 def test_dialogue_supervises_assistant_turns_only(demo_root, tokenizer):
     from data.samples import ShardSource, load_images, load_meta, render_document
-    from data.storage import LocalStorage
+    from storage import LocalStorage
     from tests.unit.test_synthetic import samples_of
 
     manifest = json.loads((demo_root / "manifest.json").read_text())

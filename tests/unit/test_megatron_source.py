@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from config import MixtureConfig, load_config
 from data.loader import StageLoader
 from data.megatron import MegatronSource, VocabularyError, import_indexed_dataset
 from data.mixture import epoch_permutation
-from data.storage import LocalStorage
+from storage import LocalStorage
 from tests.unit.test_loader import VISION, batches_equal
-from train.config import MixtureConfig, load_config
 
 DOCUMENTS = 60
 SOURCE = "mtext"
@@ -150,7 +150,7 @@ def test_prepare_format_megatron_writes_a_corpus_the_loader_reads(tmp_path, demo
 def test_s3_root_reads_ranged(corpus, tokenizer, s3_endpoint, tmp_path):
     import boto3
 
-    from data.storage import S3Options, open_storage
+    from storage import S3Options, open_storage
 
     root, _ = corpus
     client = boto3.client("s3", endpoint_url=s3_endpoint)

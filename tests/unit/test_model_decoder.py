@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.args import DecoderArgs
+from config.model import DecoderArgs
 from model.decoder import MoEDecoder
 from model.moe import MoE
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.args import CocaArgs, DecoderArgs, ModelArgs, VisionArgs
+from config.model import CocaArgs, DecoderArgs, ModelArgs, VisionArgs
 from model.hf import FORMATS, export_state_dict, import_state_dict, load_safetensors, save_safetensors
 from model.init import ParamInit
 from model.registry import FLAVORS, build_model

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import data.images as images
+from config.model import VisionArgs
 from data.images import ImageError, decode_image, fit_grid, image_to_patches
-from model.args import VisionArgs
 from model.projector import PatchMergerProjector
 from model.vision import MoonViT
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.args import VisionArgs
+from config.model import VisionArgs
 from model.projector import PatchMergerProjector, merge_patches
 from model.vision import MoonViT
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from config import ConfigError, ParallelConfig, load_config
 from model.registry import FLAVORS
 from parallel.dims import ParallelDims
-from train.config import ConfigError, ParallelConfig, load_config
 
 REAL = FLAVORS["kimi_vl_a3b"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from config import load_config
 from train.__main__ import main
-from train.config import load_config
 
 MOONLIGHT = "moonlight_dir=/ckpts/Moonlight-16B-A3B"  # validation does not read it; the trainer checks it
 STAGES = ["vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k", "long_ctx_128k"]

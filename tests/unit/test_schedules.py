@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from config import ConfigError, LRScheduleConfig, load_config
 from optim.schedules import final_lr, lr_at
-from train.config import ConfigError, LRScheduleConfig, load_config
 from train.stages import previous_final_lrs
 
 

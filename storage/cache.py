@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from data.storage import Storage, read_file_range
+from storage.stores import Storage, read_file_range
 
 SUFFIX = ".obj"
 LOCK_SUFFIX = ".lock"  # beside an entry, held while one process fetches it
@@ -155,7 +155,7 @@ class DiskCache:
 
 
 class CachedStorage:
-    """``storage`` with a :class:`DiskCache` in front (same calls as :class:`~data.storage.Storage`)."""
+    """``storage`` with a :class:`DiskCache` in front (same calls as :class:`~storage.Storage`)."""
 
     def __init__(self, storage: Storage, cache: DiskCache):
         self.storage = storage

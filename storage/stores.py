@@ -9,7 +9,7 @@ its missing bytes). A key that does not exist fails at once, by name.
 Every S3 request (retries included) first takes a token from a per-process :class:`TokenBucket`, so a process never
 sends more than ``burst + rate * t`` requests in any ``t`` seconds; a throttling answer (503 SlowDown) halves the
 bucket's rate, which then climbs back with each success (adaptive, like AWS's "adaptive" retry mode). A bounded
-local disk cache of whole objects (:mod:`data.cache`) sits in front when configured (:func:`build_storage`).
+local disk cache of whole objects (storage/cache.py) sits in front when configured (storage/build.py).
 """
 
 from __future__ import annotations
@@ -358,23 +358,6 @@ class _KeepOpen(io.RawIOBase):
 
 class ShortRead(OSError):
     """A response body shorter than its Content-Length (a connection cut mid-transfer)."""
-
-
-def build_storage(data) -> Storage:
-    """The storage a run reads from, from its ``DataConfig``: S3 with the rate limit and, if ``cache_dir`` is set,
-    the bounded disk cache in front; a local folder as it is (caching local files would only copy them)."""
-    if data.requests_per_second < 0 or data.request_burst < 1 or data.cache_max_bytes < 0:
-        raise ValueError(f"data.requests_per_second={data.requests_per_second} (>= 0), data.request_burst="
-                         f"{data.request_burst} (>= 1), data.cache_max_bytes={data.cache_max_bytes} (>= 0): "
-                         "one of them is out of range")
-    options = S3Options(endpoint_url=data.endpoint_url, region=data.region, max_attempts=data.max_attempts,
-                        requests_per_second=data.requests_per_second, request_burst=data.request_burst)
-    storage = open_storage(data.root, options)
-    if data.cache_dir and isinstance(storage, S3Storage):
-        from data.cache import CachedStorage, DiskCache
-
-        storage = CachedStorage(storage, DiskCache(data.cache_dir, data.cache_max_bytes))
-    return storage
 
 
 def open_storage(url: str | Path, options: S3Options | None = None) -> Storage:

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.args import DecoderArgs, ModelArgs, VisionArgs
+from config.model import DecoderArgs, ModelArgs, VisionArgs
 
 __all__ = ["PARTS_OF_FORMAT", "HFConfigError", "args_from_hf", "detect_format", "export_config", "read_hf_config"]
 
