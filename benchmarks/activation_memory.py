@@ -9,7 +9,7 @@ line with both per policy, ``selective_saving`` (1 - selective / none bytes; goa
 And the loss: ``loss_peak_bytes_ratio``, the peak tensor bytes of the next-token loss's forward and backward fused
 and chunked (train/loss.py, ``loss_chunk_tokens`` tokens' logits at a time) over the unfused loss holding the
 whole logits, at ``--loss-tokens`` tokens with ``kimi_vl_a3b``'s vocabulary and width (goal <= 0.25). Measured
-with ``MemTracker`` on ``meta`` tensors (the unfused loss needs ~16 GiB there); both losses are first checked to
+with ``MemTracker`` on ``meta`` tensors (the unfused loss needs many GiB there); both losses are first checked to
 agree on real values at a small size.
 
     python benchmarks/activation_memory.py [--seq 4096 --layers 2 --repeats 3 --loss-tokens 8192]

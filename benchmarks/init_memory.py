@@ -6,8 +6,8 @@ under a fake process group (``parallel.parallelize``: meta build, expert slice, 
 
 * ``init_peak_rss_vs_shard``: growth of the process's peak resident memory during build + parallelize + init,
   divided by the bytes of the parameters this rank holds. Goal <= 1.2.
-* ``full_model_vs_shard``: the bytes the former path materialized on every rank (the whole model, built then
-  sliced), divided by the same shard bytes: the baseline, computed on ``meta`` (it does not fit this machine).
+* ``full_model_vs_shard``: the bytes a build-then-slice path would materialize on every rank (the whole model),
+  divided by the same shard bytes: the baseline, computed on ``meta`` (it does not fit this machine).
 * ``seconds_to_build``: wall time of build + parallelize + init.
 
 The peak is the kernel's high-water mark (``VmHWM``), reset just before the build (``/proc/self/clear_refs``).

@@ -10,7 +10,7 @@ Prints one JSON line:
   neither window gets the other's work. Goal >= 0.8. The loader runs as configured for a production run on this
   machine: ``data.loader_workers`` = one worker process per core (``--workers``, default ``os.cpu_count()``),
   ``prefetch_samples=8`` draws per slot ahead, ``prefetch_threads=4``; the floor is one thread.
-  On the demo shards (PNGs of 56-224 px, ~0.1 ms to decode) the loader's fixed per-sample work dominates;
+  On the demo shards (PNGs of 56-224 px, quick to decode) the loader's fixed per-sample work dominates;
   ``photos_*`` repeats the measurement on 1024x768 JPEGs built with ``data.prepare``, where decoding is most of the
   work (the loader decodes them at the DCT scale its 256-patch grid needs).
 - ``read_ceiling_vs_decode_floor``: the same, for ``--workers`` processes doing nothing but the per-draw read
@@ -21,7 +21,7 @@ Prints one JSON line:
 - ``packing_efficiency``: real tokens ÷ row tokens of 8K rows of the demo ``joint_pretrain`` mixture. Goal >= 0.99.
 - ``resume_latency_ratio``: time to the first batch of a new loader resumed at global sample 1,000,000 ÷ at
   sample 0 (medians of ``--resume-repeats`` each, alternating), read ahead on threads (no worker processes, whose
-  start would dominate both); the stage's recipe is composed before the clock starts (Hydra's ~0.25 s would
+  start would dominate both); the stage's recipe is composed before the clock starts (Hydra's composition would
   dilute the ratio). Goal <= 1.2.
 - The same throughput and resume figures for torchdata's ``StatefulDataLoader`` (a map-style dataset doing the
   same per-sample work on the same storage, 2 workers) and megatron-energon (2 workers, decoding to tensors, on
@@ -117,8 +117,8 @@ def coca_stage(sources: tuple[str, ...] = SOURCES):
 
 def our_loader(url: str, endpoint: str, tokenizer, cache: str, sources: tuple[str, ...] = SOURCES, workers: int = 0,
                stage=None):
-    """Our loader of the benchmark's stage (``stage``: composed already, e.g. outside a timed window; Hydra takes
-    ~0.25 s to compose the recipe)."""
+    """Our loader of the benchmark's stage (``stage``: composed already, e.g. outside a timed window: composing the
+    recipe with Hydra is slow beside a loader's start)."""
     from config import DataConfig
     from data.loader import StageLoader
     from model.registry import FLAVORS
@@ -133,8 +133,8 @@ def our_loader(url: str, endpoint: str, tokenizer, cache: str, sources: tuple[st
 def samples_per_s(url: str, endpoint: str, tokenizer, cache: str, batches: int, sources=SOURCES,
                   workers: int = 0, repeats: int = 1, floor_images: list[bytes] | None = None) -> dict:
     """Our loader's samples/s over ``repeats`` windows of ``batches`` batches of one stream (median), and with
-    ``floor_images`` the decode floor measured between the windows (median): this machine's speed drifts by tens of
-    percent within a minute, and a ratio of two medians taken side by side is steadier than two lone figures."""
+    ``floor_images`` the decode floor measured between the windows (median): a shared machine's speed drifts within
+    a minute, and a ratio of two medians taken side by side is steadier than two lone figures."""
     loader = our_loader(url, endpoint, tokenizer, cache, sources, workers)
     loader.next_image_text_batch(0.0)  # worker start, the first shard indexes and cache fills
     rates, floors, step, total = [], [], 0, (batches + WARMUP_BATCHES) * repeats + 1

@@ -8,8 +8,8 @@
   has to do), same modules and weights. Goal >= 1.5.
 
 The default decoder batch is one 4096-token row: pretraining packs 8192-token rows (32K and 128K later), and 4096
-keeps a CPU step at seconds. The ratio depends on the row length (measured on a quiet machine, 1 thread: 2.02 at
-4096, 1.34 at 2048, 1.2 at ``--rows 4 --seq 512``): the reference's grouped-GEMM experts are as good as ours, and
+keeps a CPU step at seconds. The ratio grows with the row length (figures: docs/benchmarks.md), because the
+reference's grouped-GEMM experts are as good as ours, and
 the vocabulary head, identical on both sides, is ~46% of the ``small`` flavor's FLOPs (~14% in ``kimi_vl_a3b``);
 our edge is attention, where MLA's narrower values push the reference's SDPA onto its quadratic-memory math path
 while ours pads them and stays on the flash kernel, and that edge grows with the row.

@@ -15,10 +15,9 @@ the pipeline's device-time spent idle. Interleaved schedules run ``--virtual`` s
 virtual`` of a rank's work, so the total compute is the same. The median over ``--steps`` steps (after a warm-up
 step) is reported with the theory ``(p - 1) / (m + p - 1)`` of 1F1B and ``(p - 1) / (v m + p - 1)`` of interleaving.
 
-The excess over theory is the runtime's per-action overhead (gloo send/recv, Python bookkeeping; about a
-millisecond here) relative to the stage time, so it shrinks as stages get longer (measured: 1F1B excess 0.041 at
-20 ms forwards, 0.022 at 50 ms); interleaving doubles the number of actions, hence its larger excess over its own
-(lower) theory.
+The excess over theory is the runtime's per-action overhead (gloo send/recv, Python bookkeeping) relative to the
+stage time, so it shrinks as stages get longer (figures: docs/benchmarks.md); interleaving doubles the number of
+actions, hence its larger excess over its own (lower) theory.
 
     python benchmarks/pipeline_bubble.py [--pp 4 --microbatches 8 --forward-ms 40 --steps 3]
 

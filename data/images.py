@@ -49,7 +49,7 @@ class ImageError(ValueError):
 
 # The 8-bit PNG layouts without transparency (IHDR colour types: grey, RGB, palette; no tRNS chunk) that OpenCV
 # decodes to exactly Pillow's RGB conversion (grey and palette expanded; tested). PNG is lossless and OpenCV's
-# decoder takes ~20% less time than Pillow's on the demo shards; other layouts (anything with alpha or a transparent
+# decoder is the faster of the two; other layouts (anything with alpha or a transparent
 # colour, composited onto the background through Pillow; 16-bit samples, which the two round differently; fewer
 # bits a sample) are decoded by Pillow.
 OPENCV_PNG_COLOUR_TYPES = frozenset({0, 2, 3})
@@ -67,7 +67,7 @@ PatchBuffer = Callable[[int], np.ndarray | None]
 @dataclass(frozen=True)
 class EncodedPng:
     """A PNG whose header says OpenCV decodes it (:data:`OPENCV_PNG_COLOUR_TYPES`), opened without Pillow (its
-    header read in well under a microsecond, where ``Image.open`` takes ~12 us): :func:`decode_png_pixels` decodes
+    header read directly, far cheaper than ``Image.open``): :func:`decode_png_pixels` decodes
     it; :meth:`pil` opens it with Pillow, for the reduced decodes and resizes only Pillow does."""
 
     data: bytes
@@ -344,7 +344,7 @@ def image_to_patches(
 
 def rgb_pixels(image: Image.Image) -> np.ndarray:
     """A loaded RGB image's pixels, uint8 ``[height, width, 3]``: packed from a view of Pillow's own 4-byte pixels
-    by OpenCV (``np.asarray`` packs them through Pillow's encoder, six times slower, see :mod:`data.pixel_view`)."""
+    by OpenCV (``np.asarray`` packs them through Pillow's slower encoder, see :mod:`data.pixel_view`)."""
     view = rgbx_view(image)
     return np.asarray(image) if view is None else cv2.cvtColor(view, cv2.COLOR_RGBA2RGB)
 
@@ -354,8 +354,8 @@ def cut_patches(pixels: np.ndarray, patch_size: int, patch_buffer: PatchBuffer |
     over the patch grid, each patch flattened as (y, x, channel): the decoded image's own layout, so the cut moves
     whole runs of ``p`` pixels (a (channel, y, x) order would gather single bytes, several times slower; the
     model's patch embedding reads either order for free, see :class:`~model.vision.MoonViT`). Each run moves as one
-    opaque item of ``p * 3`` bytes (a numpy void dtype): numpy then copies run by run instead of byte by byte, twice
-    as fast. Into ``patch_buffer``'s memory if it gives some."""
+    opaque item of ``p * 3`` bytes (a numpy void dtype): numpy then copies run by run instead of byte by
+    byte. Into ``patch_buffer``'s memory if it gives some."""
     height, width, channels = pixels.shape
     p = patch_size
     rows, cols = height // p, width // p
@@ -375,7 +375,7 @@ def render(image: Image.Image | EncodedPng, size: tuple[int, int], warp: Warp | 
     Every output pixel is sampled bilinearly from the stored image (decoded at a reduced scale when the output is
     much smaller, as :func:`load_rgb` allows); points outside it are mid-grey (byte 128, 1/255 after the model's
     normalization: padding carries next to no signal before jitter). OpenCV's ``warpAffine`` samples the bytes as they
-    are (a float round trip through ``grid_sample`` cost three times as much on the small images the loader warps).
+    are (a float round trip through ``grid_sample`` costs more on the small images the loader warps).
     """
     stored = image.size
     frame = warp.size if warp is not None else stored
@@ -383,8 +383,8 @@ def render(image: Image.Image | EncodedPng, size: tuple[int, int], warp: Warp | 
     # Output pixels per stored pixel, for the decode scale (antialiasing is left to that reduced decode: bilinear
     # sampling alone would alias beyond a 2x reduction).
     zoom = math.sqrt(size[0] * size[1] / (frame[0] * frame[1])) * (warp.zoom if warp is not None else 1.0)
-    # Four channels: OpenCV's vectorized bilinear warp handles 4 bytes a pixel, and is twice as fast on them as
-    # on 3 (the extra conversions included); Pillow's own pixels have four (see data.pixel_view).
+    # Four channels: OpenCV's vectorized bilinear warp handles 4 bytes a pixel, and is faster on them than on 3
+    # (the extra conversions included); Pillow's own pixels have four (see data.pixel_view).
     # Without a reduction to come, a PNG's pixels come from OpenCV's faster decoder.
     pixels = None
     if isinstance(image, EncodedPng):

@@ -44,8 +44,8 @@ MAX_WORKER_REQUEST = 64
 # Epoch orders of the sources kept for reuse (LRU), in bytes.
 ORDER_CACHE_BYTES = 256 * 1024 * 1024
 # Progressive resolution raises the patch cap in this many equal steps: a cap that moved with every batch would make
-# every draw read ahead (planned at one progress, taken at a later one) a miss (75% of them, measured over a
-# debug-size ramp), while the reads ahead stay valid between steps.
+# most draws read ahead (planned at one progress, taken at a later one) misses, while between steps the reads
+# ahead stay valid.
 RESOLUTION_STEPS = 16
 
 
@@ -63,9 +63,7 @@ def worker_request_draws(window_draws: int, workers: int) -> int:
     over the places the workers hold requests in (:data:`~data.workers.REQUESTS_PER_WORKER` each), so the window is
     asked for at once, at most :data:`MAX_WORKER_REQUEST`. A trip's fixed cost falls on the training process
     (receiving, copying out, resolving, dispatching: its share of the cores), so larger requests leave more of them
-    to the reads. Measured on the demo shards (2 workers, 16 slots, 8 draws ahead, six interleaved runs each):
-    32 draws per request gave 0.84-0.92 of the decode floor, 16 (one batch) 0.68-0.93; earlier, 16 beat 8 by
-    10-20%."""
+    to the reads (figures: docs/benchmarks.md)."""
     return max(1, min(MAX_WORKER_REQUEST, math.ceil(window_draws / (workers * REQUESTS_PER_WORKER))))
 
 
@@ -288,8 +286,8 @@ class StageLoader:
     def _prefetch(self, progress: float) -> None:
         """Ask for the reads of every slot's next draws (predicted at the current progress), once some slot has at
         most half of ``prefetch_samples`` draws asked for: then each slot's plan is extended to the whole window,
-        from where it ended (each draw is planned once; planning costs about as much as the rest of the trainer's
-        share of a sample). A draw that turns out other than planned (the mixture moved with progress) drops the
+        from where it ended (each draw is planned once; planning is a large part of the trainer's own work per
+        sample). A draw that turns out other than planned (the mixture moved with progress) drops the
         rest of its slot's plan, which starts again from the slot's counters."""
         if self.prefetcher is None:
             return

@@ -28,8 +28,8 @@ def _draw_key(seed: int, stage: str, index: int, salt: str) -> bytes:
 
 class DrawRandom:
     """The random numbers of one draw, as a counter-based stream: block ``k`` is BLAKE2b-512 of (seed, stage, index,
-    salt, k), eight uniforms of 53 bits each. About 1 us per block, where seeding a numpy generator costs 15-20 us
-    (its seed sequence) and each of its calls ~1 us of overhead: augmentation plans take ten numbers per image.
+    salt, k), eight uniforms of 53 bits each: no numpy generator to seed per draw (its seed sequence is costly) nor
+    per-call overhead to pay, and augmentation plans take ten numbers per image.
     Offers the part of ``numpy.random.Generator`` that :func:`data.augment.plan_augment` uses."""
 
     def __init__(self, seed: int, stage: str, index: int, salt: str):
@@ -55,8 +55,8 @@ class DrawRandom:
 
 
 def draw_uniforms(seed: int, stage: str, index: int, salt: str) -> tuple[float, float]:
-    """Two uniforms in [0, 1) of draw ``index``, as a counter-based hash (BLAKE2b of the key): about 1 us, where
-    seeding a generator costs 15-20 us (its seed sequence), which the loader would pay for every draw it plans."""
+    """Two uniforms in [0, 1) of draw ``index``, as a counter-based hash (BLAKE2b of the key): no generator to seed
+    (its seed sequence is costly), which the loader would otherwise do for every draw it plans."""
     high, low = struct.unpack("<QQ", hashlib.blake2b(_draw_key(seed, stage, index, salt), digest_size=16).digest())
     return (high >> 11) * 2.0**-53, (low >> 11) * 2.0**-53  # the top 53 bits: every double in [0, 1) is exact
 

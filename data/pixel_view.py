@@ -1,9 +1,9 @@
 """Zero-copy numpy views of decoded Pillow images, through the Arrow C data interface.
 
 Pillow keeps an RGB image as 4 bytes a pixel (R, G, B, 255). ``np.asarray(image)`` packs them into a new 3-byte
-array through Pillow's raw encoder, in chunks that are then joined: two passes over the pixels, slower than
-everything else the loader does to a small image after decoding it (on a 224 x 224 image: 26 us, where OpenCV packs a
-4-byte view to 3 bytes in 4 us and a plain copy takes 4 us). Pillow (>= 11.2) exports its pixel memory without a copy
+array through Pillow's raw encoder, in chunks that are then joined: two passes over the pixels, costlier than
+everything else the loader does to a small image after decoding it, where OpenCV packs a 4-byte view to 3 bytes at
+the cost of a plain copy. Pillow (>= 11.2) exports its pixel memory without a copy
 through ``Image.__arrow_c_array__``; numpy cannot import Arrow arrays, so this module reads the exported structs,
 whose layout the Arrow C data interface fixes as a stable ABI
 (https://arrow.apache.org/docs/format/CDataInterface.html), and wraps the pixel buffer.

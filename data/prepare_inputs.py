@@ -74,7 +74,7 @@ def _read_jsonl(path: Path, source: str, stem: str, prefix: str = "") -> Iterato
     with path.open(encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines):
             if line.strip():
-                # Keys count lines from 0 (as earlier versions did: held-out membership is a hash of the key).
+                # Keys count lines from 0, and must stay so: held-out membership is a hash of the key.
                 yield Record(f"{prefix}line {number + 1}", f"{source}-{number:06d}", line=line, base=str(path.parent))
 
 

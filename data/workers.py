@@ -99,9 +99,8 @@ class SampleReader:
 
         The draws go through the read step by step together (fetch all, parse all, open and plan all, decode and
         patchify all, tokenize all), not one after another: each step's code and tables then stay in the CPU caches
-        from one draw to the next. Measured on the demo shards, one process: ~40 us a draw less of ~320 (fetching,
-        JSON and image headers, interleaved with decoding, cost 2-3x what they do in a row; tokenizing between
-        decodes cost 3x, and captions are tokenized in one call)."""
+        from one draw to the next (fetching, parsing and tokenizing interleaved with decoding cost several times
+        what they do in a row), and captions are tokenized in one call."""
         if any(getattr(self.sources[key[0]], "token_source", False) for key in keys):
             return read_with_token_sources(self, keys, patch_buffer)  # Megatron corpora (data/megatron.py)
         self._index_shards(keys)
@@ -287,8 +286,8 @@ def _main_module_hint() -> str:
 
 # Requests queued at each worker: while it works on one, the next waits in its pipe, so it never idles between
 # round trips (the caller's side of a trip -- unpickling, copying out, sending the next keys -- takes the trainer's
-# GIL, which its own thread may hold for milliseconds). Measured on the demo shards with 2 workers: one request at a
-# time left them idle ~40% of the time.
+# GIL, which its own thread may hold for milliseconds); with one request at a time, a worker would wait out each
+# of those round trips.
 REQUESTS_PER_WORKER = 2
 
 
@@ -374,7 +373,7 @@ class ProcessReader:
             timer.start()
         # Daemon threads die where they stand when the interpreter finalizes; one freeing a tensor then (torch gives
         # up the GIL to free it) aborts the process ("terminate called without an active exception", exit code
-        # 134; seen in 7 of 20 exits with a loader left open). So a reader never closed is closed at exit, before
+        # 134), which a loader left open risks at every exit. So a reader never closed is closed at exit, before
         # that: its processes stopped and its threads joined.
         self._stop = weakref.finalize(self, _stop, self.processes, self.threads)
 
@@ -491,7 +490,7 @@ class ProcessReader:
             start = min(offset for offset, _ in placed)
             end = max(offset + math.prod(shape) for offset, shape in placed)
             # Copied by numpy: torch's allocator takes fresh pages for each new buffer of this size (the last ones
-            # are still held by batches in use) and faults them in one by one, 2-4x slower (measured on 1 MB).
+            # are still held by batches in use) and faults them in one by one, several times slower.
             pixels = np.frombuffer(self.arena.buf, dtype=np.uint8, count=end - start, offset=start)
             chunk = torch.from_numpy(pixels.copy())
         for index, drawn in enumerate(outcomes):

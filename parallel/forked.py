@@ -1,5 +1,5 @@
 """Run a function on N gloo ranks forked from this (already imported) process: sub-second start, for tests,
-benchmarks and tools (torchrun pays ~1.5 s of imports per process on these machines)."""
+benchmarks and tools (torchrun pays a fresh import of torch in every process)."""
 
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ class TextTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
-        """:meth:`encode` of each text, in one call into the tokenizer (without offsets: ~15% less per caption).
+        """:meth:`encode` of each text, in one call into the tokenizer (without offsets: nothing reads them).
         Runs on the library's thread pool unless ``TOKENIZERS_PARALLELISM=false`` (loader workers set it: they are
         the parallelism); a single text is encoded as by :meth:`encode`, starting no pool."""
         if len(texts) == 1:
