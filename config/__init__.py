@@ -19,6 +19,7 @@ from config.schema import (
     MixtureConfig,
     OptimConfig,
     ParallelConfig,
+    PrecisionConfig,
     RunConfig,
     RuntimeConfig,
     StageConfig,
@@ -27,5 +28,5 @@ from config.validate import validate
 
 __all__ = ["ACTIVATION_CHECKPOINT_POLICIES", "OBJECTIVES", "RECIPES_DIR", "TRAINABLE_PARTS", "AugmentConfig",
            "CheckpointConfig", "ConfigError", "CurriculumConfig", "DataConfig", "LRScheduleConfig", "LogConfig",
-           "MixtureConfig", "OptimConfig", "ParallelConfig", "RunConfig", "RuntimeConfig", "StageConfig",
+           "MixtureConfig", "OptimConfig", "ParallelConfig", "PrecisionConfig", "RunConfig", "RuntimeConfig", "StageConfig",
            "available_recipes", "compose_recipe", "load_config", "split_recipe_dir", "to_run_config", "validate"]

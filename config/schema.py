@@ -25,6 +25,7 @@ STAGE_OBJECTIVE_PARTS = {"coca": ("vision", "coca"), "lm": ("vision", "projector
 PIPELINE_SCHEDULES: dict[str, int | None] = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": None,
                                              "interleaved_zero_bubble": None, "zero_bubble": 2}
 CP_METHODS = ("allgather", "ring")
+DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -223,6 +224,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    """Mixed precision (optim/distributed.py): the model's parameters and activations in ``param_dtype``; each rank
+    keeps fp32 master weights and the optimizer state of the pieces it owns. Norm statistics, attention softmax, the
+    router, RoPE tables and the losses are fp32 whatever these say."""
+
+    # float32 | bfloat16
+    param_dtype: str = "float32"
+    # The dtype gradients accumulate over micro-batches in and are reduce-scattered in.
+    reduce_dtype: str = "float32"
+    # Muon momentum and AdamW moments (updated in fp32, stored in this dtype).
+    optimizer_state_dtype: str = "float32"
+
+
+@dataclass
 class RuntimeConfig:
     # Where each rank computes: auto (cuda:$LOCAL_RANK when CUDA is available, else cpu) | cpu | cuda. CUDA runs
     # use NCCL, CPU runs gloo (train/runtime.py).
@@ -273,6 +288,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     @property

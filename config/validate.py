@@ -16,6 +16,7 @@ from config.schema import (
     ACTIVATION_CHECKPOINT_POLICIES,
     CP_METHODS,
     DEVICES,
+    DTYPES,
     LR_DECAYS,
     MISSING_SOURCES,
     OBJECTIVES,
@@ -55,6 +56,9 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.device_memory_gb >= 0, "device_memory_gb", cfg.device_memory_gb, ">= 0 (0: no limit)")
     _check(cfg.loss_chunk_tokens >= 1, "loss_chunk_tokens", cfg.loss_chunk_tokens, "an integer >= 1")
     _check(cfg.log.peak_tflops >= 0, "log.peak_tflops", cfg.log.peak_tflops, ">= 0 (0: measure)")
+    for knob in ("param_dtype", "reduce_dtype", "optimizer_state_dtype"):
+        _check(getattr(cfg.precision, knob) in DTYPES, f"precision.{knob}", getattr(cfg.precision, knob),
+               f"one of {DTYPES}")
     _check(cfg.runtime.device in DEVICES, "runtime.device", cfg.runtime.device, f"one of {DEVICES}")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     _check(cfg.checkpoint.max_attempts >= 1, "checkpoint.max_attempts", cfg.checkpoint.max_attempts, ">= 1")

@@ -206,7 +206,7 @@ class CocaTowers(nn.Module):
         """Pool padded image features ``[N, P, Dv]`` (mask ``[N, P]``) into L2-normalized ``[N, embed_dim]``."""
         query = self.pool_query.expand(image.shape[0], -1, -1)
         pooled = self.pool_attn(query, image, image_mask).squeeze(1)
-        return F.normalize(self.image_proj(self.pool_norm(pooled)), dim=-1)
+        return F.normalize(self.image_proj(self.pool_norm(pooled)).float(), dim=-1)
 
     def embed_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Encode ``[N, L]`` texts into L2-normalized ``[N, embed_dim]``, pooled at the last real token (EOS)."""
@@ -220,7 +220,7 @@ class CocaTowers(nn.Module):
         x = self.text_norm(x)
         last = (text_mask.long() * positions).argmax(-1)
         pooled = x[torch.arange(x.shape[0], device=x.device), last]
-        return F.normalize(self.text_proj(pooled), dim=-1)
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     def caption(self, text_ids: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``[N, L, vocab]`` of the texts given their images' padded features."""
@@ -252,12 +252,14 @@ class CocaTowers(nn.Module):
         if text_ids.shape[0] != grid_hw.shape[0]:
             raise ValueError(f"{grid_hw.shape[0]} images but {text_ids.shape[0]} texts: CoCa needs one per image.")
         image, image_mask = pad_packed_images(vision_features, grid_hw)
+        # The embeddings are normalized and the SigLIP temperature and bias applied in fp32 whatever the parameter
+        # dtype: the loss compares every pair's logit, and bf16 rounds a logit of 10 to a step of 0.06.
         return CocaOutput(
             image_embeds=self.embed_image(image, image_mask),
             text_embeds=self.embed_text(text_ids, text_mask),
             caption_logits=self.caption(text_ids, image, image_mask),
-            logit_scale=self.logit_scale,
-            logit_bias=self.logit_bias,
+            logit_scale=self.logit_scale.float(),
+            logit_bias=self.logit_bias.float(),
         )
 
 

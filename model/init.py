@@ -73,8 +73,10 @@ def _fill_normal(tensor: torch.Tensor, std: float, seed: int) -> None:
     if tensor.is_meta:
         return
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    if tensor.device.type == "cpu":
+    if tensor.device.type == "cpu" and tensor.dtype == torch.float32:
         tensor.normal_(0.0, std, generator=generator)
         return
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu").normal_(0.0, std, generator=generator)
+    # Drawn in fp32 on the host whatever the parameter's device and dtype: a GPU or bf16 model starts from the CPU
+    # fp32 model's values (rounded).
+    host = torch.empty(tensor.shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
     tensor.copy_(host)

@@ -15,6 +15,12 @@ elements, each with one home rank; every Muon matrix gets one or more compute ra
 5. every home applies weight decay and the scaled orthogonalized step to its pieces; ``all_gather`` of the updated
    segments into every rank's parameters.
 
+Mixed precision: parameters may be bf16 (the model's compute dtype). Then each home keeps an fp32 master copy of
+its pieces, and updates the master, never the bf16 parameter, which is the master rounded and all-gathered (in
+bf16: half the bytes). Gradients accumulate over micro-batches in ``reduce_dtype`` (an fp32 ``main_grad`` beside
+a bf16 parameter, filled by a post-accumulate hook, as Megatron does) and are reduce-scattered in it; the norm,
+clipping and the update are fp32; Muon momentum and AdamW moments are stored in ``state_dtype`` and updated in fp32.
+
 Every number a rank computes is computed as in one process (elementwise rules on pieces; Newton-Schulz row blocks
 are full-length dot products of the same operands), so the result equals the single-process optimizer's. Piece keys
 depend only on parameter names and shapes, never on the world size, so the state reshards: a checkpoint saved at one
@@ -22,6 +28,9 @@ data-parallel size loads at another (each rank reads the keys of the pieces it h
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -56,15 +65,22 @@ class Partition:
         bucket_elements: Elements of each rank's segment per collective.
         base_flops: Newton-Schulz FLOPs each rank of ``group`` carries from another partition (its experts).
         ns_dtype: Newton-Schulz's dtype (what the compute-layout all-to-alls carry).
+        reduce_dtype: The dtype of the gradient reduce-scatter.
     """
 
     def __init__(self, units: list[Unit], group: dist.ProcessGroup | None, bucket_elements: int = 1 << 24,
-                 base_flops: list[int] | None = None, ns_dtype: torch.dtype = torch.bfloat16):
+                 base_flops: list[int] | None = None, ns_dtype: torch.dtype = torch.bfloat16,
+                 reduce_dtype: torch.dtype = torch.float32):
         if bucket_elements < 1:
             raise ValueError(f"bucket_elements must be >= 1, got {bucket_elements}")
         self.group = group
-        # Buffers live where the parameters do (all units of a partition share one device).
+        # Buffers live where the parameters do (all units of a partition share one device and one dtype).
         self.device = units[0].param.device if units else torch.device("cpu")
+        dtypes = sorted({str(u.param.dtype) for u in units})
+        if len(dtypes) > 1:
+            raise ValueError(f"the parameters of one partition must share a dtype; found {', '.join(dtypes)}")
+        self.param_dtype = units[0].param.dtype if units else torch.float32
+        self.reduce_dtype = reduce_dtype
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         self.plan = Plan(units, self.world, base_flops, ns_bytes=ns_dtype.itemsize)
@@ -123,10 +139,11 @@ class Partition:
             if start < stop:
                 yield piece, start - offset, stop - offset, start - lo
 
-    def _pack(self, source, lo: int, hi: int, ranks) -> torch.Tensor:
-        """The ``[lo, hi)`` slice of the segments of ``ranks``, rank after rank (padding stays zero)."""
+    def _pack(self, source, lo: int, hi: int, ranks, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[lo, hi)`` slice of the segments of ``ranks``, rank after rank, in ``dtype`` (padding stays
+        zero)."""
         width = hi - lo
-        flat = torch.zeros(len(ranks) * width, dtype=torch.float32, device=self.device)
+        flat = torch.zeros(len(ranks) * width, dtype=dtype, device=self.device)
         for index, rank in enumerate(ranks):
             base = index * width
             for piece, start, stop, at in self._pieces(rank, lo, hi):
@@ -134,17 +151,19 @@ class Partition:
         return flat
 
     def reduce_scatter_gradients(self) -> torch.Tensor:
-        """The gradients of this rank's pieces, summed over the group (missing gradients count as zeros)."""
+        """The gradients of this rank's pieces, summed over the group in ``reduce_dtype`` (missing gradients count
+        as zeros)."""
         def grad_of(piece: Piece) -> torch.Tensor:
-            if piece.unit.param.grad is None:  # e.g. an expert no local token chose
+            grad = accumulated_grad(piece.unit.param)
+            if grad is None:  # e.g. an expert no local token chose
                 return torch.zeros(piece.numel, device=self.device)
-            return piece.view(piece.unit.param.grad)
+            return piece.view(grad)
 
-        mine = torch.zeros(self.segment, dtype=torch.float32, device=self.device)
+        mine = torch.zeros(self.segment, dtype=self.reduce_dtype, device=self.device)
         everyone = range(self.world)
         pending: list = []
         for lo, hi in self.buckets():
-            flat = self._pack(grad_of, lo, hi, everyone)
+            flat = self._pack(grad_of, lo, hi, everyone, self.reduce_dtype)
             if self.world == 1:
                 mine[lo:hi] = flat
                 continue
@@ -156,12 +175,13 @@ class Partition:
         return mine
 
     def all_gather_parameters(self) -> None:
-        """Copy every home's updated pieces into every rank's parameters."""
+        """Copy every home's updated pieces into every rank's parameters (in the parameters' dtype)."""
         if self.world == 1:
             return
         for lo, hi in self.buckets():
-            segment = self._pack(lambda piece: piece.view(piece.unit.param.data), lo, hi, [self.rank])
-            gathered = torch.empty(self.world * (hi - lo), dtype=torch.float32, device=self.device)
+            segment = self._pack(lambda piece: piece.view(piece.unit.param.data), lo, hi, [self.rank],
+                                 self.param_dtype)
+            gathered = torch.empty(self.world * (hi - lo), dtype=self.param_dtype, device=self.device)
             dist.all_gather_single(gathered, segment, group=self.group)
             for rank in range(self.world):
                 if rank == self.rank:  # already up to date
@@ -275,13 +295,17 @@ class ZeroOptimizer:
         norm_group: The group whose owned units together cover every parameter exactly once (the whole world,
             pipeline stages included), for the global gradient norm; defaults to ``group``.
         bucket_elements: Elements of a rank's segment per reduce-scatter / all-gather (bounds temporary memory).
+        reduce_dtype: Gradients accumulate over micro-batches and are reduce-scattered in this dtype.
+        state_dtype: Storage dtype of Muon momentum and AdamW moments (updated in fp32 either way).
     """
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, use_muon: bool = True,
                  muon: MuonHParams | None = None, adamw: AdamWHParams | None = None,
                  group: dist.ProcessGroup | None = None, expert_group: dist.ProcessGroup | None = None,
-                 norm_group: dist.ProcessGroup | None = None, bucket_elements: int = 1 << 24):
+                 norm_group: dist.ProcessGroup | None = None, bucket_elements: int = 1 << 24,
+                 reduce_dtype: torch.dtype = torch.float32, state_dtype: torch.dtype = torch.float32):
         self.lr = lr
+        self.reduce_dtype, self.state_dtype = reduce_dtype, state_dtype
         self.weight_decay = weight_decay
         self.muon = muon or MuonHParams()
         self.adamw = adamw or AdamWHParams()
@@ -293,11 +317,19 @@ class ZeroOptimizer:
         base = None
         if experts:
             expert_group = expert_group if expert_group is not None else group
-            self.partitions.append(Partition(experts, expert_group, bucket_elements, ns_dtype=self.muon.ns_dtype))
+            self.partitions.append(Partition(experts, expert_group, bucket_elements, ns_dtype=self.muon.ns_dtype,
+                                             reduce_dtype=reduce_dtype))
             base = _expert_base_flops(self.partitions[0], group, expert_group)
-        self.partitions.insert(0, Partition(dense, group, bucket_elements, base, ns_dtype=self.muon.ns_dtype))
+        self.partitions.insert(0, Partition(dense, group, bucket_elements, base, ns_dtype=self.muon.ns_dtype,
+                                            reduce_dtype=reduce_dtype))
         self.params = list(dict.fromkeys(u.param for u in self.units))
+        self._hooks = [param.register_post_accumulate_grad_hook(functools.partial(_accumulate_main_grad,
+                                                                                   dtype=reduce_dtype))
+                       for param in self.params if _needs_main_grad(param, reduce_dtype)]
         self.state = {p.key: self._fresh_state(p) for p in self.owned_pieces()}
+        # fp32 master weights of the owned pieces of lower-precision parameters (fp32 parameters are their own).
+        self.master = {p.key: p.view(p.unit.param.data).float().clone() for p in self.owned_pieces()
+                       if p.unit.param.dtype != torch.float32}
         # AdamW's step count mirrored on the host: its bias correction is a Python scalar, read without waiting
         # for the device (the tensor in ``state`` is what checkpoints hold).
         self._adamw_steps = {key: 0 for key, state in self.state.items() if "step" in state}
@@ -307,7 +339,7 @@ class ZeroOptimizer:
         return [piece for partition in self.partitions for piece in partition.mine]
 
     def _fresh_state(self, piece: Piece) -> dict[str, torch.Tensor]:
-        zeros = torch.zeros(piece.numel, dtype=torch.float32, device=piece.unit.param.device)
+        zeros = torch.zeros(piece.numel, dtype=self.state_dtype, device=piece.unit.param.device)
         if piece.unit.is_muon:
             return {"momentum": zeros}
         return {"exp_avg": zeros, "exp_avg_sq": zeros.clone(),
@@ -318,6 +350,7 @@ class ZeroOptimizer:
     def zero_grad(self) -> None:
         for param in self.params:
             param.grad = None
+            param.main_grad = None
 
     @torch.no_grad()
     def step(self, max_grad_norm: float = 0.0) -> float:
@@ -337,8 +370,8 @@ class ZeroOptimizer:
         return float(squared_norm.sqrt())
 
     def reduce_gradients(self) -> list[torch.Tensor]:
-        """Each partition's gradients of the units this rank owns, summed over its group."""
-        return [partition.reduce_scatter_gradients() for partition in self.partitions]
+        """Each partition's gradients of the units this rank owns, summed over its group, in fp32."""
+        return [partition.reduce_scatter_gradients().float() for partition in self.partitions]
 
     def global_squared_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The squared global gradient norm (fp64, on the device): every unit is owned exactly once in the world."""
@@ -360,24 +393,37 @@ class ZeroOptimizer:
             for piece, offset in partition.layout[partition.rank]:
                 piece_grad = grad[offset : offset + piece.numel]
                 if piece.unit.is_muon:
-                    momentum = self.state[piece.key]["momentum"]
-                    updates[piece] = muon_momentum_(piece_grad, momentum, self.muon).to(self.muon.ns_dtype)
+                    with _in_fp32(self.state[piece.key]["momentum"]) as (momentum,):
+                        update = muon_momentum_(piece_grad, momentum, self.muon)
+                        updates[piece] = update.to(self.muon.ns_dtype)
                 else:
                     self._adamw(piece, piece_grad)
             orthogonalized = partition.orthogonalize(updates, self.muon)
             for piece in updates:
                 decay = self.weight_decay if piece.unit.route.weight_decay else 0.0
-                muon_apply_(piece.view(piece.unit.param.data), orthogonalized[piece], self.lr, decay,
-                            piece.unit.matrix_shape)
+                muon_apply_(self._weights(piece), orthogonalized[piece], self.lr, decay, piece.unit.matrix_shape)
+                self._round_into_parameter(piece)
             partition.all_gather_parameters()
+
+    def _weights(self, piece: Piece) -> torch.Tensor:
+        """What the update changes: the fp32 master of a lower-precision parameter's piece, else the piece itself."""
+        master = self.master.get(piece.key)
+        return master if master is not None else piece.view(piece.unit.param.data)
+
+    def _round_into_parameter(self, piece: Piece) -> None:
+        master = self.master.get(piece.key)
+        if master is not None:
+            piece.view(piece.unit.param.data).copy_(master)
 
     def _adamw(self, piece: Piece, grad: torch.Tensor) -> None:
         state = self.state[piece.key]
         decay = self.weight_decay if piece.unit.route.weight_decay else 0.0
         state["step"] += 1
         self._adamw_steps[piece.key] += 1
-        adamw_update_(piece.view(piece.unit.param.data), grad, state["exp_avg"], state["exp_avg_sq"],
-                      self._adamw_steps[piece.key], self.lr, decay, self.adamw)
+        with _in_fp32(state["exp_avg"], state["exp_avg_sq"]) as (exp_avg, exp_avg_sq):
+            adamw_update_(self._weights(piece), grad, exp_avg, exp_avg_sq, self._adamw_steps[piece.key], self.lr,
+                          decay, self.adamw)
+        self._round_into_parameter(piece)
 
     def _non_finite_names(self, grads: list[torch.Tensor]) -> list[str]:
         bad = []
@@ -395,8 +441,12 @@ class ZeroOptimizer:
     # ----- accounting and state ------------------------------------------------------------------------------------
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds."""
+        """Bytes of optimizer state this rank holds (moments and momentum, without master weights)."""
         return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values())
+
+    def master_bytes(self) -> int:
+        """Bytes of fp32 master weights this rank holds (none when the parameters are fp32)."""
+        return sum(t.numel() * t.element_size() for t in self.master.values())
 
     def communication_bytes(self) -> int:
         """Bytes one step moves on this rank (see :meth:`optim.plan.Plan.comm_bytes`)."""
@@ -407,10 +457,37 @@ class ZeroOptimizer:
         return sum(partition.plan.ns_flops()[partition.rank] for partition in self.partitions)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The state of the units this rank owns, keyed by layout-independent unit keys (reshardable with DCP)."""
-        return self.state
+        """The state of the pieces this rank owns with their fp32 master weights (``master``: the reshardable truth
+        of the parameters, whatever their dtype), keyed by layout-independent piece keys (reshardable with DCP)."""
+        pieces = {piece.key: piece for piece in self.owned_pieces()}
+        return {key: {**state, "master": self.master[key] if key in self.master
+                      else pieces[key].view(pieces[key].unit.param.data).clone()}
+                for key, state in self.state.items()}
 
     def load_state_dict(self, state_dict: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Load the owned pieces' state and master weights; the masters overwrite the parameters (rounded to their
+        dtype), which are then all-gathered: load the model first, then this (every rank of the groups calls it).
+        """
+        masters = {}
+        for key in self.state:
+            loaded = state_dict.get(key, {}).get("master")
+            if loaded is None:
+                raise KeyError(f"optimizer state has no master weights for '{key}': it was saved for another model "
+                               "or by a version without them")
+            masters[key] = loaded
+        self._load_moments(state_dict)
+        for piece in self.owned_pieces():
+            if piece.key in self.master:
+                if masters[piece.key] is not self.master[piece.key]:
+                    self.master[piece.key].copy_(masters[piece.key])
+                self._round_into_parameter(piece)
+            else:
+                piece.view(piece.unit.param.data).copy_(masters[piece.key])
+        with torch.no_grad():
+            for partition in self.partitions:
+                partition.all_gather_parameters()
+
+    def _load_moments(self, state_dict: dict[str, dict[str, torch.Tensor]]) -> None:
         for key, fresh in self.state.items():
             if key not in state_dict:
                 raise KeyError(f"optimizer state has no entry for '{key}': it was saved for another model")
@@ -425,6 +502,42 @@ class ZeroOptimizer:
             if key in self._adamw_steps:
                 self._adamw_steps[key] = int(fresh["step"])
 
+
+
+def accumulated_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """A parameter's gradient summed over the micro-batches: its ``main_grad`` (in the reduce dtype) when it has one,
+    with any gradient autograd left in ``grad`` outside the hook (e.g. a pipeline's weight pass) added in."""
+    main = getattr(param, "main_grad", None)
+    if main is None:
+        return param.grad
+    if param.grad is not None:
+        main.add_(param.grad)
+        param.grad = None
+    return main
+
+
+def _needs_main_grad(param: torch.Tensor, reduce_dtype: torch.dtype) -> bool:
+    return param.requires_grad and param.dtype.itemsize < reduce_dtype.itemsize
+
+
+def _accumulate_main_grad(param: torch.Tensor, dtype: torch.dtype) -> None:
+    """Move a freshly accumulated ``grad`` into ``main_grad`` (``dtype``), so micro-batches add up at its
+    precision, not the parameter's."""
+    if getattr(param, "main_grad", None) is None:
+        param.main_grad = param.grad.to(dtype)
+    else:
+        param.main_grad.add_(param.grad)
+    param.grad = None
+
+
+@contextlib.contextmanager
+def _in_fp32(*tensors: torch.Tensor):
+    """fp32 working copies of ``tensors`` (the tensors themselves when already fp32), written back on exit."""
+    work = tuple(t.float() for t in tensors)
+    yield work
+    for tensor, copy in zip(tensors, work):
+        if copy is not tensor:
+            tensor.copy_(copy)
 
 
 def _expert_base_flops(experts: Partition, group: dist.ProcessGroup | None,

@@ -84,7 +84,7 @@ class ParallelModel:
 
 
 def parallelize(model: KimiVL, dims: ParallelDims, groups: ParallelGroups, device: torch.device | str, seed: int,
-                pipeline: PipelineOptions | None = None) -> ParallelModel:
+                pipeline: PipelineOptions | None = None, param_dtype: torch.dtype = torch.float32) -> ParallelModel:
     """Shard, prune, wrap, place and initialize ``model`` for this rank (see the module docstring for the order).
 
     Args:
@@ -94,6 +94,8 @@ def parallelize(model: KimiVL, dims: ParallelDims, groups: ParallelGroups, devic
         device: This rank's device (``cuda:<local rank>`` or ``cpu``).
         seed: The run's seed: each parameter's values are a function of it and the parameter's name.
         pipeline: How to cut the pipeline; required when ``dims.pp_degree > 1``.
+        param_dtype: The parameters' dtype (activations follow it). Buffers keep theirs: the router's balancing
+            bias stays fp32.
 
     Returns:
         The :class:`ParallelModel`.
@@ -113,6 +115,8 @@ def parallelize(model: KimiVL, dims: ParallelDims, groups: ParallelGroups, devic
         runner = build_pipeline(model, pipeline.schedule, groups.pp, pipeline.seq_len, pipeline.loss,
                                 pipeline.virtual_stages, device=device)
     checkpointing = ActivationCheckpointing(model)
+    for param in model.parameters():  # on meta: nothing is allocated yet
+        param.data = param.data.to(param_dtype)
     model.to_empty(device=device)
     model.init_weights(ParamInit(seed))
     return ParallelModel(model, dims, groups, device, checkpointing, runner)
