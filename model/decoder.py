@@ -18,7 +18,7 @@ from model.init import ParamInit
 from model.layers import RMSNorm, SwiGLU, init_default_weights
 from model.moe import MoE
 
-__all__ = ["MLA", "DecoderLayer", "MoEAux", "MoEDecoder"]
+__all__ = ["MLA", "DecoderLayer", "MoEAux", "MoEDecoder", "Rope"]
 
 # DeepSeek-V3 normalizes the KV latent with RMSNorm's default epsilon, not the model's rms_norm_eps (same in the
 # reference code and in transformers); kept so weights and logits match the released models.
@@ -127,6 +127,28 @@ class DecoderLayer(nn.Module):
         return x + out, load, aux
 
 
+class Rope(nn.Module):
+    """RoPE angles of token positions, with a base that curriculum stages change (long context) without touching the
+    state dict (no parameters or buffers).
+
+    A module rather than a plain attribute of the decoder: every module that holds it (a pipeline stage's view of
+    the decoder too) reads the base set last.
+
+    Args:
+        dim: Rotated dims per head.
+        theta: RoPE base.
+    """
+
+    def __init__(self, dim: int, theta: float):
+        super().__init__()
+        self.dim = dim
+        self.theta = theta
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """``[B * S, dim / 2]`` fp32 angles of the flattened ``position_ids``."""
+        return rope_angles_1d(position_ids.reshape(-1), self.dim, self.theta)
+
+
 def default_cu_seqlens(rows: int, seq: int) -> torch.Tensor:
     """``cu_seqlens`` of one document per row, on the host like every batch's document boundaries (attention reads
     them there; the flash kernel copies them to the device)."""
@@ -135,6 +157,10 @@ def default_cu_seqlens(rows: int, seq: int) -> torch.Tensor:
 
 class MoEDecoder(nn.Module):
     """Embedding, ``num_layers`` decoder layers (the first ``num_dense_layers`` dense), final RMSNorm, output head.
+
+    The forward runs the parts the decoder holds, so it also runs one pipeline stage of a pruned decoder (as
+    torchtitan's model chunks): without ``embed_tokens`` its input is the previous stage's hidden states, it runs the
+    layers left in ``layers``, and without ``norm`` it returns the hidden states of its last layer.
 
     Args:
         args: Decoder hyper-parameters.
@@ -146,10 +172,7 @@ class MoEDecoder(nn.Module):
             raise ValueError(f"num_dense_layers={args.num_dense_layers} must be between 0 and num_layers="
                              f"{args.num_layers}.")
         self.init_std = args.init_std
-        self.rope_dim = args.qk_rope_head_dim
-        # A plain attribute read at forward time: curriculum stages change the RoPE base (long context) without
-        # touching the state dict.
-        self.rope_theta = args.rope_theta
+        self.rope = Rope(args.qk_rope_head_dim, args.rope_theta)
         self.num_experts = args.num_routed_experts
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         # A dict keyed by layer index keeps names stable when pipeline parallelism drops layers of other stages.
@@ -163,7 +186,7 @@ class MoEDecoder(nn.Module):
         """Change the RoPE base used by the next forwards (e.g. 50,000 -> 800,000 for long context)."""
         if theta <= 0:
             raise ValueError(f"rope_theta must be > 0, got {theta}.")
-        self.rope_theta = float(theta)
+        self.rope.theta = float(theta)
 
     def init_weights(self, init: ParamInit | None = None) -> None:
         """Initialize every parameter and buffer this decoder holds (weights ``normal(0, init_std)``).
@@ -190,27 +213,33 @@ class MoEDecoder(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEAux]:
-        """Run the decoder over packed rows.
+        """Run the decoder over packed rows: embedding, the layers it holds, final norm (the parts it holds).
 
         Args:
-            input_ids: ``int64 [B, S]`` token ids (exactly one of ``input_ids`` / ``inputs_embeds``).
+            input_ids: ``int64 [B, S]`` token ids (exactly one of ``input_ids`` / ``inputs_embeds``; only on a
+                decoder holding ``embed_tokens``).
             position_ids: ``int64 [B, S]`` position of each token inside its document; ``0..S-1`` per row if None.
             cu_seqlens: ``int32 [docs + 1]`` document boundaries over the flattened ``B * S`` tokens; one document
                 per row if None.
-            inputs_embeds: ``[B, S, hidden]`` embeddings used instead of ``input_ids`` (images scattered in).
+            inputs_embeds: ``[B, S, hidden]`` used instead of ``input_ids``: embeddings with images scattered in, or
+                a previous pipeline stage's hidden states.
 
         Returns:
-            ``(hidden [B, S, hidden] after the final norm, MoEAux)``.
+            ``(hidden [B, S, hidden], MoEAux of the layers held)``: ``hidden`` after the final norm, or after the
+            last layer held on a decoder without ``norm`` (a pipeline stage before the last).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None and self.embed_tokens is None:
+            raise ValueError("this decoder holds no token embedding (a pipeline stage after the first): pass the "
+                             "previous stage's hidden states as inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rows, seq, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=x.device).expand(rows, seq)
         if cu_seqlens is None:
             cu_seqlens = default_cu_seqlens(rows, seq)
-        angles = rope_angles_1d(position_ids.reshape(-1), self.rope_dim, self.rope_theta)
+        angles = self.rope(position_ids)
         loads, aux_losses = [], []
         for layer in self.layers.values():
             x, load, aux = layer(x, angles, cu_seqlens)
@@ -220,7 +249,8 @@ class MoEDecoder(nn.Module):
                 aux_losses.append(aux)
         expert_load = torch.stack(loads) if loads else x.new_zeros(0, self.num_experts, dtype=torch.float32)
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else x.new_zeros((), dtype=torch.float32)
-        return self.norm(x), MoEAux(expert_load=expert_load, aux_loss=aux_loss)
+        hidden = self.norm(x) if self.norm is not None else x
+        return hidden, MoEAux(expert_load=expert_load, aux_loss=aux_loss)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project final hidden states to vocabulary logits."""

@@ -5,6 +5,8 @@ The trainer freezes parts by the submodule names ``vision``, ``projector``, ``de
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ from model.init import ParamInit
 from model.projector import PatchMergerProjector
 from model.vision import MoonViT
 
-__all__ = ["KimiVL"]
+__all__ = ["KimiVL", "scatter_images"]
 
 
 class KimiVL(nn.Module):
@@ -103,37 +105,26 @@ class KimiVL(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_hw: torch.Tensor | None = None,
         image_token_positions: torch.Tensor | None = None,
+        embed_images: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Token embeddings ``[B, S, hidden]`` of packed rows with the image tokens scattered in.
 
-        The first half of :meth:`forward`; context parallelism shards its output (images are whole only before the
-        sequence is cut).
+        The first half of :meth:`hidden_states`; context parallelism shards its output (images are whole only before
+        the sequence is cut).
+
+        Args:
+            input_ids, pixel_values, image_grid_hw, image_token_positions: As in :meth:`hidden_states`.
+            embed_images: How the image tokens are computed, ``(pixel_values, image_grid_hw) -> [image tokens,
+                hidden]`` in the projector's order; :meth:`embed_images` if None (context parallelism divides the
+                images among its ranks).
         """
         embeds = self.decoder.embed_tokens(input_ids)
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            embeds = self.scatter_images(embeds, pixel_values, image_grid_hw, image_token_positions)
-        return embeds
-
-    def scatter_images(
-        self,
-        embeds: torch.Tensor,
-        pixel_values: torch.Tensor,
-        image_grid_hw: torch.Tensor,
-        image_token_positions: torch.Tensor,
-    ) -> torch.Tensor:
-        """Replace the placeholder embeddings of ``embeds [B, S, hidden]`` by the image tokens (out of place, so
-        gradients reach the vision tower and the projector)."""
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return embeds
         if image_grid_hw is None or image_token_positions is None:
             raise ValueError("pixel_values were given without image_grid_hw and image_token_positions.")
-        image_tokens = self.embed_images(pixel_values, image_grid_hw)
-        if image_tokens.shape[0] != image_token_positions.shape[0]:
-            raise ValueError(f"the images yield {image_tokens.shape[0]} tokens but image_token_positions has "
-                             f"{image_token_positions.shape[0]} placeholders: the loader must insert "
-                             "(h / m) * (w / m) placeholders per image.")
-        rows, seq, hidden = embeds.shape
-        flat = embeds.reshape(rows * seq, hidden)
-        flat = flat.index_put((image_token_positions,), image_tokens.to(flat.dtype))
-        return flat.view(rows, seq, hidden)
+        image_tokens = (embed_images or self.embed_images)(pixel_values, image_grid_hw)
+        return scatter_images(embeds, image_tokens, image_token_positions)
 
     def forward_coca(
         self,
@@ -154,3 +145,17 @@ class KimiVL(nn.Module):
             A :class:`~model.coca.CocaOutput`.
         """
         return self.coca(self.vision(pixel_values, image_grid_hw), image_grid_hw, text_ids, text_mask)
+
+
+def scatter_images(embeds: torch.Tensor, image_tokens: torch.Tensor,
+                   image_token_positions: torch.Tensor) -> torch.Tensor:
+    """Replace the placeholder embeddings of ``embeds [B, S, hidden]`` by ``image_tokens [N, hidden]`` at the
+    flattened ``image_token_positions [N]`` (out of place, so gradients reach the vision tower and the projector)."""
+    if image_tokens.shape[0] != image_token_positions.shape[0]:
+        raise ValueError(f"the images yield {image_tokens.shape[0]} tokens but image_token_positions has "
+                         f"{image_token_positions.shape[0]} placeholders: the loader must insert "
+                         "(h / m) * (w / m) placeholders per image.")
+    rows, seq, hidden = embeds.shape
+    flat = embeds.reshape(rows * seq, hidden)
+    flat = flat.index_put((image_token_positions,), image_tokens.to(flat.dtype))
+    return flat.view(rows, seq, hidden)

@@ -222,16 +222,26 @@ def assign_images(patches_per_image: list[int], ranks: int) -> list[int]:
 def embed_inputs_context_parallel(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                                   image_grid_hw: torch.Tensor | None, image_token_positions: torch.Tensor | None,
                                   group: dist.ProcessGroup) -> torch.Tensor:
-    """``model.embed_inputs`` of whole rows with the vision work split over the context-parallel ranks.
-
-    Each rank encodes only its images (:func:`assign_images`, balanced by patches), the projected image tokens are
-    all-gathered (differentiable: the backward sums every rank's gradient into the owner's), and every rank scatters
-    all of them into the rows. The result equals ``embed_inputs`` on one rank; the tower's activations and compute
-    are divided by ``cp`` instead of repeated on every rank.
+    """``model.embed_inputs`` (a :class:`~model.vlm.KimiVL`) of whole rows with the vision work split over the
+    context-parallel ranks (:func:`_embed_images_context_parallel`). The result equals ``embed_inputs`` on one rank.
     """
-    embeds = model.decoder.embed_tokens(input_ids)
-    if pixel_values is None or pixel_values.shape[0] == 0:
-        return embeds
+    def embed_images(pixels: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        return _embed_images_context_parallel(model, pixels, grids, group)
+
+    return model.embed_inputs(input_ids, pixel_values, image_grid_hw, image_token_positions, embed_images)
+
+
+def _embed_images_context_parallel(model: nn.Module, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor,
+                                   group: dist.ProcessGroup) -> torch.Tensor:
+    """``model.embed_images`` with the images divided among the context-parallel ranks.
+
+    Each rank encodes only its images (:func:`assign_images`, balanced by patches) and the projected image tokens
+    are all-gathered (differentiable: the backward sums every rank's gradient into the owner's), so the tower's
+    activations and compute are divided by ``cp`` instead of repeated on every rank.
+
+    Returns:
+        Every image's tokens ``[image tokens, hidden]`` in the projector's order, in the token embedding's dtype.
+    """
     cp, cp_rank = dist.get_world_size(group), dist.get_rank(group)
     merge = model.args.vision.merge_size ** 2
     patches = (image_grid_hw[:, 0] * image_grid_hw[:, 1]).tolist()
@@ -239,14 +249,15 @@ def embed_inputs_context_parallel(model: nn.Module, input_ids: torch.Tensor, pix
     starts = [0, *itertools.accumulate(patches)]
     mine = [i for i in range(len(patches)) if owner[i] == cp_rank]
     tokens_of = [p // merge for p in patches]
-    width = model.decoder.embed_tokens.weight.shape[1]
+    table = model.decoder.embed_tokens.weight
+    width = table.shape[1]
     # Every rank contributes a block padded to the largest rank's token count (all-gather needs equal sizes).
     per_rank = [sum(tokens_of[i] for i in range(len(patches)) if owner[i] == r) for r in range(cp)]
-    local = embeds.new_zeros(max(per_rank), width)
+    local = table.new_zeros(max(per_rank), width)
     if mine:
         rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=pixel_values.device) for i in mine])
         encoded = model.embed_images(pixel_values[rows], image_grid_hw[mine])
-        local = torch.cat((encoded.to(embeds.dtype), local[encoded.shape[0]:]))
+        local = torch.cat((encoded.to(table.dtype), local[encoded.shape[0]:]))
     # Every rank of the group must take part in the gather's backward (a reduce-scatter), also one that encoded no
     # image: its block joins the graph whenever the vision side trains, or the others would wait for it forever.
     trains_vision = any(p.requires_grad for part in (model.vision, model.projector) for p in part.parameters())
@@ -258,13 +269,7 @@ def embed_inputs_context_parallel(model: nn.Module, input_ids: torch.Tensor, pix
     for image, rank in enumerate(owner):
         pieces.append(gathered[rank, used[rank] : used[rank] + tokens_of[image]])
         used[rank] += tokens_of[image]
-    image_tokens = torch.cat(pieces)
-    if image_tokens.shape[0] != image_token_positions.shape[0]:
-        raise ValueError(f"the images yield {image_tokens.shape[0]} tokens but image_token_positions has "
-                         f"{image_token_positions.shape[0]} placeholders")
-    rows_, seq, hidden = embeds.shape
-    flat = embeds.reshape(rows_ * seq, hidden).index_put((image_token_positions,), image_tokens)
-    return flat.view(rows_, seq, hidden)
+    return torch.cat(pieces)
 
 
 def forward_context_parallel(model: nn.Module, batch, group: dist.ProcessGroup):

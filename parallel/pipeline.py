@@ -4,8 +4,9 @@ Split. The decoder's layers are cut into ``pp_degree * virtual_stages`` contiguo
 cost estimate (:func:`layer_costs`, :func:`split_layers`): stage 0 also carries the token embedding, the vision tower
 and the projector (images are scattered into the sequence there), the last stage the final norm and the output head.
 Each rank keeps a *pruned* KimiVL holding only its stages' parts (layers keep their ``decoder.layers.<i>`` names, so
-the optimizer, checkpoints and ``update_expert_bias`` work unchanged); one :class:`StageModule` per stage references
-the modules it runs.
+the optimizer, checkpoints and ``update_expert_bias`` work unchanged); one :class:`StageModule` per stage runs the
+model's own forward on a view of that model holding only the stage's modules (:func:`stage_model`: no embedding
+after the first stage, no final norm before the last).
 
 What crosses stages. Every stage sends ``(hidden [B, S, H], position_ids [B, S] int64, doc_ids [B, S] int32)``: the
 per-token document index, from which each stage rebuilds ``cu_seqlens`` for its attention. Rows are packed to a
@@ -30,6 +31,7 @@ the backward where the layer is, as Megatron's ``MoEAuxLossAutoScaler`` does), s
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -50,7 +52,6 @@ from torch.distributed.pipelining.schedules import (
 from config.model import ModelArgs
 from config.schema import PIPELINE_SCHEDULES
 from data.batch import PackedBatch
-from model.attention import rope_angles_1d
 from model.layers import masked_targets
 from model.vlm import KimiVL
 from parallel.context import ZigzagLayout, embed_inputs_context_parallel
@@ -199,26 +200,24 @@ class AttachAuxLoss(torch.autograd.Function):
 
 
 class StageModule(nn.Module):
-    """One pipeline stage: the modules of ``model`` it runs (registered here, so ``parameters()`` is exactly this
-    stage's, as zero-bubble weight gradients require).
+    """One pipeline stage: a view of the rank's pruned model holding only this stage's modules (:func:`stage_model`),
+    run by the model's own forward. The view is registered here, so ``parameters()`` is exactly this stage's, as
+    zero-bubble weight gradients require.
 
     Args:
         model: This rank's pruned model.
         layers: Keys of this stage's decoder layers.
         is_first: Whether it embeds tokens and images.
-        is_last: Whether it applies the final norm and output head.
+        is_last: Whether it applies the final norm (the loss applies the output head).
     """
 
     def __init__(self, model: KimiVL, layers: list[str], is_first: bool, is_last: bool):
         super().__init__()
-        # Not registered (object.__setattr__): only its methods are used, on the modules registered below.
-        object.__setattr__(self, "vlm", model)
+        self.model = stage_model(model, layers, is_first, is_last)
         self.is_first, self.is_last = is_first, is_last
-        if is_first:
-            self.embed_tokens, self.vision, self.projector = model.decoder.embed_tokens, model.vision, model.projector
-        self.layers = nn.ModuleDict({key: model.decoder.layers[key] for key in layers})
-        if is_last:
-            self.norm, self.output = model.decoder.norm, model.decoder.output
+        moe = {key: layer.moe for key, layer in self.model.decoder.layers.items() if layer.moe is not None}
+        self.moe_layers = list(moe)
+        self.has_balance_loss = any(m.aux_loss_enabled for m in moe.values())
         self.aux_weight = 0.0
         # Context parallelism (set per curriculum stage): the first stage cuts the embedded rows by the zig-zag
         # layout; hidden states and positions then travel sharded, document ids whole (the attention cores need the
@@ -253,32 +252,23 @@ class StageModule(nn.Module):
                 layout = ZigzagLayout(*doc_ids.shape, dist.get_world_size(self.cp_group))
                 cp_rank = dist.get_rank(self.cp_group)
                 x, position_ids = layout.shard(x, cp_rank), layout.shard(position_ids, cp_rank)
-        decoder = self.vlm.decoder
-        cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
-        angles = rope_angles_1d(position_ids.reshape(-1), decoder.rope_dim, decoder.rope_theta)
-        aux_losses = []
-        for key, layer in self.layers.items():
-            x, load, aux = layer(x, angles, cu_seqlens)
-            if load is not None:
-                self.expert_load[key] = self.expert_load[key] + load if key in self.expert_load else load
-            if aux is not None:
-                aux_losses.append(aux)
-        if aux_losses:  # once per stage: one copy of the hidden state, whatever the number of MoE layers
-            aux = torch.stack(aux_losses).sum()
-            self.aux_loss_sum += float(aux.detach())
-            x = AttachAuxLoss.apply(x, aux, self.aux_weight)
-        if self.is_last:  # the loss applies the output projection (fused with the cross-entropy)
-            return self.norm(x)
-        return x, position_ids, doc_ids
+        hidden, aux = self.model.decoder(position_ids=position_ids, cu_seqlens=cu_seqlens_from_doc_ids(doc_ids),
+                                         inputs_embeds=x)
+        for key, load in zip(self.moe_layers, aux.expert_load, strict=True):
+            self.expert_load[key] = self.expert_load[key] + load if key in self.expert_load else load
+        if self.has_balance_loss:  # once per stage: one copy of the hidden state, whatever the number of MoE layers
+            self.aux_loss_sum += float(aux.aux_loss.detach())
+            hidden = AttachAuxLoss.apply(hidden, aux.aux_loss, self.aux_weight)
+        return hidden if self.is_last else (hidden, position_ids, doc_ids)
 
     def _embed(self, input_ids, pixel_values, image_grid_hw, image_token_positions, image_counts) -> torch.Tensor:
         if image_counts is None or int(image_counts[0, 0]) == 0:
-            return self.vlm.embed_inputs(input_ids)
+            return self.model.embed_inputs(input_ids)
         patches, images, tokens = image_counts[0].tolist()
         inputs = (input_ids, pixel_values[0, :patches], image_grid_hw[0, :images], image_token_positions[0, :tokens])
         if self.cp_group is not None:  # images divided among the context ranks (parallel/context.py)
-            return embed_inputs_context_parallel(self.vlm, *inputs, self.cp_group)
-        return self.vlm.embed_inputs(*inputs)
+            return embed_inputs_context_parallel(self.model, *inputs, self.cp_group)
+        return self.model.embed_inputs(*inputs)
 
 
 def prune_model(model: KimiVL, keep_layers: set[str], first: bool, last: bool) -> KimiVL:
@@ -292,6 +282,28 @@ def prune_model(model: KimiVL, keep_layers: set[str], first: bool, last: bool) -
     if not last:
         decoder.norm = decoder.output = None
     return model
+
+
+def stage_model(model: KimiVL, layers: list[str], first: bool, last: bool) -> KimiVL:
+    """One stage's model (torchtitan's per-stage model chunk): a shallow copy of ``model`` and of its decoder that
+    shares every module of ``model`` but holds only the stage's, so the model's forward runs exactly the stage.
+
+    A rank may run several stages of one pruned model (interleaved and zero-bubble schedules); the copies leave that
+    model, which the optimizer and checkpoints see, as it is. Parameters, buffers and the RoPE base are read from
+    the shared modules, so later changes (``to_empty``, ``set_rope_theta``) reach the stage.
+    """
+    view = _shallow_copy(model)
+    view.decoder = _shallow_copy(model.decoder)
+    view.decoder.layers = nn.ModuleDict(model.decoder.layers)  # its own table, pruned to the stage's layers below
+    view.coca = None  # next-token stages never run the CoCa towers
+    return prune_model(view, set(layers), first, last)
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    # copy.copy shares the table of children too: give the copy its own, so pruning it leaves ``module`` whole.
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    return clone
 
 
 # ---------------------------------------------------------------------------------------------------------- runner

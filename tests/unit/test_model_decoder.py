@@ -1,8 +1,11 @@
 """The MoE decoder: packing invariance, MoE against a per-token reference, bias balancing, RoPE base changes,
-and parity with transformers' DeepseekV3ForCausalLM."""
+pruned pipeline parts, and parity with transformers' DeepseekV3ForCausalLM."""
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -174,3 +177,21 @@ def _to_our_names(hf: dict[str, torch.Tensor], args: DecoderArgs) -> dict[str, t
                 break
         out[name] = tensor
     return out
+
+
+def test_pruned_decoders_run_their_parts_of_the_forward():
+    """Two pipeline stages as pruned copies (torchtitan's model chunks): the first holds the embedding and layer 0,
+    the second the rest and the final norm; chained, they compute the whole decoder bit for bit."""
+    decoder = _build_decoder()
+    ids = torch.randint(0, 97, (2, 10))
+    hidden, aux = decoder(ids)
+    first, last = copy.deepcopy(decoder), copy.deepcopy(decoder)
+    first.norm = first.output = last.embed_tokens = None
+    del first.layers["1"], first.layers["2"], last.layers["0"]
+    middle, aux_first = first(ids)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        last(ids)
+    out, aux_last = last(inputs_embeds=middle)
+    assert torch.equal(out, hidden)
+    assert aux_first.expert_load.shape == (0, 8)  # layer 0 is dense
+    assert torch.equal(aux_last.expert_load, aux.expert_load)
