@@ -28,5 +28,6 @@ from config.validate import validate
 
 __all__ = ["ACTIVATION_CHECKPOINT_POLICIES", "OBJECTIVES", "RECIPES_DIR", "TRAINABLE_PARTS", "AugmentConfig",
            "CheckpointConfig", "ConfigError", "CurriculumConfig", "DataConfig", "LRScheduleConfig", "LogConfig",
-           "MixtureConfig", "OptimConfig", "ParallelConfig", "PrecisionConfig", "RunConfig", "RuntimeConfig", "StageConfig",
+           "MixtureConfig", "OptimConfig", "ParallelConfig", "PrecisionConfig", "RunConfig", "RuntimeConfig",
+           "StageConfig",
            "available_recipes", "compose_recipe", "load_config", "split_recipe_dir", "to_run_config", "validate"]

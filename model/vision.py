@@ -156,7 +156,8 @@ class MoonViT(nn.Module):
         if pixel_values.dtype == torch.uint8:
             # Normalized in fp32: a bf16 step near 1.0 is as coarse as one pixel level.
             pixel_values = pixel_values.float().mul_(PIXEL_SCALE).sub_(1.0)
-        return F.linear(pixel_values.to(weight.dtype), weight.permute(0, 2, 3, 1).reshape(hidden, -1), self.patch_embed.bias)
+        return F.linear(pixel_values.to(weight.dtype), weight.permute(0, 2, 3, 1).reshape(hidden, -1),
+                        self.patch_embed.bias)
 
     def forward(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """Encode packed images.
