@@ -78,7 +78,7 @@ def measure_rank(rank: int, world: int, args: list[str]) -> dict:
     # What Trainer.run_stage does before its loop; the step below is Trainer.train_step's model and optimizer work.
     apply_stage(trainer.model, stage)
     trainer._enter_stage_layout(stage)
-    optimizer = build_optimizer(trainer.model, cfg.optim, stage.lr.peak_lr, trainer.groups)
+    optimizer = build_optimizer(trainer.model, cfg.optim, stage.lr.peak_lr, trainer.groups, cfg.precision)
     loader = StageLoader(name, stage, trainer.storage, trainer.tokenizer, cfg.model.vision, cfg.seed,
                          *trainer._data_shard(stage), cfg.data.max_corrupt_fraction, data=cfg.data)
     feed = DeviceFeed(loader, stage.objective, stage.grad_accum_steps, trainer.device)

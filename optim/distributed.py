@@ -323,9 +323,8 @@ class ZeroOptimizer:
         self.partitions.insert(0, Partition(dense, group, bucket_elements, base, ns_dtype=self.muon.ns_dtype,
                                             reduce_dtype=reduce_dtype))
         self.params = list(dict.fromkeys(u.param for u in self.units))
-        self._hooks = [param.register_post_accumulate_grad_hook(functools.partial(_accumulate_main_grad,
-                                                                                   dtype=reduce_dtype))
-                       for param in self.params if _needs_main_grad(param, reduce_dtype)]
+        for param in self.params:
+            _maybe_accumulate_main_grad(param, reduce_dtype)
         self.state = {p.key: self._fresh_state(p) for p in self.owned_pieces()}
         # fp32 master weights of the owned pieces of lower-precision parameters (fp32 parameters are their own).
         self.master = {p.key: p.view(p.unit.param.data).float().clone() for p in self.owned_pieces()
@@ -516,13 +515,24 @@ def accumulated_grad(param: torch.Tensor) -> torch.Tensor | None:
     return main
 
 
-def _needs_main_grad(param: torch.Tensor, reduce_dtype: torch.dtype) -> bool:
-    return param.requires_grad and param.dtype.itemsize < reduce_dtype.itemsize
+def _maybe_accumulate_main_grad(param: nn.Parameter, dtype: torch.dtype) -> None:
+    """Hook ``param`` so its gradients add up in ``main_grad`` (``dtype``) when ``dtype`` is wider than the
+    parameter's. One hook per parameter, whatever number of optimizers (one per stage) it has seen."""
+    hooked = getattr(param, "main_grad_dtype", None)
+    if hooked is not None:
+        if hooked != dtype:
+            raise ValueError(f"a parameter accumulates gradients in {hooked} already; asked for {dtype}")
+        return
+    if param.requires_grad and param.dtype.itemsize < dtype.itemsize:
+        param.register_post_accumulate_grad_hook(functools.partial(_accumulate_main_grad, dtype=dtype))
+        param.main_grad_dtype = dtype
 
 
 def _accumulate_main_grad(param: torch.Tensor, dtype: torch.dtype) -> None:
     """Move a freshly accumulated ``grad`` into ``main_grad`` (``dtype``), so micro-batches add up at its
     precision, not the parameter's."""
+    if param.grad is None:
+        return
     if getattr(param, "main_grad", None) is None:
         param.main_grad = param.grad.to(dtype)
     else:

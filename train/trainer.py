@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from config import ConfigError, OptimConfig, RunConfig, StageConfig
+from config import ConfigError, OptimConfig, PrecisionConfig, RunConfig, StageConfig
 from config.validate import check_layout
 from data.batch import ImageTextBatch, PackedBatch
 from data.loader import StageLoader, read_manifest
@@ -258,7 +258,8 @@ class Trainer:
             model = KimiVL(cfg.model)
         pipeline = PipelineOptions(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages, max(seq_lens),
                                    functools.partial(linear_cross_entropy_sum, chunk_tokens=cfg.loss_chunk_tokens))
-        self.parallel = parallelize(model, self.dims, self.groups, self.device, cfg.seed, pipeline)
+        self.parallel = parallelize(model, self.dims, self.groups, self.device, cfg.seed, pipeline,
+                                    param_dtype=getattr(torch, cfg.precision.param_dtype))
         self.model, self.pipeline = self.parallel.model, self.parallel.pipeline
         self.steps_this_run = 0
         self.peak_flops = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0
@@ -373,7 +374,7 @@ class Trainer:
         cfg, stage = self.cfg, self.cfg.curriculum.stages[name]
         apply_stage(self.model, stage)
         self._enter_stage_layout(stage)
-        optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr, self.groups)
+        optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr, self.groups, cfg.precision)
         loader = StageLoader(name, stage, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
                              *self._data_shard(stage), cfg.data.max_corrupt_fraction, data=cfg.data)
         feed = DeviceFeed(loader, stage.objective, stage.grad_accum_steps, self.device)
@@ -513,18 +514,21 @@ class Trainer:
         return grad_norm
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, groups: ParallelGroups | None = None
-                    ) -> ZeroOptimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, groups: ParallelGroups | None = None,
+                    precision: PrecisionConfig | None = None) -> ZeroOptimizer:
     """The stage's optimizer over the trainable parameters only (frozen ones are never touched, not even by weight
     decay), ZeRO-1 sharded: dense state over the data x context ranks, expert state over the expert-data ranks,
-    the gradient norm over the whole world."""
+    the gradient norm over the whole world; gradients reduced and state stored in ``precision``'s dtypes."""
+    precision = precision or PrecisionConfig()
     muon = MuonHParams(momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
                        ns_dtype=getattr(torch, cfg.muon_ns_dtype))
     adamw = AdamWHParams(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
     return ZeroOptimizer(model, lr=lr, weight_decay=cfg.weight_decay, use_muon=cfg.name == "muon", muon=muon,
                          adamw=adamw, group=groups.dense if groups else dist.group.WORLD,
                          expert_group=groups.expert_data if groups else None, norm_group=dist.group.WORLD,
-                         bucket_elements=max(1, int(cfg.reduce_bucket_mb * 2**20) // 4))
+                         bucket_elements=max(1, int(cfg.reduce_bucket_mb * 2**20) // 4),
+                         reduce_dtype=getattr(torch, precision.reduce_dtype),
+                         state_dtype=getattr(torch, precision.optimizer_state_dtype))
 
 
 def run_curriculum(cfg: RunConfig) -> dict[str, dict[str, Any]]:
