@@ -8,6 +8,8 @@ Prints one JSON line:
   ``algorithm1_comm_ratio_estimate``); goal <= 1.05.
 * ``ns_flops_imbalance``: max per-rank Newton-Schulz FLOPs ÷ mean (goal <= 1.1).
 * ``state_bytes_imbalance``: max per-rank optimizer-state bytes ÷ mean.
+* ``comm_bytes_ratio_bf16_vs_fp32`` (with ``--plan``): bytes per step of the most loaded rank with bf16 parameters
+  (fp32 reduce-scatter, bf16 all-gather) ÷ with fp32 for both, worst over the world sizes.
 * ``step_time_ratio_vs_adamw_zero1``: wall time of one optimizer step (reduce, clip, update, gather), Muon ÷ AdamW.
 
     python benchmarks/muon_distributed.py [--flavor small --dp 4 --steps 3]
@@ -89,12 +91,14 @@ def plan_figures(flavor: str, world: int, ep: int) -> dict:
         dist.destroy_process_group()
     dense, experts = muon.partitions[0].plan, (muon.partitions[1].plan if len(muon.partitions) > 1 else None)
 
-    def per_rank(figure: str) -> list[float]:
-        own = getattr(dense, figure)()
-        other = getattr(experts, figure)() if experts is not None else [0] * world
+    def per_rank(figure: str, *args) -> list[float]:
+        own = getattr(dense, figure)(*args)
+        other = getattr(experts, figure)(*args) if experts is not None else [0] * world
         return [own[r] + other[r // (world // len(other))] for r in range(world)]
 
     comm, flops, state = per_rank("comm_bytes"), per_rank("ns_flops"), per_rank("state_bytes")
+    # Mixed precision: fp32 reduce-scatter, bf16 all-gather (optim/distributed.py), against fp32 for both.
+    comm_bf16 = per_rank("comm_bytes", 4, 2)
     even_comm = sum(p.plan.even_comm_bytes() for p in adamw.partitions)
     return {
         "world": world, "ep": ep, "expert_data": world // ep,
@@ -106,6 +110,7 @@ def plan_figures(flavor: str, world: int, ep: int) -> dict:
         "state_bytes_imbalance": round(max(state) / (sum(state) / world), 4),
         "max_state_gib": round(max(state) / 2**30, 3),
         "max_comm_gib": round(max(comm) / 2**30, 3),
+        "comm_bytes_ratio_bf16_vs_fp32": round(max(comm_bf16) / max(comm), 4),
     }
 
 
@@ -125,6 +130,7 @@ def main() -> None:
             "comm_bytes_ratio_at_scale": max(w["comm_bytes_ratio"] for w in worlds),
             "ns_flops_imbalance_at_scale": max(w["ns_flops_imbalance"] for w in worlds),
             "state_bytes_imbalance_at_scale": max(w["state_bytes_imbalance"] for w in worlds),
+            "comm_bytes_ratio_bf16_vs_fp32": max(w["comm_bytes_ratio_bf16_vs_fp32"] for w in worlds),
             "worlds": worlds,
         }))
     muon = run_ranks(measure, args.dp, args.flavor, True, args.steps)

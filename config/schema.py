@@ -183,7 +183,8 @@ class OptimConfig:
     muon_ns_steps: int = 5
     # Newton-Schulz precision: bfloat16 as in Moonlight; float32 for bitwise-tight comparisons.
     muon_ns_dtype: str = "bfloat16"
-    # ZeRO-1 communication bucket: MiB of each rank's gradient/parameter segment per collective.
+    # ZeRO-1 communication bucket: MiB (of fp32 elements) per reduce-scatter / all-gather, all ranks' slices
+    # together, so the step's buffers stay bounded at any world size.
     reduce_bucket_mb: float = 64.0
 
 

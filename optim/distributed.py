@@ -55,14 +55,14 @@ __all__ = ["Partition", "ZeroOptimizer", "Unit", "build_units", "build_units_all
 class Partition:
     """The units reduced and sharded over one process group: a :class:`~optim.plan.Plan` and its execution.
 
-    Communication is bucketed: the segments are processed ``bucket_elements`` at a time (each collective moves
-    ``world x bucket`` elements), so the temporary buffers stay bounded whatever the model size, and the packing of
-    the next bucket overlaps the collective of the previous one (at most two in flight).
+    Communication is bucketed: each collective moves about ``bucket_elements`` elements (``bucket_elements / world``
+    of every rank's segment), so the temporary buffers stay bounded whatever the model and world sizes, and the
+    packing of the next bucket overlaps the collective of the previous one (at most two in flight).
 
     Args:
         units: The units of this partition (the same list, in the same order, on every rank of ``group``).
         group: The process group (None: one process).
-        bucket_elements: Elements of each rank's segment per collective.
+        bucket_elements: Elements of each collective (all ranks' slices together).
         base_flops: Newton-Schulz FLOPs each rank of ``group`` carries from another partition (its experts).
         ns_dtype: Newton-Schulz's dtype (what the compute-layout all-to-alls carry).
         reduce_dtype: The dtype of the gradient reduce-scatter.
@@ -85,7 +85,7 @@ class Partition:
         self.rank = dist.get_rank(group) if group is not None else 0
         self.plan = Plan(units, self.world, base_flops, ns_bytes=ns_dtype.itemsize)
         self.segment = self.plan.segment
-        self.bucket_elements = bucket_elements
+        self.bucket_elements = max(1, bucket_elements // self.world)  # of each rank's segment
         self.layout = []  # each rank's pieces with their offset inside the rank's segment
         for pieces in self.plan.stored:
             offsets, offset = [], 0
@@ -274,7 +274,7 @@ class Partition:
         return results
 
     def communication_bytes(self) -> int:
-        return self.plan.comm_bytes()[self.rank]
+        return self.plan.comm_bytes(self.reduce_dtype.itemsize, self.param_dtype.itemsize)[self.rank]
 
 
 class ZeroOptimizer:
@@ -294,7 +294,8 @@ class ZeroOptimizer:
             divided by expert parallelism); defaults to ``group``.
         norm_group: The group whose owned units together cover every parameter exactly once (the whole world,
             pipeline stages included), for the global gradient norm; defaults to ``group``.
-        bucket_elements: Elements of a rank's segment per reduce-scatter / all-gather (bounds temporary memory).
+        bucket_elements: Elements of each reduce-scatter / all-gather, all ranks together (bounds temporary memory
+            whatever the world size).
         reduce_dtype: Gradients accumulate over micro-batches and are reduce-scattered in this dtype.
         state_dtype: Storage dtype of Muon momentum and AdamW moments (updated in fp32 either way).
     """

@@ -291,15 +291,22 @@ class Plan:
                 flops[task.rank] += unit.flops() * (task.hi - task.lo) // unit.ns_shape[0]
         return flops
 
-    def state_bytes(self) -> list[int]:
-        """Optimizer-state bytes each rank holds: fp32 momentum (Muon), fp32 moments and an fp64 step (AdamW)."""
-        return [sum(4 * p.numel if p.unit.is_muon else 8 * p.numel + 8 for p in pieces) for pieces in self.stored]
+    def state_bytes(self, element_bytes: int = 4) -> list[int]:
+        """Optimizer-state bytes each rank holds: momentum (Muon), two moments and an fp64 step (AdamW), stored in
+        ``element_bytes`` per element."""
+        return [sum(element_bytes * (1 if p.unit.is_muon else 2) * p.numel + (0 if p.unit.is_muon else 8)
+                    for p in pieces) for pieces in self.stored]
 
-    def comm_bytes(self) -> list[int]:
-        """Bytes each rank moves per step: the fp32 reduce-scatter input and all-gather output (``world x segment``
-        each, ZeRO-1's convention), plus the larger of what it sends and what it receives in the compute-layout
-        all-to-alls (links are full duplex: the busier direction sets the time)."""
-        base = 2 * self.world * self.segment * 4 if self.world > 1 else 0
+    def owned_numel(self) -> list[int]:
+        """Elements each rank homes (its share of the fp32 master weights of a lower-precision model)."""
+        return [sum(p.numel for p in pieces) for pieces in self.stored]
+
+    def comm_bytes(self, reduce_bytes: int = 4, param_bytes: int = 4) -> list[int]:
+        """Bytes each rank moves per step: the reduce-scatter input (``world x segment`` in the reduce dtype) and the
+        all-gather output (the same in the parameters' dtype), ZeRO-1's convention, plus the larger of what it sends
+        and what it receives in the compute-layout all-to-alls (links are full duplex: the busier direction sets the
+        time)."""
+        base = self.world * self.segment * (reduce_bytes + param_bytes) if self.world > 1 else 0
         sent, received = [0] * self.world, [0] * self.world
         for moves in (self.update_moves(), self.result_moves()):
             for piece, source, destination in moves:

@@ -139,8 +139,18 @@ def _initialized(module: nn.Module) -> nn.Module:
     return module
 
 
-def decoder_layer_bytes_per_token(args: DecoderArgs, moe: bool, policy: str, tokens: int = 512) -> BlockBytes:
-    """:class:`BlockBytes` of one decoder layer (fp32), measured on rows of two documents.
+def _in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` with its parameters (not its buffers: the router's bias stays fp32) in ``dtype``, as
+    ``parallelize`` casts them."""
+    for param in module.parameters():
+        param.data = param.data.to(dtype)
+    return module
+
+
+def decoder_layer_bytes_per_token(args: DecoderArgs, moe: bool, policy: str, tokens: int = 512,
+                                  dtype: torch.dtype = torch.float32) -> BlockBytes:
+    """:class:`BlockBytes` of one decoder layer with ``dtype`` parameters and activations, measured on rows of two
+    documents.
 
     A MoE layer is measured with ``num_experts_per_token + 2`` routed experts: every token still visits ``k`` of
     them (what activations depend on), while the weights stay small; only the ``[T, E]`` router scores shrink
@@ -151,8 +161,8 @@ def decoder_layer_bytes_per_token(args: DecoderArgs, moe: bool, policy: str, tok
 
     def build(n: int):
         torch.manual_seed(0)
-        layer = _initialized(DecoderLayer(args, use_moe=moe))
-        x = torch.randn(1, n, args.hidden_size, requires_grad=True)
+        layer = _in_dtype(_initialized(DecoderLayer(args, use_moe=moe)), dtype)
+        x = torch.randn(1, n, args.hidden_size, dtype=dtype, requires_grad=True)
         angles = rope_angles_1d(torch.arange(n), args.qk_rope_head_dim, args.rope_theta)
         cu_seqlens = torch.tensor([0, n // 2, n], dtype=torch.int32)
         return layer, [x, angles], lambda: layer(x, angles, cu_seqlens)[0]
@@ -160,14 +170,16 @@ def decoder_layer_bytes_per_token(args: DecoderArgs, moe: bool, policy: str, tok
     return measure_block_bytes(build, policy, tokens)
 
 
-def vision_block_bytes_per_patch(args: VisionArgs, policy: str, side: int = 16) -> BlockBytes:
-    """:class:`BlockBytes` per patch of one MoonViT block (fp32), measured on square images."""
+def vision_block_bytes_per_patch(args: VisionArgs, policy: str, side: int = 16,
+                                 dtype: torch.dtype = torch.float32) -> BlockBytes:
+    """:class:`BlockBytes` per patch of one MoonViT block with ``dtype`` parameters and activations, measured on
+    square images."""
 
     def build(patches: int):
         torch.manual_seed(0)
-        block = _initialized(VisionBlock(args))
+        block = _in_dtype(_initialized(VisionBlock(args)), dtype)
         width = int(patches**0.5)
-        x = torch.randn(patches, args.hidden_size, requires_grad=True)
+        x = torch.randn(patches, args.hidden_size, dtype=dtype, requires_grad=True)
         grid = torch.arange(patches)
         angles = rope_angles_2d(grid // width, grid % width, args.hidden_size // args.num_heads, args.rope_theta)
         cu_seqlens = torch.tensor([0, patches], dtype=torch.int32)
@@ -177,7 +189,7 @@ def vision_block_bytes_per_patch(args: VisionArgs, policy: str, side: int = 16) 
 
 
 def loss_head_peak_bytes(args: DecoderArgs, tokens: int, loss: Callable[..., torch.Tensor],
-                         accumulating: bool) -> int:
+                         accumulating: bool, dtype: torch.dtype = torch.float32) -> int:
     """Peak bytes of the final norm and the loss, forward and backward, above their weights and input, at the real
     shapes on ``meta`` (nothing is allocated). ``loss(hidden, weight, targets)`` is the trainer's (the fused,
     chunked one of train/loss.py: the gradients of hidden states, one chunk's logits and their temporaries, the output
@@ -186,9 +198,9 @@ def loss_head_peak_bytes(args: DecoderArgs, tokens: int, loss: Callable[..., tor
     from model.layers import RMSNorm
 
     with torch.device("meta"):
-        norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        weight = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size))
-        hidden = torch.empty(tokens, args.hidden_size, requires_grad=True)
+        norm = _in_dtype(RMSNorm(args.hidden_size, eps=args.rms_norm_eps), dtype)
+        weight = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, dtype=dtype))
+        hidden = torch.empty(tokens, args.hidden_size, dtype=dtype, requires_grad=True)
         targets = torch.zeros(tokens, dtype=torch.int64)
         if accumulating:
             weight.grad = torch.zeros_like(weight)

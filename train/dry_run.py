@@ -5,15 +5,18 @@ The real model is built on ``meta`` (no memory) under a fake process group of ``
 and its device mesh built exactly as in a run. Per pipeline stage (ranks of one pipeline stage hold the same
 shapes) and per curriculum stage it reports the bytes one rank holds at the peak of a training step:
 
-* parameters (fp32, as the trainer keeps them), frozen ones included; routed experts divided by ``ep``;
-* gradients (fp32) of the parameters the stage trains;
-* optimizer state, ZeRO-1 as optim/plan.py lays it out (Muon momentum 4 B, AdamW moments 8 B per element of
-  the units a rank owns: the largest rank's share);
+* parameters in ``precision.param_dtype``, frozen ones included; routed experts divided by ``ep``;
+* gradients of the parameters the stage trains, accumulated in the wider of the parameter and reduce dtypes (a
+  bf16 parameter with fp32 reduction accumulates in an fp32 ``main_grad``);
+* fp32 master weights of the units a rank owns when the parameters are not fp32 (the largest rank's share);
+* optimizer state, ZeRO-1 as optim/plan.py lays it out (Muon momentum, AdamW moments in
+  ``precision.optimizer_state_dtype``, of the units a rank owns: the largest rank's share);
 * the forward/backward peak above those: the maximum over the moments of the last micro-batch (the loss, each
   decoder block's backward, the vision tower's backward) of the activations still stored plus that moment's
   temporaries, plus the gradients present then (all of them after the first micro-batch; with one micro-batch,
   those of the parts whose backward has run). Stored bytes, forward and backward temporaries per token are
-  *measured* on one real-width block under the stage's checkpointing policy (parallel/memory.py); the loss head
+  *measured* on one real-width block in the parameter dtype under the stage's checkpointing policy
+  (parallel/memory.py); the loss head
   (final norm, one chunk of logits, gradients of the hidden states and of the output projection) is measured on
   ``meta`` at the stage's exact shapes; context parallelism adds the gathered keys and values of the whole row
   (kept by ``none`` and ``selective``, rebuilt twice during a ``full`` block's recompute); image patches per row
@@ -21,7 +24,8 @@ shapes) and per curriculum stage it reports the bytes one rank holds at the peak
   token, ``merge^2`` patches each, images spread over the context ranks). With pipeline parallelism, stage ``s``
   holds the stored activations of ``pp - s`` micro-batches (1F1B);
 * the optimizer step's buffers above parameters, gradients and state: the reduced gradient segments of every
-  partition, plus the largest of: two reduce-scatter buckets (``world x optim.reduce_bucket_mb``), the fp64 copy and
+  partition (in the reduce dtype, and their fp32 copy when that is narrower), plus the largest of: two
+  reduce-scatter buckets (``optim.reduce_bucket_mb`` each, all ranks' slices together), the fp64 copy and
   square of a segment for the gradient norm, one owned matrix's Muon temporaries (Nesterov update, Newton-Schulz
   iterates in ``optim.muon_ns_dtype``, the fp32 result), an all-gather bucket and its output.
 
@@ -39,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from config import ConfigError, OptimConfig, RunConfig, StageConfig
+from config import ConfigError, OptimConfig, PrecisionConfig, RunConfig, StageConfig
 from config.model import ModelArgs
 from model.vlm import KimiVL
 from optim.build import route_parameters
@@ -69,6 +73,7 @@ class RankMemory:
     params: int
     grads: int
     optimizer: int
+    masters: int
     activations: int  # the forward/backward peak above parameters, optimizer state and the gradients of then
     grads_at_activation_peak: int
     step_buffers: int  # the optimizer step's temporaries above parameters, gradients and state
@@ -78,12 +83,13 @@ class RankMemory:
 
     @property
     def peak(self) -> int:
-        static = self.params + self.optimizer
+        static = self.params + self.masters + self.optimizer
         return static + max(self.grads_at_activation_peak + self.activations, self.grads + self.step_buffers)
 
     def as_json(self) -> dict:
         return {"stage": self.stage, "pp_rank": self.pp_rank, "layers": [self.layers.start, self.layers.stop - 1],
-                "params_gib": _gib(self.params), "grads_gib": _gib(self.grads), "optimizer_gib": _gib(self.optimizer),
+                "params_gib": _gib(self.params), "grads_gib": _gib(self.grads), "masters_gib": _gib(self.masters),
+                "optimizer_gib": _gib(self.optimizer),
                 "activations_gib": _gib(self.activations), "step_buffers_gib": _gib(self.step_buffers),
                 "peak_gib": _gib(self.peak), "cp_degree": self.cp_degree, "activation_checkpoint": self.policy,
                 "image_patches_per_micro_batch": self.image_patches}
@@ -117,7 +123,8 @@ def estimate(cfg: RunConfig, dims: ParallelDims, image_token_share: float | None
                                                                         last_extra)]
     moe_names = {f"decoder.layers.{i}" for i, layer in model.decoder.layers.items() if layer.moe is not None}
     # Measured bytes per token, kept per process: the shapes of a flavor fix them (repeated dry runs reuse them).
-    per_token = _MEASURED.setdefault(repr(cfg.model), {})
+    per_token = _MEASURED.setdefault(f"{cfg.model!r} {cfg.precision.param_dtype}", {})
+    sizes = DtypeBytes.of(cfg.precision)
     reports = []
     for name in cfg.curriculum.order:
         stage = cfg.curriculum.stages[name]
@@ -129,7 +136,7 @@ def estimate(cfg: RunConfig, dims: ParallelDims, image_token_share: float | None
         units = build_units(model) if cfg.optim.name == "muon" else build_units_all_adamw(model)
         for pp_rank, layers in enumerate(splits):
             here = [u for u in units if _owned(u.route.name, layers, pp_rank, dims.pp_degree)]
-            step = optimizer_step_bytes(here, stage_dims, cfg.optim)
+            step = optimizer_step_bytes(here, stage_dims, cfg.optim, cfg.precision)
             params = 0
             grads: dict[str, int] = {}
             for pname, param in model.named_parameters():
@@ -137,44 +144,66 @@ def estimate(cfg: RunConfig, dims: ParallelDims, image_token_share: float | None
                     continue
                 is_expert = ".moe.experts." in pname
                 numel = param.numel() // (dims.ep_degree if is_expert else 1)
-                params += numel * FP32
+                params += numel * sizes.param
                 route = routes.get(pname)
                 if route is None:  # frozen in this stage
                     continue
-                grads[pname] = numel * FP32
+                grads[pname] = numel * sizes.grad
             phase = ActivationPeak(cfg, stage, stage_dims, pp_rank, layers, moe_names, policy, grads, per_token,
                                    image_token_share)
-            reports.append(RankMemory(name, pp_rank, layers, params, sum(grads.values()), step.state,
+            reports.append(RankMemory(name, pp_rank, layers, params, sum(grads.values()), step.state, step.masters,
                                       phase.bytes, phase.grads, step.buffers, stage_dims.cp_degree, policy,
                                       phase.patches))
     return reports
 
 
+@dataclass(frozen=True)
+class DtypeBytes:
+    """Bytes per element of what a training step holds, by ``precision``."""
+
+    param: int
+    reduce: int
+    grad: int  # the accumulation buffer: the wider of the parameter and reduce dtypes
+    state: int
+    master: int  # 4 when the parameters are not fp32, else 0 (they are their own master)
+
+    @classmethod
+    def of(cls, precision: PrecisionConfig) -> DtypeBytes:
+        param, reduce = (getattr(torch, d).itemsize for d in (precision.param_dtype, precision.reduce_dtype))
+        return cls(param=param, reduce=reduce, grad=max(param, reduce),
+                   state=getattr(torch, precision.optimizer_state_dtype).itemsize, master=0 if param == 4 else 4)
+
+
 @dataclass
 class StepBytes:
     state: int  # optimizer state of the most loaded rank
+    masters: int  # fp32 master weights of the most loaded rank
     buffers: int  # the step's temporaries on the most loaded rank
 
 
-def optimizer_step_bytes(units: list[Unit], dims: ParallelDims, optim: OptimConfig) -> StepBytes:
+def optimizer_step_bytes(units: list[Unit], dims: ParallelDims, optim: OptimConfig,
+                         precision: PrecisionConfig | None = None) -> StepBytes:
     """The ZeRO-1 step's state and temporaries on the most loaded rank, from the optimizer's own plan
     (optim/plan.py: ``units`` of one pipeline stage from ``build_units`` on the meta model, dense units over the
     data x context ranks, this expert-parallel shard's expert units over the expert-data ranks)."""
     local_experts = {u.route.name: u.route.shape[0] // dims.ep_degree for u in units if u.route.per_expert}
     dense = [u for u in units if not u.route.per_expert]
     experts = [u for u in units if u.route.per_expert and (u.expert is None or u.expert < local_experts[u.route.name])]
+    sizes = DtypeBytes.of(precision or PrecisionConfig())
     bucket = max(1, int(optim.reduce_bucket_mb * 2**20) // FP32)
     ns_bytes = 2 if optim.muon_ns_dtype == "bfloat16" else 4
-    segments, phases, state = [], [], 0
+    segments, phases, held = [], [], []
     for part, world in ((dense, dims.dp_degree * dims.cp_degree), (experts, dims.expert_data_degree)):
         if not part:
             continue
         plan = Plan(part, world, ns_bytes=ns_bytes)
         segment = plan.segment
-        width = min(bucket, segment)
-        buckets = math.ceil(segment / bucket)
-        segments.append(segment * FP32)
-        state = max(state, *plan.state_bytes())
+        width = min(max(1, bucket // world), segment)
+        buckets = math.ceil(segment / width)
+        # the reduced segment, and its fp32 copy when reduced in a narrower dtype
+        segments.append(segment * (sizes.reduce + (FP32 if sizes.reduce < FP32 else 0)))
+        held.append([(state, numel * sizes.master)
+                     for state, numel in zip(plan.state_bytes(sizes.state), plan.owned_numel(), strict=True)])
         computed = [u for u, tasks in plan.tasks.items() if tasks]
         largest = max(computed, key=lambda u: u.numel, default=None)
         muon = 0
@@ -189,12 +218,16 @@ def optimizer_step_bytes(units: list[Unit], dims: ParallelDims, optim: OptimConf
                 received[destination] += piece.numel * ns_bytes
             muon = largest.numel * (2 * FP32 + 3 * ns_bytes) + 2 * small * small * ns_bytes + max(received)
         phases += [
-            sum(segments[:-1]) + min(2, buckets) * world * width * FP32,  # reduce-scatter: two buckets in flight
+            sum(segments[:-1]) + min(2, buckets) * world * width * sizes.reduce,  # reduce-scatter: two in flight
             16 * segment,  # the gradient norm: an fp64 copy of the segment and its square
             muon,
-            (world + 1) * width * FP32 if world > 1 else 0,  # all-gather: this rank's bucket and everyone's
+            (world + 1) * width * sizes.param if world > 1 else 0,  # all-gather: this rank's bucket and everyone's
         ]
-    return StepBytes(state, sum(segments) + max(phases, default=0))
+    # Dense rank r homes its dense share and, as rank r // ep of its expert-data group, an expert share.
+    ranks = len(held[0]) if held else 1
+    per_rank = [tuple(sum(part[r * len(part) // ranks][i] for part in held) for i in range(2)) for r in range(ranks)]
+    state, masters = max(per_rank, default=(0, 0), key=sum)
+    return StepBytes(state, masters, sum(segments) + max(phases, default=0))
 
 
 class ActivationPeak:
@@ -206,6 +239,7 @@ class ActivationPeak:
                  moe_names: set[str], policy: str, grads: dict[str, int], per_token: dict,
                  image_token_share: float | None = None):
         args = cfg.model
+        dtype = getattr(torch, cfg.precision.param_dtype)
         self.patches = 0
         self.bytes = self.grads = 0
         accumulating = stage.grad_accum_steps > 1 or dims.pp_degree > 1
@@ -214,9 +248,10 @@ class ActivationPeak:
         def measured(kind: str) -> BlockBytes:
             if (kind, policy) not in per_token:
                 if kind == "vision":
-                    per_token[kind, policy] = vision_block_bytes_per_patch(args.vision, policy)
+                    per_token[kind, policy] = vision_block_bytes_per_patch(args.vision, policy, dtype=dtype)
                 else:
-                    per_token[kind, policy] = decoder_layer_bytes_per_token(args.decoder, kind == "moe", policy)
+                    per_token[kind, policy] = decoder_layer_bytes_per_token(args.decoder, kind == "moe", policy,
+                                                                            dtype=dtype)
             return per_token[kind, policy]
 
         def moment(stored: float, extra: float, grads_now: int) -> None:
@@ -232,12 +267,12 @@ class ActivationPeak:
                 moment(stored, self.patches * vision.backward_extra, sum(grads.values()))
             return
         tokens = stage.micro_batch_size * stage.seq_len // dims.cp_degree
-        hidden_bytes = tokens * args.decoder.hidden_size * FP32
+        hidden_bytes = tokens * args.decoder.hidden_size * dtype.itemsize
         if pp_rank == 0:
             self.patches = int(image_patches(stage, args, image_token_share) / dims.cp_degree)
         kinds = ["moe" if f"decoder.layers.{i}" in moe_names else "dense" for i in layers]
         blocks = [measured(kind) for kind in kinds]
-        kv = context_parallel_kv_bytes(args, stage, dims)
+        kv = context_parallel_kv_bytes(args, stage, dims, dtype.itemsize)
         kept_kv = kv if policy != "full" else 0
         vision = measured("vision") if self.patches else BlockBytes(0.0, 0.0, 0.0)
         vision_stored = self.patches * vision.stored * args.vision.num_layers
@@ -253,7 +288,7 @@ class ActivationPeak:
         done = 0 if accumulating else head
         if pp_rank == dims.pp_degree - 1:
             loss = loss_head_peak_bytes(args.decoder, tokens, functools.partial(
-                linear_cross_entropy_sum, chunk_tokens=cfg.loss_chunk_tokens), accumulating)
+                linear_cross_entropy_sum, chunk_tokens=cfg.loss_chunk_tokens), accumulating, dtype)
             moment(earlier + base + sum(stored), loss, grads_before)
         # Backward of each block, last first: its own stored bytes and those below it still alive.
         for i in reversed(range(len(blocks))):
@@ -278,14 +313,15 @@ def image_patches(stage: StageConfig, args: ModelArgs, image_token_share: float 
     return stage.micro_batch_size * stage.seq_len * share * args.vision.merge_size**2
 
 
-def context_parallel_kv_bytes(args: ModelArgs, stage: StageConfig, dims: ParallelDims) -> int:
+def context_parallel_kv_bytes(args: ModelArgs, stage: StageConfig, dims: ParallelDims, element_bytes: int = FP32
+                              ) -> int:
     """Bytes of one decoder layer's gathered keys and values of a whole micro-batch (parallel/context.py: keys and
     values padded to the query head dim, side by side, in global order); 0 without context parallelism."""
     if dims.cp_degree == 1:
         return 0
     decoder = args.decoder
     head_dim = decoder.qk_nope_head_dim + decoder.qk_rope_head_dim
-    return stage.micro_batch_size * stage.seq_len * decoder.num_heads * 2 * head_dim * FP32
+    return stage.micro_batch_size * stage.seq_len * decoder.num_heads * 2 * head_dim * element_bytes
 
 
 def predict(cfg: RunConfig, image_token_share: float | None = None) -> list[RankMemory]:
@@ -309,13 +345,16 @@ def run_dry_run(cfg: RunConfig) -> int:
     finally:
         dist.destroy_process_group()
     print(f"dry run: {cfg.model.flavor} on {world} ranks, mesh {dict(zip(mesh.mesh_dim_names, mesh.shape))}, "
-          f"ep={dims.ep_degree} (expert-data {dims.expert_data_degree}), activation checkpointing "
+          f"ep={dims.ep_degree} (expert-data {dims.expert_data_degree}), parameters {cfg.precision.param_dtype}, "
+          f"reduce {cfg.precision.reduce_dtype}, optimizer state {cfg.precision.optimizer_state_dtype}, activation "
+          "checkpointing "
           f"'{cfg.parallel.activation_checkpoint}'")
-    print(f"{'stage':<16}{'pp':>3} {'layers':>9} {'params GiB':>11} {'grads GiB':>10} {'optim GiB':>10} "
-          f"{'activ GiB':>10} {'step GiB':>9} {'peak GiB':>9}  cp  checkpointing")
+    print(f"{'stage':<16}{'pp':>3} {'layers':>9} {'params GiB':>11} {'grads GiB':>10} {'master GiB':>11} "
+          f"{'optim GiB':>10} {'activ GiB':>10} {'step GiB':>9} {'peak GiB':>9}  cp  checkpointing")
     for r in reports:
         print(f"{r.stage:<16}{r.pp_rank:>3} {r.layers.start:>4}-{r.layers.stop - 1:<4} {r.params / GIB:>11.2f} "
-              f"{r.grads / GIB:>10.2f} {r.optimizer / GIB:>10.2f} {r.activations / GIB:>10.2f} "
+              f"{r.grads / GIB:>10.2f} {r.masters / GIB:>11.2f} {r.optimizer / GIB:>10.2f} "
+              f"{r.activations / GIB:>10.2f} "
               f"{r.step_buffers / GIB:>9.2f} {r.peak / GIB:>9.2f} {r.cp_degree:>3}  {r.policy}")
     for r in reports:
         print("dry_run " + json.dumps(r.as_json()))
