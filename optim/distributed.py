@@ -18,7 +18,10 @@ elements, each with one home rank; every Muon matrix gets one or more compute ra
 Mixed precision: parameters may be bf16 (the model's compute dtype). Then each home keeps an fp32 master copy of
 its pieces, and updates the master, never the bf16 parameter, which is the master rounded and all-gathered (in
 bf16: half the bytes). Gradients accumulate over micro-batches in ``reduce_dtype`` (an fp32 ``main_grad`` beside
-a bf16 parameter, filled by a post-accumulate hook, as Megatron does) and are reduce-scattered in it; the norm,
+a bf16 parameter, filled by a post-accumulate hook, as Megatron does) and are reduce-scattered in it; or, with
+``accumulate_sharded``, every micro-batch's gradients are reduce-scattered at once and accumulate in each rank's
+``reduce_dtype`` segment, so no full-size fp32 gradient exists (FSDP2's way; one reduce-scatter per micro-batch).
+The norm,
 clipping and the update are fp32; Muon momentum and AdamW moments are stored in ``state_dtype`` and updated in fp32.
 
 Every number a rank computes is computed as in one process (elementwise rules on pieces; Newton-Schulz row blocks
@@ -298,14 +301,18 @@ class ZeroOptimizer:
             whatever the world size).
         reduce_dtype: Gradients accumulate over micro-batches and are reduce-scattered in this dtype.
         state_dtype: Storage dtype of Muon momentum and AdamW moments (updated in fp32 either way).
+        accumulate_sharded: The caller runs :meth:`accumulate` between micro-batches (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, use_muon: bool = True,
                  muon: MuonHParams | None = None, adamw: AdamWHParams | None = None,
                  group: dist.ProcessGroup | None = None, expert_group: dist.ProcessGroup | None = None,
                  norm_group: dist.ProcessGroup | None = None, bucket_elements: int = 1 << 24,
-                 reduce_dtype: torch.dtype = torch.float32, state_dtype: torch.dtype = torch.float32):
+                 reduce_dtype: torch.dtype = torch.float32, state_dtype: torch.dtype = torch.float32,
+                 accumulate_sharded: bool = False):
         self.lr = lr
+        self.accumulate_sharded = accumulate_sharded
+        self._accumulated: list[torch.Tensor] | None = None
         self.reduce_dtype, self.state_dtype = reduce_dtype, state_dtype
         self.weight_decay = weight_decay
         self.muon = muon or MuonHParams()
@@ -324,8 +331,9 @@ class ZeroOptimizer:
         self.partitions.insert(0, Partition(dense, group, bucket_elements, base, ns_dtype=self.muon.ns_dtype,
                                             reduce_dtype=reduce_dtype))
         self.params = list(dict.fromkeys(u.param for u in self.units))
-        for param in self.params:
-            _maybe_accumulate_main_grad(param, reduce_dtype)
+        if not accumulate_sharded:
+            for param in self.params:
+                _maybe_accumulate_main_grad(param, reduce_dtype)
         self.state = {p.key: self._fresh_state(p) for p in self.owned_pieces()}
         # fp32 master weights of the owned pieces of lower-precision parameters (fp32 parameters are their own).
         self.master = {p.key: p.view(p.unit.param.data).float().clone() for p in self.owned_pieces()
@@ -369,9 +377,28 @@ class ZeroOptimizer:
         self.apply_updates(grads, squared_norm, max_grad_norm)
         return float(squared_norm.sqrt())
 
+    def accumulate(self) -> None:
+        """Between micro-batches (``accumulate_sharded``): reduce-scatter the gradients of the micro-batch just done
+        into this rank's segments, in ``reduce_dtype``, and drop the local ones. Every rank of the groups calls it."""
+        if not self.accumulate_sharded:
+            raise RuntimeError("accumulate() needs ZeroOptimizer(accumulate_sharded=True)")
+        grads = [partition.reduce_scatter_gradients() for partition in self.partitions]
+        if self._accumulated is None:
+            self._accumulated = grads
+        else:
+            for total, grad in zip(self._accumulated, grads, strict=True):
+                total.add_(grad)
+        for param in self.params:
+            param.grad = None
+
     def reduce_gradients(self) -> list[torch.Tensor]:
-        """Each partition's gradients of the units this rank owns, summed over its group, in fp32."""
-        return [partition.reduce_scatter_gradients().float() for partition in self.partitions]
+        """Each partition's gradients of the units this rank owns, summed over its group (and over the micro-batches
+        :meth:`accumulate` reduced already), in fp32."""
+        grads = [partition.reduce_scatter_gradients() for partition in self.partitions]
+        if self._accumulated is not None:
+            grads = [total.add_(grad) for total, grad in zip(self._accumulated, grads, strict=True)]
+            self._accumulated = None
+        return [grad.float() for grad in grads]
 
     def global_squared_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The squared global gradient norm (fp64, on the device): every unit is owned exactly once in the world."""

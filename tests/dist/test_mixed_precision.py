@@ -64,19 +64,24 @@ def assemble(pieces: dict, model: nn.Module) -> dict[str, torch.Tensor]:
     return whole
 
 
-def train_bf16(rank: int, world: int, steps: int) -> dict:
+def train_bf16(rank: int, world: int, steps: int, sharded: bool = False) -> dict:
     model = bf16_model()
     optimizer = ZeroOptimizer(model, lr=LR, weight_decay=WD, muon=MUON,
-                              group=dist.group.WORLD if world > 1 else None)
-    norms = []
+                              group=dist.group.WORLD if world > 1 else None, accumulate_sharded=sharded)
+    norms, full_size_fp32 = [], []
     for step in range(steps):
         optimizer.zero_grad()
         for micro in range(MICRO):
+            if micro and sharded:
+                optimizer.accumulate()
             micro_batch_grads(model, step, rank, micro)
+        # What the micro-batches left on the parameters before the step: bf16 gradients only when sharded.
+        full_size_fp32 += [getattr(p, "main_grad", None) is not None or p.grad.dtype == torch.float32
+                           for p in model.parameters()]
         norms.append(optimizer.step(max_grad_norm=CLIP))
     return {"masters": masters_by_name(optimizer), "norms": norms,
             "params": {k: v.detach().clone() for k, v in model.named_parameters()},
-            "master_bytes": optimizer.master_bytes()}
+            "master_bytes": optimizer.master_bytes(), "full_size_fp32_grads": any(full_size_fp32)}
 
 
 def single_process_bf16(world: int, steps: int) -> dict:
@@ -94,9 +99,12 @@ def single_process_bf16(world: int, steps: int) -> dict:
             "master_bytes": optimizer.master_bytes()}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_bf16_zero1_equals_the_bf16_single_process(world):
-    results = run_ranks(train_bf16, world, STEPS)
+@pytest.mark.parametrize(("world", "sharded"), [(2, False), (4, False), (2, True), (4, True)])
+def test_bf16_zero1_equals_the_bf16_single_process(world, sharded):
+    """Micro-batches accumulated in each parameter's fp32 ``main_grad``, or reduce-scattered one by one into the
+    owners' fp32 segments (``accumulate_sharded``: no full-size fp32 gradient on any rank)."""
+    results = run_ranks(train_bf16, world, STEPS, sharded)
+    assert all(r["full_size_fp32_grads"] != sharded for r in results)
     reference = single_process_bf16(world, STEPS)
     model = bf16_model()
     expected = assemble(reference["masters"], model)
