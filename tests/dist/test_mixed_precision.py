@@ -23,7 +23,7 @@ from parallel.forked import run_ranks
 from tests.dist.test_zero_optimizer import mixed_model
 from tests.dist.test_zero_vs_deepspeed import loss_of, make_model
 
-LR, WD, CLIP, STEPS, MICRO = 0.01, 0.1, 0.5, 20, 2
+LR, WD, CLIP, STEPS, MICRO = 0.01, 0.1, 0.5, 20, 3
 MUON = MuonHParams(ns_dtype=torch.float32)
 
 
