@@ -78,7 +78,8 @@ def memory_ratio(recipe_overrides: list[str]) -> dict:
 
     def breakdown(r) -> dict:
         return {"params": round(r.params / gib, 2), "grads": round(r.grads / gib, 2),
-                "masters": round(r.masters / gib, 2), "optimizer": round(r.optimizer / gib, 2),
+                "grad_shards": round(r.grad_shards / gib, 2), "masters": round(r.masters / gib, 2),
+                "optimizer": round(r.optimizer / gib, 2),
                 "activations": round(r.activations / gib, 2), "step_buffers": round(r.step_buffers / gib, 2),
                 "peak": round(r.peak / gib, 2)}
 

@@ -52,7 +52,7 @@ from optim.muon import (
 )
 from optim.plan import Piece, Plan, Unit, build_units, build_units_all_adamw
 
-__all__ = ["Partition", "ZeroOptimizer", "Unit", "build_units", "build_units_all_adamw"]
+__all__ = ["Partition", "Unit", "ZeroOptimizer", "build_units", "build_units_all_adamw", "shards_micro_batches"]
 
 
 class Partition:
@@ -529,6 +529,13 @@ class ZeroOptimizer:
             if key in self._adamw_steps:
                 self._adamw_steps[key] = int(fresh["step"])
 
+
+
+def shards_micro_batches(param_dtype: torch.dtype, reduce_dtype: torch.dtype, pipelined: bool) -> bool:
+    """Whether a run accumulates its micro-batches sharded (:meth:`ZeroOptimizer.accumulate`): when gradients are
+    reduced in a wider dtype than the parameters', so that no full-size wide gradient exists. A pipeline schedule
+    runs its micro-batches inside one call, so it accumulates in ``main_grad`` instead."""
+    return reduce_dtype.itemsize > param_dtype.itemsize and not pipelined
 
 
 def accumulated_grad(param: torch.Tensor) -> torch.Tensor | None:

@@ -6,8 +6,9 @@ and its device mesh built exactly as in a run. Per pipeline stage (ranks of one 
 shapes) and per curriculum stage it reports the bytes one rank holds at the peak of a training step:
 
 * parameters in ``precision.param_dtype``, frozen ones included; routed experts divided by ``ep``;
-* gradients of the parameters the stage trains, accumulated in the wider of the parameter and reduce dtypes (a
-  bf16 parameter with fp32 reduction accumulates in an fp32 ``main_grad``);
+* gradients of the parameters the stage trains: in the parameter dtype plus the rank's reduce-dtype segments when
+  micro-batches accumulate sharded (bf16 parameters, fp32 reduction, no pipeline: ``shards_micro_batches``), else
+  in the wider of the parameter and reduce dtypes (a pipelined bf16 parameter accumulates in an fp32 ``main_grad``);
 * fp32 master weights of the units a rank owns when the parameters are not fp32 (the largest rank's share);
 * optimizer state, ZeRO-1 as optim/plan.py lays it out (Muon momentum, AdamW moments in
   ``precision.optimizer_state_dtype``, of the units a rank owns: the largest rank's share);
@@ -47,6 +48,7 @@ from config import ConfigError, OptimConfig, PrecisionConfig, RunConfig, StageCo
 from config.model import ModelArgs
 from model.vlm import KimiVL
 from optim.build import route_parameters
+from optim.distributed import shards_micro_batches
 from optim.plan import Plan, Unit, build_units, build_units_all_adamw
 from parallel.activation_checkpoint import default_policy
 from parallel.dims import ParallelDims
@@ -74,6 +76,7 @@ class RankMemory:
     grads: int
     optimizer: int
     masters: int
+    grad_shards: int  # the reduce-dtype segments micro-batches accumulate into (sharded accumulation), else 0
     activations: int  # the forward/backward peak above parameters, optimizer state and the gradients of then
     grads_at_activation_peak: int
     step_buffers: int  # the optimizer step's temporaries above parameters, gradients and state
@@ -83,12 +86,13 @@ class RankMemory:
 
     @property
     def peak(self) -> int:
-        static = self.params + self.masters + self.optimizer
+        static = self.params + self.masters + self.optimizer + self.grad_shards
         return static + max(self.grads_at_activation_peak + self.activations, self.grads + self.step_buffers)
 
     def as_json(self) -> dict:
         return {"stage": self.stage, "pp_rank": self.pp_rank, "layers": [self.layers.start, self.layers.stop - 1],
-                "params_gib": _gib(self.params), "grads_gib": _gib(self.grads), "masters_gib": _gib(self.masters),
+                "params_gib": _gib(self.params), "grads_gib": _gib(self.grads),
+                "grad_shards_gib": _gib(self.grad_shards), "masters_gib": _gib(self.masters),
                 "optimizer_gib": _gib(self.optimizer),
                 "activations_gib": _gib(self.activations), "step_buffers_gib": _gib(self.step_buffers),
                 "peak_gib": _gib(self.peak), "cp_degree": self.cp_degree, "activation_checkpoint": self.policy,
@@ -125,6 +129,8 @@ def estimate(cfg: RunConfig, dims: ParallelDims, image_token_share: float | None
     # Measured bytes per token, kept per process: the shapes of a flavor fix them (repeated dry runs reuse them).
     per_token = _MEASURED.setdefault(f"{cfg.model!r} {cfg.precision.param_dtype}", {})
     sizes = DtypeBytes.of(cfg.precision)
+    sharded = shards_micro_batches(*(getattr(torch, d) for d in (cfg.precision.param_dtype,
+                                                                 cfg.precision.reduce_dtype)), dims.pp_degree > 1)
     reports = []
     for name in cfg.curriculum.order:
         stage = cfg.curriculum.stages[name]
@@ -148,11 +154,12 @@ def estimate(cfg: RunConfig, dims: ParallelDims, image_token_share: float | None
                 route = routes.get(pname)
                 if route is None:  # frozen in this stage
                     continue
-                grads[pname] = numel * sizes.grad
+                grads[pname] = numel * (sizes.param if sharded else sizes.grad)
             phase = ActivationPeak(cfg, stage, stage_dims, pp_rank, layers, moe_names, policy, grads, per_token,
                                    image_token_share)
+            shards = step.owned * sizes.reduce if sharded else 0
             reports.append(RankMemory(name, pp_rank, layers, params, sum(grads.values()), step.state, step.masters,
-                                      phase.bytes, phase.grads, step.buffers, stage_dims.cp_degree, policy,
+                                      shards, phase.bytes, phase.grads, step.buffers, stage_dims.cp_degree, policy,
                                       phase.patches))
     return reports
 
@@ -178,6 +185,7 @@ class DtypeBytes:
 class StepBytes:
     state: int  # optimizer state of the most loaded rank
     masters: int  # fp32 master weights of the most loaded rank
+    owned: int  # elements the most loaded rank homes
     buffers: int  # the step's temporaries on the most loaded rank
 
 
@@ -202,8 +210,7 @@ def optimizer_step_bytes(units: list[Unit], dims: ParallelDims, optim: OptimConf
         buckets = math.ceil(segment / width)
         # the reduced segment, and its fp32 copy when reduced in a narrower dtype
         segments.append(segment * (sizes.reduce + (FP32 if sizes.reduce < FP32 else 0)))
-        held.append([(state, numel * sizes.master)
-                     for state, numel in zip(plan.state_bytes(sizes.state), plan.owned_numel(), strict=True)])
+        held.append(list(zip(plan.state_bytes(sizes.state), plan.owned_numel(), strict=True)))
         computed = [u for u, tasks in plan.tasks.items() if tasks]
         largest = max(computed, key=lambda u: u.numel, default=None)
         muon = 0
@@ -226,8 +233,8 @@ def optimizer_step_bytes(units: list[Unit], dims: ParallelDims, optim: OptimConf
     # Dense rank r homes its dense share and, as rank r // ep of its expert-data group, an expert share.
     ranks = len(held[0]) if held else 1
     per_rank = [tuple(sum(part[r * len(part) // ranks][i] for part in held) for i in range(2)) for r in range(ranks)]
-    state, masters = max(per_rank, default=(0, 0), key=sum)
-    return StepBytes(state, masters, sum(segments) + max(phases, default=0))
+    state, owned = max(per_rank, default=(0, 0), key=lambda held: held[0] + held[1] * (sizes.master + sizes.reduce))
+    return StepBytes(state, owned * sizes.master, owned, sum(segments) + max(phases, default=0))
 
 
 class ActivationPeak:
@@ -353,7 +360,7 @@ def run_dry_run(cfg: RunConfig) -> int:
           f"{'optim GiB':>10} {'activ GiB':>10} {'step GiB':>9} {'peak GiB':>9}  cp  checkpointing")
     for r in reports:
         print(f"{r.stage:<16}{r.pp_rank:>3} {r.layers.start:>4}-{r.layers.stop - 1:<4} {r.params / GIB:>11.2f} "
-              f"{r.grads / GIB:>10.2f} {r.masters / GIB:>11.2f} {r.optimizer / GIB:>10.2f} "
+              f"{(r.grads + r.grad_shards) / GIB:>10.2f} {r.masters / GIB:>11.2f} {r.optimizer / GIB:>10.2f} "
               f"{r.activations / GIB:>10.2f} "
               f"{r.step_buffers / GIB:>9.2f} {r.peak / GIB:>9.2f} {r.cp_degree:>3}  {r.policy}")
     for r in reports:
