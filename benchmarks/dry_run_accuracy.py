@@ -79,8 +79,8 @@ def measure_rank(rank: int, world: int, args: list[str]) -> dict:
     apply_stage(trainer.model, stage)
     trainer._enter_stage_layout(stage)
     optimizer = build_optimizer(trainer.model, cfg.optim, stage.lr.peak_lr, trainer.groups, cfg.precision)
-    loader = StageLoader(name, stage, trainer.storage, trainer.tokenizer, cfg.model.vision, cfg.seed,
-                         *trainer._data_shard(stage), cfg.data.max_corrupt_fraction, data=cfg.data)
+    loader = StageLoader(name, stage, cfg.data, trainer.storage, trainer.tokenizer, cfg.model.vision, cfg.seed,
+                         trainer._data_shard(stage))
     feed = DeviceFeed(loader, stage.objective, stage.grad_accum_steps, trainer.device)
     batches = feed.next_step(0.0)
 

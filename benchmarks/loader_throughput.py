@@ -126,8 +126,8 @@ def our_loader(url: str, endpoint: str, tokenizer, cache: str, sources: tuple[st
 
     data = DataConfig(root=url, endpoint_url=endpoint, cache_dir=cache, prefetch_samples=PREFETCH_SAMPLES,
                       prefetch_threads=4, loader_workers=workers)
-    return StageLoader("vit_coca", stage or coca_stage(sources), build_storage(data), tokenizer,
-                       FLAVORS["debug"].vision, 0, 0, 1, data=data)
+    return StageLoader("vit_coca", stage or coca_stage(sources), data, build_storage(data), tokenizer,
+                       FLAVORS["debug"].vision, 0, (0, 1))
 
 
 def samples_per_s(url: str, endpoint: str, tokenizer, cache: str, batches: int, sources=SOURCES,
@@ -193,17 +193,18 @@ def read_ceiling(url: str, endpoint: str, tokenizer, cache: str, processes: int,
     before each window (medians), on the same storage and warm disk cache as :func:`samples_per_s`."""
     import multiprocessing
 
-    from data.loader import worker_request_draws
+    from data.reader import worker_request_draws
 
     loader = our_loader(url, endpoint, tokenizer, cache)
     draws_per_slot = 300
-    plans = [loader._plan(slot, 0.5, draws_per_slot)[0] for slot in loader.slots]  # noqa: SLF001 (the stream's draws)
+    plans = [loader.planner.plan(slot, 0.5, draws_per_slot)[0] for slot in loader.slots]  # the stream's draws
     keys = [plan[k] for k in range(draws_per_slot) for plan in plans]
     context = multiprocessing.get_context("spawn")  # as the loader's workers
     barrier, counts = context.Barrier(processes + 1), context.Queue()
     chunk = worker_request_draws(PREFETCH_SAMPLES * len(loader.slots), processes)  # as our loader's requests
     readers = [context.Process(target=_read_windows,
-                               args=(loader.reader, keys, i * len(keys) // processes, chunk, windows, barrier, counts))
+                               args=(loader.reader.sample_reader, keys, i * len(keys) // processes, chunk, windows,
+                                     barrier, counts))
                for i in range(processes)]
     for process in readers:
         process.start()
@@ -372,13 +373,15 @@ def torchdata_figures(url: str, endpoint: str, tokenizer_json: str, batches: int
 
 
 def packing_efficiency(root: Path, tokenizer, rows: int) -> float:
-    from config import load_config
+    from config import DataConfig, load_config
     from data.loader import StageLoader
     from model.registry import FLAVORS
+    from storage import LocalStorage
 
     stage = load_config(["recipe=debug"]).curriculum.stages["joint_pretrain"]
     stage.seq_len, stage.micro_batch_size = 8192, 1
-    loader = StageLoader("joint_pretrain", stage, root, tokenizer, FLAVORS["debug"].vision, 0, 0, 1)
+    loader = StageLoader("joint_pretrain", stage, DataConfig(prefetch_samples=0), LocalStorage(root), tokenizer,
+                         FLAVORS["debug"].vision, 0, (0, 1))
     real = total = 0
     for step in range(rows):
         batch = loader.next_packed_batch(step / rows)

@@ -27,6 +27,10 @@ class SampleError(ValueError):
     """A corrupt or invalid sample: skipped by the loader, counted and logged with its shard and key."""
 
 
+class DataError(RuntimeError):
+    """The data cannot feed the run (missing sources, too many corrupt samples)."""
+
+
 def _is_xy(value) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
 

@@ -375,8 +375,8 @@ class Trainer:
         apply_stage(self.model, stage)
         self._enter_stage_layout(stage)
         optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr, self.groups, cfg.precision)
-        loader = StageLoader(name, stage, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
-                             *self._data_shard(stage), cfg.data.max_corrupt_fraction, data=cfg.data)
+        loader = StageLoader(name, stage, cfg.data, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
+                             self._data_shard(stage))
         feed = DeviceFeed(loader, stage.objective, stage.grad_accum_steps, self.device)
         train = TrainState()
         checkpoints = self.checkpoints = checkpoints_of(cfg, name, self.checkpoint_group)

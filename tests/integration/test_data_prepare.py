@@ -19,9 +19,9 @@ from data.loader import StageLoader
 from data.tokenizer import TextTokenizer
 from data.tokenizer import __main__ as tokenizer_cli
 from model.registry import FLAVORS
-from storage import S3Options, S3Storage, open_storage
+from storage import S3Options, S3Storage, Storage, open_storage
 from tests.integration.test_s3_loader import BUCKET, s3_corpus  # noqa: F401  (the module-scoped S3 server)
-from tests.unit.test_loader import stage_of
+from tests.unit.test_loader import FOREGROUND, stage_of
 
 REPO = Path(__file__).resolve().parents[2]
 VISION = FLAVORS["debug"].vision
@@ -33,11 +33,12 @@ def image_bytes(size: tuple[int, int], fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def first_batch_texts(root, tokenizer: TextTokenizer, source: str, batches: int = 2) -> list[str]:
+def first_batch_texts(root: Path | Storage, tokenizer: TextTokenizer, source: str, batches: int = 2) -> list[str]:
     stage = stage_of("vit_coca", micro_batch_size=2)
     stage.mixture = MixtureConfig(multimodal_sources={source: 1.0}, multimodal_share_start=1.0,
                                   multimodal_share_end=1.0)
-    loader = StageLoader("vit_coca", stage, root, tokenizer, VISION, 0, 0, 1)
+    storage = open_storage(root) if isinstance(root, Path) else root
+    loader = StageLoader("vit_coca", stage, FOREGROUND, storage, tokenizer, VISION, 0, (0, 1))
     texts = []
     for _ in range(batches):
         batch = loader.next_image_text_batch(0.0)

@@ -18,6 +18,7 @@ from storage import LocalStorage, S3Options, S3Storage
 from storage.cache import CachedStorage, DiskCache
 from tests.integration.fault_proxy import FaultProxy
 from tests.integration.test_s3_loader import BUCKET, s3_corpus  # noqa: F401  (the module-scoped S3 server)
+from tests.unit.test_loader import FOREGROUND
 
 
 def upstream(endpoint: str) -> int:
@@ -133,12 +134,12 @@ def test_a_missing_shard_fails_by_name_or_is_skipped_and_counted(s3_corpus, brok
     storage = S3Storage(f"{broken_corpus}-{mode}", S3Options(endpoint_url=s3_corpus, max_attempts=2))
     stage = load_config(["recipe=debug"]).curriculum.stages["vit_coca"]
     vision = FLAVORS["debug"].vision
-    strict = StageLoader("vit_coca", stage, storage, tokenizer, vision, 0, 0, 1)
+    strict = StageLoader("vit_coca", stage, FOREGROUND, storage, tokenizer, vision, 0, (0, 1))
     with pytest.raises(FileNotFoundError, match="grounding/shard-000099.tar"):
         for _ in range(10):  # lazily, the shard is looked for when a draw first lands in it
             strict.next_image_text_batch(0.0)
-    lenient = StageLoader("vit_coca", stage, storage, tokenizer, vision, 0, 0, 1,
-                          data=DataConfig(skip_missing_shards=True, prefetch_samples=0, max_corrupt_fraction=1.0))
+    data = DataConfig(skip_missing_shards=True, prefetch_samples=0, max_corrupt_fraction=1.0)
+    lenient = StageLoader("vit_coca", stage, data, storage, tokenizer, vision, 0, (0, 1))
     for _ in range(4):
         batch = lenient.next_image_text_batch(0.0)
         assert batch.text_ids.shape[0] == stage.micro_batch_size
@@ -150,11 +151,11 @@ def test_a_missing_shard_fails_by_name_or_is_skipped_and_counted(s3_corpus, brok
 def test_prefetch_over_a_slow_flaky_server_keeps_the_stream(s3_corpus, demo_root, tokenizer):  # noqa: F811
     stage = load_config(["recipe=debug"]).curriculum.stages["joint_cooldown"]
     vision = FLAVORS["debug"].vision
-    local = StageLoader("joint_cooldown", stage, demo_root, tokenizer, vision, 0, 0, 1)
+    local = StageLoader("joint_cooldown", stage, FOREGROUND, LocalStorage(demo_root), tokenizer, vision, 0, (0, 1))
     with FaultProxy(upstream(s3_corpus), ["ok", "slow", "ok", "503", "slow", "reset", "ok"], 0.02) as proxy:
         data = DataConfig(prefetch_samples=6, prefetch_threads=4)
-        fetched = StageLoader("joint_cooldown", stage, through(proxy, max_attempts=10), tokenizer, vision, 0, 0, 1,
-                              data=data)
+        fetched = StageLoader("joint_cooldown", stage, data, through(proxy, max_attempts=10), tokenizer, vision, 0,
+                              (0, 1))
         for step in range(4):
             a, b = fetched.next_packed_batch(step / 4), local.next_packed_batch(step / 4)
             assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
@@ -170,13 +171,13 @@ def test_a_closed_loaders_reads_ahead_stop_retrying(s3_corpus, tokenizer):  # no
     with FaultProxy(upstream(s3_corpus), ["ok"]) as proxy:
         storage = S3Storage(f"s3://{BUCKET}/corpus", S3Options(endpoint_url=f"http://127.0.0.1:{proxy.port}",
                                                                backoff_base_s=0.5, max_attempts=8))
-        loader = StageLoader("vit_coca", stage, storage, tokenizer, vision, 0, 0, 1,
-                             data=DataConfig(prefetch_samples=4, prefetch_threads=2))
+        data = DataConfig(prefetch_samples=4, prefetch_threads=2)
+        loader = StageLoader("vit_coca", stage, data, storage, tokenizer, vision, 0, (0, 1))
         loader.next_image_text_batch(0.0)  # manifest and shard indexes read; reads ahead under way
         loader.settle()
         proxy.schedule = iter(lambda: "503", None)  # the server is down from now on
         prefetcher = loader.prefetcher
-        prefetcher.want(key for stream in loader.slots for key in loader._plan(stream, 0.0, 12)[0][8:])
+        prefetcher.want(key for stream in loader.slots for key in loader.planner.plan(stream, 0.0, 12)[0][8:])
         time.sleep(0.3)  # the new reads have failed once and wait to retry
         failing = len(proxy.requests)
         start = time.monotonic()

@@ -10,8 +10,8 @@ import torch
 
 from config import load_config
 from data.loader import StageLoader
-from model.registry import FLAVORS
 from storage import LocalStorage, S3Options, S3Storage
+from tests.unit.test_loader import FOREGROUND, VISION
 from train.__main__ import main
 
 BUCKET = "kimi-demo"
@@ -50,8 +50,8 @@ def test_s3_stream_equals_the_local_stream(s3_corpus, demo_root, tokenizer):
     storage = S3Storage(f"s3://{BUCKET}/corpus", S3Options(endpoint_url=s3_corpus))
     stages = load_config(["recipe=debug"]).curriculum.stages
     for name, next_batch in (("joint_pretrain", "next_packed_batch"), ("vit_coca", "next_image_text_batch")):
-        over_s3 = StageLoader(name, stages[name], storage, tokenizer, FLAVORS["debug"].vision, 0, 0, 1)
-        local = StageLoader(name, stages[name], demo_root, tokenizer, FLAVORS["debug"].vision, 0, 0, 1)
+        over_s3 = StageLoader(name, stages[name], FOREGROUND, storage, tokenizer, VISION, 0, (0, 1))
+        local = StageLoader(name, stages[name], FOREGROUND, LocalStorage(demo_root), tokenizer, VISION, 0, (0, 1))
         for step in range(3):
             a, b = getattr(over_s3, next_batch)(step / 3), getattr(local, next_batch)(step / 3)
             assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)

@@ -22,12 +22,13 @@ from data.loader import StageLoader
 from data.tokenizer import TextTokenizer
 from model.registry import FLAVORS
 from config import DataConfig, load_config
+from storage import open_storage
 
 def read_a_batch():
     tokenizer = TextTokenizer.from_file({tokenizer!r})
     stage = load_config(["recipe=debug"]).curriculum.stages["vit_coca"]
-    loader = StageLoader("vit_coca", stage, {root!r}, tokenizer, FLAVORS["debug"].vision, 0, 0, 1,
-                         data=DataConfig(prefetch_samples=2, loader_workers=2))
+    loader = StageLoader("vit_coca", stage, DataConfig(prefetch_samples=2, loader_workers=2),
+                         open_storage({root!r}), tokenizer, FLAVORS["debug"].vision, 0, (0, 1))
     batch = loader.next_image_text_batch(0.0)
     loader.close()
     print("read", len(batch.image_grid_hw), "images")

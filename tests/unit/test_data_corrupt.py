@@ -16,6 +16,7 @@ from PIL import Image
 from config import DataConfig, MixtureConfig
 from data.loader import StageLoader
 from model.registry import FLAVORS
+from storage import LocalStorage
 from tests.unit.test_loader import stage_of
 
 VISION = FLAVORS["debug"].vision
@@ -84,10 +85,10 @@ def test_only_good_samples_arrive_and_every_bad_one_is_named(tmp_path, tokenizer
     stage.mixture = MixtureConfig(multimodal_sources={"mixed": 1.0}, multimodal_share_start=1.0,
                                   multimodal_share_end=1.0)
     # Read in the foreground, or ahead in worker processes (a bad sample's error travels back with its draw).
-    data = DataConfig(prefetch_samples=3, loader_workers=workers, max_corrupt_fraction=1.0) if workers else None
-    loader = StageLoader("vit_coca", stage, tmp_path, tokenizer, VISION, 0, 0, 1, max_corrupt_fraction=1.0, data=data)
+    data = DataConfig(prefetch_samples=3 if workers else 0, loader_workers=workers, max_corrupt_fraction=1.0)
+    loader = StageLoader("vit_coca", stage, data, LocalStorage(tmp_path), tokenizer, VISION, 0, (0, 1))
     texts = []
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
+    with caplog.at_level(logging.WARNING, logger="data.reader"):
         # One good sample per batch: the first len(good) batches are exactly the good samples of epoch 0.
         for _ in range(len(good)):
             batch = loader.next_image_text_batch(0.0)

@@ -16,7 +16,7 @@ from data.loader import StageLoader
 from data.samples import RawSample, SampleError, ShardSource, load_images, load_meta, render_document
 from model.registry import FLAVORS
 from storage import LocalStorage
-from tests.unit.test_loader import stage_of
+from tests.unit.test_loader import FOREGROUND, stage_of
 
 VISION = FLAVORS["debug"].vision
 
@@ -110,7 +110,7 @@ def test_video_and_agent_sources_mix_into_packed_rows(demo_root, tokenizer):
     stage = stage_of("joint_pretrain", micro_batch_size=2)
     stage.mixture = MixtureConfig(multimodal_sources={"video": 1.0, "agent": 1.0}, multimodal_share_start=1.0,
                                   multimodal_share_end=1.0)
-    loader = StageLoader("joint_pretrain", stage, demo_root, tokenizer, VISION, 0, 0, 1)
+    loader = StageLoader("joint_pretrain", stage, FOREGROUND, LocalStorage(demo_root), tokenizer, VISION, 0, (0, 1))
     images = 0
     for step in range(3):
         batch = loader.next_packed_batch(step / 3)

@@ -12,7 +12,8 @@ import torch
 from config import DataConfig, MixtureConfig
 from data.loader import StageLoader
 from model.registry import FLAVORS
-from tests.unit.test_loader import stage_of
+from storage import LocalStorage
+from tests.unit.test_loader import FOREGROUND, stage_of
 
 VISION = FLAVORS["debug"].vision
 
@@ -25,8 +26,8 @@ def batches_equal(a, b) -> bool:
 def test_any_worker_count_gives_the_synchronous_stream(demo_root, tokenizer, name):
     stage = stage_of(name, micro_batch_size=4)
     next_batch = "next_image_text_batch" if name == "vit_coca" else "next_packed_batch"
-    loaders = [StageLoader(name, stage, demo_root, tokenizer, VISION, 0, 0, 1,
-                           data=DataConfig(prefetch_samples=ahead, prefetch_threads=threads))
+    loaders = [StageLoader(name, stage, DataConfig(prefetch_samples=ahead, prefetch_threads=threads),
+                           LocalStorage(demo_root), tokenizer, VISION, 0, (0, 1))
                for ahead, threads in ((0, 1), (3, 1), (8, 4))]
     state, expected = None, {}
     for step in range(4):
@@ -38,8 +39,8 @@ def test_any_worker_count_gives_the_synchronous_stream(demo_root, tokenizer, nam
     assert loaders[2].prefetcher.hits > 0
     loaders[2].settle()  # reads asked for are all done, and still there to be taken
     assert loaders[2].prefetcher.pending and all(f.done() for f, _ in loaders[2].prefetcher.pending.values())
-    resumed = StageLoader(name, stage, demo_root, tokenizer, VISION, 0, 0, 1,
-                          data=DataConfig(prefetch_samples=5, prefetch_threads=2))
+    resumed = StageLoader(name, stage, DataConfig(prefetch_samples=5, prefetch_threads=2), LocalStorage(demo_root),
+                          tokenizer, VISION, 0, (0, 1))
     resumed.load_state_dict(state)
     for step in range(2, 4):
         assert batches_equal(getattr(resumed, next_batch)(step / 4), expected[step])
@@ -52,9 +53,9 @@ def test_worker_processes_give_the_synchronous_stream(demo_root, tokenizer, name
     # joint_cooldown: grounding augmented, dialogue, interleaved, text; vit_coca: augmented image-text pairs.
     stage = stage_of(name, micro_batch_size=2 if name == "joint_cooldown" else 4)
     next_batch = "next_image_text_batch" if name == "vit_coca" else "next_packed_batch"
-    plain = StageLoader(name, stage, demo_root, tokenizer, VISION, 0, 0, 1)
-    spawned = StageLoader(name, stage, demo_root, tokenizer, VISION, 0, 0, 1,
-                          data=DataConfig(prefetch_samples=4, loader_workers=2))
+    plain = StageLoader(name, stage, FOREGROUND, LocalStorage(demo_root), tokenizer, VISION, 0, (0, 1))
+    spawned = StageLoader(name, stage, DataConfig(prefetch_samples=4, loader_workers=2), LocalStorage(demo_root),
+                          tokenizer, VISION, 0, (0, 1))
     try:
         for step in range(3):
             assert batches_equal(getattr(plain, next_batch)(step / 3), getattr(spawned, next_batch)(step / 3))
@@ -117,9 +118,10 @@ def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer
     stage = stage_of("vit_coca", micro_batch_size=1)
     stage.mixture = MixtureConfig(multimodal_sources={"mixed": 1.0}, multimodal_share_start=1.0,
                                   multimodal_share_end=1.0)
-    loader = StageLoader("vit_coca", stage, tmp_path, tokenizer, VISION, 0, 0, 1)
+    loader = StageLoader("vit_coca", stage, FOREGROUND, LocalStorage(tmp_path), tokenizer, VISION, 0, (0, 1))
     keys = [("mixed", position, position, 64) for position in range(len(samples))]
-    workers = ProcessReader(loader.reader, 1) if slot_bytes is None else ProcessReader(loader.reader, 1, slot_bytes)
+    reader = loader.reader.sample_reader
+    workers = ProcessReader(reader, 1) if slot_bytes is None else ProcessReader(reader, 1, slot_bytes)
     try:
         outcomes = workers.read_many(keys)
     finally:
@@ -129,7 +131,7 @@ def test_a_worker_round_trip_hands_each_draw_its_own_outcome(tmp_path, tokenizer
     assert len(set(shared)) == (1 if slot_bytes is None else 3)
     for key, outcome in zip(keys, outcomes):
         try:
-            image, ids = loader.reader.read(*key)
+            image, ids = reader.read(*key)
         except SampleError as error:
             # The same error (PIL's message names an object address, which differs between processes).
             assert isinstance(outcome, SampleError) and str(outcome).split(" <")[0] == str(error).split(" <")[0]
@@ -149,11 +151,12 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
     from data.workers import ProcessReader, WorkerError
 
     stage = stage_of("vit_coca", micro_batch_size=1)
-    loader = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1)
-    key = loader._plan(loader.slots[0], 0.0, 1)[0][0]
-    workers = ProcessReader(loader.reader, 1)
+    loader = StageLoader("vit_coca", stage, FOREGROUND, LocalStorage(demo_root), tokenizer, VISION, 0, (0, 1))
+    key = loader.planner.plan(loader.slots[0], 0.0, 1)[0][0]
+    reader = loader.reader.sample_reader
+    workers = ProcessReader(reader, 1)
     try:
-        assert torch.equal(workers.read(*key)[0].patches, loader.reader.read(*key)[0].patches)
+        assert torch.equal(workers.read(*key)[0].patches, reader.read(*key)[0].patches)
         pid = workers.processes[0].pid
         workers.processes[0].kill()
         workers.processes[0].join()
@@ -174,7 +177,7 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
         assert len(errors) == 3 and all(f"process {pid} died (exit code -9)" in e for e in errors), errors
     finally:
         workers.close()
-    fresh = ProcessReader(loader.reader, 1)
+    fresh = ProcessReader(reader, 1)
     fresh.close()
     with pytest.raises(WorkerError, match="closed"):
         fresh.read(*key)
@@ -183,8 +186,8 @@ def test_a_dead_worker_is_a_named_error_for_every_caller_and_close_never_hangs(d
 def test_reads_ahead_stay_valid_while_the_resolution_ramps(demo_root, tokenizer):
     # The patch cap is part of each read; it moves in steps, so reads planned a few batches early still match.
     stage = stage_of("vit_coca", micro_batch_size=4, min_image_patches=16, max_image_patches=256)
-    loader = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1,
-                         data=DataConfig(prefetch_samples=4, prefetch_threads=2))
+    ahead = DataConfig(prefetch_samples=4, prefetch_threads=2)
+    loader = StageLoader("vit_coca", stage, ahead, LocalStorage(demo_root), tokenizer, VISION, 0, (0, 1))
     steps = 64
     try:
         caps = sorted({loader.image_patch_cap(step / steps) for step in range(steps + 1)})
@@ -201,9 +204,10 @@ def test_worker_requests_queue_in_order_urgent_first_and_withdrawn_ones_are_neve
     from data.workers import REQUESTS_PER_WORKER, ProcessReader
 
     stage = stage_of("vit_coca", micro_batch_size=1)
-    loader = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1)
-    keys = loader._plan(loader.slots[0], 0.0, 40)[0]
-    workers = ProcessReader(loader.reader, 1)
+    loader = StageLoader("vit_coca", stage, FOREGROUND, LocalStorage(demo_root), tokenizer, VISION, 0, (0, 1))
+    keys = loader.planner.plan(loader.slots[0], 0.0, 40)[0]
+    reader = loader.reader.sample_reader
+    workers = ProcessReader(reader, 1)
     try:
         served = []
         workers.read(*keys[0])  # the worker has started and read its payload: requests now go to its pipe at once
@@ -214,9 +218,9 @@ def test_worker_requests_queue_in_order_urgent_first_and_withdrawn_ones_are_neve
         urgent = workers.submit(keys[2:3], urgent=True)
         for name, future in (("busy", busy[-1]), ("later", later), ("urgent", urgent)):
             future.add_done_callback(lambda _, name=name: served.append(name))
-        assert later.result(timeout=60)[0][1] == loader.reader.read(*keys[0])[1]
+        assert later.result(timeout=60)[0][1] == reader.read(*keys[0])[1]
         assert served == ["busy", "urgent", "later"] and withdrawn.cancelled()
-        assert torch.equal(urgent.result()[0][0].patches, loader.reader.read(*keys[2])[0].patches)
+        assert torch.equal(urgent.result()[0][0].patches, reader.read(*keys[2])[0].patches)
     finally:
         workers.close()
 
@@ -228,11 +232,12 @@ from data.tokenizer import TextTokenizer
 from model.registry import FLAVORS
 from tests.unit.test_loader import stage_of
 from config import DataConfig
+from storage import LocalStorage
 def main(root):
     loader = StageLoader("vit_coca", stage_of("vit_coca", micro_batch_size=16, max_image_patches=256,
-                                              min_image_patches=0), root,
-                         TextTokenizer.from_file(root + "/tokenizer.json"), FLAVORS["debug"].vision, 0, 0, 1,
-                         data=DataConfig(prefetch_samples=8, loader_workers=2))
+                                              min_image_patches=0), DataConfig(prefetch_samples=8, loader_workers=2),
+                         LocalStorage(root), TextTokenizer.from_file(root + "/tokenizer.json"),
+                         FLAVORS["debug"].vision, 0, (0, 1))
     for step in range(60):
         loader.next_image_text_batch(0.5)
     # no close(): the interpreter exits with reads ahead still arriving
@@ -260,9 +265,10 @@ def test_a_loader_left_open_lets_the_interpreter_exit_cleanly(demo_root):
 def test_closing_the_workers_stops_their_processes_and_threads(demo_root, tokenizer):
     from data.workers import ProcessReader
 
-    loader = StageLoader("vit_coca", stage_of("vit_coca", micro_batch_size=1), demo_root, tokenizer, VISION, 0, 0, 1)
-    workers = ProcessReader(loader.reader, 2)
-    pending = [workers.submit(loader._plan(loader.slots[0], 0.0, 8)[0]) for _ in range(6)]
+    stage = stage_of("vit_coca", micro_batch_size=1)
+    loader = StageLoader("vit_coca", stage, FOREGROUND, LocalStorage(demo_root), tokenizer, VISION, 0, (0, 1))
+    workers = ProcessReader(loader.reader.sample_reader, 2)
+    pending = [workers.submit(loader.planner.plan(loader.slots[0], 0.0, 8)[0]) for _ in range(6)]
     workers.close()
     assert not any(process.is_alive() for process in workers.processes)
     assert not any(thread.is_alive() for thread in workers.threads)

@@ -93,19 +93,20 @@ def test_draws_landing_in_new_shards_read_their_indexes_at_once(demo_root, token
     loader reading one draw after another gives."""
     from config import DataConfig
     from data.loader import StageLoader
-    from tests.unit.test_loader import VISION, stage_of
+    from tests.unit.test_loader import FOREGROUND, VISION, stage_of
 
     stage = stage_of("vit_coca", micro_batch_size=16)
-    reference = StageLoader("vit_coca", stage, demo_root, tokenizer, VISION, 0, 0, 1).next_image_text_batch(0.0)
+    reference = StageLoader("vit_coca", stage, FOREGROUND, LocalStorage(demo_root), tokenizer, VISION, 0,
+                            (0, 1)).next_image_text_batch(0.0)
     storage = SlowIndexStorage(demo_root)
     data = DataConfig(prefetch_samples=4 if threads else 0, prefetch_threads=max(threads, 1))
-    loader = StageLoader("vit_coca", stage, storage, tokenizer, VISION, 0, 0, 1, data=data)
+    loader = StageLoader("vit_coca", stage, data, storage, tokenizer, VISION, 0, (0, 1))
     try:
         if threads:
             batch = loader.next_image_text_batch(0.0)
         else:
-            keys = [loader._plan(slot, 0.0, 1)[0][0] for slot in loader.slots]
-            pairs = loader.reader.read_many(keys)
+            keys = [loader.planner.plan(slot, 0.0, 1)[0][0] for slot in loader.slots]
+            pairs = loader.reader.sample_reader.read_many(keys)
             assert storage.most_at_once > 1 and len(storage.index_reads) == len(set(storage.index_reads)) > 1
             batch = loader.next_image_text_batch(0.0)  # the same draws, read again from the indexes loaded
     finally:

@@ -12,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from config import MixtureConfig, StageConfig, load_config
+from config import DataConfig, MixtureConfig, StageConfig, load_config
 from data.loader import DataError, StageLoader
 from data.mixture import DrawRandom, MixtureSampler, draw_uniforms
 from model.registry import FLAVORS
+from storage import LocalStorage
 
 VISION = FLAVORS["debug"].vision
+FOREGROUND = DataConfig(prefetch_samples=0)  # no read-ahead
 
 
 def stage_of(name: str, **changes) -> StageConfig:
@@ -28,7 +30,8 @@ def stage_of(name: str, **changes) -> StageConfig:
 
 
 def make_loader(root, tokenizer, name="joint_cooldown", rank=0, size=1, **changes) -> StageLoader:
-    return StageLoader(name, stage_of(name, **changes), root, tokenizer, VISION, seed=0, dp_rank=rank, dp_size=size)
+    stage = stage_of(name, **changes)
+    return StageLoader(name, stage, FOREGROUND, LocalStorage(root), tokenizer, VISION, 0, (rank, size))
 
 
 def batches_equal(a, b) -> bool:
@@ -195,8 +198,9 @@ def test_corrupt_samples_are_skipped_counted_and_named(tmp_path, tokenizer, capl
     stage = stage_of("vit_align", micro_batch_size=1)
     stage.mixture = MixtureConfig(multimodal_sources={"mixed": 1.0}, multimodal_share_start=1.0,
                                   multimodal_share_end=1.0)
-    loader = StageLoader("s", stage, tmp_path, tokenizer, VISION, 0, 0, 1, max_corrupt_fraction=1.0)
-    with caplog.at_level(logging.WARNING, logger="data.loader"):
+    lenient = DataConfig(prefetch_samples=0, max_corrupt_fraction=1.0)
+    loader = StageLoader("s", stage, lenient, LocalStorage(tmp_path), tokenizer, VISION, 0, (0, 1))
+    with caplog.at_level(logging.WARNING, logger="data.reader"):
         for _ in range(8):
             loader.next_packed_batch(0.0)
     assert loader.corrupt >= len(bad)  # one epoch of 11 samples has certainly been drawn
@@ -204,7 +208,8 @@ def test_corrupt_samples_are_skipped_counted_and_named(tmp_path, tokenizer, capl
     for key in bad:
         assert key in logged
     assert "good-" not in logged
-    strict = StageLoader("s", stage, tmp_path, tokenizer, VISION, 0, 0, 1, max_corrupt_fraction=0.0)
+    no_corrupt = DataConfig(prefetch_samples=0, max_corrupt_fraction=0.0)
+    strict = StageLoader("s", stage, no_corrupt, LocalStorage(tmp_path), tokenizer, VISION, 0, (0, 1))
     with pytest.raises(DataError, match="corrupt"):
         for _ in range(200):
             strict.next_packed_batch(0.0)
@@ -214,7 +219,20 @@ def test_unknown_source_is_a_clear_error(demo_root, tokenizer):
     stage = stage_of("joint_pretrain")
     stage.mixture.text_sources = {"wiki": 1.0}
     with pytest.raises(DataError, match="wiki"):
-        StageLoader("joint_pretrain", stage, demo_root, tokenizer, VISION, 0, 0, 1)
+        StageLoader("joint_pretrain", stage, FOREGROUND, LocalStorage(demo_root), tokenizer, VISION, 0, (0, 1))
+
+
+def test_the_planner_is_pure_and_its_state_is_the_counters(demo_root, tokenizer):
+    """Planning does not advance a slot, the draws are the plan, and a planner given only the counters (no read
+    made) plans the same draws next."""
+    planner = make_loader(demo_root, tokenizer, "joint_pretrain", micro_batch_size=2).planner
+    stream = planner.slots[1]
+    planned = planner.plan(stream, 0.3, 24)[0]
+    assert planner.plan(stream, 0.3, 24)[0] == planned and stream.draws == 0
+    assert [planner.draw(stream, 0.3) for _ in range(12)] == planned[:12]
+    again = make_loader(demo_root, tokenizer, "joint_pretrain", micro_batch_size=2).planner
+    again.load_state_dict(json.loads(json.dumps(planner.state_dict())))
+    assert again.plan(again.slots[1], 0.3, 12)[0] == planned[12:]
 
 
 def test_same_global_stream_at_any_data_parallel_size_and_resharded_resume(demo_root, tokenizer, tmp_path):
@@ -275,7 +293,6 @@ def test_progressive_resolution_raises_the_patch_cap_over_the_stage(demo_root, t
 
 def test_dialogue_supervises_assistant_turns_only(demo_root, tokenizer):
     from data.samples import ShardSource, load_images, load_meta, render_document
-    from storage import LocalStorage
     from tests.unit.test_synthetic import samples_of
 
     manifest = json.loads((demo_root / "manifest.json").read_text())

@@ -19,7 +19,7 @@ from data.loader import StageLoader
 from data.megatron import MegatronSource, VocabularyError, import_indexed_dataset
 from data.mixture import epoch_permutation
 from storage import LocalStorage
-from tests.unit.test_loader import VISION, batches_equal
+from tests.unit.test_loader import FOREGROUND, VISION, batches_equal
 
 DOCUMENTS = 60
 SOURCE = "mtext"
@@ -63,9 +63,9 @@ def _stage(seq_len: int = 256, rows: int = 1):
     return stage
 
 
-def _loader(root, tokenizer, rank=0, size=1, rows=1, **data) -> StageLoader:
-    return StageLoader("text_pretrain", _stage(rows=rows), root, tokenizer, VISION, seed=3, dp_rank=rank,
-                       dp_size=size)
+def _loader(root, tokenizer, rank=0, size=1, rows=1) -> StageLoader:
+    return StageLoader("text_pretrain", _stage(rows=rows), FOREGROUND, LocalStorage(root), tokenizer, VISION, 3,
+                       (rank, size))
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_s3_root_reads_ranged(corpus, tokenizer, s3_endpoint, tmp_path):
     assert len(remote) == len(local) == DOCUMENTS
     assert all(np.array_equal(remote.ids(i), local.ids(i)) for i in range(DOCUMENTS))
     want = [_loader(root, tokenizer).next_packed_batch(0.0) for _ in range(1)]
-    got = StageLoader("text_pretrain", _stage(), storage, tokenizer, VISION, seed=3, dp_rank=0, dp_size=1)
+    got = StageLoader("text_pretrain", _stage(), FOREGROUND, storage, tokenizer, VISION, 3, (0, 1))
     assert batches_equal(got.next_packed_batch(0.0), want[0])
 
 
