@@ -219,10 +219,11 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, segment: Segment, block_out: to
     """Fold one segment's ``(out [n, H, D], lse [H, n])`` into the running fp32 ``out [T, H, D]``, ``lse [H, T]``."""
     rows = segment.q_end - segment.q_start
     run_out, run_lse = out.narrow(0, segment.q_start, rows), lse.narrow(1, segment.q_start, rows)
-    merged = torch.logaddexp(run_lse, block_lse)
-    run_out.mul_(torch.exp(run_lse - merged).t().unsqueeze(-1))
-    run_out.add_(block_out.float() * torch.exp(block_lse - merged).t().unsqueeze(-1))
-    run_lse.copy_(merged)
+    # out' = out * exp(lse - lse') + block_out * exp(block_lse - lse') with lse' = logaddexp(lse, block_lse), written
+    # with the block's share sigmoid(block_lse - lse) (1 while nothing is merged yet: lse = -inf).
+    share = torch.sigmoid(block_lse - run_lse).t().unsqueeze(-1)
+    run_out.add_((block_out.float() - run_out) * share)
+    torch.logaddexp(run_lse, block_lse, out=run_lse)  # in place (copy_ has no fake-CUDA kernel on CPU builds)
 
 
 def _kernel(q: torch.Tensor) -> str:
