@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
-from data.batch import ImageTextBatch
 import model.moe as moe
 import parallel.ring_attention as ring
+from data.batch import ImageTextBatch
 from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
 from parallel.context import apply_context_parallel, forward_context_parallel
