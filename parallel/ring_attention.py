@@ -20,7 +20,10 @@ Kernels (each returns the log-sum-exp the merge needs; none forms a ``Tq x Tk`` 
 * CUDA, fp16/bf16: flash-attn 2's varlen kernel as bundled by torch (``aten::_flash_attention_forward`` /
   ``_flash_attention_backward``, the ``mha_varlen_fwd/bwd`` of flash-attn), one call per step and mask kind, every
   segment packed with its own ``cu_seqlens_q/k``. Causal segments are square, so the kernel's bottom-right alignment
-  and a top-left one agree.
+  and a top-left one agree. Torch's copy rather than the ``flash_attn`` package: its backward entry takes an
+  external output and log-sum-exp under a signature pinned with torch (the package's ``_flash_attn_varlen_backward``
+  changes between releases), it needs no extra install, and its meta kernels let the fake-CUDA tests run the call.
+  Ampere or newer (as flash-attn).
 * CPU (and ``meta``): torch's fused flash CPU op per segment (``_scaled_dot_product_flash_attention_for_cpu``).
 * anything else (e.g. CUDA fp32): an explicit per-segment fallback, ``O(segment_q x segment_k)``.
 
