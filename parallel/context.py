@@ -14,9 +14,10 @@ Order of operations in a step (see :func:`forward_context_parallel`):
    context ranks completes it;
 2. the embeddings, position ids, labels and loss mask are sharded by the zig-zag layout (RoPE uses the original
    per-document positions, so rotations are unchanged);
-3. every decoder attention core is swapped (by module name) for :class:`ContextParallelAttention`, which all-gathers
-   keys and values over the group (autograd-aware: the backward reduce-scatters their gradients) and attends each
-   local query chunk to the keys of its own document up to itself, so document masks and causality are exact
+3. every decoder attention core is swapped (by module name) for :class:`ContextParallelAttention`, which brings
+   every rank's keys and values to the local queries, either all at once (``allgather``: an autograd-aware
+   all-gather whose backward reduce-scatters) or one block at a time around a ring (``ring``:
+   :mod:`parallel.ring_attention`, partial results merged by log-sum-exp), so document masks and causality are exact
    across chunk and rank boundaries;
 4. the loss is a sum over local tokens divided by the global token count: summed over ranks, it is the token mean
    one process computes.
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import DocumentAttention, document_bounds, document_lengths, prefix_causal_attention
-from parallel.expert import all_to_all
+from parallel.ring_attention import plan_ring, ring_attention
 
 CP_METHODS = ("allgather", "ring")
 
@@ -77,34 +78,23 @@ class ZigzagLayout:
         return local.view(self.rows, self.seq_len // self.cp_degree, *tensor.shape[2:])
 
 
-def _ring_shift(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Send ``x`` to the next rank of the ring and receive the previous rank's (same shape); differentiable: the
-    gradient travels back the other way."""
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    rows = x.shape[0]
-    send = [rows if peer == (rank + 1) % cp else 0 for peer in range(cp)]
-    receive = [rows if peer == (rank - 1) % cp else 0 for peer in range(cp)]
-    return all_to_all(x, receive, send, group)
-
-
 def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     # Functional and differentiable (the backward reduce-scatters): selective checkpointing keeps its output.
     return funcol.wait_tensor(funcol.all_gather_single_autograd(x.contiguous(), 0, group))
 
 
 class ContextParallelAttention(nn.Module):
-    """Drop-in for :class:`~model.attention.DocumentAttention` on sequence-sharded inputs.
+    """Drop-in for :class:`~model.attention.DocumentAttention` on sequence-sharded inputs, by one of two methods:
 
-    Every rank's keys and values are brought to every rank of the group, by one of two exchanges:
-
-    * ``allgather``: one all-gather;
-    * ``ring``: ``cp - 1`` shifts to the next rank of the ring (neighbour-only point-to-point traffic, which
-      overlaps with compute on GPU interconnects).
-
-    Both are differentiable (the backward reduce-scatters, or shifts back). The keys and values are put in global
-    order, and each local chunk of each document attends to its document's keys up to itself with
-    :func:`~model.attention.prefix_causal_attention` (bottom-right aligned causal attention of the chunk over the
-    document's prefix): fused kernels, no ``Tq x Tk`` mask or scores, so memory per chunk is ``O(tokens x D)``.
+    * ``allgather``: one all-gather brings every rank's keys and values (differentiable: the backward
+      reduce-scatters). They are put in global order, and each local chunk of each document attends to its
+      document's keys up to itself with :func:`~model.attention.prefix_causal_attention` (bottom-right aligned
+      causal attention of the chunk over the document's prefix): fused kernels, no ``Tq x Tk`` mask or scores. Keys
+      and values of the whole sequence are held at once.
+    * ``ring``: :func:`~parallel.ring_attention.ring_attention`: ``cp`` steps around the ring, each attending the
+      local queries to the one remote block held (shifted on while it is used) and merging by log-sum-exp; only
+      blocks that share a document with the queries and lie in their past are computed, the diagonal causally. Keys
+      and values of at most two blocks are held at once, forward and backward (which runs the ring again).
 
     Args:
         causal: Causal attention within documents.
@@ -138,31 +128,23 @@ class ContextParallelAttention(nn.Module):
         if layout.rows * self.seq_len != local_tokens * cp or covered != local_tokens * cp:
             raise ValueError(f"{local_tokens} local tokens on {cp} context ranks do not form rows of {self.seq_len} "
                              f"tokens covered by cu_seqlens (ending at {covered})")
+        boundaries = [0, *itertools.accumulate(document_lengths(cu_seqlens))]
+        if self.method == "ring":
+            plans = plan_ring(layout, cp_rank, tuple(boundaries), self.causal)
+            return ring_attention(q, k, v, plans, self.group, scale)
         dv = v.shape[-1]
         if dv < q.shape[-1]:  # one head dim for q, k and v keeps attention on the fused kernels (see attention.py)
             v = F.pad(v, (0, q.shape[-1] - dv))
-        keys, values = self._exchange(torch.cat((k, v), dim=-1), layout, cp_rank).split(q.shape[-1], dim=-1)
-        boundaries = [0, *itertools.accumulate(document_lengths(cu_seqlens))]
+        block = torch.cat((k, v), dim=-1)
+        gathered = _all_gather(block, self.group)
+        gathered_order = torch.cat([layout.local_indices(rank, block.device) for rank in range(cp)])
+        keys, values = gathered[torch.argsort(gathered_order)].split(q.shape[-1], dim=-1)
         outputs = []
         for index, start in enumerate(layout.chunk_starts(cp_rank)):
             local_start = index * layout.chunk
             outputs += self._attend_chunk(q[local_start : local_start + layout.chunk], keys, values, start,
                                           boundaries, scale)
         return torch.cat(outputs)[..., :dv]
-
-    def _exchange(self, block: torch.Tensor, layout: ZigzagLayout, cp_rank: int) -> torch.Tensor:
-        """Every rank's ``block`` (keys and values side by side), each token at its global index."""
-        cp = layout.cp_degree
-        if self.method == "ring":
-            held, source, blocks = block, cp_rank, {cp_rank: block}
-            for _ in range(cp - 1):
-                held, source = _ring_shift(held, self.group), (source - 1) % cp
-                blocks[source] = held
-            gathered = torch.cat([blocks[rank] for rank in range(cp)])
-        else:
-            gathered = _all_gather(block, self.group)
-        gathered_order = torch.cat([layout.local_indices(rank, block.device) for rank in range(cp)])
-        return gathered[torch.argsort(gathered_order)]
 
     def _attend_chunk(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
                       boundaries: list[int], scale: float | None) -> list[torch.Tensor]:

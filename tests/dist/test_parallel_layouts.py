@@ -67,6 +67,7 @@ LAYOUTS = {
     "dp2_ep2": dict(world=2, ep_degree=2, activation_checkpoint="selective"),
     "cp2": dict(world=2, cp_degree=2, activation_checkpoint="full"),
     "cp4": dict(world=4, cp_degree=4, activation_checkpoint="none"),
+    "cp2_ring": dict(world=2, cp_degree=2, cp_attention="ring", activation_checkpoint="full"),
     "cp4_ring": dict(world=4, cp_degree=4, cp_attention="ring", activation_checkpoint="selective"),
     "dp2_cp2_ep2": dict(world=4, cp_degree=2, ep_degree=2, activation_checkpoint="selective"),
     "dp2_cp2_ep4": dict(world=4, cp_degree=2, ep_degree=4, activation_checkpoint="none"),

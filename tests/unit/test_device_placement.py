@@ -6,9 +6,10 @@ Three proofs, each with a twin showing it fails when a CPU tensor is slipped int
     reduction, norm and update; data parallel, context parallel (all-gather and ring) and the CoCa objective. A
     ``meta`` tensor mixed with a CPU one raises. Parameters are bf16 there, so the MoE layers take the grouped GEMM
     path (the one GPUs run; its offsets stay on the device), the only one ``meta`` can run without values.
-(b) The forward of the debug flavor on a fake ``cuda`` device (``FakeTensorMode``), fp32, text and images, and the
-    CoCa forward: mixing devices raises ``FakeTensorDeviceMismatchError``. The looped expert path runs here (token
-    counts read as symbolic sizes).
+(b) The forward of the debug flavor on a fake ``cuda`` device (``FakeTensorMode``), fp32, text and images, the
+    CoCa forward, and the context-parallel ring's forward (cp2 under a fake process group; bf16 through the
+    flash-attn varlen kernel, fp32 through the explicit fallback): mixing devices raises
+    ``FakeTensorDeviceMismatchError``. The looped expert path runs here (token counts read as symbolic sizes).
 (c) Data-dependent paths that neither can run (expert all-to-all with host splits, pipeline schedules, the ring's
     and all-gather's real exchanges, the optimizer's finite check) run for real on forked gloo ranks under
     :class:`UndevicedFactoryCheck`, which flags any factory call made without a device.
@@ -17,15 +18,19 @@ Three proofs, each with a twin showing it fails when a CPU tensor is slipped int
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
+import model.moe as moe
+import parallel.ring_attention as ring
 from data.batch import ImageTextBatch
 from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
+from parallel.context import apply_context_parallel, forward_context_parallel
 from parallel.dims import ParallelDims
 from parallel.forked import run_ranks
 from parallel.parallelize import PipelineOptions, parallelize
@@ -162,6 +167,53 @@ def test_the_fake_cuda_forward_fails_on_a_cpu_tensor_slipped_into_it():
     with pytest.raises(FakeTensorDeviceMismatchError):
         fake_cuda_forward(1, slip_cpu_tensor=True)
 
+
+
+def fake_cuda_ring_forward(dtype: torch.dtype, slip_cpu_tensor: bool = False) -> tuple[torch.Tensor, int]:
+    """The cp2 ring forward of the text batch on fake CUDA; returns rank 0's hidden states and the number of
+    flash-attn varlen calls."""
+    with torch.device("meta"):
+        model = KimiVL(NO_AUX)
+    batch = make_batches()[0]
+    calls = []
+    flash = ring.flash_varlen_forward
+    pack = ring._pack
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return flash(*args, **kwargs)
+
+    def pack_on_the_host(group, q, keys, values):  # cu_seqlens made on the CPU, as a device-less factory would
+        q_p, k_p, v_p, cu_q, cu_k, max_q, max_k = pack(group, q, keys, values)
+        if slip_cpu_tensor:
+            cu_q = torch.tensor([0, *itertools.accumulate(s.q_end - s.q_start for s in group)], dtype=torch.int32)
+        return q_p, k_p, v_p, cu_q, cu_k, max_q, max_k
+
+    with fake_world(2), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ring, "flash_varlen_forward", counted)
+        patch.setattr(ring, "_pack", pack_on_the_host)
+        # The grouped GEMM's capability query needs the CUDA runtime, which a CPU build lacks: the looped experts run.
+        patch.setattr(moe, "grouped_mm_supported", lambda x: False)
+        apply_context_parallel(model, dist.group.WORLD, SEQ, "ring")
+        with fake_cuda(), torch.no_grad():
+            place_on_fake_cuda(model, dtype)
+            hidden, _, _, aux = forward_context_parallel(model, batch_on_fake_cuda(batch), dist.group.WORLD)
+    assert aux.expert_load.device.type == "cuda"
+    return hidden, len(calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16_flash_varlen", "fp32_fallback"])
+def test_the_context_parallel_ring_forward_runs_on_a_fake_cuda_device(dtype):
+    hidden, flash_calls = fake_cuda_ring_forward(dtype)
+    assert hidden.device.type == "cuda" and hidden.dtype == dtype
+    assert hidden.shape == (2, SEQ // 2, NO_AUX.decoder.hidden_size)
+    # bf16: every decoder layer's ring steps went through the varlen kernel; fp32 has no flash kernel
+    assert (flash_calls >= NO_AUX.decoder.num_layers) if dtype == torch.bfloat16 else flash_calls == 0
+
+
+def test_the_fake_cuda_ring_forward_fails_on_a_cpu_tensor_slipped_into_it():
+    with pytest.raises(FakeTensorDeviceMismatchError):
+        fake_cuda_ring_forward(torch.bfloat16, slip_cpu_tensor=True)
 
 # ---------------------------------------------------------------------------------------------------- (c) on CPU
 
