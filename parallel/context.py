@@ -26,7 +26,6 @@ Order of operations in a step (see :func:`forward_context_parallel`):
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -34,48 +33,13 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from config.schema import CP_METHODS
 from model.attention import DocumentAttention, document_bounds, document_lengths, prefix_causal_attention
 from parallel.ring_attention import plan_ring, ring_attention
+from parallel.zigzag import ZigzagLayout
 
-CP_METHODS = ("allgather", "ring")
-
-__all__ = ["CP_METHODS", "ContextParallelAttention", "ZigzagLayout", "apply_context_parallel", "assign_images",
+__all__ = ["CP_METHODS", "ContextParallelAttention", "apply_context_parallel", "assign_images",
            "embed_inputs_context_parallel", "forward_context_parallel"]
-
-
-@dataclass(frozen=True)
-class ZigzagLayout:
-    """Where the tokens of ``rows`` packed rows of ``seq_len`` tokens live on ``cp_degree`` ranks."""
-
-    rows: int
-    seq_len: int
-    cp_degree: int
-
-    def __post_init__(self):
-        if self.seq_len % (2 * self.cp_degree):
-            raise ValueError(f"sequence length {self.seq_len} is not divisible by 2 x cp_degree = "
-                             f"{2 * self.cp_degree}")
-
-    @property
-    def chunk(self) -> int:
-        return self.seq_len // (2 * self.cp_degree)
-
-    def chunk_starts(self, cp_rank: int) -> list[int]:
-        """Global flat index of the first token of each local chunk, in local order (row by row, two per row)."""
-        pair = (cp_rank, 2 * self.cp_degree - 1 - cp_rank)
-        return [row * self.seq_len + c * self.chunk for row in range(self.rows) for c in pair]
-
-    def local_indices(self, cp_rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``int64 [rows * seq_len / cp]`` on ``device``: the global flat index of every local token, in local
-        order."""
-        offsets = torch.arange(self.chunk, device=device)
-        return torch.cat([start + offsets for start in self.chunk_starts(cp_rank)])
-
-    def shard(self, tensor: torch.Tensor, cp_rank: int) -> torch.Tensor:
-        """This rank's tokens of a ``[rows, seq_len, ...]`` tensor, as ``[rows, seq_len / cp, ...]``."""
-        flat = tensor.reshape(self.rows * self.seq_len, *tensor.shape[2:])
-        local = flat[self.local_indices(cp_rank, tensor.device)]
-        return local.view(self.rows, self.seq_len // self.cp_degree, *tensor.shape[2:])
 
 
 def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

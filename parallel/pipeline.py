@@ -54,7 +54,8 @@ from config.schema import PIPELINE_SCHEDULES
 from data.batch import PackedBatch
 from model.layers import masked_targets
 from model.vlm import KimiVL
-from parallel.context import ZigzagLayout, embed_inputs_context_parallel
+from parallel.context import embed_inputs_context_parallel
+from parallel.zigzag import ZigzagLayout
 
 __all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "SumLoss", "build_pipeline",
            "cu_seqlens_from_doc_ids", "doc_ids_from_cu_seqlens", "layer_costs",

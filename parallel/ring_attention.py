@@ -41,14 +41,12 @@ import bisect
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from parallel.context import ZigzagLayout
+from parallel.zigzag import ZigzagLayout
 
 __all__ = ["Segment", "plan_block", "plan_ring", "ring_attention"]
 

@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_flatten
 
 import parallel.ring_attention as ring
 from model.attention import varlen_attention
-from parallel.context import ContextParallelAttention, ZigzagLayout
+from parallel.context import ContextParallelAttention
+from parallel.zigzag import ZigzagLayout
 from parallel.forked import run_ranks
 
 ROWS, SEQ, HEADS, DIM, VALUE_DIM = 2, 32, 2, 8, 6  # MLA-like: values narrower than queries and keys

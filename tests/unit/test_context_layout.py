@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel.context import ZigzagLayout, assign_images
+from parallel.context import assign_images
+from parallel.zigzag import ZigzagLayout
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])

@@ -8,8 +8,8 @@ from dataclasses import astuple
 import pytest
 import torch
 
-from parallel.context import ZigzagLayout
 from parallel.ring_attention import plan_ring
+from parallel.zigzag import ZigzagLayout
 
 ROWS, SEQ = 2, 24
 # Row 0: 5 | 9 (crosses chunk boundaries) | 1 | 9; row 1: 3 | 21.
