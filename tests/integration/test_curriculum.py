@@ -142,10 +142,13 @@ def test_rerun_of_a_finished_run_trains_nothing(demo_root, tmp_path):
     assert metrics == {n: (tmp_path / "run" / n / "metrics.jsonl").read_text() for n in STAGES}
 
 
-def test_resume_equals_an_uninterrupted_run(demo_root, tmp_path):
-    straight = short_curriculum(tmp_path / "a", demo_root, steps=3, interval=2)
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_resume_equals_an_uninterrupted_run(demo_root, tmp_path, param_dtype):
+    """Bit-exact, in fp32 and in bf16 (fp32 masters, reduction and state: the masters are in the checkpoints)."""
+    precision = [f"precision.param_dtype={param_dtype}"]
+    straight = [*short_curriculum(tmp_path / "a", demo_root, steps=3, interval=2), *precision]
     assert main(straight) == 0
-    resumed = short_curriculum(tmp_path / "b", demo_root, steps=3, interval=2)
+    resumed = [*short_curriculum(tmp_path / "b", demo_root, steps=3, interval=2), *precision]
     invocations = 0
     while not (tmp_path / "b" / "run" / "summary.json").exists():
         # Leaves after 2 steps each time: mid-stage and exactly at stage boundaries.
