@@ -97,11 +97,14 @@ def require_close_scaled(name: str, actual: Any, expected: Any, rel: float) -> f
 def require_equal(name: str, actual: Any, expected: Any) -> None:
     """Fail unless ``actual == expected`` exactly (tensors: same shape, dtype and values; else Python equality)."""
     if isinstance(expected, torch.Tensor) or isinstance(actual, torch.Tensor):
-        same = (isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor)
-                and actual.shape == expected.shape and actual.dtype == expected.dtype
-                and bool(torch.equal(actual.cpu(), expected.cpu())))
-        require(name, same, "tensors differ" if isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor)
-                and actual.shape == expected.shape else "shapes or types differ")
+        require(name, isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor),
+                f"{type(actual).__name__} against {type(expected).__name__}")
+        require(name, actual.shape == expected.shape and actual.dtype == expected.dtype,
+                f"{actual.dtype}{list(actual.shape)} against {expected.dtype}{list(expected.shape)}")
+        differ = actual.cpu() != expected.cpu()
+        if bool(differ.any()):
+            diff = (actual.cpu().double() - expected.cpu().double()).abs().max()
+            fail(name, f"{int(differ.sum())} of {differ.numel()} elements differ (max abs diff {float(diff):.3g})")
         return
     if actual != expected:
         fail(name, f"{_short(actual)} != {_short(expected)}")
