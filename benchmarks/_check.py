@@ -67,6 +67,9 @@ def require_close(name: str, actual: Any, expected: Any, rtol: float, atol: floa
         diff = (a - e).abs()
         excess = diff - (atol + rtol * e.abs())
         bad = torch.isnan(diff) | (excess > 0)
+        if bool(bad.any()) and a.numel() == 1:
+            fail(label, f"{float(a):.6g} against {float(e):.6g}: abs diff {float(diff):.3g} over rtol={rtol:g}, "
+                        f"atol={atol:g}")
         if bool(bad.any()):
             index = int(torch.where(bad.flatten(), excess.flatten().nan_to_num(float("inf")), -1.0).argmax())
             fail(label, f"max abs diff {float(diff.max()):.3g} over rtol={rtol:g}, atol={atol:g} "
