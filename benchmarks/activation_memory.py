@@ -9,8 +9,17 @@ line with both per policy, ``selective_saving`` (1 - selective / none bytes; goa
 And the loss: ``loss_peak_bytes_ratio``, the peak tensor bytes of the next-token loss's forward and backward fused
 and chunked (train/loss.py, ``loss_chunk_tokens`` tokens' logits at a time) over the unfused loss holding the
 whole logits, at ``--loss-tokens`` tokens with ``kimi_vl_a3b``'s vocabulary and width (goal <= 0.25). Measured
-with ``MemTracker`` on ``meta`` tensors (the unfused loss needs many GiB there); both losses are first checked to
-agree on real values at a small size.
+with ``MemTracker`` on ``meta`` tensors (the unfused loss needs many GiB there).
+
+Before anything is measured, each side is checked to compute what its baseline computes (``benchmarks/_check.py``:
+one line on stderr and exit status 1 otherwise):
+
+* the policies, on the benchmark's own row: ``selective`` and ``full`` give the output of ``none`` within rtol = atol
+  = 1e-6 and the gradients of the input and of every parameter within 1e-6 of each one's largest entry (fp32;
+  recomputation repeats the same kernels, so they agree to the bit here);
+* the losses, on real values at a small size (512 tokens, vocabulary 4096): the chunked sum equals the unfused one
+  within rtol 1e-5, and so do the gradients of the hidden states and of the output weight (within 1e-5 of each one's
+  largest entry).
 
     python benchmarks/activation_memory.py [--seq 4096 --layers 2 --repeats 3 --loss-tokens 8192]
 """
@@ -31,6 +40,14 @@ from model.registry import FLAVORS
 from parallel.activation_checkpoint import POLICIES, ActivationCheckpointing
 from parallel.memory import measure_activation_bytes
 from train.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy_sum, reference_cross_entropy_sum
+
+try:
+    from benchmarks._check import require_close, require_close_scaled
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _check import require_close, require_close_scaled
+
+POLICY_TOL = 1e-6  # rtol and atol of the outputs; of each gradient's largest entry
+LOSS_TOL = 1e-5  # rtol of the loss; of each gradient's largest entry
 
 
 def build_layers(count: int) -> nn.ModuleList:
@@ -59,8 +76,10 @@ def measure_loss_peaks(tokens: int, chunk_tokens: int) -> dict[str, float]:
     targets = torch.randint(0, 4096, (512,), generator=generator)
     fused = linear_cross_entropy_sum(hidden, weight, targets, 64)
     unfused = reference_cross_entropy_sum(hidden, weight, targets)
-    if abs(float(fused) - float(unfused)) > 1e-5 * abs(float(unfused)):
-        raise SystemExit(f"the chunked loss {float(fused)} differs from the unfused one {float(unfused)}")
+    require_close("chunked loss vs unfused", fused, unfused, LOSS_TOL, 0.0)
+    require_close_scaled("chunked loss gradients (hidden, weight) vs unfused",
+                         torch.autograd.grad(fused, [hidden, weight]), torch.autograd.grad(unfused, [hidden, weight]),
+                         LOSS_TOL)
     decoder = FLAVORS["kimi_vl_a3b"].decoder
 
     def run(loss):
@@ -75,6 +94,21 @@ def measure_loss_peaks(tokens: int, chunk_tokens: int) -> dict[str, float]:
             "loss_peak_bytes_ratio": round(chunked / whole, 3)}
 
 
+def check_policies(forward, inputs: torch.Tensor, layers: int) -> None:
+    """``selective`` and ``full`` must compute what ``none`` computes: the output and every gradient."""
+    results = {}
+    for policy in POLICIES:
+        blocks = build_layers(layers)
+        ActivationCheckpointing(blocks).set_policy(policy)
+        out = forward(blocks)
+        wrt = [inputs, *blocks.parameters()]
+        results[policy] = out.detach(), torch.autograd.grad(out.float().square().mean(), wrt)
+    out, grads = results["none"]
+    for policy in (p for p in POLICIES if p != "none"):
+        require_close(f"{policy} checkpointing output vs none", results[policy][0], out, POLICY_TOL, POLICY_TOL)
+        require_close_scaled(f"{policy} checkpointing gradients vs none", results[policy][1], grads, POLICY_TOL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=4096)
@@ -83,7 +117,6 @@ def main() -> None:
     parser.add_argument("--loss-tokens", type=int, default=8192)
     parser.add_argument("--loss-chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
     cli = parser.parse_args()
-    loss_figures = measure_loss_peaks(cli.loss_tokens, cli.loss_chunk_tokens)
     args = FLAVORS["small"].decoder
     x = torch.randn(1, cli.seq, args.hidden_size, requires_grad=True)
     angles = rope_angles_1d(torch.arange(cli.seq), args.qk_rope_head_dim, args.rope_theta)
@@ -95,6 +128,8 @@ def main() -> None:
             hidden = layer(hidden, angles, cu_seqlens)[0]
         return hidden
 
+    check_policies(forward, x, cli.layers)
+    loss_figures = measure_loss_peaks(cli.loss_tokens, cli.loss_chunk_tokens)
     result = {"seq": cli.seq, "layers": cli.layers, "flavor": "small"}
     for policy in POLICIES:
         layers = build_layers(cli.layers)

@@ -1,8 +1,12 @@
 """Attention over packed documents on CPU: our per-document SDPA backend vs one SDPA call with a block-diagonal
 causal mask (the baseline a packed batch would otherwise need), forward + backward, same inputs, same run.
 
-Prints one JSON line: times (ms), ``speedup_vs_masked`` (goal > 1: packing must not cost quadratic waste) and
-``max_abs_diff`` between the two outputs.
+Before timing, both are checked to compute the same attention (``benchmarks/_check.py``: one line on stderr and exit
+status 1 otherwise): outputs within rtol = atol = 1e-5, and the gradients of ``q``, ``k``, ``v`` (of ``out.sum()``)
+within 1e-5 of each one's largest entry.
+
+Prints one JSON line: times (ms), ``speedup_vs_masked`` (goal > 1: packing must not cost quadratic waste) and the
+largest differences the check found, ``max_abs_diff`` (outputs) and ``grad_max_rel_diff``.
 
     python benchmarks/attention_backends.py [--seq 4096 --heads 8 --dim 64 --docs 4 --repeats 5]
 """
@@ -18,6 +22,15 @@ import torch.nn.functional as F
 
 from model.attention import varlen_attention
 
+try:
+    from benchmarks._check import require_close, require_close_scaled
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _check import require_close, require_close_scaled
+
+# rtol and atol of the outputs; of each input's largest gradient entry for the gradients (measured: ~1e-6 at the
+# default sizes).
+TOL = 1e-5
+
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     doc = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), cu_seqlens[1:] - cu_seqlens[:-1])
@@ -30,7 +43,19 @@ def masked_attention(q, k, v, mask):
                                           attn_mask=mask)[0].transpose(0, 1)
 
 
-def time_fwd_bwd(fn, inputs, repeats: int) -> tuple[float, torch.Tensor]:
+def check_same(ours, masked, inputs: list[torch.Tensor]) -> tuple[float, float]:
+    """Outputs and input gradients of the two attentions must agree (see the module docstring)."""
+    out_ours, out_masked = ours(*inputs), masked(*inputs)
+    grads_ours = torch.autograd.grad(out_ours.sum(), inputs)
+    grads_masked = torch.autograd.grad(out_masked.sum(), inputs)
+    diff = require_close("attention outputs, per-document vs block mask", out_ours, out_masked, TOL, TOL)
+    grad_diff = require_close_scaled("attention gradients (q, k, v), per-document vs block mask", grads_ours,
+                                     grads_masked, TOL)
+    return diff, grad_diff
+
+
+def time_fwd_bwd(fn, inputs, repeats: int) -> float:
+    """Best forward + backward time of ``fn(*inputs)`` in ms."""
     best = float("inf")
     for _ in range(repeats):
         for t in inputs:
@@ -39,7 +64,7 @@ def time_fwd_bwd(fn, inputs, repeats: int) -> tuple[float, torch.Tensor]:
         out = fn(*inputs)
         out.sum().backward()
         best = min(best, time.perf_counter() - start)
-    return best * 1e3, out.detach()
+    return best * 1e3
 
 
 def main() -> None:
@@ -55,9 +80,16 @@ def main() -> None:
     cu_seqlens = torch.tensor([0, *cuts, args.seq], dtype=torch.int32)
     q, k, v = (torch.randn(args.seq, args.heads, args.dim, requires_grad=True) for _ in range(3))
     mask = block_causal_mask(cu_seqlens, args.seq)
-    ours_ms, ours = time_fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu_seqlens, causal=True), [q, k, v],
-                                 args.repeats)
-    masked_ms, masked = time_fwd_bwd(lambda a, b, c: masked_attention(a, b, c, mask), [q, k, v], args.repeats)
+
+    def ours(a, b, c):
+        return varlen_attention(a, b, c, cu_seqlens, causal=True)
+
+    def masked(a, b, c):
+        return masked_attention(a, b, c, mask)
+
+    diff, grad_diff = check_same(ours, masked, [q, k, v])
+    ours_ms = time_fwd_bwd(ours, [q, k, v], args.repeats)
+    masked_ms = time_fwd_bwd(masked, [q, k, v], args.repeats)
     print(json.dumps({
         "benchmark": "attention_backends",
         "seq": args.seq, "heads": args.heads, "dim": args.dim, "docs": args.docs,
@@ -65,7 +97,8 @@ def main() -> None:
         "per_document_sdpa_ms": round(ours_ms, 2),
         "block_mask_sdpa_ms": round(masked_ms, 2),
         "speedup_vs_masked": round(masked_ms / ours_ms, 2),
-        "max_abs_diff": float((ours - masked).abs().max()),
+        "max_abs_diff": diff,
+        "grad_max_rel_diff": grad_diff,
     }))
 
 

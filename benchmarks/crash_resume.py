@@ -2,7 +2,10 @@
 command each time, and compare the final parameters with an uninterrupted run's.
 
 Prints one JSON line with ``kills``, ``kills_during_checkpoint_write``, ``resumes``, ``max_abs_param_diff`` (goal:
-exactly 0 on CPU) and ``losses_identical``.
+exactly 0 on CPU) and ``losses_identical``. The uninterrupted run is the baseline the killed one must equal: the
+final parameters bit for bit (the same names, max abs diff 0) and every stage's logged ``(step, loss)`` pairs
+identical, or it exits with status 1 after the JSON line (``benchmarks/_check.py``: one line on stderr, the run
+directories kept). Its time is only reported.
 
 ``--async-save`` makes the killed run write its checkpoints in the background (the uninterrupted run saves
 synchronously), so kills also strike while training goes on beside a write; ``--s3`` puts the killed run's
@@ -30,6 +33,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package: run as a script, find its siblings
+
+from benchmarks._check import require, require_equal  # noqa: E402
+
 STAGES = ["text_pretrain", "vit_coca", "vit_align", "joint_pretrain", "joint_cooldown", "long_ctx_32k",
           "long_ctx_128k"]
 
@@ -178,6 +184,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.terminate()
+    require_equal("parameter names, killed and resumed vs uninterrupted", sorted(got), sorted(expected))
     max_diff = max(float((expected[k].float() - got[k].float()).abs().max()) for k in expected)
     from train.metrics import read_metrics
 
@@ -193,6 +200,9 @@ def main() -> None:
         print(f"kept for inspection: {work}", file=sys.stderr)
     else:
         shutil.rmtree(work, ignore_errors=True)
+    require_equal("final parameters, killed and resumed vs uninterrupted: max abs diff", max_diff, 0.0)
+    require("metrics, killed and resumed vs uninterrupted", not differing,
+            f"stages {differing} logged other (step, loss) pairs")
 
 
 if __name__ == "__main__":

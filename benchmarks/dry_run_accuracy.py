@@ -16,6 +16,13 @@ beside it. Prints one JSON line per configuration (predicted and measured peaks 
 line with ``max_peak_rel_error`` = worst |predicted - measured| / measured over every rank of every configuration
 (goal <= 0.10) and ``max_mixture_bound_excess``, the worst (bound - measured) / measured.
 
+Before a configuration's figures are printed, the dry run is checked to describe the step the ranks ran
+(``benchmarks/_check.py``: one line on stderr and exit status 1 otherwise): each rank's step held ``--seq`` tokens
+per micro-batch, and the dry run's parameter and gradient bytes equal the trainer's on every rank and its
+optimizer-state bytes the largest rank's, exactly (the static part of the peak; only the activations and step
+buffers are estimated). Recorded measurements without these figures (``--measured`` files of earlier versions)
+are measured again.
+
     python benchmarks/dry_run_accuracy.py [--seq 4096 --layers 4 --layouts 1rank,dp2,dp2_ep2,cp2
                                            --policies none,selective,full --micro-batches 1,2]
 """
@@ -35,6 +42,11 @@ import torch
 from config import load_config
 from parallel.forked import run_ranks
 from parallel.memory import measure_peak_bytes
+
+try:
+    from benchmarks._check import require_equal
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _check import require_equal
 
 GIB = 1024**3
 STAGE = "curriculum.stages.joint_pretrain"
@@ -97,18 +109,40 @@ def measure_rank(rank: int, world: int, args: list[str]) -> dict:
     seconds = time.perf_counter() - start
     image_tokens = sum(int(b.image_token_positions.numel()) for b in batches if b.image_token_positions is not None)
     tokens = sum(int(b.input_ids.numel()) for b in batches)
+    params = list(trainer.model.parameters())
+    static = {"param_bytes": sum(p.numel() * p.element_size() for p in params),
+              "grad_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+              "optimizer_bytes": optimizer.state_bytes()}
     loader.close()
     trainer.close()
-    return {"peak": peak, "image_tokens": image_tokens, "tokens": tokens, "step_s": seconds}
+    return {"peak": peak, "image_tokens": image_tokens, "tokens": tokens, "step_s": seconds, **static}
 
 
-def predicted_peaks(args: list[str], world: int, image_token_share: float | None = None) -> list[int]:
-    """The dry run's peak per pipeline stage for this configuration at ``world`` ranks, with the image-token share
-    of the mixture's bound (None) or of the measured batch."""
+def predicted_ranks(args: list[str], world: int, image_token_share: float | None = None) -> list:
+    """The dry run's ``RankMemory`` per pipeline stage for this configuration at ``world`` ranks, with the
+    image-token share of the mixture's bound (None) or of the measured batch."""
     from train.dry_run import predict
 
     cfg = load_config([*args, "dry_run=true", f"world_size={world}"])
-    return [r.peak for r in predict(cfg, image_token_share)]
+    return predict(cfg, image_token_share)
+
+
+def predicted_peaks(args: list[str], world: int, image_token_share: float | None = None) -> list[int]:
+    """The dry run's peak per pipeline stage (see :func:`predicted_ranks`)."""
+    return [r.peak for r in predicted_ranks(args, world, image_token_share)]
+
+
+def check_same_step(key: str, prediction, measured: list[dict], seq: int, micro_batches: int) -> None:
+    """The dry run must describe the step the ranks ran (see the module docstring): the same tokens, and, exactly,
+    the same parameter, gradient and optimizer-state bytes (its optimizer state is the largest rank's share)."""
+    for rank, figures in enumerate(measured):
+        require_equal(f"{key} rank {rank} tokens in the step", figures["tokens"], seq * micro_batches)
+        require_equal(f"{key} rank {rank} parameter bytes, dry run vs trainer", prediction.params,
+                      figures["param_bytes"])
+        require_equal(f"{key} rank {rank} gradient bytes, dry run vs trainer", prediction.grads,
+                      figures["grad_bytes"])
+    require_equal(f"{key} optimizer-state bytes, dry run vs the largest rank's", prediction.optimizer,
+                  max(figures["optimizer_bytes"] for figures in measured))
 
 
 def main() -> None:
@@ -145,7 +179,7 @@ def main() -> None:
                 world = LAYOUTS[layout]["world"]
                 key = f"{layout}/{policy}/{micro}/{cli.seq}/{cli.layers}/{cli.image_patches}"
                 measured = recorded.get(key)
-                if measured is None:
+                if measured is None or "param_bytes" not in measured[0]:  # not recorded, or before the static figures
                     measured = run_ranks(measure_rank, world, args, timeout=1800)
                     if cli.measured:
                         with open(cli.measured, "a") as handle:
@@ -157,6 +191,7 @@ def main() -> None:
                     continue
                 # No pipeline: every rank is stage 0. Each rank against the prediction for its batch's image share.
                 shares = [m["image_tokens"] / m["tokens"] for m in measured]
+                check_same_step(key, predicted_ranks(args, world, shares[0])[0], measured, cli.seq, micro)
                 predicted = [predicted_peaks(args, world, share)[0] for share in shares]
                 bound = predicted_peaks(args, world)[0]
                 errors = [abs(p - m["peak"]) / m["peak"] for p, m in zip(predicted, measured, strict=True)]

@@ -14,6 +14,15 @@ For each: ``tokens_per_s``, ``peak_memory_gib`` (``torch.cuda.max_memory_allocat
 second divided by the best fp32 / bf16 matmul rate measured on the same GPU in the same run (the baseline), so the
 figure needs no datasheet. ``--dtype bfloat16`` casts the parameters (mixed precision proper is its own issue).
 
+The baseline counts a multiply-add as 2 FLOPs; so must the model FLOPs the MFU divides by it. Before the peak is
+measured or anything is timed, each case's model FLOPs (``step_model_flops`` for ``small``, the layer formulas for
+the blocks) are checked against the FLOPs torch's ``FlopCounterMode`` counts in one forward + backward of the case
+(the optimizer step is not model work; grouped expert GEMMs, in-place ``addmm_`` and the CPU attention kernel
+counted too), within 15% (``benchmarks/_check.py``: one line on stderr and exit status 1 otherwise). The margin:
+the counter counts causal attention as full (SDPA) or not at all (flash-attn's kernels), attention is at most ~13% of
+a case's FLOPs at the default sizes, and ``step_model_flops`` leaves out the projector (~2%). Measured at the CPU
+sizes below: formula / counted 0.95 (small), 0.99-1.00 (blocks).
+
     python benchmarks/gpu_step.py [--seq 8192 --patches 4096 --steps 10 --dtype float32]
     python benchmarks/gpu_step.py --device cpu --seq 512 --patches 256 --steps 1 --warmup 1   # code check
 """
@@ -27,6 +36,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from data.batch import PackedBatch
 from model.decoder import DecoderLayer
@@ -42,6 +52,13 @@ from parallel.pipeline import layer_costs
 from train.reporting import measure_peak_flops, step_model_flops
 from train.runtime import init_distributed
 from train.trainer import lm_step
+
+try:
+    from benchmarks._check import require_close
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _check import require_close
+
+FLOP_TOL = 0.15  # relative, model FLOPs formula vs counted (see the module docstring)
 
 
 def timed(step, steps: int, warmup: int, device: torch.device) -> float:
@@ -61,6 +78,43 @@ def timed(step, steps: int, warmup: int, device: torch.device) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1000 / steps
+
+
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten._grouped_mm`` (which ``FlopCounterMode`` does not count): each group multiplies its rows or
+    columns, so the total is that of one product of the whole operands, times the groups when both are 3-D."""
+    groups = b_shape[0] if len(a_shape) == 3 and len(b_shape) == 3 else 1
+    return 2 * groups * a_shape[-2] * a_shape[-1] * b_shape[-1]
+
+
+def addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten.addmm_`` (the fused loss accumulates the output weight's gradient with it; the counter knows
+    only ``addmm``)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def cpu_sdpa_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU flash-attention kernel, counted as the counter counts the CUDA ones."""
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def cpu_sdpa_backward_flops(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+
+# Operations FlopCounterMode does not count, and their FLOPs.
+UNCOUNTED = {torch.ops.aten._grouped_mm: grouped_mm_flops, torch.ops.aten.addmm_: addmm_inplace_flops,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flops,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward_flops}
+
+
+def check_model_flops(case: str, model_work, flops: float) -> float:
+    """``flops`` must be the FLOPs one ``model_work()`` (a forward + backward) executes, within :data:`FLOP_TOL`."""
+    with FlopCounterMode(display=False, custom_mapping=UNCOUNTED) as counter:
+        model_work()
+    counted = counter.get_total_flops()
+    require_close(f"{case} model FLOPs, formula vs counted", flops, counted, FLOP_TOL, 0.0)
+    return flops / counted
 
 
 def packed_rows(rows: int, seq: int, vocab: int, grids: list[tuple[int, int]], patch_dim: int) -> PackedBatch:
@@ -92,12 +146,15 @@ def small_step(device: torch.device, seq: int, dtype: torch.dtype) -> tuple:
     host = packed_rows(1, seq, args.decoder.vocab_size, [(32, 32), (16, 24), (8, 8)], 3 * args.vision.patch_size**2)
     batch = host.to(device)
 
-    def step():
+    def model_work():
         optimizer.zero_grad()
         lm_step(model, [batch], 0.0, 1)
+
+    def step():
+        model_work()
         optimizer.step(max_grad_norm=1.0)
 
-    return step, step_model_flops(args, [host]), host.num_tokens
+    return step, model_work, step_model_flops(args, [host]), host.num_tokens
 
 
 def decoder_block_step(device: torch.device, seq: int, dtype: torch.dtype) -> tuple:
@@ -117,7 +174,7 @@ def decoder_block_step(device: torch.device, seq: int, dtype: torch.dtype) -> tu
         out.float().square().mean().backward()
 
     costs, _, _ = layer_costs(dataclasses.replace(FLAVORS["kimi_vl_a3b"], decoder=args), seq // 4)
-    return step, 3 * costs[-1] * seq, seq
+    return step, step, 3 * costs[-1] * seq, seq
 
 
 def vision_block_step(device: torch.device, patches: int, dtype: torch.dtype) -> tuple:
@@ -136,7 +193,7 @@ def vision_block_step(device: torch.device, patches: int, dtype: torch.dtype) ->
 
     h = args.hidden_size
     flops = 6 * (4 * h * h + 2 * h * args.mlp_hidden_size) * patches + 6 * 2 * h * per_image * patches
-    return step, flops, patches
+    return step, step, flops, patches
 
 
 def main() -> int:
@@ -154,22 +211,26 @@ def main() -> int:
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     init_distributed(device)
     dtype = getattr(torch, args.dtype)
-    peak = measure_peak_flops(8192 if device.type == "cuda" else 1024, device=device, dtype=dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    results = {"device": name, "dtype": args.dtype, "matmul_peak_tflops": round(peak / 1e12, 3)}
     cases = {"small": lambda: small_step(device, args.seq, dtype),
              "a3b_decoder_block": lambda: decoder_block_step(device, args.seq, dtype),
              "a3b_vision_block": lambda: vision_block_step(device, args.patches, dtype)}
+    # Every case's FLOPs checked first, each case built on its own (the timed pass builds them again, so that each
+    # case's peak memory is its own).
+    flop_ratios = {case: check_model_flops(case, *build()[1:3]) for case, build in cases.items()}
+    peak = measure_peak_flops(8192 if device.type == "cuda" else 1024, device=device, dtype=dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results = {"device": name, "dtype": args.dtype, "matmul_peak_tflops": round(peak / 1e12, 3)}
     for case, build in cases.items():
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        step, flops, tokens = build()
+        step, _, flops, tokens = build()
         seconds = timed(step, args.steps, args.warmup, device)
         peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         results[case] = {"tokens_per_s": round(tokens / seconds), "step_ms": round(seconds * 1000, 2),
                          "peak_memory_gib": None if peak_memory is None else round(peak_memory, 3),
-                         "mfu": round(flops / seconds / peak, 4)}
+                         "mfu": round(flops / seconds / peak, 4),
+                         "model_flops_vs_counted": round(flop_ratios[case], 4)}
     print(json.dumps(results))
     return 0
 

@@ -27,6 +27,21 @@ Prints one JSON line:
   same per-sample work on the same storage, 2 workers) and megatron-energon (2 workers, decoding to tensors, on
   local copies of the same shards, run from its own venv, made on first use), or the reason one was not measured.
 
+Before anything is timed, each baseline is checked to do the measured work on the same samples
+(``benchmarks/_check.py``: one line on stderr and exit status 1 otherwise), exactly (identical bytes or tensors):
+
+- the decode floor decodes the very bytes the loader reads: every image of the sources' shards on the S3 server
+  equals the local copy the floor decodes;
+- the read ceiling reads the loader's stream: ``read_many`` of the first batch's planned draws, collated, equals a
+  fresh loader's first batch (pixels, grids, text ids and mask);
+- resuming computes the same stream: a loader resumed from the state after two batches gives the third batch of
+  the loader that saved it (the 1,000,000 state of the latency figure is built by hand, as a checkpoint's would be);
+- the torchdata dataset does our per-sample work: for the first samples of each source, its patches and caption
+  ids equal our reader's with augmentation off (its one difference: ours augments grounding images), bos and eos
+  aside;
+- megatron-energon reads the same corpus: its untimed first batch holds 16 samples whose captions are all the
+  corpus's (checked after its run: it runs in its own process).
+
     python benchmarks/loader_throughput.py [--scale 0.5 --batches 60 --repeats 5 --workers 2 --energon-python PY]
 """
 
@@ -46,6 +61,11 @@ import time
 from pathlib import Path
 
 from PIL import Image
+
+try:
+    from benchmarks._check import require, require_equal
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _check import require, require_equal
 
 SOURCES = ("caption", "ocr", "grounding")  # the image-text sources of vit_coca
 RESUME_AT = 1_000_000
@@ -226,6 +246,79 @@ def read_ceiling(url: str, endpoint: str, tokenizer, cache: str, processes: int,
     return {"read_ceiling_samples_per_s": statistics.median(rates), "read_ceiling_windows": [round(r) for r in rates],
             "read_ceiling_floor_windows": [round(f) for f in floors],
             "read_ceiling_vs_decode_floor": statistics.median(rates) / statistics.median(floors)}
+
+
+def require_same_batch(name: str, actual, expected) -> None:
+    """Two image-text batches hold the same tensors."""
+    for field in ("pixel_values", "image_grid_hw", "text_ids", "text_mask"):
+        require_equal(f"{name}: {field}", getattr(actual, field), getattr(expected, field))
+
+
+def check_baselines(url: str, endpoint: str, tokenizer, root: Path, tmp: Path) -> None:
+    """The floor, the read ceiling, resuming and the torchdata dataset against our loader (see the module
+    docstring)."""
+    import dataclasses
+
+    from data.augment import AugmentConfig
+    from data.packing import collate_image_text
+    from storage import LocalStorage, S3Options, S3Storage
+
+    local = shard_images(LocalStorage(root), SOURCES)
+    require("decode floor images vs the loader's on S3",
+            shard_images(S3Storage(url, S3Options(endpoint_url=endpoint)), SOURCES) == local,
+            "the S3 shards' images differ from the local copies the floor decodes")
+    require("decode floor images", len(local) > 0, "the sources' shards hold no image")
+    stage = coca_stage()
+    first = our_loader(url, endpoint, tokenizer, "", stage=stage)
+    try:  # every loader closed before a failed check exits (their read-ahead threads would outlive the server)
+        keys = [first._plan(slot, 0.5, 1)[0][0] for slot in first.slots]  # noqa: SLF001 (the stream's draws)
+        read = first.reader.read_many(keys)
+        batches = [first.next_image_text_batch(0.5) for _ in range(2)]
+        state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint holds it
+        third = first.next_image_text_batch(0.5)
+    finally:
+        first.close()
+    require("read ceiling draws", not any(isinstance(r, Exception) for r in read),
+            f"the first batch's draws fail to read: {[r for r in read if isinstance(r, Exception)][:1]}")
+    require_same_batch("read ceiling's read_many vs the loader's first batch",
+                       collate_image_text(read, tokenizer.pad_id), batches[0])
+    resumed = our_loader(url, endpoint, tokenizer, "", stage=stage)
+    try:
+        resumed.load_state_dict(state)
+        after_resume = resumed.next_image_text_batch(0.5)
+    finally:
+        resumed.close()
+    require_same_batch("resumed loader vs the uninterrupted one, third batch", after_resume, third)
+    plain = our_loader(url, endpoint, tokenizer, "",
+                       stage=dataclasses.replace(stage, augment=AugmentConfig(enabled=False)))
+    dataset = ShardsDataset(url, endpoint, (root / "tokenizer.json").read_text(), "")
+    dataset[0]  # opens its sources
+    pairs, offset = [], 0
+    try:
+        for source in dataset.sources:
+            for position in range(min(4, len(source))):
+                pairs.append((f"{source.name} sample {position}", dataset[offset + position],
+                              plain.reader.read(source.name, position, 0, stage.max_image_patches)))
+            offset += len(source)
+    finally:
+        plain.close()
+    for name, (patches, ids), (image, ours) in pairs:
+        require_equal(f"torchdata dataset vs our reader, {name}: patches", patches, image.patches)
+        require_equal(f"torchdata dataset vs our reader, {name}: caption ids", list(ids)[: stage.max_text_len - 2],
+                      ours[1:-1])
+
+
+def corpus_captions(root: Path) -> set[str]:
+    """The captions of the image-text sources' samples, as energon's sample loader makes them."""
+    from data.samples import caption_text
+
+    captions = set()
+    for source in SOURCES:
+        for shard in sorted((root / source).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                captions |= {caption_text(json.loads(tar.extractfile(m).read())) for m in tar.getmembers()
+                             if m.name.endswith(".json")}
+    return captions
 
 
 def photos(tmp: Path, endpoint: str, count: int) -> str:
@@ -434,7 +527,7 @@ def build():
                                                 max_samples_per_sequence=64, worker_config=config))
 loader = build()
 batches_iter = iter(loader)
-next(batches_iter)
+first_captions = [str(c) for c in getattr(next(batches_iter), "caption", None) or []]
 start = time.perf_counter()
 for _ in range(batches):
     next(batches_iter)
@@ -452,7 +545,7 @@ for _ in range(repeats):
         latencies[resumed].append(time.perf_counter() - start)
         del fresh
 print(json.dumps({"rate": rate, "at_0": statistics.median(latencies[0]), "at_resume": statistics.median(latencies[1]),
-                  "resume_at": (batches + 1) * 16}))
+                  "resume_at": (batches + 1) * 16, "first_captions": first_captions}))
 '''
 
 
@@ -474,6 +567,10 @@ def energon_figures(python: str, root: Path, tmp: Path, batches: int, repeats: i
     if not lines:
         return {"energon_error": f"energon run failed: {done.stderr[-500:]}"}
     figures = json.loads(lines[-1])
+    captions = figures.get("first_captions", [])
+    require_equal("energon's first batch: samples", len(captions), 16)
+    unknown = [c for c in captions if c not in corpus_captions(root)]
+    require("energon's first batch: captions", not unknown, f"not in the corpus: {unknown[:3]}")
     return {"energon_samples_per_s": figures["rate"], "energon_first_batch_s_at_0": figures["at_0"],
             "energon_first_batch_s_at_resume": figures["at_resume"], "energon_resume_at_sample": figures["resume_at"],
             "energon_resume_latency_ratio": figures["at_resume"] / figures["at_0"],
@@ -514,6 +611,7 @@ def main() -> None:
         server, endpoint = start_s3(root)
         try:
             url = f"s3://{BUCKET}/demo"
+            check_baselines(url, endpoint, tokenizer, root, tmp)
             result = ours(url, endpoint, tokenizer, args.batches, tmp, args.repeats, args.workers,
                           shard_images(LocalStorage(root), SOURCES), args.resume_repeats)
             result["throughput_vs_decode_floor"] = result["loader_samples_per_s"] / result[

@@ -5,7 +5,7 @@
   attention and its grouped-GEMM experts). Goal >= 1.5.
 * ``vit_packed_speedup_vs_padded``: a mixed-resolution batch through our packed MoonViT (``small``) vs the same
   images padded to the largest grid and run as one batch with a key-padding mask (what a tower without packing
-  has to do), same modules and weights. Goal >= 1.5.
+  has to do), same modules, weights and pixel layout. Goal >= 1.5.
 
 The default decoder batch is one 4096-token row: pretraining packs 8192-token rows (32K and 128K later), and 4096
 keeps a CPU step at seconds. The ratio grows with the row length (figures: docs/benchmarks.md), because the
@@ -14,8 +14,16 @@ the vocabulary head, identical on both sides, is ~46% of the ``small`` flavor's 
 our edge is attention, where MLA's narrower values push the reference's SDPA onto its quadratic-memory math path
 while ours pads them and stays on the flash kernel, and that edge grows with the row.
 
+Before anything is timed, each baseline is checked to compute what the measured side computes (``benchmarks/_check.py``:
+one line on stderr and exit status 1 otherwise):
+
+* decoder, on the timed batch: logits within rtol = atol = 1e-4, the loss within rtol 1e-4, and every parameter's
+  gradient (mapped to transformers' names) within 1e-4 of that gradient's largest entry;
+* ViT, on the timed fp32 batch: the real patches' features within rtol = atol = 1e-5; and on a small batch of four
+  mixed grids in fp64, features and every gradient within 1e-9 (gradients: of each tensor's largest entry).
+
 Runs alternate between the two sides and keep each side's best time, so load from other processes hits both.
-Prints one JSON line, with the max abs difference of the outputs as a sanity check.
+Prints one JSON line, with the largest differences the checks found.
 
     python benchmarks/model_throughput.py [--rows 1 --seq 4096 --repeats 3 --threads 1]
 """
@@ -23,6 +31,7 @@ Prints one JSON line, with the max abs difference of the outputs as a sanity che
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -35,8 +44,20 @@ from model.hf import export_state_dict
 from model.registry import FLAVORS, build_model
 from model.vision import MoonViT, interpolate_pos_table
 
+try:
+    from benchmarks._check import require_close, require_close_scaled
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _check import require_close, require_close_scaled
+
 # Kimi-VL-like mix of native resolutions (patch grids), from a full 32 x 32 page down to a small thumbnail.
 VIT_GRIDS = [(32, 32), (16, 24), (8, 8), (12, 20), (24, 16), (8, 32), (20, 12), (4, 8)]
+# A small mix of the same kind for the fp64 check of the padded tower (the timed batch in fp64 takes ~20 s).
+VIT_CHECK_GRIDS = [(8, 8), (4, 8), (12, 20), (6, 10)]
+# Tolerances of the baseline checks (rtol and atol; for gradients, of each tensor's largest entry). Measured at the
+# default sizes: decoder logits 2.8e-6, gradients 2e-6; vit features 9.5e-7 (fp32); fp64 gradients ~1e-11.
+DECODER_TOL = 1e-4
+VIT_TOL = 1e-5
+VIT_FP64_TOL = 1e-9
 
 
 def best_of(fns: list, repeats: int) -> list[float]:
@@ -70,6 +91,36 @@ def hf_reference(decoder: MoEDecoder, flavor: str):
     return reference
 
 
+def hf_named_grads(decoder: MoEDecoder) -> dict[str, torch.Tensor]:
+    """``decoder``'s gradients under transformers' names (the weight export is renames, concatenations and splits,
+    so it maps gradients exactly); buffers, which have none, as zeros."""
+    params = dict(decoder.named_parameters())
+    ours = {f"decoder.{name}": params[name].grad if name in params else torch.zeros_like(t)
+            for name, t in decoder.state_dict().items()}
+    return export_state_dict(ours, "deepseek_v3", FLAVORS["small"], fused_experts=True)
+
+
+def check_decoder(decoder: MoEDecoder, reference, ids: torch.Tensor, labels: torch.Tensor) -> dict:
+    """One forward + backward of each side on the timed batch: logits, loss and every gradient must agree."""
+    for module in (decoder, reference):
+        module.zero_grad(set_to_none=True)
+    ours = decoder.logits(decoder(ids)[0])
+    theirs = reference(ids).logits
+    ours_loss = F.cross_entropy(ours.flatten(0, 1), labels.flatten())
+    their_loss = F.cross_entropy(theirs.flatten(0, 1), labels.flatten())
+    ours_loss.backward()
+    their_loss.backward()
+    diff = require_close("decoder logits, ours vs transformers", ours, theirs, DECODER_TOL, DECODER_TOL)
+    require_close("decoder loss, ours vs transformers", ours_loss, their_loss, DECODER_TOL, 0.0)
+    mapped = hf_named_grads(decoder)
+    their_grads = {name: p.grad for name, p in reference.named_parameters()}
+    grad_diff = require_close_scaled("decoder gradients, ours vs transformers",
+                                     {name: mapped[name] for name in their_grads}, their_grads, DECODER_TOL)
+    for module in (decoder, reference):
+        module.zero_grad(set_to_none=True)
+    return {"decoder_logits_max_abs_diff": diff, "decoder_grad_max_rel_diff": grad_diff}
+
+
 def bench_decoder(rows: int, seq: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = build_model(FLAVORS["small"])
@@ -89,26 +140,26 @@ def bench_decoder(rows: int, seq: int, repeats: int) -> dict:
         logits = reference(ids).logits
         F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
 
-    with torch.no_grad():
-        diff = float((decoder.logits(decoder(ids)[0]) - reference(ids).logits).abs().max())
+    checked = check_decoder(decoder, reference, ids, labels)
     ours_s, hf_s = best_of([ours_step, hf_step], repeats)
     tokens = rows * seq
     return {"decoder_tokens": tokens, "decoder_ours_tok_s": round(tokens / ours_s, 1),
             "decoder_hf_tok_s": round(tokens / hf_s, 1), "decoder_speedup_vs_hf": round(hf_s / ours_s, 2),
-            "decoder_logits_max_abs_diff": diff,
+            **checked,
             "hf_attn_implementation": reference.config._attn_implementation,
             "hf_experts_implementation": reference.config._experts_implementation}
 
 
 def padded_vit_forward(vit: MoonViT, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
-    """The tower on images padded to the longest one: ``pixels [N, L, C*p*p]`` -> ``[N, L, hidden]``.
+    """The tower on images padded to the longest one: ``pixels [N, L, p*p*C]`` -> ``[N, L, hidden]``.
 
-    Same modules and math as :meth:`MoonViT.forward`; padded keys are masked out, so real patches get the same
-    features, and the cost is that of ``N`` images of the largest size.
+    :meth:`MoonViT.forward`'s modules and math on a padded batch: the same patch embedding (``embed_patches``, patches
+    flattened as (y, x, channel)), the same interpolated position table and 2D RoPE per image, and one attention call
+    over the batch whose padded keys are masked out, so real patches get the features the packed tower gives them
+    (checked before timing), at the cost of ``N`` images of the largest size.
     """
     images, length, _ = pixels.shape
-    p = vit.patch_size
-    x = vit.patch_embed(pixels.view(images * length, -1, p, p)).view(images, length, -1)
+    x = vit.embed_patches(pixels.flatten(0, 1)).view(images, length, -1)
     pos = x.new_zeros(x.shape)
     rows = torch.zeros(images, length, dtype=torch.long)
     cols = torch.zeros(images, length, dtype=torch.long)
@@ -119,10 +170,11 @@ def padded_vit_forward(vit: MoonViT, pixels: torch.Tensor, grids: list[tuple[int
         cols[i, : h * w] = torch.arange(w).repeat(h)
         mask[i, ..., : h * w] = True
     x = x + pos
-    angles = rope_angles_2d(rows.flatten(), cols.flatten(), vit.head_dim, vit.rope_theta)
+    angles = rope_angles_2d(rows.flatten(), cols.flatten(), vit.head_dim, vit.rope_theta) if vit.use_rope else None
     for block in vit.blocks:
         q, k, v = block.qkv(block.norm1(x)).view(images * length, 3, -1, vit.head_dim).unbind(1)
-        q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        if angles is not None:
+            q, k = apply_rotary(q, angles), apply_rotary(k, angles)
         q, k, v = (t.view(images, length, -1, vit.head_dim).transpose(1, 2) for t in (q, k, v))
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(images, length, -1)
         x = x + block.proj(attn)
@@ -130,16 +182,49 @@ def padded_vit_forward(vit: MoonViT, pixels: torch.Tensor, grids: list[tuple[int
     return vit.norm(x)
 
 
+def vit_inputs(grids: list[tuple[int, int]], patch_dim: int, dtype: torch.dtype = torch.float32):
+    """Random normalized patches of ``grids``: packed ``[patches, patch_dim]`` and the same padded ``[N, L, dim]``."""
+    lengths = [h * w for h, w in grids]
+    packed = torch.randn(sum(lengths), patch_dim, dtype=dtype)
+    padded = packed.new_zeros(len(grids), max(lengths), patch_dim)
+    for i, image in enumerate(packed.split(lengths)):
+        padded[i, : len(image)] = image
+    return packed, padded
+
+
+def padded_real(out: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+    """The real patches' rows of a padded output, packed in image order."""
+    return torch.cat([o[: h * w] for o, (h, w) in zip(out, grids, strict=True)])
+
+
+def check_vit(vit: MoonViT, packed: torch.Tensor, padded: torch.Tensor) -> float:
+    """The padded tower must compute the packed one's features: on the timed fp32 batch within
+    :data:`VIT_TOL`, and, features and every gradient, on a small fp64 batch within :data:`VIT_FP64_TOL` (fp32
+    gradients differ by ~5e-3 of their largest entry between any two summation orders, fp64 ones by ~1e-11)."""
+    with torch.no_grad():
+        diff = require_close("vit features, packed vs padded (fp32)", vit(packed, torch.tensor(VIT_GRIDS)),
+                             padded_real(padded_vit_forward(vit, padded, VIT_GRIDS), VIT_GRIDS), VIT_TOL, VIT_TOL)
+    exact = copy.deepcopy(vit).double()
+    small, small_padded = vit_inputs(VIT_CHECK_GRIDS, packed.shape[1], torch.float64)
+    ours = exact(small, torch.tensor(VIT_CHECK_GRIDS))
+    theirs = padded_real(padded_vit_forward(exact, small_padded, VIT_CHECK_GRIDS), VIT_CHECK_GRIDS)
+    require_close("vit features, packed vs padded (fp64)", ours, theirs, VIT_FP64_TOL, VIT_FP64_TOL)
+    names, params = zip(*exact.named_parameters(), strict=True)
+
+    def grads(out: torch.Tensor) -> dict[str, torch.Tensor]:  # a parameter left out of the graph gets zeros
+        return dict(zip(names, torch.autograd.grad(out.square().mean(), params, allow_unused=True,
+                                                   materialize_grads=True), strict=True))
+
+    require_close_scaled("vit gradients, packed vs padded (fp64)", grads(ours), grads(theirs), VIT_FP64_TOL)
+    return diff
+
+
 def bench_vit(repeats: int) -> dict:
     torch.manual_seed(0)
     vit = build_model(FLAVORS["small"]).vision
-    patch_dim = 3 * vit.patch_size**2
     lengths = [h * w for h, w in VIT_GRIDS]
     grid_hw = torch.tensor(VIT_GRIDS)
-    packed = torch.randn(sum(lengths), patch_dim)
-    padded = torch.zeros(len(VIT_GRIDS), max(lengths), patch_dim)
-    for i, image in enumerate(packed.split(lengths)):
-        padded[i, : len(image)] = image
+    packed, padded = vit_inputs(VIT_GRIDS, 3 * vit.patch_size**2)
 
     def packed_step():
         vit.zero_grad(set_to_none=True)
@@ -147,12 +232,9 @@ def bench_vit(repeats: int) -> dict:
 
     def padded_step():
         vit.zero_grad(set_to_none=True)
-        out = padded_vit_forward(vit, padded, VIT_GRIDS)
-        torch.cat([o[:n] for o, n in zip(out, lengths, strict=True)]).square().mean().backward()
+        padded_real(padded_vit_forward(vit, padded, VIT_GRIDS), VIT_GRIDS).square().mean().backward()
 
-    with torch.no_grad():
-        real = torch.cat([o[:n] for o, n in zip(padded_vit_forward(vit, padded, VIT_GRIDS), lengths, strict=True)])
-        diff = float((vit(packed, grid_hw) - real).abs().max())
+    diff = check_vit(vit, packed, padded)
     packed_s, padded_s = best_of([packed_step, padded_step], repeats)
     return {"vit_images": len(VIT_GRIDS), "vit_patches": sum(lengths),
             "vit_padded_patches": len(lengths) * max(lengths),

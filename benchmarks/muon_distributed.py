@@ -14,6 +14,15 @@ Prints one JSON line:
 
     python benchmarks/muon_distributed.py [--flavor small --dp 4 --steps 3]
 
+Before anything is timed, both distributed optimizers are checked to compute what one process computes
+(``benchmarks/_check.py``: one line on stderr and exit status 1 otherwise): two steps on ``--dp`` ranks, each
+rank with its own gradients, must leave every rank with the same parameters (bit for bit) and change every parameter
+as two steps of the same optimizer in one process given the ranks' summed gradients do, within 2e-3 of each
+parameter's largest change (measured: 6e-4, from AdamW elements whose summed gradient is near its eps, where the
+order of the sum shows). Newton-Schulz runs in fp32 for the check (in bf16, the timed setting, rounding flips
+leave ~2e-2 between any two summation orders); the ranks' code is the same. The check also requires both
+optimizers to cover the same parameter elements, which the bytes ratio divides by.
+
 With ``--plan FLAVOR --world 8,64,256,1024`` it also computes the real plan at each world size without allocating:
 the model is built on ``meta``, its experts sharded over ``ep`` ranks (``apply_expert_parallel``, as the trainer
 does), and :class:`~optim.distributed.ZeroOptimizer` is built on rank 0 of a fake process group of that size, with
@@ -22,6 +31,7 @@ the optimizer executes (the same on every rank): bytes per step (``Plan.comm_byt
 all-gather plus the compute-layout all-to-alls) against ZeRO-1 AdamW's even partition of the same groups, Newton-Schulz
 FLOPs (dense plus the rank's experts) max ÷ mean, optimizer-state bytes max ÷ the even share. The worst over the
 world sizes are ``comm_bytes_ratio_at_scale``, ``ns_flops_imbalance_at_scale``, ``state_bytes_imbalance_at_scale``.
+The plans are required to hold the same elements in each partition (dense, experts) as the AdamW baseline's.
 """
 
 from __future__ import annotations
@@ -37,19 +47,39 @@ import torch.distributed as dist
 from model.registry import FLAVORS, build_model
 from optim.build import MUON
 from optim.distributed import ZeroOptimizer
+from optim.muon import MuonHParams
 from parallel.forked import run_ranks
 
+try:
+    from benchmarks._check import require_close_scaled, require_equal
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _check import require_close_scaled, require_equal
 
-def measure(rank: int, world: int, flavor: str, use_muon: bool, steps: int) -> dict:
+CHECK_STEPS = 2
+CHANGE_TOL = 2e-3  # of each parameter's largest change over the checked steps
+
+
+def build(flavor: str, use_muon: bool, group, ns_dtype: torch.dtype = MuonHParams.ns_dtype):
+    """The model (seed 0) and its optimizer over ``group`` (None: one process)."""
     torch.manual_seed(0)
     model = build_model(FLAVORS[flavor])
     model.coca.requires_grad_(False)  # the language-model stages' trainable set
-    optimizer = ZeroOptimizer(model, lr=1e-3, weight_decay=0.1, use_muon=use_muon, group=dist.group.WORLD)
+    return model, ZeroOptimizer(model, lr=1e-3, weight_decay=0.1, use_muon=use_muon, group=group,
+                                muon=MuonHParams(ns_dtype=ns_dtype))
+
+
+def fake_grads(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """A rank's gradients of one step: small normal values, drawn in the optimizer's parameter order."""
+    return [torch.randn(param.shape, generator=generator) * 1e-3 for param in params]
+
+
+def measure(rank: int, world: int, flavor: str, use_muon: bool, steps: int) -> dict:
+    _, optimizer = build(flavor, use_muon, dist.group.WORLD)
     generator = torch.Generator().manual_seed(rank)
     times = []
     for step in range(steps + 1):
-        for param in optimizer.params:
-            param.grad = torch.randn(param.shape, generator=generator) * 1e-3
+        for param, grad in zip(optimizer.params, fake_grads(optimizer.params, generator), strict=True):
+            param.grad = grad
         dist.barrier()
         start = time.perf_counter()
         optimizer.step(max_grad_norm=1.0)
@@ -64,6 +94,53 @@ def measure(rank: int, world: int, flavor: str, use_muon: bool, steps: int) -> d
         "total_elements": sum(u.numel for u in optimizer.units),
         "muon_elements": sum(u.numel for u in optimizer.units if u.route.rule == MUON),
     }
+
+
+def updates_after_steps(rank: int, world: int, flavor: str, use_muon: bool, steps: int, ns_dtype: torch.dtype):
+    """Every parameter's change over ``steps`` steps on ``world`` ranks (rank 0's, None elsewhere), and the largest
+    difference of any parameter between ranks (the all-gather must leave every rank with the same model)."""
+    model, optimizer = build(flavor, use_muon, dist.group.WORLD, ns_dtype)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(steps):
+        for param, grad in zip(optimizer.params, fake_grads(optimizer.params, generator), strict=True):
+            param.grad = grad
+        optimizer.step(max_grad_norm=1.0)
+    spread = 0.0
+    for name, param in model.named_parameters():
+        if name in before:
+            high, low = param.detach().clone(), param.detach().clone()
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            spread = max(spread, float((high - low).abs().max()))
+    changes = {name: p.detach() - before[name] for name, p in model.named_parameters() if name in before}
+    return {"changes": changes if rank == 0 else None, "spread": spread}
+
+
+def reference_changes(flavor: str, use_muon: bool, world: int, steps: int, ns_dtype: torch.dtype):
+    """The same steps in one process (no group), each step's gradient the sum of the ``world`` ranks' gradients."""
+    model, optimizer = build(flavor, use_muon, None, ns_dtype)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    generators = [torch.Generator().manual_seed(rank) for rank in range(world)]
+    for _ in range(steps):
+        per_rank = [fake_grads(optimizer.params, g) for g in generators]
+        for param, *grads in zip(optimizer.params, *per_rank, strict=True):
+            param.grad = torch.stack(grads).sum(0)
+        optimizer.step(max_grad_norm=1.0)
+    return {name: p.detach() - before[name] for name, p in model.named_parameters() if name in before}
+
+
+def check_against_one_process(flavor: str, world: int) -> None:
+    """Both distributed optimizers must compute what one process computes (see the module docstring)."""
+    totals = {}
+    for use_muon, name in ((True, "muon"), (False, "adamw")):
+        ranks = run_ranks(updates_after_steps, world, flavor, use_muon, CHECK_STEPS, torch.float32, timeout=1800)
+        require_equal(f"{name} zero-1 parameters on every rank", max(r["spread"] for r in ranks), 0.0)
+        expected = reference_changes(flavor, use_muon, world, CHECK_STEPS, torch.float32)
+        require_close_scaled(f"{name} zero-1 on {world} ranks vs one process, parameter changes", ranks[0]["changes"],
+                             expected, CHANGE_TOL)
+        totals[name] = sum(change.numel() for change in expected.values())
+    require_equal("elements optimized, muon vs adamw", totals["muon"], totals["adamw"])
 
 
 def plan_figures(flavor: str, world: int, ep: int) -> dict:
@@ -89,6 +166,9 @@ def plan_figures(flavor: str, world: int, ep: int) -> dict:
                               expert_group=expert_data)
     finally:
         dist.destroy_process_group()
+    require_equal(f"elements per partition at {world} ranks, muon plan vs adamw",
+                  [sum(u.numel for u in p.plan.units) for p in muon.partitions],
+                  [sum(u.numel for u in p.plan.units) for p in adamw.partitions])
     dense, experts = muon.partitions[0].plan, (muon.partitions[1].plan if len(muon.partitions) > 1 else None)
 
     def per_rank(figure: str, *args) -> list[float]:
@@ -133,6 +213,7 @@ def main() -> None:
             "comm_bytes_ratio_bf16_vs_fp32": max(w["comm_bytes_ratio_bf16_vs_fp32"] for w in worlds),
             "worlds": worlds,
         }))
+    check_against_one_process(args.flavor, args.dp)
     muon = run_ranks(measure, args.dp, args.flavor, True, args.steps)
     adamw = run_ranks(measure, args.dp, args.flavor, False, args.steps)
     total = muon[0]["total_elements"]

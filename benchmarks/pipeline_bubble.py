@@ -21,6 +21,12 @@ actions, hence its larger excess over its own (lower) theory.
 
     python benchmarks/pipeline_bubble.py [--pp 4 --microbatches 8 --forward-ms 40 --steps 3]
 
+Before anything is timed, one step of each schedule is checked against the work the theory counts
+(``benchmarks/_check.py``: one line on stderr and exit status 1 otherwise): every rank ran each of its stages'
+fixed-cost forward and backward exactly once per micro-batch, and the gradients of every stage's weights equal those
+of the same stages run one after the other on the whole batch in one process, within 1e-5 of each gradient's largest
+entry (fp32; the schedule sums the micro-batches' gradients in another order).
+
 Prints one JSON line: ``bubble_1f1b``, ``bubble_interleaved``, ``bubble_1f1b_theory``,
 ``bubble_interleaved_theory``, ``bubble_excess_1f1b`` (measured - theory; goal <= 0.05) and the settings.
 """
@@ -42,21 +48,30 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from parallel.forked import run_ranks
 from parallel.pipeline import SCHEDULES, stage_ranks
 
+try:
+    from benchmarks._check import require_close_scaled, require_equal
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from _check import require_close_scaled, require_equal
+
 HIDDEN, ROWS = 16, 4
+GRAD_TOL = 1e-5  # of each gradient's largest entry
 
 
 class FixedCost(torch.autograd.Function):
-    """Identity whose forward takes ``seconds`` and backward ``2 * seconds``, recorded in ``clock``."""
+    """Identity whose forward takes ``seconds`` and backward ``2 * seconds``, recorded in ``clock``: ``[seconds spent,
+    forwards, backwards]``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, seconds: float, clock: list[float]) -> torch.Tensor:
         ctx.seconds, ctx.clock = seconds, clock
         _spend(seconds, clock)
+        clock[1] += 1
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         _spend(2 * ctx.seconds, ctx.clock)
+        ctx.clock[2] += 1
         return grad, None, None
 
 
@@ -82,28 +97,42 @@ def sum_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output * target).sum()
 
 
-def measure_rank(rank: int, world: int, schedule_name: str, microbatches: int, virtual: int, forward_s: float,
-                 steps: int) -> list[tuple[float, float]]:
-    """Run ``steps + 1`` steps of one schedule; return ``(busy, wall)`` of each measured step on this rank."""
-    schedule_cls, layout, per_rank = SCHEDULES[schedule_name]
-    per_rank = per_rank or virtual
-    num_stages = world * per_rank
-    owners = stage_ranks(num_stages, world, layout)
-    clock = [0.0]
+def stage_owners(schedule_name: str, world: int, virtual: int) -> list[int]:
+    """The rank of every stage of ``schedule_name`` at ``world`` ranks."""
+    _, layout, per_rank = SCHEDULES[schedule_name]
+    return stage_ranks(world * (per_rank or virtual), world, layout)
+
+
+def build_rank(per_rank: int, forward_s: float, clock: list[float], microbatches: int):
+    """A rank's stage modules (in the order of its stages) and the step's inputs and target (the same on every rank):
+    drawn from seed 0 in this order, so that one process can rebuild any rank's."""
     torch.manual_seed(0)
+    modules = [EqualStage(forward_s / per_rank, clock) for _ in range(per_rank)]
+    return modules, torch.randn(ROWS * microbatches, HIDDEN), torch.randn(ROWS * microbatches, HIDDEN)
+
+
+def measure_rank(rank: int, world: int, schedule_name: str, microbatches: int, virtual: int, forward_s: float,
+                 steps: int) -> dict:
+    """Run ``steps + 1`` steps of one schedule on this rank; return ``(busy, wall)`` of each measured step and, of
+    the first (warm-up) step, the fixed-cost calls and every stage's gradients."""
+    schedule_cls, _, per_rank = SCHEDULES[schedule_name]
+    per_rank = per_rank or virtual
+    owners = stage_owners(schedule_name, world, virtual)
+    num_stages = len(owners)
+    clock = [0.0, 0, 0]
+    indices = [s for s in range(num_stages) if owners[s] == rank]
+    modules, inputs, target = build_rank(per_rank, forward_s, clock, microbatches)
     stages = []
-    for index in [s for s in range(num_stages) if owners[s] == rank]:
+    for index, module in zip(indices, modules, strict=True):
         example = torch.empty(ROWS, HIDDEN, device="meta", requires_grad=index > 0)
-        stages.append(PipelineStage(EqualStage(forward_s / per_rank, clock), index, num_stages, torch.device("cpu"),
-                                    input_args=(example,), output_args=(example.detach().requires_grad_(),)))
+        stages.append(PipelineStage(module, index, num_stages, torch.device("cpu"), input_args=(example,),
+                                    output_args=(example.detach().requires_grad_(),)))
     if issubclass(schedule_cls, PipelineScheduleSingle):
         schedule = schedule_cls(stages[0], microbatches, loss_fn=sum_loss, scale_grads=False)
     else:
         schedule = schedule_cls(stages, microbatches, loss_fn=sum_loss, scale_grads=False)
-    inputs = torch.randn(ROWS * microbatches, HIDDEN)
-    target = torch.randn(ROWS * microbatches, HIDDEN)
     is_first, is_last = owners[0] == rank, owners[-1] == rank
-    results = []
+    results, first = [], {}
     for _ in range(steps + 1):
         dist.barrier()
         clock[0] = 0.0
@@ -112,12 +141,41 @@ def measure_rank(rank: int, world: int, schedule_name: str, microbatches: int, v
         elapsed = torch.tensor([time.perf_counter() - start])
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when its slowest rank ends
         results.append((clock[0], float(elapsed)))
-    return results[1:]
+        if not first:
+            first = {"calls": (clock[1], clock[2]),
+                     "grads": {index: [p.grad.clone() for p in module.linear.parameters()]
+                               for index, module in zip(indices, modules, strict=True)}}
+    return {"steps": results[1:], **first}
+
+
+def check_schedule(schedule: str, pp: int, microbatches: int, virtual: int, forward_s: float) -> None:
+    """One step of ``schedule`` must do the work the theory counts and compute the gradients of one process running
+    the same stages in order on the whole batch (see the module docstring)."""
+    per_rank = run_ranks(measure_rank, pp, schedule, microbatches, virtual, forward_s, 0)
+    owners = stage_owners(schedule, pp, virtual)
+    stages_per_rank = len(owners) // pp
+    for rank, result in enumerate(per_rank):
+        require_equal(f"{schedule} rank {rank} fixed-cost (forwards, backwards)", result["calls"],
+                      (microbatches * stages_per_rank, microbatches * stages_per_rank))
+    # Rank r's k-th stage is the k-th module of build_rank (every rank draws the same ones from the same seed: each
+    # rank's copy is rebuilt here); inputs and target are the same everywhere.
+    ranks = [build_rank(stages_per_rank, 0.0, [0.0, 0, 0], microbatches) for _ in range(pp)]
+    inputs, target = ranks[0][1], ranks[0][2]
+    linear = {s: ranks[owners[s]][0][owners[:s].count(owners[s])].linear for s in range(len(owners))}
+    x = inputs
+    for s in range(len(owners)):
+        x = torch.tanh(linear[s](x))
+    params = {s: list(linear[s].parameters()) for s in range(len(owners))}
+    flat = [p for s in params for p in params[s]]
+    grads = iter(torch.autograd.grad(sum_loss(x, target), flat))
+    expected = {s: [next(grads) for _ in params[s]] for s in params}
+    measured = {s: g for result in per_rank for s, g in result["grads"].items()}
+    require_close_scaled(f"{schedule} stage gradients vs one process", measured, expected, GRAD_TOL)
 
 
 def measure(schedule: str, pp: int, microbatches: int, virtual: int, forward_s: float, steps: int) -> float:
     """Median bubble fraction of ``schedule`` over ``steps`` steps."""
-    per_rank = run_ranks(measure_rank, pp, schedule, microbatches, virtual, forward_s, steps)
+    per_rank = [r["steps"] for r in run_ranks(measure_rank, pp, schedule, microbatches, virtual, forward_s, steps)]
     bubbles = []
     for step in range(steps):
         busy = statistics.mean(rank[step][0] for rank in per_rank)
@@ -136,6 +194,8 @@ def main() -> None:
     cli = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     p, m, v, forward_s = cli.pp, cli.microbatches, cli.virtual, cli.forward_ms / 1e3
+    for schedule in ("1f1b", "interleaved_1f1b"):
+        check_schedule(schedule, p, m, v, forward_s)
     bubble_1f1b = measure("1f1b", p, m, v, forward_s, cli.steps)
     bubble_interleaved = measure("interleaved_1f1b", p, m, v, forward_s, cli.steps)
     theory_1f1b = (p - 1) / (m + p - 1)

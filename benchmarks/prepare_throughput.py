@@ -15,6 +15,12 @@ Prints one JSON line:
 - ``prepare_peak_rss_ratio``: peak RSS preparing 4x the corpus / 1x (goal <= 1.2), the larger of the main process's
   and a worker's ratios (both reported).
 
+Before anything is timed, the floor is checked to do prepare's pixel work (``benchmarks/_check.py``: one line on
+stderr and exit status 1 otherwise): ``prepare`` runs (as timed, in a subprocess) on a few of the images, opaque and
+transparent ones over the size limit and some within it, and every image it stored must be, byte for byte, the one
+the floor produces (its downscaled PNG) or, within the limit, the original file. The timed runs must prepare every
+sample of their corpus.
+
 ``python benchmarks/prepare_throughput.py [--images 160] [--workers 2] [--max-image-side 512]``
 """
 
@@ -25,8 +31,10 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +44,7 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._check import require, require_equal  # noqa: E402
 from data.images import composite_alpha, has_alpha  # noqa: E402
 from data.prepare import downscaled, encode  # noqa: E402
 
@@ -89,20 +98,56 @@ def write_jsonl(path: Path, images: list[Path], repeat: int) -> None:
                 out.write(json.dumps({"image": str(image), "text": f"clip art {index} copy {copy}: shapes"}) + "\n")
 
 
+def floor_work(path: Path, max_side: int) -> bytes | None:
+    """The floor's work on one image: decode (and composite, when it has alpha); over ``max_side``, downscale and
+    encode. Returns the encoded bytes, or None for an image kept as it is."""
+    image = Image.open(io.BytesIO(path.read_bytes()))
+    if has_alpha(image):
+        image.load()
+        pixels = image.convert("RGBA")
+        composite_alpha(pixels)
+    else:
+        pixels = image.convert("RGB")
+    if max(pixels.size) > max_side:
+        return encode(downscaled(pixels, max_side), "PNG")
+    return None
+
+
 def decode_floor(paths: list[Path], max_side: int) -> float:
     """Samples per second of one thread decoding every image and downscaling and encoding those over ``max_side``."""
     began = time.perf_counter()
     for path in paths:
-        image = Image.open(io.BytesIO(path.read_bytes()))
-        if has_alpha(image):
-            image.load()
-            pixels = image.convert("RGBA")
-            composite_alpha(pixels)
-        else:
-            pixels = image.convert("RGB")
-        if max(pixels.size) > max_side:
-            encode(downscaled(pixels, max_side), "PNG")
+        floor_work(path, max_side)
     return len(paths) / (time.perf_counter() - began)
+
+
+def check_floor(work: Path, paths: list[Path], workers: int, max_side: int, per_kind: int = 2) -> None:
+    """Prepare a few images of each kind (transparent or opaque over ``max_side``, within it) and require every
+    stored image to be the floor's output byte for byte (see the module docstring)."""
+    kinds: dict[tuple[bool, bool], list[int]] = {}
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            kind = (has_alpha(image), max(image.size) > max_side)
+        if len(kinds.setdefault(kind, [])) < per_kind:
+            kinds[kind].append(index)
+    chosen = sorted(i for indices in kinds.values() for i in indices)
+    with (work / "check.jsonl").open("w") as out:
+        for index in chosen:
+            out.write(json.dumps({"image": str(paths[index]), "text": f"clip art {index} copy 0: shapes"}) + "\n")
+    run_prepare(work / "check.jsonl", work / "check", workers, max_side)
+    stored = {}
+    for shard in sorted((work / "check").rglob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                index = int(re.match(r"clip art (\d+) ", json.loads(data)["caption"]).group(1))
+                stored[index] = members[name.removesuffix(".json") + ".0.png"]
+    require_equal("samples prepared for the floor check", sorted(stored), chosen)
+    for index in chosen:
+        expected = floor_work(paths[index], max_side) or paths[index].read_bytes()
+        require(f"image {paths[index].name} as prepared vs the floor's", stored[index] == expected,
+                f"{len(stored[index])} bytes stored, {len(expected)} from the floor, and they differ")
 
 
 def run_prepare(jsonl: Path, out: Path, workers: int, max_side: int) -> dict:
@@ -123,12 +168,14 @@ def main() -> None:
         paths = make_corpus(work / "images", args.images)
         for repeat in (1, 4):
             write_jsonl(work / f"x{repeat}.jsonl", paths, repeat)
+        check_floor(work, paths, args.workers, args.max_image_side)
         decode_floor(paths[:8], args.max_image_side)  # warm the page cache and the code
         floor_before = decode_floor(paths, args.max_image_side)
         one = run_prepare(work / "x1.jsonl", work / "out1", args.workers, args.max_image_side)
         floor_between = decode_floor(paths, args.max_image_side)
         four = run_prepare(work / "x4.jsonl", work / "out4", args.workers, args.max_image_side)
         floor_after = decode_floor(paths, args.max_image_side)
+    require_equal("samples prepared (1x, 4x)", (one["samples"], four["samples"]), (args.images, 4 * args.images))
     floors = [floor_before, floor_between, floor_after]
     floor = sum(floors) / 3
     rate = four["samples"] / four["seconds"]
