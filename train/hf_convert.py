@@ -26,7 +26,7 @@ from model.init import ParamInit
 from model.registry import FLAVORS
 from model.vlm import KimiVL
 
-__all__ = ["main", "read_our_checkpoint", "write_our_checkpoint"]
+__all__ = ["main", "read_our_checkpoint", "with_master_weights", "write_our_checkpoint"]
 
 MODEL_KEY = "model"  # the state key train/trainer.py saves the model under
 
@@ -52,6 +52,39 @@ def read_our_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                                                                               weights_only=True)
     if all(name.startswith(MODEL_KEY + ".") for name in state):  # a flattened DCP-style dict
         state = {name.removeprefix(MODEL_KEY + "."): t for name, t in state.items()}
+    return state
+
+
+def with_master_weights(path: str | Path, args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (a checkpoint's model entries) with every parameter the optimizer held taken from its fp32 master
+    weights (``optim.<piece>.master``): a bf16 run's exact values, not their bf16 rounding. Parameters the stage did
+    not train keep the model entry's values, upcast to fp32; a checkpoint without masters is returned as it is."""
+    import torch.distributed.checkpoint as dcp
+
+    from optim.plan import build_units, build_units_all_adamw, pieces_of
+
+    reader = dcp.FileSystemReader(path)
+    saved = {name.removeprefix("optim.").removesuffix(".master"): meta.size
+             for name, meta in reader.read_metadata().state_dict_metadata.items()
+             if name.startswith("optim.") and name.endswith(".master")}
+    if not saved:
+        return state
+    with torch.device("meta"):
+        model = KimiVL(args)
+    # The pieces the optimizer that wrote them cut (Muon matrices and AdamW chunks, or AdamW chunks only).
+    for units in (build_units(model), build_units_all_adamw(model)):
+        pieces = {piece.key: piece for unit in units for piece in pieces_of(unit)}
+        if saved.keys() <= pieces.keys():
+            break
+    else:
+        unknown = sorted(saved.keys() - pieces.keys())[:3]
+        raise ValueError(f"{path}: master weights {unknown} match no parameter of the {args.flavor} model")
+    masters = {key: torch.empty(size, dtype=torch.float32) for key, size in saved.items()}
+    dcp.load({"optim": {key: {"master": tensor} for key, tensor in masters.items()}}, storage_reader=reader)
+    state = {name: tensor.float() for name, tensor in state.items()}
+    for key, values in masters.items():
+        piece = pieces[key]
+        piece.view(state[piece.unit.route.name]).copy_(values)
     return state
 
 
@@ -176,7 +209,10 @@ def _convert(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
         summary = {"format": fmt, "flavor": args.flavor, "imported": len(imported), "initialized_parts": initialized}
     else:
         args = FLAVORS[opts.flavor]
-        exported = export_state_dict(read_our_checkpoint(opts.src), opts.format, args, opts.fused_experts)
+        state = read_our_checkpoint(opts.src)
+        if Path(opts.src).is_dir():  # the fp32 master weights, where the optimizer held them
+            state = with_master_weights(opts.src, args, state)
+        exported = export_state_dict(state, opts.format, args, opts.fused_experts)
         save_safetensors(exported, opts.dst)
         config = hf_config(opts.format, args, **_token_ids(opts))
         (Path(opts.dst) / "config.json").write_text(json.dumps(config, indent=2))

@@ -324,3 +324,36 @@ def test_bf16_and_fp32_checkpoints_load_into_each_other_through_the_masters(tmp_
             assert torch.equal(read[name], values), f"{saved} -> {loaded}: {name} master"
             for result in reader:  # the parameters are the masters, rounded to the run's dtype
                 assert torch.equal(result["loaded"]["params"][name].reshape(-1), values.to(loaded)), name
+
+
+def test_hf_export_of_a_bf16_checkpoint_writes_the_fp32_masters(tmp_path):
+    """A bf16 run's checkpoint exports the masters it holds (the trained parameters), not their bf16 rounding; the
+    parameters the stage froze come from the model entry."""
+    from safetensors.torch import load_file
+
+    from model.registry import FLAVORS, build_model
+    from train.checkpoint import CheckpointManager, ModelState
+    from train.hf_convert import main as hf_main
+
+    model = build_model(FLAVORS["debug"], seed=0)
+    model.coca.requires_grad_(False)
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    optimizer = ZeroOptimizer(model, lr=LR, weight_decay=WD, muon=MUON)
+    for step in range(2):
+        optimizer.zero_grad()
+        loss = sum((p.float() * 1e-3 * (step + 1)).sum() for p in model.parameters() if p.requires_grad)
+        loss.backward()
+        optimizer.step(max_grad_norm=CLIP)
+    saved = CheckpointManager(tmp_path / "run", keep_last=1).save(1, {"model": ModelState(model), "optim": optimizer})
+    hf_main(["export", "--format", "deepseek_v3", "--flavor", "debug", str(saved), str(tmp_path / "hf")])
+    exported = {}
+    for shard in (tmp_path / "hf").glob("*.safetensors"):
+        exported |= load_file(shard)
+    masters = assemble(masters_by_name(optimizer), model)
+    for ours, theirs in (("decoder.layers.0.attention.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
+                         ("decoder.embed_tokens.weight", "model.embed_tokens.weight")):
+        expected = masters[ours].view(model.get_parameter(ours).shape)
+        assert exported[theirs].dtype == torch.float32
+        assert torch.equal(exported[theirs], expected), ours
+        assert not torch.equal(expected, model.get_parameter(ours).float())  # the masters hold more than bf16
