@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,8 +34,11 @@ from pathlib import Path
 import torch
 
 from config import load_config
-from parallel.forked import run_ranks
 from parallel.memory import measure_peak_bytes
+
+# tests/ is not installed: the forked-rank runner comes from this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.forked import run_ranks  # noqa: E402
 
 GIB = 1024**3
 STAGE = "curriculum.stages.joint_pretrain"

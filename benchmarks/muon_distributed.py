@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,7 +37,10 @@ import torch.distributed as dist
 from model.registry import FLAVORS, build_model
 from optim.build import MUON
 from optim.distributed import ZeroOptimizer
-from parallel.forked import run_ranks
+
+# tests/ is not installed: the forked-rank runner comes from this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.forked import run_ranks  # noqa: E402
 
 
 def measure(rank: int, world: int, flavor: str, use_muon: bool, steps: int) -> dict:

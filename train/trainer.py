@@ -20,8 +20,6 @@ from typing import IO, Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
@@ -31,7 +29,6 @@ from config.validate import check_layout
 from data.batch import ImageTextBatch, PackedBatch
 from data.loader import StageLoader, read_manifest
 from data.tokenizer import TextTokenizer, load_root_tokenizer
-from model.coca import caption_loss_sum, siglip_loss
 from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
 from optim.muon import AdamWHParams, MuonHParams
@@ -43,7 +40,7 @@ from parallel.pipeline import pipeline_lm_step
 from storage import LocalStorage, build_storage
 from train.checkpoint import CheckpointManager, ModelState, RNGState
 from train.device_feed import DeviceFeed
-from train.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy_sum, masked_targets
+from train.loss import DEFAULT_CHUNK_TOKENS, caption_loss_sum, linear_cross_entropy_sum, masked_targets, siglip_loss
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
 from train.preflight import check_run, is_demo_root
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
@@ -175,26 +172,6 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
     return StepResult(lm_loss, parts, counts[1], expert_load=torch.stack(loads).sum(0))
 
 
-def global_siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                       logit_bias: torch.Tensor) -> torch.Tensor:
-    """This rank's share of the SigLIP loss of the whole micro-step batch (all ranks' pairs).
-
-    Each rank scores its images against every rank's texts (gathered with autograd, so the gradient of the texts
-    returns to their rank), and divides by the global pair count: summed over ranks this is exactly the loss one
-    process computes on the whole batch, negatives from every rank included.
-    """
-    world = dist.get_world_size()
-    if world == 1:
-        return siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias)
-    texts = torch.cat(dist_nn.all_gather(text_embeds), dim=0)
-    local, total = image_embeds.shape[0], texts.shape[0]
-    logits = logit_scale.exp() * image_embeds @ texts.t() + logit_bias
-    labels = -torch.ones_like(logits)
-    rows = torch.arange(local, device=logits.device)
-    labels[rows, dist.get_rank() * local + rows] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / total
-
-
 def coca_step(model: nn.Module, batches: list[ImageTextBatch]) -> StepResult:
     """Forward and backward of ``L = L_siglip + 2 * L_caption`` over this rank's micro-batches.
 
@@ -207,7 +184,7 @@ def coca_step(model: nn.Module, batches: list[ImageTextBatch]) -> StepResult:
     siglip_parts, caption_parts = [], []
     for batch in batches:
         out = model.forward_coca(batch.pixel_values, batch.image_grid_hw, batch.text_ids, batch.text_mask)
-        siglip = global_siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
+        siglip = siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
         caption_sum, _ = caption_loss_sum(out.caption_logits, batch.text_ids, batch.text_mask)
         loss = siglip / len(batches) + CAPTION_LOSS_WEIGHT * caption_sum / global_targets
         loss.backward()

@@ -21,7 +21,7 @@ from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
 from optim.muon import MuonHParams
 from parallel.dims import ParallelDims
-from parallel.forked import run_ranks
+from tests.forked import run_ranks
 from parallel.parallelize import PipelineOptions, parallelize
 from parallel.pipeline import (
     cu_seqlens_from_doc_ids,

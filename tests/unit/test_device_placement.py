@@ -27,7 +27,6 @@ from data.batch import ImageTextBatch
 from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
 from parallel.dims import ParallelDims
-from parallel.forked import run_ranks
 from parallel.parallelize import PipelineOptions, parallelize
 from parallel.pipeline import pipeline_lm_step
 from tests.device_checks import (
@@ -38,6 +37,7 @@ from tests.device_checks import (
     place_on_fake_cuda,
 )
 from tests.dist.test_pipeline import ARGS, SEQ, make_batches
+from tests.forked import run_ranks
 from train.loss import linear_cross_entropy_sum
 from train.trainer import coca_step, lm_step
 
