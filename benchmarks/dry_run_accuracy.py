@@ -70,9 +70,10 @@ def overrides(root: Path, out: Path, layout: str, policy: str, micro_batches: in
 def measure_rank(rank: int, world: int, args: list[str]) -> dict:
     """This rank's peak tensor bytes over one whole training step (see the module docstring)."""
     from data.loader import StageLoader
+    from train.builders import build_optimizer
     from train.device_feed import DeviceFeed
     from train.stages import apply_stage
-    from train.trainer import Trainer, build_optimizer
+    from train.trainer import Trainer
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     cfg = load_config(args)

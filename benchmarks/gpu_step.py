@@ -41,7 +41,7 @@ from parallel.parallelize import parallelize
 from parallel.pipeline import layer_costs
 from train.reporting import measure_peak_flops, step_model_flops
 from train.runtime import init_distributed
-from train.trainer import lm_step
+from train.steps import lm_step
 
 
 def timed(step, steps: int, warmup: int, device: torch.device) -> float:
