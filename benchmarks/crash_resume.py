@@ -122,7 +122,8 @@ def final_parameters(location: str, endpoint: str = "") -> dict[str, torch.Tenso
     """The model of the last stage's latest checkpoint under ``location`` (a directory or an S3 URL)."""
     from model.registry import FLAVORS, build_model
     from storage import S3Options
-    from train.checkpoint import CheckpointManager, ModelState, open_checkpoint_store
+    from train.checkpoint import CheckpointManager, ModelState
+    from train.checkpoint_store import open_checkpoint_store
 
     model = build_model(FLAVORS["debug"])
     checkpoints = CheckpointManager(open_checkpoint_store(location, S3Options(endpoint_url=endpoint)), keep_last=1)

@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +41,11 @@ from pathlib import Path
 import torch
 
 from config import load_config
-from parallel.forked import run_ranks
 from parallel.memory import measure_peak_bytes
+
+# tests/ is not installed: the forked-rank runner comes from this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.forked import run_ranks  # noqa: E402
 
 try:
     from benchmarks._check import require_equal
@@ -78,9 +82,10 @@ def overrides(root: Path, out: Path, layout: str, policy: str, micro_batches: in
 def measure_rank(rank: int, world: int, args: list[str]) -> dict:
     """This rank's peak tensor bytes over one whole training step (see the module docstring)."""
     from data.loader import StageLoader
+    from train.builders import build_optimizer
     from train.device_feed import DeviceFeed
     from train.stages import apply_stage
-    from train.trainer import Trainer, build_optimizer
+    from train.trainer import Trainer
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     cfg = load_config(args)

@@ -51,7 +51,7 @@ from parallel.parallelize import parallelize
 from parallel.pipeline import layer_costs
 from train.reporting import measure_peak_flops, step_model_flops
 from train.runtime import init_distributed
-from train.trainer import lm_step
+from train.steps import lm_step
 
 try:
     from benchmarks._check import require_close

@@ -39,7 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -48,7 +50,10 @@ from model.registry import FLAVORS, build_model
 from optim.build import MUON
 from optim.distributed import ZeroOptimizer
 from optim.muon import MuonHParams
-from parallel.forked import run_ranks
+
+# tests/ is not installed: the forked-rank runner comes from this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.forked import run_ranks  # noqa: E402
 
 try:
     from benchmarks._check import require_close_scaled, require_equal

@@ -37,7 +37,9 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -45,8 +47,11 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-from parallel.forked import run_ranks
 from parallel.pipeline import SCHEDULES, stage_ranks
+
+# tests/ is not installed: the forked-rank runner comes from this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.forked import run_ranks  # noqa: E402
 
 try:
     from benchmarks._check import require_close_scaled, require_equal

@@ -18,6 +18,10 @@ from config.validate import validate
 
 __all__ = ["available_recipes", "compose_recipe", "load_config", "split_recipe_dir", "to_run_config"]
 
+# Keys of earlier schemas that configurations stored in older checkpoints and run directories still carry; they
+# mean nothing now and are dropped. data.generate_if_missing: the demo corpus is made by `python -m data.synthetic`.
+RETIRED_KEYS = (("data", "generate_if_missing"),)
+
 
 def available_recipes(recipe_dir: str = "") -> list[str]:
     folders = [RECIPES_DIR] + ([Path(recipe_dir)] if recipe_dir else [])
@@ -141,6 +145,9 @@ def to_run_config(raw: DictConfig) -> RunConfig:
             raise ConfigError(f"Missing required value {required} (used by {where}): set it on the command line, "
                               f"{required}=...") from None
         raise ConfigError(f"Cannot resolve '{where}': {reason}.") from None
+    for section, key in RETIRED_KEYS:
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
     model_raw = raw.pop("model", {}) or {}
     try:  # a flavor, or hf:<dir> for the whole model or a part (config/hf_config.py)
         model_base, model_raw = model_args_from_recipe(model_raw, FLAVORS)

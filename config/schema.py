@@ -128,15 +128,14 @@ class CurriculumConfig:
 
 @dataclass
 class DataConfig:
-    # Where manifest.json, tokenizer.json and the shards are: a folder (or file://...) or s3://bucket/prefix.
+    # Where manifest.json, tokenizer.json and the shards are: a folder (or file://...) or s3://bucket/prefix. The
+    # default is where `python -m data.synthetic` writes the demo corpus.
     root: str = "demo_data"
     # S3: endpoint of a non-AWS server (empty: AWS), region, attempts per request. Credentials come only from the
     # standard chain (environment, config files, instance roles), never from the recipe.
     endpoint_url: str = ""
     region: str = ""
     max_attempts: int = 8
-    # Generate the embedded synthetic corpus into ``root`` when it has no manifest yet.
-    generate_if_missing: bool = True
     # Corrupt samples are skipped and counted; more than this fraction of draws aborts the run.
     max_corrupt_fraction: float = 0.01
     # S3: per-process request-rate limit (0: none) and the burst allowed above it; throttling halves the rate,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # From a fresh machine (Python 3.11 + pip) to a finished debug curriculum: creates .venv, installs torch (CPU) and
-# the project, generates the embedded demo data, and trains every stage of the Kimi-VL curriculum on a tiny model
-# with 2 data-parallel processes (torchrun, gloo). Extra arguments are recipe overrides, e.g. run_name=try2.
+# the project, generates the demo corpus (python -m data.synthetic, once: a run never generates data), and trains
+# every stage of the Kimi-VL curriculum on a tiny model with 2 data-parallel processes (torchrun, gloo). Extra
+# arguments are recipe overrides, e.g. run_name=try2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

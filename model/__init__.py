@@ -2,7 +2,7 @@
 
 from config.model import CocaArgs, DecoderArgs, ModelArgs, VisionArgs
 from model.attention import apply_rotary, rope_angles_1d, rope_angles_2d, varlen_attention
-from model.coca import CocaOutput, CocaTowers, caption_loss_sum, siglip_loss
+from model.coca import CocaOutput, CocaTowers
 from model.decoder import MoEAux, MoEDecoder
 from model.moe import MoE
 from model.projector import PatchMergerProjector
@@ -26,10 +26,8 @@ __all__ = [
     "VisionArgs",
     "apply_rotary",
     "build_model",
-    "caption_loss_sum",
     "count_parameters",
     "rope_angles_1d",
     "rope_angles_2d",
-    "siglip_loss",
     "varlen_attention",
 ]

@@ -2,8 +2,9 @@
 
 The stage trains MoonViT with ``L = L_siglip + 2 * L_caption``: a SigLIP sigmoid contrastive loss between the
 pooled image embedding and the text embedding, and the next-token loss of a small caption decoder that
-cross-attends to the image's patch features. Texts are right-padded (``bos ... eos pad ...``, see
-:mod:`data.batch`); images arrive packed and are padded per image here, with a key padding mask.
+cross-attends to the image's patch features. The towers return embeddings and logits; both losses are in
+train/loss.py. Texts are right-padded (``bos ... eos pad ...``, see :mod:`data.batch`); images arrive packed and
+are padded per image here, with a key padding mask.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from torch import nn
 
 from config.model import CocaArgs
 from model.init import ParamInit
-from model.layers import IGNORE_INDEX, init_default_weights, masked_targets
+from model.layers import init_default_weights
 
-__all__ = ["CocaOutput", "CocaTowers", "caption_loss_sum", "pad_packed_images", "siglip_loss"]
+__all__ = ["CocaOutput", "CocaTowers", "pad_packed_images"]
 
 LAYER_NORM_EPS = 1e-6
 MLP_RATIO = 4
@@ -261,48 +262,3 @@ class CocaTowers(nn.Module):
             logit_scale=self.logit_scale.float(),
             logit_bias=self.logit_bias.float(),
         )
-
-
-def siglip_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
-) -> torch.Tensor:
-    """SigLIP's sigmoid loss: every pair of the batch is a binary problem, matched pairs positive.
-
-    ``-sum(logsigmoid(labels * (exp(scale) * img @ txt.T + bias))) / N`` with ``labels = 2 I - 1``.
-
-    Args:
-        image_embeds: ``[N, E]`` normalized image embeddings.
-        text_embeds: ``[N, E]`` normalized text embeddings.
-        logit_scale: Scalar log-temperature.
-        logit_bias: Scalar bias.
-
-    Returns:
-        The scalar loss.
-    """
-    logits = logit_scale.exp() * image_embeds @ text_embeds.t() + logit_bias
-    n = logits.shape[0]
-    labels = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / n
-
-
-def caption_loss_sum(
-    caption_logits: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy of the caption decoder over real targets, and how many there are.
-
-    Position ``t`` predicts token ``t + 1``; a target counts when ``text_mask[:, t + 1]`` is True. A sum (not a
-    mean) because the trainer divides by the global target count across ranks and micro-batches.
-
-    Args:
-        caption_logits: ``[N, L, vocab]``.
-        text_ids: ``int64 [N, L]``.
-        text_mask: ``bool [N, L]``.
-
-    Returns:
-        ``(loss_sum, count)``: scalar fp32 sum and int64 scalar count of targets.
-    """
-    counted = text_mask[:, 1:]
-    targets = masked_targets(text_ids[:, 1:], counted)
-    loss_sum = F.cross_entropy(caption_logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, counted.sum()

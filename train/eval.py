@@ -37,7 +37,8 @@ from data.samples import SampleError, caption_text, render_document
 from data.tokenizer import TextTokenizer, load_root_tokenizer
 from model.registry import build_model
 from storage import S3Options, open_storage
-from train.checkpoint import STEP_DIR, ModelState, S3CheckpointStore, load_checkpoint, read_checkpoint_info
+from train.checkpoint import ModelState, load_checkpoint, read_checkpoint_info
+from train.checkpoint_store import STEP_DIR, S3CheckpointStore
 from train.eval_data import HeldOutData, batch_loss_sum, pack_documents
 from train.eval_niah import HAYSTACKS, MODES, NeedleBench, length_buckets
 from train.metrics import write_atomic

@@ -28,7 +28,7 @@ from model.vlm import KimiVL
 
 __all__ = ["main", "read_our_checkpoint", "with_master_weights", "write_our_checkpoint"]
 
-MODEL_KEY = "model"  # the state key train/trainer.py saves the model under
+MODEL_KEY = "model"  # the state key the trainer saves the model under (train/builders.py: checkpoint_state)
 
 
 def read_our_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

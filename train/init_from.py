@@ -83,9 +83,9 @@ def _listing(names: list[str]) -> str:
 
 
 def _checkpoint_reader(location: str, s3_options: Any):
-    from train.checkpoint import METADATA_FILE, _split_location
+    from train.checkpoint_store import METADATA_FILE, split_location
 
-    store, step = _split_location(location, s3_options)
+    store, step = split_location(location, s3_options)
     if step not in store.committed_steps():
         raise InitError(f"{location} is not a committed checkpoint (no {METADATA_FILE})")
     return store.reader(step)

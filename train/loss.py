@@ -1,9 +1,20 @@
-"""The next-token loss, fused with the output projection and computed in chunks of tokens.
+"""Every loss of the framework: cross-entropy (one convention) and SigLIP's sigmoid loss, local or distributed.
 
-``linear_cross_entropy_sum(hidden, weight, targets)`` is ``F.cross_entropy(hidden @ weight.T, targets,
-reduction="sum")`` (positions whose target is ``IGNORE_INDEX`` count for nothing) without ever holding the logits
-of more than ``chunk_tokens`` tokens: at 8K tokens and a 163,840-token vocabulary one fp32 logits buffer is 5 GiB,
-and an unfused loss keeps about four of them alive through its backward.
+Cross-entropy takes ``targets`` with :data:`IGNORE_INDEX` where no loss is taken (build them from labels and a loss
+mask with :func:`masked_targets`) and returns a *sum*: callers divide by the global count of targets (all ranks, all
+micro-batches), so that a step equals one process running the whole batch.
+
+* :func:`cross_entropy_sum`: of logits the caller holds (the CoCa caption decoder's, fp32).
+* :func:`linear_cross_entropy_sum`: of ``hidden @ weight.T``, fused with the output projection and chunked (the
+  decoder's next-token loss: training, the pipeline's last stage through the loss the trainer hands it, and
+  evaluation).
+* :func:`caption_loss_sum`: the caption decoder's next-token loss over its texts.
+* :func:`siglip_loss`: SigLIP's sigmoid contrastive loss, over every rank's pairs when a process group exists.
+
+The fused next-token loss ``linear_cross_entropy_sum(hidden, weight, targets)`` is ``cross_entropy_sum(hidden @
+weight.T, targets)`` without ever holding the logits of more than ``chunk_tokens`` tokens: at 8K tokens and a
+163,840-token vocabulary one fp32 logits buffer is 5 GiB, and an unfused loss keeps about four of them alive
+through its backward.
 
 Each chunk's logits are computed in fp32, turned into the loss and, when a gradient is wanted, into the chunk's
 gradients right away (Liger-Kernel's fused linear cross-entropy, written in torch so CPU and GPU share it):
@@ -18,11 +29,15 @@ the size of ``hidden`` and of ``weight`` (which autograd would hold anyway).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
+# The convention lives with the model's layers because the pipeline (parallel/) builds targets too.
 from model.layers import IGNORE_INDEX, masked_targets
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "linear_cross_entropy_sum", "masked_targets", "reference_cross_entropy_sum"]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "IGNORE_INDEX", "caption_loss_sum", "cross_entropy_sum", "linear_cross_entropy_sum",
+           "masked_targets", "reference_cross_entropy_sum", "siglip_loss"]
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -87,7 +102,65 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
                                      torch.is_grad_enabled())
 
 
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``logits [..., V]`` (taken in fp32) against ``targets [...]``, skipping
+    :data:`IGNORE_INDEX`."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def reference_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The unfused loss the chunked one must equal (tests and benchmarks): all logits at once, fp32."""
-    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float()
-    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]) @ weight.t(), targets)
+
+
+def caption_loss_sum(
+    caption_logits: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of the caption decoder over real targets, and how many there are.
+
+    Position ``t`` predicts token ``t + 1``; a target counts when ``text_mask[:, t + 1]`` is True.
+
+    Args:
+        caption_logits: ``[N, L, vocab]``.
+        text_ids: ``int64 [N, L]``.
+        text_mask: ``bool [N, L]``.
+
+    Returns:
+        ``(loss_sum, count)``: scalar fp32 sum and int64 scalar count of targets.
+    """
+    counted = text_mask[:, 1:]
+    return cross_entropy_sum(caption_logits[:, :-1], masked_targets(text_ids[:, 1:], counted)), counted.sum()
+
+
+def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """SigLIP's sigmoid loss: every (image, text) pair is a binary problem, matched pairs positive.
+
+    ``-sum(logsigmoid(labels * (exp(scale) * img @ txt.T + bias))) / N`` with ``labels = 2 I - 1`` over the ``N``
+    pairs of the whole batch. With a process group of several ranks (the default group when one exists), each rank
+    holds ``n`` pairs of it and scores its images against every rank's texts (gathered with autograd, so the
+    texts' gradients return to their ranks); its result is its share: summed over ranks, exactly the loss of one
+    process holding the whole batch, every rank's pairs negatives.
+
+    Args:
+        image_embeds: ``[n, E]`` normalized image embeddings (this rank's).
+        text_embeds: ``[n, E]`` normalized text embeddings (this rank's; every rank holds ``n``).
+        logit_scale: Scalar log-temperature.
+        logit_bias: Scalar bias.
+        group: The ranks sharing the batch; None for the default group, if any.
+
+    Returns:
+        The scalar loss (this rank's share).
+    """
+    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    texts = text_embeds
+    if world > 1:
+        texts = torch.cat(dist_nn.all_gather(text_embeds, group=dist.group.WORLD if group is None else group))
+    logits = logit_scale.exp() * image_embeds @ texts.t() + logit_bias
+    local, total = image_embeds.shape[0], texts.shape[0]
+    first = dist.get_rank(group) * local if world > 1 else 0
+    rows = torch.arange(local, device=logits.device)
+    labels = -torch.ones_like(logits)
+    labels[rows, first + rows] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / total

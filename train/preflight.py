@@ -1,8 +1,8 @@
 """Every data check of a run, for every stage, before the first one trains (and before any process group exists).
 
 :func:`check_run` reads the root's manifest once and checks what each stage of the curriculum will need: the root
-exists and holds a manifest (a mistyped ``data.root`` is never filled with the demo corpus: that is generated only
-at the default demo path, or by ``python -m data.synthetic``), the sources of every mixture (``data.missing_sources``:
+exists and holds a manifest (the demo corpus is made by an explicit step, ``python -m data.synthetic --out
+demo_data``, never by a run), the sources of every mixture (``data.missing_sources``:
 ``error`` lists them all, ``drop`` renormalizes each mixture over the sources the root has), the tokenizer against
 the model's vocabulary, every shard present, and the largest image at each stage's patch cap against its sequence
 length. Failures raise :class:`~config.ConfigError` or :class:`~data.loader.DataError` with one message
@@ -20,11 +20,11 @@ from data.images import fit_grid
 from data.loader import DataError
 from data.mixture import MixtureSampler
 from data.shards import source_files
-from data.tokenizer import load_root_tokenizer
+from data.tokenizer import TextTokenizer, load_root_tokenizer
 from storage import LocalStorage, Storage, build_storage
 
 logger = logging.getLogger(__name__)
-# The only folder the demo corpus is ever generated into by a run (data.generate_if_missing).
+# The default data.root, where `python -m data.synthetic` writes the demo corpus.
 DEMO_ROOT = DataConfig().root
 GROUPS = ("multimodal_sources", "text_sources", "long_sources")
 
@@ -44,28 +44,29 @@ def check_run(cfg: RunConfig) -> None:
         ConfigError: The data does not fit the model or a stage (vocabulary, images against patch caps).
     """
     storage = build_storage(cfg.data)
-    manifest = _manifest(cfg.data, storage)
-    if manifest is None:  # the demo corpus, generated at the start of the run: known to fit the debug recipes
-        return
+    manifest = read_root_manifest(cfg.data, storage)
     _resolve_sources(cfg, manifest, storage.url)
-    _check_tokenizer(cfg, manifest, storage)
+    load_checked_tokenizer(cfg, manifest, storage)
     used = sorted({name for stage in _stages(cfg) for name in _sampler(stage).sources()})
     if not cfg.data.skip_missing_shards:
         _check_shards(storage, manifest, used)
     _check_image_caps(cfg, manifest)
 
 
-def _manifest(data: DataConfig, storage: Storage) -> dict | None:
+def read_root_manifest(data: DataConfig, storage: Storage) -> dict:
+    """The data root's ``manifest.json``, or a :class:`DataError` saying how to make one (the demo corpus at the
+    default root: ``python -m data.synthetic``)."""
     if storage.exists("manifest.json"):
         return json.loads(storage.read("manifest.json"))
-    local = isinstance(storage, LocalStorage)
-    if local and data.generate_if_missing and is_demo_root(data.root):
-        return None
     where = f"data.root={data.root}"
+    local = isinstance(storage, LocalStorage)
+    if local and is_demo_root(data.root):
+        raise DataError(f"{where}: the demo corpus is not generated yet; generate it first with python -m "
+                        f"data.synthetic --out {DEMO_ROOT}")
     if local and not Path(storage.root).exists():
         raise DataError(f"{where}: no such folder ({Path(storage.root).resolve()}); point data.root at a root made "
-                        "by python -m data.prepare (the demo corpus is generated only at the default data.root, "
-                        "or by python -m data.synthetic --out DIR)")
+                        "by python -m data.prepare, or generate the demo corpus there with python -m data.synthetic "
+                        f"--out {data.root}")
     raise DataError(f"{where}: no manifest.json at {storage.url}; prepare a source into it with python -m "
                     "data.prepare --input ... --source NAME --out ROOT")
 
@@ -130,7 +131,13 @@ def _describe(mix: MixtureConfig) -> str:
             f"share {mix.long_share:g}")
 
 
-def _check_tokenizer(cfg: RunConfig, manifest: dict, storage: Storage) -> None:
+def load_checked_tokenizer(cfg: RunConfig, manifest: dict, storage: Storage) -> TextTokenizer:
+    """The tokenizer the root's ``manifest`` names, checked against the model's vocabulary.
+
+    Raises:
+        DataError: The root has no tokenizer, or one that cannot be loaded.
+        ConfigError: The tokenizer has more tokens than ``model.decoder.vocab_size``.
+    """
     name = manifest.get("tokenizer")
     if not name or not storage.exists(name):
         raise DataError(f"{storage.url} has no tokenizer: train one on its sources with python -m data.tokenizer "
@@ -143,6 +150,7 @@ def _check_tokenizer(cfg: RunConfig, manifest: dict, storage: Storage) -> None:
     if tokenizer.vocab_size > vocab:
         raise ConfigError(f"Invalid value model.decoder.vocab_size={vocab}: the tokenizer of {cfg.data.root} has "
                           f"{tokenizer.vocab_size} tokens; allowed is >= {tokenizer.vocab_size}.")
+    return tokenizer
 
 
 def _check_shards(storage: Storage, manifest: dict, used: list[str]) -> None:

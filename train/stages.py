@@ -17,7 +17,8 @@ from config import TRAINABLE_PARTS, ConfigError, RunConfig, StageConfig
 from config.init_sources import parse_init_from, per_part
 from optim.schedules import final_lr
 from storage import S3Options
-from train.checkpoint import CheckpointManager, ModelState, load_checkpoint, open_checkpoint_store
+from train.checkpoint import CheckpointManager, ModelState, load_checkpoint
+from train.checkpoint_store import open_checkpoint_store
 from train.init_from import check_sources, load_parts
 from train.metrics import write_atomic
 

@@ -1,57 +1,52 @@
-"""Building the pieces of a run and training the curriculum stage by stage.
+"""Training the curriculum stage by stage: the loop, resumption, skipping non-finite steps, and the metrics.
 
-Loss normalization: every rank scales its loss sums by the *global* number of loss tokens of the step (all ranks,
-all micro-batches), and gradients are summed over the data-parallel group, so one step equals one process running
-the whole global batch (token-mean loss, not a mean of per-rank means).
+The pieces a run is made of come from train/builders.py (runtime, data, model, optimizer, checkpoint state); each
+stage's forward and backward is one strategy of train/steps.py, chosen when the stage starts. Loss normalization is
+described there.
 """
 
 from __future__ import annotations
 
 import fcntl
-import functools
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
-import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from config import ConfigError, OptimConfig, PrecisionConfig, RunConfig, StageConfig
-from config.validate import check_layout
+from config import RunConfig, StageConfig
 from data.batch import ImageTextBatch, PackedBatch
-from data.loader import StageLoader, read_manifest
-from data.tokenizer import TextTokenizer, load_root_tokenizer
-from model.coca import caption_loss_sum, siglip_loss
-from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
-from optim.muon import AdamWHParams, MuonHParams
 from optim.schedules import lr_at
-from parallel.context import forward_context_parallel
-from parallel.dims import ParallelDims, ParallelGroups
-from parallel.parallelize import PipelineOptions, parallelize
-from parallel.pipeline import pipeline_lm_step
-from storage import LocalStorage, build_storage
-from train.checkpoint import CheckpointManager, ModelState, RNGState
+from train.builders import (
+    StageLayout,
+    build_data,
+    build_feed,
+    build_model,
+    build_optimizer,
+    build_runtime,
+    checkpoint_info,
+    checkpoint_state,
+    data_shard,
+    enter_stage_layout,
+)
+from train.checkpoint import CheckpointManager
 from train.device_feed import DeviceFeed
-from train.loss import DEFAULT_CHUNK_TOKENS, linear_cross_entropy_sum, masked_targets
 from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
-from train.preflight import check_run, is_demo_root
+from train.preflight import check_run
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
-from train.runtime import init_distributed, resolve_device
+from train.runtime import resolve_device
 from train.signals import STOP
 from train.stages import (
     apply_stage,
-    check_init_sources,
     checkpoints_of,
     init_stage_weights,
     is_done,
@@ -59,10 +54,11 @@ from train.stages import (
     previous_final_lrs,
     stage_dir,
 )
+from train.steps import StepResult, StepStrategy, select_step
+
+__all__ = ["RunLocked", "TrainState", "Trainer", "TrainingDiverged", "lock_run_dir", "run_curriculum"]
 
 logger = logging.getLogger(__name__)
-# Weight of the caption loss in the CoCa objective: L = L_siglip + 2 * L_caption (report, section 2.3).
-CAPTION_LOSS_WEIGHT = 2.0
 
 
 @dataclass
@@ -84,23 +80,6 @@ class TrainState(Stateful):
             setattr(self, key, int(state_dict[key]))
 
 
-@dataclass
-class StepResult:
-    """What one step's forward and backward produced, as device scalars (read on the host once, by the trainer)."""
-
-    loss: torch.Tensor
-    parts: dict[str, torch.Tensor]
-    tokens: torch.Tensor
-    expert_load: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def to_host(self) -> dict[str, float]:
-        """``loss``, every part, ``tokens`` and every extra as Python floats, read in one transfer."""
-        named = {"loss": self.loss, **self.parts, "tokens": self.tokens, **self.extra}
-        values = torch.stack([v.detach().double().reshape(()) for v in named.values()]).tolist()
-        return dict(zip(named, values, strict=True))
-
-
 class RunLocked(RuntimeError):
     """Another process is training the same run directory."""
 
@@ -118,110 +97,6 @@ def lock_run_dir(run_dir: Path) -> IO:
     return handle
 
 
-def _sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> torch.Tensor:
-    """``fp64 [len(values)]``: each value summed over every rank, in one all-reduce on ``device`` (host numbers
-    are sent there; device scalars are never waited for)."""
-    total = torch.stack([v.detach().double().reshape(()) if isinstance(v, torch.Tensor)
-                         else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
-    dist.all_reduce(total)
-    return total
-
-
-def _host_order_sum(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """fp64 sum of fp32 device scalars, added one after another (the order a Python float sum would take)."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for value in values:
-        total = total + value.double()
-    return total
-
-
-def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, world: int,
-            cp_group: dist.ProcessGroup | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> StepResult:
-    """Forward and backward of the next-token objective over ``batches`` (this rank's micro-batches).
-
-    With a context-parallel group of ``cp`` ranks, every rank of it receives the same rows and computes the loss of
-    its share of their tokens (parallel/context.py); counts are divided by ``cp`` so that no token counts twice.
-    The loss is fused with the output projection, ``chunk_tokens`` tokens' logits at a time (train/loss.py).
-    """
-    cp = dist.get_world_size(cp_group) if cp_group is not None else 1
-    device = batches[0].input_ids.device
-    counts = _sum_over_ranks([sum(b.num_loss_tokens for b in batches) / cp, sum(b.num_tokens for b in batches) / cp],
-                             device)
-    global_targets = counts[0].clamp(min=1.0).float()
-    loss_sum, aux_sum, loads = [], [], []
-    for batch in batches:
-        if cp > 1:
-            hidden, labels, loss_mask, aux = forward_context_parallel(model, batch, cp_group)
-        else:
-            hidden, aux = model.hidden_states(batch.input_ids, batch.position_ids, batch.cu_seqlens,
-                                              batch.pixel_values, batch.image_grid_hw, batch.image_token_positions)
-            labels, loss_mask = batch.labels, batch.loss_mask
-        ce = linear_cross_entropy_sum(hidden, model.decoder.output.weight, masked_targets(labels, loss_mask),
-                                      chunk_tokens)
-        loss = ce / global_targets
-        if aux_loss_coef > 0:
-            # The balance loss is a mean per micro-batch; average it over every micro-batch of every rank.
-            loss = loss + aux_loss_coef * aux.aux_loss / (len(batches) * world)
-            aux_sum.append(aux.aux_loss.detach())
-        loss.backward()
-        loss_sum.append(ce.detach())
-        loads.append(aux.expert_load)
-    total_ce, total_aux = _sum_over_ranks([_host_order_sum(loss_sum, device), _host_order_sum(aux_sum, device)],
-                                          device)
-    lm_loss = total_ce / counts[0].clamp(min=1.0)
-    parts = {"lm_loss": lm_loss}
-    if aux_loss_coef > 0:
-        parts["aux_loss"] = total_aux / (len(batches) * world)
-    return StepResult(lm_loss, parts, counts[1], expert_load=torch.stack(loads).sum(0))
-
-
-def global_siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                       logit_bias: torch.Tensor) -> torch.Tensor:
-    """This rank's share of the SigLIP loss of the whole micro-step batch (all ranks' pairs).
-
-    Each rank scores its images against every rank's texts (gathered with autograd, so the gradient of the texts
-    returns to their rank), and divides by the global pair count: summed over ranks this is exactly the loss one
-    process computes on the whole batch, negatives from every rank included.
-    """
-    world = dist.get_world_size()
-    if world == 1:
-        return siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias)
-    texts = torch.cat(dist_nn.all_gather(text_embeds), dim=0)
-    local, total = image_embeds.shape[0], texts.shape[0]
-    logits = logit_scale.exp() * image_embeds @ texts.t() + logit_bias
-    labels = -torch.ones_like(logits)
-    rows = torch.arange(local, device=logits.device)
-    labels[rows, dist.get_rank() * local + rows] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / total
-
-
-def coca_step(model: nn.Module, batches: list[ImageTextBatch]) -> StepResult:
-    """Forward and backward of ``L = L_siglip + 2 * L_caption`` over this rank's micro-batches.
-
-    The SigLIP loss of each micro-step takes every rank's pairs as negatives (as one process with the whole batch
-    would) and is averaged over micro-steps; the caption loss is a global token mean.
-    """
-    device = batches[0].pixel_values.device
-    counts = _sum_over_ranks([sum(b.num_loss_tokens for b in batches), sum(b.num_tokens for b in batches)], device)
-    global_targets = counts[0].clamp(min=1.0).float()
-    siglip_parts, caption_parts = [], []
-    for batch in batches:
-        out = model.forward_coca(batch.pixel_values, batch.image_grid_hw, batch.text_ids, batch.text_mask)
-        siglip = global_siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
-        caption_sum, _ = caption_loss_sum(out.caption_logits, batch.text_ids, batch.text_mask)
-        loss = siglip / len(batches) + CAPTION_LOSS_WEIGHT * caption_sum / global_targets
-        loss.backward()
-        siglip_parts.append(siglip.detach())
-        caption_parts.append(caption_sum.detach())
-    siglip_total, caption_total = _sum_over_ranks([_host_order_sum(siglip_parts, device),
-                                                   _host_order_sum(caption_parts, device)], device)
-    siglip_mean = siglip_total / len(batches)
-    caption_mean = caption_total / counts[0].clamp(min=1.0)
-    loss = siglip_mean + CAPTION_LOSS_WEIGHT * caption_mean
-    extra = {"logit_scale": model.coca.logit_scale.detach().exp()}
-    return StepResult(loss, {"siglip_loss": siglip_mean, "caption_loss": caption_mean}, counts[1], extra=extra)
-
-
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row: the run stops, its last good checkpoint intact."""
 
@@ -236,34 +111,18 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.exit_reason = ""
-        self.device = resolve_device(cfg.runtime.device)  # before anything starts: a bad choice fails here
+        device = resolve_device(cfg.runtime.device)  # before anything starts: a bad choice fails here
         self._lock = lock_run_dir(cfg.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
         # Installed early by `python -m train` (train/signals.py); here for programmatic use.
         self._installed_signals = STOP.install()
-        init_distributed(self.device)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        seq_lens = [cfg.curriculum.stages[n].seq_len for n in cfg.curriculum.order]
-        check_layout(cfg, self.world)
-        self.dims = ParallelDims.from_config(cfg.parallel, self.world, cfg.model, seq_lens)
-        self.groups = self.dims.build_groups(self.device.type)
-        # Background checkpoint writes talk over a group of their own, never interleaving with training collectives.
-        self.checkpoint_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
+        self.runtime = build_runtime(cfg, device)
+        self.data = build_data(cfg)
+        self.parallel = build_model(cfg, self.runtime)
+        self.layout = StageLayout(self.runtime.dims, None)
         self.checkpoints: CheckpointManager | None = None
-        self.stage_dims, self.stage_cp_group = self.dims, None
-        self._cp_groups = {self.dims.cp_degree: self.groups.cp}
-        self.tokenizer = self._build_tokenizer()
-        check_init_sources(cfg)  # hf: and checkpoint sources of every stage: names and shapes, before any step
-        torch.manual_seed(cfg.seed)
-        with torch.device("meta"):  # nothing is allocated before this rank's share is known
-            model = KimiVL(cfg.model)
-        pipeline = PipelineOptions(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages, max(seq_lens),
-                                   functools.partial(linear_cross_entropy_sum, chunk_tokens=cfg.loss_chunk_tokens))
-        self.parallel = parallelize(model, self.dims, self.groups, self.device, cfg.seed, pipeline,
-                                    param_dtype=getattr(torch, cfg.precision.param_dtype))
-        self.model, self.pipeline = self.parallel.model, self.parallel.pipeline
         self.steps_this_run = 0
         self.peak_flops = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0
-                           else measure_peak_flops(4096 if self.device.type == "cuda" else 1024, device=self.device))
+                           else measure_peak_flops(4096 if device.type == "cuda" else 1024, device=device))
         self.wandb = WandbLogger(cfg.log.wandb and self.rank == 0, cfg.log.wandb_project, cfg.run_dir,
                                  OmegaConf.to_container(OmegaConf.structured(cfg)))
         # Steps of the stages before each one: W&B's global step axis across the curriculum.
@@ -271,26 +130,14 @@ class Trainer:
         self.step_offset = {n: sum(steps[:i]) for i, n in enumerate(cfg.curriculum.order)}
         self.previous_final_lr = previous_final_lrs(cfg)
 
-    def _build_tokenizer(self) -> TextTokenizer:
-        data = self.cfg.data
-        root = data.root
-        # S3 with the request-rate limit and the bounded disk cache in front, as the recipe says (storage/).
-        self.storage = build_storage(data)
-        local = isinstance(self.storage, LocalStorage)
-        # Only ever at the default demo path: a mistyped root must fail (train/preflight.py), not fill with demo data.
-        if (self.rank == 0 and data.generate_if_missing and local and is_demo_root(root)
-                and not self.storage.exists("manifest.json")):
-            from data.synthetic import generate_corpus
-
-            logger.info("generating the demo corpus into %s", root)
-            generate_corpus(self.storage.root, seed=self.cfg.seed)
-        dist.barrier()
-        tokenizer = load_root_tokenizer(self.storage, read_manifest(self.storage))
-        vocab = self.cfg.model.decoder.vocab_size
-        if tokenizer.vocab_size > vocab:
-            raise ConfigError(f"Invalid value model.decoder.vocab_size={vocab}: the tokenizer of {root} has "
-                              f"{tokenizer.vocab_size} tokens; allowed is >= {tokenizer.vocab_size}.")
-        return tokenizer
+    # What the builders made, by the names callers use.
+    device = property(lambda self: self.runtime.device)
+    rank = property(lambda self: self.runtime.rank)
+    world = property(lambda self: self.runtime.world)
+    groups = property(lambda self: self.runtime.groups)
+    storage = property(lambda self: self.data.storage)
+    tokenizer = property(lambda self: self.data.tokenizer)
+    model = property(lambda self: self.parallel.model)
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Train every stage in order (skipping finished ones) and write ``summary.json``."""
@@ -337,52 +184,36 @@ class Trainer:
         return False
 
     def _data_shard(self, stage: StageConfig) -> tuple[int, int]:
-        """``(rank, size)`` of this rank's share of the global batch. Context-parallel ranks split the tokens of
-        the same rows; the CoCa objective has no token sequence to split (whole images), so there they serve
-        batch slots of their own, like data-parallel ranks."""
-        dims = self.stage_dims
-        coords = dims.coordinates(self.rank)
-        if stage.objective == "coca":
-            return coords["dp"] * dims.cp_degree + coords["cp"], dims.dp_degree * dims.cp_degree
-        return coords["dp"], dims.dp_degree
+        """``(rank, size)`` of this rank's share of the global batch in the current stage layout."""
+        return data_shard(stage, self.layout.dims, self.rank)
 
     def _enter_stage_layout(self, stage: StageConfig) -> None:
         """The stage's own context-parallel degree (same ranks, regrouped), its attention cores and checkpointing."""
-        self.stage_dims = self.dims.for_stage(stage.cp_degree, stage.seq_len)
-        cp = self.stage_dims.cp_degree
-        if cp not in self._cp_groups:  # every rank runs the same stages in the same order: groups line up
-            self._cp_groups[cp] = self.stage_dims.build_cp_group()
-        self.stage_cp_group = self._cp_groups[cp] if cp > 1 else None
-        self.parallel.apply_stage(self.stage_cp_group,
-                                  stage.activation_checkpoint or self.cfg.parallel.activation_checkpoint,
-                                  stage.seq_len, self.cfg.parallel.cp_attention)
+        self.layout = enter_stage_layout(self.runtime, self.parallel, stage, self.cfg)
 
-    def _state(self, optimizer: ZeroOptimizer, train: TrainState, feed: DeviceFeed) -> dict[str, Any]:
-        return {
-            "model": ModelState(self.model, self.groups.expert_mesh),
-            "optim": optimizer,
-            "train": train,
-            # The loader's state as of the batches trained on; one state per global-batch slot: a checkpoint
-            # resumes at another data-parallel size.
-            "loader": feed,
-            # Ranks start from the same seed and draw no rank-specific randomness, so one generator state serves all.
-            "rng": RNGState(self.device),
-        }
+    def _select_step(self, stage: StageConfig, optimizer: ZeroOptimizer | None = None) -> StepStrategy:
+        """The forward and backward of ``stage``'s objective on the current stage layout (with ``optimizer``'s
+        sharded accumulation between micro-batches when it does that)."""
+        between = optimizer.accumulate if optimizer is not None and optimizer.accumulate_sharded else None
+        return select_step(stage, self.model, self.parallel.pipeline, self.cfg.model.decoder.aux_loss_coef,
+                           self.layout.cp_group, self.runtime.dims.pp_degree, self.layout.dims.cp_degree,
+                           self.cfg.loss_chunk_tokens, between)
 
     def run_stage(self, name: str) -> bool:
         """Train one stage to its end (True), or until ``exit_after_steps`` (False, checkpointed)."""
         cfg, stage = self.cfg, self.cfg.curriculum.stages[name]
         apply_stage(self.model, stage)
         self._enter_stage_layout(stage)
-        optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr, self.groups, cfg.precision)
-        loader = StageLoader(name, stage, cfg.data, self.storage, self.tokenizer, cfg.model.vision, cfg.seed,
-                             self._data_shard(stage))
-        feed = DeviceFeed(loader, stage.objective, stage.grad_accum_steps, self.device)
+        optimizer = build_optimizer(self.model, cfg.optim, stage.lr.peak_lr, self.groups, cfg.precision,
+                                    pipelined=self.parallel.pipeline is not None)
+        step = self._select_step(stage, optimizer)
+        feed = build_feed(name, stage, cfg, self.data, self.runtime, self.layout)
         train = TrainState()
-        checkpoints = self.checkpoints = checkpoints_of(cfg, name, self.checkpoint_group)
+        state = checkpoint_state(self.model, self.runtime, optimizer, train, feed)
+        checkpoints = self.checkpoints = checkpoints_of(cfg, name, self.runtime.checkpoint_group)
         latest = checkpoints.latest_step()
         if latest is not None:
-            checkpoints.load(latest, self._state(optimizer, train, feed))
+            checkpoints.load(latest, state)
             logger.info("stage %s: resumed from step %d", name, train.step)
         else:
             source = init_stage_weights(self.model, cfg, name, self.groups.expert_mesh)
@@ -391,7 +222,7 @@ class Trainer:
                                 cfg.log.progress_bar, stage.steps, name)
         try:
             while train.step < stage.steps:
-                record = self.train_step(name, stage, optimizer, feed, train)
+                record = self.train_step(name, stage, optimizer, feed, train, step)
                 metrics.log(record)
                 self.wandb.log(record, self.step_offset[name] + record["step"])
                 self.steps_this_run += 1
@@ -401,8 +232,8 @@ class Trainer:
                 if last or leaving or (interval and train.step % interval == 0):
                     # The stage's final checkpoint (the next stage starts from it) and the one taken when leaving
                     # are committed before going on; the others may finish in the background.
-                    checkpoints.save(train.step, self._state(optimizer, train, feed),
-                                     self._checkpoint_info(name, stage, train), blocking=last or leaving)
+                    info = checkpoint_info(cfg, name, stage, train.step, train.tokens, self.layout, self.world)
+                    checkpoints.save(train.step, state, info, blocking=last or leaving)
                 if leaving and train.step < stage.steps:
                     return False
         except BaseException:
@@ -410,20 +241,10 @@ class Trainer:
             raise
         finally:
             metrics.close()
-            loader.close()  # its read-ahead threads and worker processes: the next stage has its own
+            feed.loader.close()  # its read-ahead threads and worker processes: the next stage has its own
         self._report_stage(name)
         mark_done(cfg, name, train.step)
         return True
-
-    def _checkpoint_info(self, name: str, stage: StageConfig, train: TrainState) -> dict[str, Any]:
-        """What a checkpoint holds, readable without the run directory (``checkpoint.json``): evaluation takes the
-        RoPE base, sequence length and model from here."""
-        dims = self.stage_dims
-        return {"stage": name, "step": train.step, "tokens": train.tokens, "objective": stage.objective,
-                "seq_len": stage.seq_len, "rope_theta": stage.rope_theta, "trainable": list(stage.trainable),
-                "layout": {"world_size": self.world, "dp": dims.dp_degree, "cp": dims.cp_degree,
-                           "ep": dims.ep_degree, "pp": dims.pp_degree},
-                "config": OmegaConf.to_container(OmegaConf.structured(self.cfg))}
 
     def _report_stage(self, name: str) -> None:
         """The stage's throughput line and loss-curve PNG (rank 0)."""
@@ -439,30 +260,18 @@ class Trainer:
 
     def forward_backward(self, stage: StageConfig, batches: list[PackedBatch] | list[ImageTextBatch]) -> StepResult:
         """The stage objective's forward and backward over this rank's micro-batches (gradients accumulate)."""
-        if stage.objective == "coca":
-            return coca_step(self.model, batches)
-        if self.pipeline is None:
-            return lm_step(self.model, batches, self.cfg.model.decoder.aux_loss_coef, self.world,
-                           self.stage_cp_group, self.cfg.loss_chunk_tokens)
-        lm_loss, aux_loss, tokens, load = pipeline_lm_step(
-            self.pipeline, batches, self.cfg.model.decoder.aux_loss_coef, self.dims.pp_degree,
-            self.stage_dims.cp_degree)
-        as_tensor = lambda value: torch.tensor(value, dtype=torch.float64, device=self.device)  # noqa: E731
-        parts = {"lm_loss": as_tensor(lm_loss)}
-        if self.cfg.model.decoder.aux_loss_coef:
-            parts["aux_loss"] = as_tensor(aux_loss)
-        return StepResult(parts["lm_loss"], parts, as_tensor(tokens), expert_load=load)
+        return self._select_step(stage)(batches)
 
     def train_step(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, feed: DeviceFeed,
-                   train: TrainState) -> dict[str, Any]:
-        """One optimizer step: micro-batches, backward, then the optimizer's gradient reduction, clipping and
-        update, and bookkeeping."""
+                   train: TrainState, step: StepStrategy) -> dict[str, Any]:
+        """One optimizer step: micro-batches, the stage's forward and backward (``step``), then the optimizer's
+        gradient reduction, clipping and update, and bookkeeping."""
         start = time.perf_counter()
         lr = lr_at(stage.lr, train.step, stage.steps, self.previous_final_lr[name])
         optimizer.lr = lr
         optimizer.zero_grad()
         batches = feed.next_step(train.step / stage.steps)
-        result = self.forward_backward(stage, batches)
+        result = step(batches)
         if train.step + 1 < stage.steps:  # the device is busy with this step: draw and copy the next one meanwhile
             feed.prefetch((train.step + 1) / stage.steps)
         host = result.to_host()
@@ -471,11 +280,9 @@ class Trainer:
         tokens = int(host.pop("tokens"))
         train.tokens += tokens
         elapsed = time.perf_counter() - start
-        # Model FLOPs this rank did: the ranks of a pipeline (each its share of the layers) or of a context-parallel
-        # group (each its share of the tokens) are all handed the same rows. CoCa rows are whole per rank (no
-        # token split; pipelines refuse CoCa stages).
-        shared_by = 1 if stage.objective == "coca" else self.dims.pp_degree * self.stage_dims.cp_degree
-        flops = step_model_flops(self.cfg.model, batches) / shared_by
+        # Model FLOPs this rank did: ranks handed the same rows (a pipeline's, each its share of the layers; a
+        # context-parallel group's, each its share of the tokens) share them.
+        flops = step_model_flops(self.cfg.model, batches) / step.rows_shared_by
         return {"stage": name, "step": train.step, **host, "lr": lr,
                 "tokens": train.tokens, "grad_norm": float(grad_norm), "step_time_s": elapsed,
                 "tokens_per_s": tokens / elapsed, "corrupt_samples": feed.loader.corrupt,
@@ -514,25 +321,10 @@ class Trainer:
         return grad_norm
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, groups: ParallelGroups | None = None,
-                    precision: PrecisionConfig | None = None) -> ZeroOptimizer:
-    """The stage's optimizer over the trainable parameters only (frozen ones are never touched, not even by weight
-    decay), ZeRO-1 sharded: dense state over the data x context ranks, expert state over the expert-data ranks,
-    the gradient norm over the whole world; gradients reduced and state stored in ``precision``'s dtypes."""
-    precision = precision or PrecisionConfig()
-    muon = MuonHParams(momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
-                       ns_dtype=getattr(torch, cfg.muon_ns_dtype))
-    adamw = AdamWHParams(beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps)
-    return ZeroOptimizer(model, lr=lr, weight_decay=cfg.weight_decay, use_muon=cfg.name == "muon", muon=muon,
-                         adamw=adamw, group=groups.dense if groups else dist.group.WORLD,
-                         expert_group=groups.expert_data if groups else None, norm_group=dist.group.WORLD,
-                         bucket_elements=max(1, int(cfg.reduce_bucket_mb * 2**20) // 4),
-                         reduce_dtype=getattr(torch, precision.reduce_dtype),
-                         state_dtype=getattr(torch, precision.optimizer_state_dtype))
-
-
 def run_curriculum(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    """Entry used by ``python -m train``: check the data of every stage, train, then leave the process group."""
+    """Entry used by ``python -m train``: check the device and the data of every stage, train, then leave the
+    process group."""
+    resolve_device(cfg.runtime.device)  # a device that cannot be used is the first thing to say
     check_run(cfg)
     trainer = Trainer(cfg)
     try:

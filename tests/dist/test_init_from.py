@@ -17,7 +17,7 @@ from model.hf import hf_config, import_state_dict, load_safetensors
 from model.hf_files import SafetensorsCheckpoint
 from model.registry import build_model
 from model.vlm import KimiVL
-from parallel.forked import run_ranks
+from tests.forked import run_ranks
 from train.loss import linear_cross_entropy_sum
 from tests.unit.test_model_hf import ARGS, _perturb_norms
 from train.checkpoint import CheckpointManager, ModelState

@@ -19,7 +19,7 @@ from torch import nn
 
 from optim.distributed import ZeroOptimizer
 from optim.muon import AdamWHParams, MuonHParams
-from parallel.forked import run_ranks
+from tests.forked import run_ranks
 from tests.dist.test_zero_optimizer import mixed_model
 from tests.dist.test_zero_vs_deepspeed import loss_of, make_model
 

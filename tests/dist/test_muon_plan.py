@@ -10,7 +10,7 @@ import torch
 import optim.plan
 from benchmarks.muon_distributed import plan_figures
 from optim.plan import Plan, build_units
-from parallel.forked import run_ranks
+from tests.forked import run_ranks
 from tests.dist.test_zero_optimizer import assert_resharded_resume_is_identical, mixed_model, single_process, train
 
 # Pieces of 200 elements cut every test matrix into several pieces, so that homes, moves and row blocks all occur.

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from parallel.forked import run_ranks
+from tests.forked import run_ranks
 from config import load_config
 from train.metrics import read_metrics
 from train.trainer import Trainer

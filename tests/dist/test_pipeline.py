@@ -21,7 +21,7 @@ from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
 from optim.muon import MuonHParams
 from parallel.dims import ParallelDims
-from parallel.forked import run_ranks
+from tests.forked import run_ranks
 from parallel.parallelize import PipelineOptions, parallelize
 from parallel.pipeline import (
     cu_seqlens_from_doc_ids,
@@ -31,7 +31,7 @@ from parallel.pipeline import (
     stage_ranks,
 )
 from train.loss import linear_cross_entropy_sum
-from train.trainer import lm_step
+from train.steps import lm_step
 
 BASE = FLAVORS["debug"]
 ARGS = dataclasses.replace(BASE, decoder=dataclasses.replace(BASE.decoder, num_layers=4, aux_loss_coef=0.1))

@@ -22,7 +22,7 @@ import parallel.ring_attention as ring
 from model.attention import varlen_attention
 from parallel.context import ContextParallelAttention
 from parallel.zigzag import ZigzagLayout
-from parallel.forked import run_ranks
+from tests.forked import run_ranks
 
 ROWS, SEQ, HEADS, DIM, VALUE_DIM = 2, 32, 2, 8, 6  # MLA-like: values narrower than queries and keys
 LENGTHS = [5, 14, 1, 12, 3, 29]  # row 0: 5 | 14 (crosses chunk boundaries at cp2 and cp4) | 1 | 12; row 1: 3 | 29

@@ -10,7 +10,7 @@ from torch import nn
 
 from model.moe import GroupedExperts
 from optim.distributed import ZeroOptimizer
-from parallel.forked import run_ranks
+from tests.forked import run_ranks
 
 LR, WD, CLIP = 0.01, 0.1, 4.0
 

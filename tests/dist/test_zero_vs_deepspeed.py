@@ -10,7 +10,7 @@ from torch import nn
 
 from optim.distributed import ZeroOptimizer
 from optim.muon import AdamWHParams
-from parallel.forked import run_ranks
+from tests.forked import run_ranks
 
 LR, WD, CLIP, STEPS = 1e-2, 0.1, 1.0, 10
 

@@ -17,14 +17,8 @@ from torch import nn
 from config import load_config
 from storage import S3Options, S3Storage
 from train.__main__ import main
-from train.checkpoint import (
-    CheckpointManager,
-    LocalCheckpointStore,
-    ModelState,
-    S3CheckpointStore,
-    load_checkpoint,
-    read_checkpoint_info,
-)
+from train.checkpoint import CheckpointManager, ModelState, load_checkpoint, read_checkpoint_info
+from train.checkpoint_store import LocalCheckpointStore, S3CheckpointStore
 from train.metrics import read_metrics
 from train.stages import checkpoint_location, checkpoints_of
 

@@ -128,6 +128,19 @@ def test_one_line_exit_2_for_every_data_error_and_no_demo_corpus_at_a_mistyped_r
     assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
 
 
+def test_the_default_root_without_the_demo_corpus_names_the_command_that_makes_it(tmp_path, monkeypatch):
+    done = run_train("recipe=debug", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["error: data.root=demo_data: the demo corpus is not generated yet; "
+                                                "generate it first with python -m data.synthetic --out demo_data"]
+    assert not (tmp_path / "demo_data").exists() and not (tmp_path / "out").exists()  # a run generates nothing
+    made = subprocess.run([sys.executable, "-m", "data.synthetic", "--out", "demo_data", "--scale", "0.05"],
+                          cwd=tmp_path, env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    monkeypatch.chdir(tmp_path)
+    check_run(load_config(["recipe=debug"]))  # the command the message names is all it takes
+
+
 def test_the_curriculum_trains_on_your_own_root_with_one_override(own_root, tmp_path):
     out = tmp_path / "out"
     steps = [f"curriculum.stages.{name}.{key}={value}" for name in ("vit_coca", "joint_pretrain")

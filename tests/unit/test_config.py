@@ -112,6 +112,17 @@ def test_unknown_recipe_lists_recipes():
     assert "debug" in str(error.value) and "kimi_vl_a3b" in str(error.value)
 
 
+def test_a_configuration_stored_with_a_retired_key_still_loads():
+    """Checkpoints written before the demo corpus became an explicit step carry data.generate_if_missing."""
+    from omegaconf import OmegaConf
+
+    from config import to_run_config
+
+    stored = OmegaConf.to_container(OmegaConf.structured(load_config(["recipe=debug"])))
+    stored["data"]["generate_if_missing"] = True
+    assert to_run_config(OmegaConf.create(stored)).data.root == "demo_data"
+
+
 def test_entry_point_rejects_bad_config_before_anything_starts(capsys, tmp_path):
     status = main(["recipe=debug", f"output_dir={tmp_path}", "curriculum.stages.vit_align.steps=-1"])
     assert status == 2

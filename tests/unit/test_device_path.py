@@ -9,8 +9,8 @@ from config import ConfigError, load_config
 from model.registry import FLAVORS, build_model
 from model.vlm import KimiVL
 from parallel.dims import ParallelDims
-from parallel.forked import run_ranks
 from parallel.parallelize import PipelineOptions, parallelize
+from tests.forked import run_ranks
 from tests.unit.test_loader import batches_equal, make_loader
 from train.device_feed import DeviceFeed
 from train.loss import linear_cross_entropy_sum

@@ -32,7 +32,6 @@ from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
 from parallel.context import apply_context_parallel, forward_context_parallel
 from parallel.dims import ParallelDims
-from parallel.forked import run_ranks
 from parallel.parallelize import PipelineOptions, parallelize
 from parallel.pipeline import pipeline_lm_step
 from tests.device_checks import (
@@ -43,8 +42,9 @@ from tests.device_checks import (
     place_on_fake_cuda,
 )
 from tests.dist.test_pipeline import ARGS, SEQ, make_batches
+from tests.forked import run_ranks
 from train.loss import linear_cross_entropy_sum
-from train.trainer import coca_step, lm_step
+from train.steps import coca_step, lm_step
 
 NO_AUX = dataclasses.replace(ARGS, decoder=dataclasses.replace(ARGS.decoder, aux_loss_coef=0.0))
 PIPELINE = PipelineOptions("1f1b", 1, SEQ, linear_cross_entropy_sum)

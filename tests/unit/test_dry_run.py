@@ -10,8 +10,8 @@ import pytest
 
 from config import load_config
 from model.registry import FLAVORS
-from parallel.forked import run_ranks
 from parallel.memory import loss_head_peak_bytes
+from tests.forked import run_ranks
 from train.__main__ import main
 from train.dry_run import image_patches, predict
 from train.loss import linear_cross_entropy_sum

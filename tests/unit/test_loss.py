@@ -1,12 +1,14 @@
-"""The fused, chunked next-token loss equals the unfused one, loss and gradients."""
+"""The losses of train/loss.py: the fused, chunked next-token loss equals the unfused one (loss and gradients), and
+the SigLIP loss over ranks equals one process holding every rank's pairs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from model.layers import IGNORE_INDEX
-from train.loss import linear_cross_entropy_sum, reference_cross_entropy_sum
+from tests.forked import run_ranks
+from train.loss import IGNORE_INDEX, linear_cross_entropy_sum, reference_cross_entropy_sum, siglip_loss
 
 TOKENS, HIDDEN, VOCAB = 37, 16, 101
 
@@ -60,3 +62,39 @@ def test_every_position_ignored_gives_zero():
     loss = linear_cross_entropy_sum(hidden, weight, torch.full_like(targets, IGNORE_INDEX), 8)
     loss.backward()
     assert float(loss) == 0.0 and float(hidden.grad.abs().sum()) == 0.0
+
+
+def siglip_inputs(pairs: int = 6, dim: int = 8):
+    generator = torch.Generator().manual_seed(4)
+    images = torch.nn.functional.normalize(torch.randn(pairs, dim, generator=generator), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(pairs, dim, generator=generator), dim=-1)
+    return images, texts, torch.tensor(2.3), torch.tensor(-10.0)
+
+
+def siglip_rank(rank: int, world: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    images, texts, scale, bias = siglip_inputs()
+    share = images.shape[0] // world
+    mine = slice(rank * share, (rank + 1) * share)
+    image, text = images[mine].clone().requires_grad_(), texts[mine].clone().requires_grad_()
+    loss = siglip_loss(image, text, scale, bias)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total), image.grad, text.grad
+
+
+def test_the_siglip_loss_over_ranks_equals_one_process_with_every_pair():
+    images, texts, scale, bias = siglip_inputs()
+    images.requires_grad_()
+    texts.requires_grad_()
+    reference = siglip_loss(images, texts, scale, bias)  # no process group: the local loss
+    reference.backward()
+    labels = 2 * torch.eye(6) - 1
+    naive = -torch.nn.functional.logsigmoid(labels * (scale.exp() * images @ texts.t() + bias)).sum() / 6
+    torch.testing.assert_close(reference, naive)
+    ranks = run_ranks(siglip_rank, 2)
+    for rank, (total, image_grad, text_grad) in enumerate(ranks):
+        assert abs(total - reference.item()) <= 1e-6 * abs(reference.item())
+        # Each text's gradient is the sum of every rank's part of it: gathered with autograd, returned to its rank.
+        torch.testing.assert_close(image_grad, images.grad[rank * 3:(rank + 1) * 3])
+        torch.testing.assert_close(text_grad, texts.grad[rank * 3:(rank + 1) * 3])

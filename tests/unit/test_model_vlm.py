@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from data.batch import ImageTextBatch, PackedBatch
-from model.coca import caption_loss_sum, siglip_loss
 from model.registry import FLAVORS, build_model, count_parameters
 from model.vlm import KimiVL
+from train.loss import caption_loss_sum, siglip_loss
 
 DEBUG = FLAVORS["debug"]
 PATCH_DIM = 3 * DEBUG.vision.patch_size**2

@@ -1,5 +1,5 @@
-"""Run a function on N gloo ranks forked from this (already imported) process: sub-second start, for tests,
-benchmarks and tools (torchrun pays a fresh import of torch in every process)."""
+"""Run a function on N gloo ranks forked from this (already imported) process, for tests and benchmarks: the ranks
+start in well under a second, where a torchrun launch imports everything again in every process."""
 
 from __future__ import annotations
 
