@@ -432,6 +432,16 @@ class ZeroOptimizer:
                 self._round_into_parameter(piece)
             partition.all_gather_parameters()
 
+    @torch.no_grad()
+    def take_parameters_as_masters(self) -> None:
+        """Set the fp32 masters to the parameters' current values: after weights are loaded into the model from
+        elsewhere than this optimizer's state (a stage's ``init_from``), which would otherwise leave the masters at
+        the values the parameters had when the optimizer was built."""
+        for piece in self.owned_pieces():
+            master = self.master.get(piece.key)
+            if master is not None:
+                master.copy_(piece.view(piece.unit.param.data))
+
     def _weights(self, piece: Piece) -> torch.Tensor:
         """What the update changes: the fp32 master of a lower-precision parameter's piece, else the piece itself."""
         master = self.master.get(piece.key)

@@ -217,6 +217,7 @@ class Trainer:
             logger.info("stage %s: resumed from step %d", name, train.step)
         else:
             source = init_stage_weights(self.model, cfg, name, self.groups.expert_mesh)
+            optimizer.take_parameters_as_masters()
             logger.info("stage %s: weights from %s", name, source)
         metrics = MetricsWriter(stage_dir(cfg, name) / "metrics.jsonl", train.step, self.rank == 0,
                                 cfg.log.progress_bar, stage.steps, name)
