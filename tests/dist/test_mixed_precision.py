@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -19,9 +17,9 @@ from torch import nn
 
 from optim.distributed import ZeroOptimizer
 from optim.muon import AdamWHParams, MuonHParams
-from tests.forked import run_ranks
 from tests.dist.test_zero_optimizer import mixed_model
-from tests.dist.test_zero_vs_deepspeed import loss_of, make_model
+from tests.dist.test_zero_vs_deepspeed import deepspeed_zero1, loss_of, make_model
+from tests.forked import run_ranks
 
 LR, WD, CLIP, STEPS, MICRO = 0.01, 0.1, 0.5, 20, 3
 MUON = MuonHParams(ns_dtype=torch.float32)
@@ -193,28 +191,10 @@ DS_STEPS = 12
 
 
 def deepspeed_bf16(rank: int, world: int, steps: int, real_first_step: bool) -> dict:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29557", DS_ACCELERATOR="cpu")
-    import deepspeed
+    torch.manual_seed(0)
+    engine, optimizer = deepspeed_zero1(DyadicObjective(), rank, world, 29557, LR, WD, CLIP, bf16=True)
     from deepspeed.utils import safe_get_full_fp32_param
 
-    torch.manual_seed(0)
-    model = DyadicObjective()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": CLIP,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": WD,
-                                                  "torch_adam": True, "adam_w_mode": True}},
-        "bf16": {"enabled": True},
-        "data_types": {"grad_accum_dtype": "fp32"},
-        "zero_optimization": {"stage": 1},
-        "steps_per_print": 1_000_000,
-    }
-    groups = [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     losses = []
     for step in range(steps):
         loss = engine(objective_seed(step, rank, real_first_step))

@@ -32,25 +32,35 @@ def loss_of(model: nn.Module, step: int, rank: int) -> torch.Tensor:
     return nn.functional.cross_entropy(model(inputs).reshape(-1, 97), targets.reshape(-1))
 
 
-def with_deepspeed(rank: int, world: int) -> dict:
+def deepspeed_zero1(model: nn.Module, rank: int, world: int, port: int, lr: float, weight_decay: float, clip: float,
+                    bf16: bool = False):
+    """DeepSpeed's engine and optimizer for ``model`` with ZeRO stage 1 and torch's AdamW (decay on matrices only);
+    ``bf16``: bf16 parameters with fp32 gradient accumulation, fp32 master partitions (its ``BF16_Optimizer``)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29555", DS_ACCELERATOR="cpu")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     import deepspeed
 
-    model = make_model()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": CLIP,  # DeepSpeed's default is 1.0 too; set explicitly so both sides agree
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": WD,
-                                                  "torch_adam": True, "adam_w_mode": True}},
+        "gradient_clipping": clip,  # DeepSpeed's default is 1.0 too; set explicitly so both sides agree
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": weight_decay, "torch_adam": True,
+                                                  "adam_w_mode": True}},
         "zero_optimization": {"stage": 1},
         "steps_per_print": 1_000_000,
     }
-    groups = [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    if bf16:
+        config |= {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    return engine, optimizer
+
+
+def with_deepspeed(rank: int, world: int) -> dict:
+    engine, _ = deepspeed_zero1(make_model(), rank, world, 29555, LR, WD, CLIP)
     losses = []
     for step in range(STEPS):
         loss = loss_of(engine, step, rank)
