@@ -184,6 +184,8 @@ def plan_figures(flavor: str, world: int, ep: int) -> dict:
     comm, flops, state = per_rank("comm_bytes"), per_rank("ns_flops"), per_rank("state_bytes")
     # Mixed precision: fp32 reduce-scatter, bf16 all-gather (optim/distributed.py), against fp32 for both.
     comm_bf16 = per_rank("comm_bytes", 4, 2)
+    # Every byte sent and received, on both sides of the comparison (ZeRO-1 AdamW's collectives twice).
+    comm_both = per_rank("comm_bytes", 4, 4, True)
     even_comm = sum(p.plan.even_comm_bytes() for p in adamw.partitions)
     return {
         "world": world, "ep": ep, "expert_data": world // ep,
@@ -196,6 +198,7 @@ def plan_figures(flavor: str, world: int, ep: int) -> dict:
         "max_state_gib": round(max(state) / 2**30, 3),
         "max_comm_gib": round(max(comm) / 2**30, 3),
         "comm_bytes_ratio_bf16_vs_fp32": round(max(comm_bf16) / max(comm), 4),
+        "comm_bytes_ratio_both_directions": round(max(comm_both) / (2 * even_comm), 4),
     }
 
 
@@ -216,6 +219,7 @@ def main() -> None:
             "ns_flops_imbalance_at_scale": max(w["ns_flops_imbalance"] for w in worlds),
             "state_bytes_imbalance_at_scale": max(w["state_bytes_imbalance"] for w in worlds),
             "comm_bytes_ratio_bf16_vs_fp32": max(w["comm_bytes_ratio_bf16_vs_fp32"] for w in worlds),
+            "comm_bytes_ratio_both_directions_at_scale": max(w["comm_bytes_ratio_both_directions"] for w in worlds),
             "worlds": worlds,
         }))
     check_against_one_process(args.flavor, args.dp)

@@ -301,11 +301,13 @@ class Plan:
         """Elements each rank homes (its share of the fp32 master weights of a lower-precision model)."""
         return [sum(p.numel for p in pieces) for pieces in self.stored]
 
-    def comm_bytes(self, reduce_bytes: int = 4, param_bytes: int = 4) -> list[int]:
+    def comm_bytes(self, reduce_bytes: int = 4, param_bytes: int = 4, both_directions: bool = False) -> list[int]:
         """Bytes each rank moves per step: the reduce-scatter input (``world x segment`` in the reduce dtype) and the
         all-gather output (the same in the parameters' dtype), ZeRO-1's convention, plus the larger of what it sends
         and what it receives in the compute-layout all-to-alls (links are full duplex: the busier direction sets the
-        time)."""
+        time). ``both_directions`` counts what a rank sends plus what it receives everywhere: twice the collectives'
+        bytes (a rank sends and receives ``(world - 1) / world`` of each), plus both directions of the all-to-alls.
+        """
         base = self.world * self.segment * (reduce_bytes + param_bytes) if self.world > 1 else 0
         sent, received = [0] * self.world, [0] * self.world
         for moves in (self.update_moves(), self.result_moves()):
@@ -317,6 +319,8 @@ class Plan:
             size = NS_STEPS * (task.hi - task.lo) * (m + n) * self.ns_bytes
             sent[task.rank] += size
             received[destination] += size
+        if both_directions:
+            return [2 * base + s + r for s, r in zip(sent, received)]
         return [base + max(s, r) for s, r in zip(sent, received)]
 
     def even_comm_bytes(self) -> int:
