@@ -59,6 +59,9 @@ LAYOUTS = {
     "dp2": dict(world=2),
     "dp2_ep2": dict(world=2, ep_degree=2),
     "cp2": dict(world=2, cp_degree=2),
+    # bf16 parameters, fp32 reduction (micro-batches accumulated sharded), masters and state
+    "dp2_bf16": dict(world=2, precision={"param_dtype": "bfloat16"}),
+    "dp2_ep2_bf16": dict(world=2, ep_degree=2, precision={"param_dtype": "bfloat16"}),
 }
 
 
@@ -76,7 +79,9 @@ def overrides(root: Path, out: Path, layout: str, policy: str, micro_batches: in
             # a constant multimodal share: the dry run plans for the stage's largest, the step draws at its start
             f"{STAGE}.mixture.multimodal_share_start=0.5", f"{STAGE}.mixture.multimodal_share_end=0.5",
             f"parallel.activation_checkpoint={policy}"]
-    return args + [f"parallel.{key}={value}" for key, value in spec.items()]
+    precision = spec.pop("precision", {})
+    return (args + [f"parallel.{key}={value}" for key, value in spec.items()]
+            + [f"precision.{key}={value}" for key, value in precision.items()])
 
 
 def measure_rank(rank: int, world: int, args: list[str]) -> dict:
@@ -95,7 +100,8 @@ def measure_rank(rank: int, world: int, args: list[str]) -> dict:
     # What Trainer.run_stage does before its loop; the step below is Trainer.train_step's model and optimizer work.
     apply_stage(trainer.model, stage)
     trainer._enter_stage_layout(stage)
-    optimizer = build_optimizer(trainer.model, cfg.optim, stage.lr.peak_lr, trainer.groups, cfg.precision)
+    optimizer = build_optimizer(trainer.model, cfg.optim, stage.lr.peak_lr, trainer.groups, cfg.precision,
+                                pipelined=trainer.parallel.pipeline is not None)
     loader = StageLoader(name, stage, cfg.data, trainer.storage, trainer.tokenizer, cfg.model.vision, cfg.seed,
                          trainer._data_shard(stage))
     feed = DeviceFeed(loader, stage.objective, stage.grad_accum_steps, trainer.device)
@@ -103,12 +109,13 @@ def measure_rank(rank: int, world: int, args: list[str]) -> dict:
 
     def step() -> None:
         optimizer.zero_grad()
-        result = trainer.forward_backward(stage, batches)
+        result = trainer.forward_backward(stage, batches, optimizer)
         result.to_host()
         optimizer.step(max_grad_norm=cfg.optim.grad_clip_norm)
 
     inputs = [t for batch in batches for t in vars(batch).values() if isinstance(t, torch.Tensor)]
     state = [t for unit_state in optimizer.state.values() for t in unit_state.values()]
+    state += list(optimizer.master.values())
     start = time.perf_counter()
     peak = measure_peak_bytes(step, trainer.model, *state, *inputs)
     seconds = time.perf_counter() - start
@@ -117,7 +124,7 @@ def measure_rank(rank: int, world: int, args: list[str]) -> dict:
     params = list(trainer.model.parameters())
     static = {"param_bytes": sum(p.numel() * p.element_size() for p in params),
               "grad_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-              "optimizer_bytes": optimizer.state_bytes()}
+              "optimizer_bytes": optimizer.state_bytes(), "master_bytes": optimizer.master_bytes()}
     loader.close()
     trainer.close()
     return {"peak": peak, "image_tokens": image_tokens, "tokens": tokens, "step_s": seconds, **static}
@@ -148,6 +155,8 @@ def check_same_step(key: str, prediction, measured: list[dict], seq: int, micro_
                       figures["grad_bytes"])
     require_equal(f"{key} optimizer-state bytes, dry run vs the largest rank's", prediction.optimizer,
                   max(figures["optimizer_bytes"] for figures in measured))
+    require_equal(f"{key} master-weight bytes, dry run vs the largest rank's", prediction.masters,
+                  max(figures.get("master_bytes", 0) for figures in measured))
 
 
 def main() -> None:

@@ -259,9 +259,11 @@ class Trainer:
         logger.info("stage %s: %.0f tokens/s over %d ranks, model FLOPs utilization %.1f%% (of %.1f TFLOP/s per "
                     "rank)", name, tokens_per_s, self.world, 100 * mfu, self.peak_flops / 1e12)
 
-    def forward_backward(self, stage: StageConfig, batches: list[PackedBatch] | list[ImageTextBatch]) -> StepResult:
-        """The stage objective's forward and backward over this rank's micro-batches (gradients accumulate)."""
-        return self._select_step(stage)(batches)
+    def forward_backward(self, stage: StageConfig, batches: list[PackedBatch] | list[ImageTextBatch],
+                         optimizer: ZeroOptimizer | None = None) -> StepResult:
+        """The stage objective's forward and backward over this rank's micro-batches (gradients accumulate, sharded
+        by ``optimizer`` between micro-batches when it does that)."""
+        return self._select_step(stage, optimizer)(batches)
 
     def train_step(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, feed: DeviceFeed,
                    train: TrainState, step: StepStrategy) -> dict[str, Any]:
