@@ -233,7 +233,8 @@ def optimizer_step_bytes(units: list[Unit], dims: ParallelDims, optim: OptimConf
     # Dense rank r homes its dense share and, as rank r // ep of its expert-data group, an expert share.
     ranks = len(held[0]) if held else 1
     per_rank = [tuple(sum(part[r * len(part) // ranks][i] for part in held) for i in range(2)) for r in range(ranks)]
-    state, owned = max(per_rank, default=(0, 0), key=lambda held: held[0] + held[1] * (sizes.master + sizes.reduce))
+    # Each figure of its most loaded rank (a bound when those are different ranks).
+    state, owned = (max((held[i] for held in per_rank), default=0) for i in range(2))
     return StepBytes(state, owned * sizes.master, owned, sum(segments) + max(phases, default=0))
 
 
