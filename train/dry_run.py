@@ -250,7 +250,9 @@ class ActivationPeak:
         dtype = getattr(torch, cfg.precision.param_dtype)
         self.patches = 0
         self.bytes = self.grads = 0
-        accumulating = stage.grad_accum_steps > 1 or dims.pp_degree > 1
+        # Gradients outlive a micro-batch unless each one is reduce-scattered away before the next (sharded).
+        sharded = shards_micro_batches(dtype, getattr(torch, cfg.precision.reduce_dtype), dims.pp_degree > 1)
+        accumulating = (stage.grad_accum_steps > 1 or dims.pp_degree > 1) and not sharded
         grads_before = sum(grads.values()) if accumulating else 0
 
         def measured(kind: str) -> BlockBytes:
