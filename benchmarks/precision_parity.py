@@ -96,8 +96,12 @@ def main() -> None:
     result = {"benchmark": "precision_parity"}
     if not args.memory_only:
         with tempfile.TemporaryDirectory(prefix="precision-") as tmp:
-            fp32 = train(Path(tmp) / "fp32", args.overrides)
-            bf16 = train(Path(tmp) / "bf16", ["precision.param_dtype=bfloat16", *args.overrides])
+            from data.synthetic import generate_corpus
+
+            generate_corpus(Path(tmp) / "demo", seed=0)  # the debug recipe's demo corpus, made once for both runs
+            both = [f"data.root={Path(tmp) / 'demo'}", *args.overrides]
+            fp32 = train(Path(tmp) / "fp32", both)
+            bf16 = train(Path(tmp) / "bf16", ["precision.param_dtype=bfloat16", *both])
         deltas = loss_deltas(fp32, bf16)
         step_time = {name: statistics.median(r["step_time_s"] for stage in run.values() for r in stage)
                      for name, run in (("fp32", fp32), ("bf16", bf16))}
