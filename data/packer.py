@@ -37,6 +37,11 @@ class Packer:
         self.pad_id, self.image_id = tokenizer.pad_id, tokenizer.image_id
         self.patch_dim = vision.in_channels * vision.patch_size**2
         self.merge_size = vision.merge_size
+        self.source_names = tuple(sorted(reader.sources))
+        self._source_index = {name: i for i, name in enumerate(self.source_names)}
+        # Called with (slot, row) after each row is packed, and (slot, draw key, error) by the reader for each skipped
+        # sample: inspection (train/inspect.py) and tests; None in training.
+        self.observer = None
         # Per slot, the waiting document (SlotStream.pending) as rendered: a cache of a pure function of its identity.
         self._pending: dict[int, Document] = {}
 
@@ -47,7 +52,10 @@ class Packer:
     def packed_batch(self, slots: list[SlotStream], progress: float) -> PackedBatch:
         """One packed row of ``seq_len`` tokens from each slot."""
         rows = [self._next_row(stream, progress) for stream in slots]
-        return collate_rows(rows, self.image_id, self.patch_dim, self.merge_size)
+        if self.observer is not None:
+            for stream, row in zip(slots, rows, strict=True):
+                self.observer("row", stream.slot, row)
+        return collate_rows(rows, self.image_id, self.patch_dim, self.merge_size, self.source_names)
 
     def image_text_batch(self, slots: list[SlotStream], progress: float) -> ImageTextBatch:
         """One (image, caption ids) pair from each slot."""
@@ -68,13 +76,14 @@ class Packer:
         builder = RowBuilder(self.seq_len, self.pad_id)
         while True:
             doc, offset = self._waiting(stream, progress), stream.pending[4]
+            source, origin = self._source_index[stream.pending[0]], (stream.pending[:4], offset)
             if len(doc.tokens) - offset <= builder.free:
-                builder.add(doc.piece(offset, len(doc.tokens)))
+                builder.add(doc.piece(offset, len(doc.tokens)), source, origin)
                 self._done(stream)
                 continue
             cut = doc.split_point(offset, offset + builder.free)
             if cut - offset >= MIN_PIECE_TOKENS:
-                builder.add(doc.piece(offset, cut))
+                builder.add(doc.piece(offset, cut), source, origin)
                 stream.pending = (*stream.pending[:4], cut)
             elif builder.free == self.seq_len:  # an image span longer than a whole row: cannot be placed
                 self.reader.skip(stream, stream.pending[:4],

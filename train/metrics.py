@@ -42,6 +42,19 @@ class MetricsWriter:
             self.bar.close()
 
 
+def drop_unseen_sources(values: dict[str, float]) -> dict[str, float]:
+    """``values`` without the ``loss/<source>`` and ``loss_tokens/<source>`` of sources no token of the step came
+    from (their loss is undefined)."""
+    unseen = {key.split("/", 1)[1] for key, value in values.items() if key.startswith("loss_tokens/") and not value}
+    return {key: value for key, value in values.items()
+            if not (key.startswith(("loss/", "loss_tokens/")) and key.split("/", 1)[1] in unseen)}
+
+
+def source_names(records: list[dict[str, Any]]) -> list[str]:
+    """The data sources with a ``loss/<source>`` in any of ``records``, sorted."""
+    return sorted({key.split("/", 1)[1] for record in records for key in record if key.startswith("loss/")})
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics file; a last line cut short by a crash is dropped."""
     if not Path(path).exists():

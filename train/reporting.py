@@ -20,6 +20,7 @@ from config.model import ModelArgs
 from data.batch import ImageTextBatch, PackedBatch
 from model.attention import document_lengths
 from model.vision import grid_cu_seqlens
+from train.metrics import source_names
 
 
 def measure_peak_flops(size: int = 1024, repeats: int = 5, device: torch.device | str = "cpu",
@@ -104,11 +105,15 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
     steps = [r["step"] for r in records]
     for part in parts:
         axis.plot(steps, [r[part] for r in records], label=part, linewidth=1.5 if part == "loss" else 1.0)
+    for source in source_names(records):  # per-source next-token loss, at the steps that had its tokens
+        seen = [r for r in records if f"loss/{source}" in r]
+        axis.plot([r["step"] for r in seen], [r[f"loss/{source}"] for r in seen], label=source, linewidth=0.8,
+                  linestyle="--", marker="." if len(seen) < 50 else None)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize="small", ncol=2)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

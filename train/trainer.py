@@ -40,7 +40,14 @@ from train.builders import (
 )
 from train.checkpoint import CheckpointManager
 from train.device_feed import DeviceFeed
-from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
+from train.metrics import (
+    MetricsWriter,
+    drop_unseen_sources,
+    format_summary,
+    read_metrics,
+    summarize_stage,
+    write_atomic,
+)
 from train.preflight import check_run
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
 from train.runtime import resolve_device
@@ -274,7 +281,7 @@ class Trainer:
         result = step(batches)
         if train.step + 1 < stage.steps:  # the device is busy with this step: draw and copy the next one meanwhile
             feed.prefetch((train.step + 1) / stage.steps)
-        host = result.to_host()
+        host = drop_unseen_sources(result.to_host())
         grad_norm = self._update(name, stage, optimizer, result, host["loss"], train)
         train.step += 1
         tokens = int(host.pop("tokens"))
