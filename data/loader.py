@@ -99,8 +99,9 @@ class StageLoader:
             self.observe(lambda *event, _observer=observer: _observer(self, *event))
 
     def observe(self, observer) -> None:
-        """Call ``observer("row", slot, PackedRow)`` for every row packed and ``observer("skip", slot, draw key,
-        error)`` for every corrupt sample skipped (inspection; None: stop). The stream is unchanged."""
+        """Call ``observer("row", slot, PackedRow)`` for every row packed, ``observer("pair", slot, draw key,
+        (image, caption ids))`` for every image-text pair and ``observer("skip", slot, draw key, error)`` for every
+        corrupt sample skipped (inspection: train/inspect.py; None: stop). The stream is unchanged."""
         self.packer.observer = self.reader.observer = observer
 
     @property

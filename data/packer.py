@@ -39,8 +39,7 @@ class Packer:
         self.merge_size = vision.merge_size
         self.source_names = tuple(sorted(reader.sources))
         self._source_index = {name: i for i, name in enumerate(self.source_names)}
-        # Called with (slot, row) after each row is packed, and (slot, draw key, error) by the reader for each skipped
-        # sample: inspection (train/inspect.py) and tests; None in training.
+        # Called with each row packed and each image-text pair read (see StageLoader.observe); None in training.
         self.observer = None
         # Per slot, the waiting document (SlotStream.pending) as rendered: a cache of a pure function of its identity.
         self._pending: dict[int, Document] = {}
@@ -59,7 +58,13 @@ class Packer:
 
     def image_text_batch(self, slots: list[SlotStream], progress: float) -> ImageTextBatch:
         """One (image, caption ids) pair from each slot."""
-        return collate_image_text([self.reader.read_next(stream, progress)[1] for stream in slots], self.pad_id)
+        pairs = []
+        for stream in slots:
+            key, pair = self.reader.read_next(stream, progress)
+            if self.observer is not None:
+                self.observer("pair", stream.slot, key, pair)
+            pairs.append(pair)
+        return collate_image_text(pairs, self.pad_id)
 
     def _waiting(self, stream: SlotStream, progress: float) -> Document:
         """The slot's waiting document: the next one read if none waits, rendered again if restored."""

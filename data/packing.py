@@ -24,8 +24,9 @@ class PackedRow:
     images: list[ImagePatches] = field(default_factory=list)
     # Per position, the index of its document's data source (-1: padding or unknown).
     sources: list[int] = field(default_factory=list)
-    # Per document piece: (its draw's key, first and end token of the piece in the document, first column in the row).
-    pieces: list[tuple[tuple, int, int, int]] = field(default_factory=list)
+    # Per document piece: (its draw's key, first and end token of the piece in the document, first column in the row,
+    # its images' (width, height) and patch grids); recorded when the packer is told where pieces come from.
+    pieces: list[tuple[tuple, int, int, int, list]] = field(default_factory=list)
 
 
 class RowBuilder:
@@ -56,7 +57,8 @@ class RowBuilder:
             raise ValueError(f"document of {n} tokens does not fit the {self.free} free positions of the row")
         row = self.row
         if origin is not None:
-            row.pieces.append((origin[0], origin[1], origin[1] + n, len(row.tokens)))
+            images = [(img.size, img.grid) for img in doc.images]
+            row.pieces.append((origin[0], origin[1], origin[1] + n, len(row.tokens), images))
         row.sources += [source] * n
         row.tokens += doc.tokens
         row.labels += doc.tokens[1:] + [self.pad_id]
