@@ -70,7 +70,7 @@ def start_checkpoint(cfg: RunConfig, name: str, step: int) -> tuple[int, dict[st
     """The latest committed checkpoint of stage ``name`` taken before step ``step`` (its loader state is the one
     step ``step`` starts from drawing), and the ``checkpoint.json`` of a checkpoint of the stage (its layout):
     ``(0, info)`` when none precedes the step."""
-    if name not in cfg.curriculum.stages:
+    if name not in cfg.curriculum.order:
         raise InspectError(f"the run has no stage '{name}'; its stages: {list(cfg.curriculum.order)}")
     steps = cfg.curriculum.stages[name].steps
     if not 1 <= step <= steps:
