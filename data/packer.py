@@ -37,6 +37,7 @@ class Packer:
         self.pad_id, self.image_id = tokenizer.pad_id, tokenizer.image_id
         self.patch_dim = vision.in_channels * vision.patch_size**2
         self.merge_size = vision.merge_size
+        # Per-source loss: a source is named by its index in the stage's sorted sources (data.mixture.mixture_sources).
         self.source_names = tuple(sorted(reader.sources))
         self._source_index = {name: i for i, name in enumerate(self.source_names)}
         # Called with each row packed and each image-text pair read (see StageLoader.observe); None in training.
@@ -54,7 +55,7 @@ class Packer:
         if self.observer is not None:
             for stream, row in zip(slots, rows, strict=True):
                 self.observer("row", stream.slot, row)
-        return collate_rows(rows, self.image_id, self.patch_dim, self.merge_size, self.source_names)
+        return collate_rows(rows, self.image_id, self.patch_dim, self.merge_size)
 
     def image_text_batch(self, slots: list[SlotStream], progress: float) -> ImageTextBatch:
         """One (image, caption ids) pair from each slot."""

@@ -81,10 +81,8 @@ class RowBuilder:
         return row
 
 
-def collate_rows(rows: list[PackedRow], image_id: int, patch_dim: int, merge_size: int,
-                 source_names: tuple[str, ...] = ()) -> PackedBatch:
-    """Stack rows into the batch format; placeholders are located by token id, row after row (``source_names``:
-    what the rows' source indexes name)."""
+def collate_rows(rows: list[PackedRow], image_id: int, patch_dim: int, merge_size: int) -> PackedBatch:
+    """Stack rows into the batch format; placeholders are located by token id, row after row."""
     input_ids = torch.tensor([r.tokens for r in rows], dtype=torch.long)
     doc_lens = [n for r in rows for n in r.doc_lens]
     cu_seqlens = torch.zeros(len(doc_lens) + 1, dtype=torch.int32)
@@ -107,7 +105,6 @@ def collate_rows(rows: list[PackedRow], image_id: int, patch_dim: int, merge_siz
         image_grid_hw=grid_hw,
         image_token_positions=positions,
         source_ids=torch.tensor([r.sources for r in rows], dtype=torch.int16),
-        source_names=tuple(source_names),
     )
 
 

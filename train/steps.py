@@ -22,6 +22,7 @@ from torch import nn
 
 from config import StageConfig
 from data.batch import ImageTextBatch, PackedBatch
+from data.mixture import mixture_sources
 from parallel.context import forward_context_parallel
 from parallel.pipeline import PipelineRunner, pipeline_lm_step
 from train.loss import (
@@ -117,14 +118,14 @@ class SourceLosses:
 
 def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, world: int,
             cp_group: dist.ProcessGroup | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-            between_micro_batches: Callable[[], None] | None = None) -> StepResult:
+            between_micro_batches: Callable[[], None] | None = None, source_names: tuple[str, ...] = ()) -> StepResult:
     """Forward and backward of the next-token objective over ``batches`` (this rank's micro-batches).
 
     With a context-parallel group of ``cp`` ranks, every rank of it receives the same rows and computes the loss of
     its share of their tokens (parallel/context.py); counts are divided by ``cp`` so that no token counts twice.
     The loss is fused with the output projection, ``chunk_tokens`` tokens' logits at a time (train/loss.py).
     ``between_micro_batches`` runs after every micro-batch's backward but the last (the optimizer's sharded
-    accumulation).
+    accumulation). ``source_names`` (what the batches' ``source_ids`` index) adds the loss per data source.
     """
     cp = dist.get_world_size(cp_group) if cp_group is not None else 1
     device = batches[0].input_ids.device
@@ -133,8 +134,8 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
     global_targets = counts[0].clamp(min=1.0).float()
     loss_sum, aux_sum, loads = [], [], []
     # Per-source losses where the rows' tokens are whole on this rank (not split by context parallelism).
-    per_source = (SourceLosses(batches[0].source_names, device)
-                  if cp == 1 and batches[0].source_ids is not None and batches[0].source_names else None)
+    per_source = (SourceLosses(source_names, device)
+                  if cp == 1 and source_names and all(b.source_ids is not None for b in batches) else None)
     for index, batch in enumerate(batches):
         if index and between_micro_batches is not None:
             between_micro_batches()
@@ -207,6 +208,7 @@ class LMStep:
     cp_group: dist.ProcessGroup | None = None
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     between_micro_batches: Callable[[], None] | None = None
+    source_names: tuple[str, ...] = ()  # the stage's sorted sources: per-source loss
 
     @property
     def rows_shared_by(self) -> int:
@@ -214,7 +216,7 @@ class LMStep:
 
     def __call__(self, batches: list[PackedBatch]) -> StepResult:
         return lm_step(self.model, batches, self.aux_loss_coef, self.world, self.cp_group, self.chunk_tokens,
-                       self.between_micro_batches)
+                       self.between_micro_batches, self.source_names)
 
 
 @dataclass(frozen=True)
@@ -273,5 +275,6 @@ def select_step(stage: StageConfig, model: nn.Module, pipeline: PipelineRunner |
     if stage.objective == "coca":
         return CocaStep(model, between_micro_batches=between_micro_batches)
     if pipeline is None:
-        return LMStep(model, aux_loss_coef, dist.get_world_size(), cp_group, chunk_tokens, between_micro_batches)
+        return LMStep(model, aux_loss_coef, dist.get_world_size(), cp_group, chunk_tokens, between_micro_batches,
+                      tuple(mixture_sources(stage.mixture)))
     return PipelineLMStep(pipeline, aux_loss_coef, pp_degree, cp_degree)
