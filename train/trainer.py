@@ -63,7 +63,7 @@ from train.stages import (
 )
 from train.steps import StepResult, StepStrategy, select_step
 
-__all__ = ["RunLocked", "TrainState", "Trainer", "TrainingDiverged", "lock_run_dir", "run_curriculum"]
+__all__ = ["RunLocked", "StageRun", "TrainState", "Trainer", "TrainingDiverged", "lock_run_dir", "run_curriculum"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,20 @@ class TrainState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("step", "tokens", "skipped_steps", "nonfinite_in_a_row"):
             setattr(self, key, int(state_dict[key]))
+
+
+@dataclass
+class StageRun:
+    """A stage ready to train: its optimizer, step strategy, feed, progress, checkpoint state and checkpoints."""
+
+    name: str
+    stage: StageConfig
+    optimizer: ZeroOptimizer
+    step: StepStrategy
+    feed: DeviceFeed
+    train: TrainState
+    state: dict[str, Stateful]
+    checkpoints: CheckpointManager
 
 
 class RunLocked(RuntimeError):
@@ -115,11 +129,12 @@ class Trainer:
     leave cleanly; rerunning the same command continues.
     """
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, lock: bool = True):
         self.cfg = cfg
         self.exit_reason = ""
         device = resolve_device(cfg.runtime.device)  # before anything starts: a bad choice fails here
-        self._lock = lock_run_dir(cfg.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+        # Tools that only read the run (train.replay) do not lock it.
+        self._lock = lock_run_dir(cfg.run_dir) if lock and int(os.environ.get("RANK", "0")) == 0 else None
         # Installed early by `python -m train` (train/signals.py); here for programmatic use.
         self._installed_signals = STOP.install()
         self.runtime = build_runtime(cfg, device)
@@ -206,8 +221,9 @@ class Trainer:
                            self.layout.cp_group, self.runtime.dims.pp_degree, self.layout.dims.cp_degree,
                            self.cfg.loss_chunk_tokens, between)
 
-    def run_stage(self, name: str) -> bool:
-        """Train one stage to its end (True), or until ``exit_after_steps`` (False, checkpointed)."""
+    def open_stage(self, name: str, resume_from: int | None = None) -> StageRun:
+        """Everything a stage trains with, restored from checkpoint step ``resume_from`` (None: the latest one, if
+        any; 0: none, the stage's start weights)."""
         cfg, stage = self.cfg, self.cfg.curriculum.stages[name]
         apply_stage(self.model, stage)
         self._enter_stage_layout(stage)
@@ -218,13 +234,21 @@ class Trainer:
         train = TrainState()
         state = checkpoint_state(self.model, self.runtime, optimizer, train, feed)
         checkpoints = self.checkpoints = checkpoints_of(cfg, name, self.runtime.checkpoint_group)
-        latest = checkpoints.latest_step()
-        if latest is not None:
-            checkpoints.load(latest, state)
+        start = checkpoints.latest_step() if resume_from is None else resume_from
+        if start:
+            checkpoints.load(start, state)
             logger.info("stage %s: resumed from step %d", name, train.step)
         else:
             source = init_stage_weights(self.model, cfg, name, self.groups.expert_mesh)
             logger.info("stage %s: weights from %s", name, source)
+        return StageRun(name, stage, optimizer, step, feed, train, state, checkpoints)
+
+    def run_stage(self, name: str) -> bool:
+        """Train one stage to its end (True), or until ``exit_after_steps`` (False, checkpointed)."""
+        cfg = self.cfg
+        run = self.open_stage(name)
+        stage, optimizer, step, feed, train, state, checkpoints = (run.stage, run.optimizer, run.step, run.feed,
+                                                                   run.train, run.state, run.checkpoints)
         metrics = MetricsWriter(stage_dir(cfg, name) / "metrics.jsonl", train.step, self.rank == 0,
                                 cfg.log.progress_bar, stage.steps, name)
         try:
