@@ -14,16 +14,19 @@ from train.__main__ import main
 from train.inspect import InspectError, inspect_step
 from train.inspect import main as inspect_main
 from train.metrics import read_metrics
+from train.replay import replay_step
 
-STAGE = "joint_pretrain"
-STEPS, EXIT_AFTER, ACCUM, PER_RANK = 6, 3, 2, 2
+STAGE, NEXT = "joint_pretrain", "joint_cooldown"
+STEPS, EXIT_AFTER, ACCUM, PER_RANK, NEXT_STEPS = 6, 3, 2, 2, 3
 
 
 def stage_run(out: Path, demo_root: Path, steps: int = STEPS, extra: tuple[str, ...] = ()) -> list[str]:
-    """The joint_pretrain stage of the debug recipe alone, a few steps, 2 micro-batches of 2 rows per rank."""
+    """The joint_pretrain stage of the debug recipe, a few steps, 2 micro-batches of 2 rows per rank, then a few
+    steps of joint_cooldown."""
     prefix = f"curriculum.stages.{STAGE}"
     return ["recipe=debug", f"output_dir={out}", "run_name=run", f"data.root={demo_root}", "log.progress_bar=false",
-            f"curriculum.order=[{STAGE}]", f"{prefix}.init_from=scratch", f"{prefix}.steps={steps}",
+            f"curriculum.order=[{STAGE},{NEXT}]", f"curriculum.stages.{NEXT}.steps={NEXT_STEPS}",
+            f"curriculum.stages.{NEXT}.checkpoint_interval=2", f"{prefix}.init_from=scratch", f"{prefix}.steps={steps}",
             f"{prefix}.checkpoint_interval=2", f"{prefix}.grad_accum_steps={ACCUM}",
             f"{prefix}.micro_batch_size={PER_RANK}", f"{prefix}.lr.warmup_steps=1", "checkpoint.keep_last=10",
             *extra]
@@ -52,7 +55,9 @@ def consumed_by_step(phases: list[tuple[int, list]]) -> dict[int, dict]:
     for start, events in phases:
         rows_seen: dict[int, int] = {}
         pending: dict[int, list] = {}
-        for kind, _, slot, payload in events:
+        for kind, stage, slot, payload in events:
+            if stage != STAGE:
+                continue
             if kind == "skip":
                 pending.setdefault(slot, []).append(payload)
                 continue
@@ -140,3 +145,31 @@ def _copy_unfinished(run_dir: Path, target: Path) -> Path:
     metrics = target / STAGE / "metrics.jsonl"
     metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:EXIT_AFTER]))
     return target
+
+
+def _replay(rank: int, world: int, run_dir: Path, requests: list[tuple[str, int, list[str]]]) -> list[dict]:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    return [replay_step(run_dir, name, step, overrides) for name, step, overrides in requests]
+
+
+def test_replay_is_bit_identical_in_two_stages_and_right_after_a_resume(recorded_run):
+    run_dir, _ = recorded_run
+    requests = [(STAGE, 4, []),  # the first step after the resume (from the checkpoint taken when leaving)
+                (STAGE, 6, []),  # from a periodic checkpoint, one step forward
+                (NEXT, 2, []),  # the next stage, from its start weights (the previous stage's final checkpoint)
+                (STAGE, 4, ["precision.param_dtype=bfloat16"])]  # another precision: said, and the difference given
+    results = run_ranks(_replay, 2, run_dir, requests, timeout=600)[0]
+    for result, start in zip(results[:3], (3, 4, 0), strict=True):
+        assert result["from_checkpoint"] == start and result["expect_identical"]
+        assert result["differences"] == {}, result["differences"]
+        assert {"loss", "grad_norm", "lm_loss"} <= set(result["replayed"])
+        assert any(k.startswith("loss/") for k in result["replayed"])
+    other = results[3]
+    assert not other["expect_identical"] and "precision.param_dtype=bfloat16" in other["reasons"][0]
+    assert "loss" in other["differences"] and "grad_norm" in other["differences"]
+
+
+def test_replay_in_one_process_of_a_two_rank_run_says_the_layout_differs(recorded_run):
+    run_dir, _ = recorded_run
+    result = run_ranks(_replay, 1, run_dir, [(STAGE, 4, [])], timeout=600)[0][0]
+    assert not result["expect_identical"] and "world size 1, the run had 2" in result["reasons"][0]
