@@ -28,6 +28,14 @@ class MetricsWriter:
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=resume_step, desc=desc, dynamic_ncols=True, leave=True)
 
+    def rewind(self, step: int) -> None:
+        """Drop the lines after ``step`` (a rollback to the checkpoint of ``step``)."""
+        if self.enabled:
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= step))
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

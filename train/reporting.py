@@ -93,8 +93,9 @@ def step_model_flops(args: ModelArgs, batches: list[PackedBatch | ImageTextBatch
     return total
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """A PNG of the loss and its parts over the steps of one stage."""
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str, skipped: list[int] | None = None) -> None:
+    """A PNG of the loss, its parts and its per-source losses over the steps of one stage, the steps skipped by
+    spike recovery (``skipped``) marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
@@ -109,6 +110,8 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
         seen = [r for r in records if f"loss/{source}" in r]
         axis.plot([r["step"] for r in seen], [r[f"loss/{source}"] for r in seen], label=source, linewidth=0.8,
                   linestyle="--", marker="." if len(seen) < 50 else None)
+    for index, step in enumerate(skipped or []):
+        axis.axvline(step, color="red", alpha=0.4, linewidth=1.0, label="skipped (spike)" if index == 0 else None)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.set_title(title)
