@@ -46,9 +46,9 @@ class RecoveryState(Stateful):
         self.events: dict[int, dict[str, Any]] = {}  # spike step -> what triggered it
         self.skip: set[int] = set()  # steps whose data is drawn and dropped
 
-    def spike(self, step: int, loss: float, grad_norm: float, device: torch.device) -> str:
-        """The trigger if step ``step`` is a spike ("loss" or "grad_norm"; "" if not), agreed by every rank; a step
-        that is no spike joins the windows."""
+    def spike(self, loss: float, grad_norm: float, device: torch.device) -> str:
+        """The trigger if the step of ``loss`` and ``grad_norm`` is a spike ("loss" or "grad_norm"; "" if not),
+        agreed by every rank; a step that is no spike joins the windows."""
         trigger = ""
         if len(self.losses) >= self.cfg.window:
             if self.cfg.loss_spike_factor and loss > self.cfg.loss_spike_factor * _mean(self.losses):

@@ -260,8 +260,8 @@ class Trainer:
                     self._skip_step(run, recovery)
                 else:
                     record = self.train_step(name, run.stage, run.optimizer, run.feed, run.train, run.step)
-                    trigger = recovery.spike(record["step"], record["loss"], record["grad_norm"], self.device) \
-                        if recovery is not None else ""
+                    trigger = "" if recovery is None else recovery.spike(record["loss"], record["grad_norm"],
+                                                                         self.device)
                     if trigger:
                         run = self._roll_back(run, recovery, record, trigger)
                         metrics.rewind(run.train.step)

@@ -3,7 +3,6 @@ close to a run whose stream never held the poison; the poisoned samples named in
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -75,8 +74,25 @@ def test_a_poisoned_step_is_detected_rolled_back_skipped_and_the_run_finishes(cl
     clean = read_metrics(clean_dir / STAGE / "metrics.jsonl")
     assert [r["loss"] for r in records[:POISONED_STEP - 1]] == [r["loss"] for r in clean[:POISONED_STEP - 1]]
     assert records[-1]["loss"] == pytest.approx(clean[-1]["loss"], rel=0.02)
-    state = json.loads((run_dir / STAGE / "DONE.json").read_text())
-    assert state
+    assert (run_dir / STAGE / "loss.png").exists()
+
+
+def test_the_decision_is_in_the_checkpoint_a_rerun_skips_the_same_step(clean_run, demo_root, monkeypatch):
+    """Leave (checkpointed) after the rollback and before the skip, then rerun *without* the poison: the step is
+    still skipped (the decision came from the checkpoint) and the run ends as the uninterrupted poisoned one."""
+    with monkeypatch.context() as patch:
+        poison(patch, only_in_step(clean_run / "clean", POISONED_STEP))
+        # 12 steps, the spike at 13 rolls back to 10, steps 11 and 12 again: the 14th step trained leaves at 12.
+        assert main(stage_run(clean_run, demo_root, "rerun", "exit_after_steps=14")) == 0
+    run_dir = clean_run / "rerun"
+    assert [r["step"] for r in read_metrics(run_dir / STAGE / "metrics.jsonl")] == list(range(1, 13))
+    assert main(stage_run(clean_run, demo_root, "rerun")) == 0
+    lines = read_recovery(run_dir / STAGE / "recovery.jsonl")
+    assert [line["step"] for line in lines] == [POISONED_STEP]
+    uninterrupted = read_metrics(clean_run / "poisoned" / STAGE / "metrics.jsonl")
+    rerun = read_metrics(run_dir / STAGE / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in rerun] == [(r["step"], r["loss"], r["grad_norm"])
+                                                                        for r in uninterrupted]
 
 
 def test_past_max_rollbacks_the_run_stops_naming_the_spike(clean_run, demo_root, monkeypatch, capsys):
