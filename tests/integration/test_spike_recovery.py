@@ -101,3 +101,30 @@ def test_past_max_rollbacks_the_run_stops_naming_the_spike(clean_run, demo_root,
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
     assert f"at steps {POISONED_STEP}" in err[-1] and "max_rollbacks_per_stage=0" in err[-1]
+
+
+def _poisoned_rank(rank: int, world: int, draws: set[int], args: list[str]) -> int:
+    """A forked rank of a poisoned run (the poison patched in this process only)."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    with pytest.MonkeyPatch.context() as patch:
+        poison(patch, draws)
+        return main(args)
+
+
+def test_two_ranks_agree_roll_back_together_and_name_both_ranks_samples(clean_run, demo_root):
+    """dp=2 with 2 rows per rank is the same global batch as one process with 4 rows: the same step spikes, both
+    ranks roll back and skip it, and recovery.jsonl names the samples of every rank's rows."""
+    from tests.forked import run_ranks
+
+    draws = only_in_step(clean_run / "clean", POISONED_STEP)
+    args = stage_run(clean_run, demo_root, "dp2", f"curriculum.stages.{STAGE}.micro_batch_size=2",
+                     "optim.muon_ns_dtype=float32")
+    assert run_ranks(_poisoned_rank, 2, draws, args, timeout=600) == [0, 0]
+    lines = read_recovery(clean_run / "dp2" / STAGE / "recovery.jsonl")
+    assert [line["step"] for line in lines] == [POISONED_STEP]
+    assert {s["slot"] for s in lines[0]["samples"]} == {0, 1, 2, 3}  # both ranks' rows
+    assert draws <= {s["draw"] for s in lines[0]["samples"]}
+    records = read_metrics(clean_run / "dp2" / STAGE / "metrics.jsonl")
+    assert [r["step"] for r in records] == [s for s in range(1, STEPS + 1) if s != POISONED_STEP]
