@@ -71,11 +71,12 @@ def consumed_by_step(phases: list[tuple[int, list]]) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def recorded_run(demo_root, tmp_path_factory):
-    """dp=2 on forked gloo ranks: 3 steps, leave (checkpointed), then resume to the end; every rank's loader
-    recorded."""
+    """dp=2 on forked gloo ranks: 3 steps, leave (checkpointed), then resume to the end with a loader worker
+    process per rank; every rank's loader recorded."""
     out = tmp_path_factory.mktemp("forensics")
     phases = []
-    for start, extra in ((0, (f"exit_after_steps={EXIT_AFTER}",)), (EXIT_AFTER, ())):
+    # The resumed half reads in a loader worker process (read-ahead changes timing only, never the stream).
+    for start, extra in ((0, (f"exit_after_steps={EXIT_AFTER}",)), (EXIT_AFTER, ("data.loader_workers=1",))):
         results = run_ranks(_train_recording, 2, stage_run(out, demo_root, extra=extra), timeout=600)
         assert [code for code, _ in results] == [0, 0]
         phases.append((start, [event for _, events in results for event in events]))
