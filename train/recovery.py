@@ -2,7 +2,8 @@
 
 A step is a spike when its loss exceeds ``recovery.loss_spike_factor`` x the mean loss of the last
 ``recovery.window`` trained steps, or its gradient norm exceeds ``recovery.grad_spike_factor`` x their mean (only
-once the window is full). Every rank computes the same numbers (the loss and the gradient norm are global), and the
+once the window is full); with recovery on, a non-finite loss or gradient (its update already skipped) rolls back
+too. Every rank computes the same numbers (the loss and the gradient norm are global), and the
 decision is all-reduced besides, so all ranks act together. On a spike at step ``s``:
 
 1. the decision is recorded (steps ``s .. s + skip_steps - 1`` are to be skipped) and the stage reopened from its
@@ -21,6 +22,7 @@ same.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 from config.schema import RecoveryConfig
 from data.loader import StageLoader
 
-__all__ = ["RecoveryState", "SkippedSamples", "append_recovery_line", "read_recovery"]
+# What can trigger a rollback, by precedence when ranks disagree (the decision is all-reduced with MAX).
+TRIGGERS = ("", "loss", "grad_norm", "nonfinite")
+
+__all__ = ["TRIGGERS", "RecoveryState", "SkippedSamples", "append_recovery_line", "read_recovery"]
 
 
 class RecoveryState(Stateful):
@@ -50,14 +55,16 @@ class RecoveryState(Stateful):
         """The trigger if the step of ``loss`` and ``grad_norm`` is a spike ("loss" or "grad_norm"; "" if not),
         agreed by every rank; a step that is no spike joins the windows."""
         trigger = ""
-        if len(self.losses) >= self.cfg.window:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # its update was skipped; its data is bad too
+            trigger = "nonfinite"
+        elif len(self.losses) >= self.cfg.window:
             if self.cfg.loss_spike_factor and loss > self.cfg.loss_spike_factor * _mean(self.losses):
                 trigger = "loss"
             elif self.cfg.grad_spike_factor and grad_norm > self.cfg.grad_spike_factor * _mean(self.grad_norms):
                 trigger = "grad_norm"
-        flag = torch.tensor([1.0 if trigger == "loss" else 2.0 if trigger else 0.0], device=device)
+        flag = torch.tensor([float(TRIGGERS.index(trigger))], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's spike is every rank's
-        trigger = {0.0: "", 1.0: "loss", 2.0: "grad_norm"}[float(flag.item())]
+        trigger = TRIGGERS[int(flag.item())]
         if not trigger:
             self.losses = (self.losses + [loss])[-self.cfg.window:]
             self.grad_norms = (self.grad_norms + [grad_norm])[-self.cfg.window:]
