@@ -255,6 +255,27 @@ class LogConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    """Automatic loss-spike recovery (train/recovery.py): off unless a spike factor is set.
+
+    A step whose loss exceeds ``loss_spike_factor`` x the mean of the last ``window`` trained steps' losses (or whose
+    gradient norm exceeds ``grad_spike_factor`` x their mean) is a spike: every rank rolls back to the last
+    checkpoint before it, the ``skip_steps`` steps from the spike on are skipped (their data drawn and never
+    trained on), and training continues. Past ``max_rollbacks_per_stage`` rollbacks in a stage the run stops.
+    """
+
+    loss_spike_factor: float = 0.0  # 0: loss spikes are not detected
+    grad_spike_factor: float = 0.0  # 0: gradient-norm spikes are not detected
+    window: int = 50
+    max_rollbacks_per_stage: int = 3
+    skip_steps: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.loss_spike_factor > 0 or self.grad_spike_factor > 0
+
+
+@dataclass
 class RunConfig:
     recipe: str = "debug"
     # A folder of your own recipes, searched after the package's (recipe/<name>.yaml, curriculum/, stage/, ...):
@@ -290,6 +311,7 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
     @property
     def run_dir(self) -> Path:

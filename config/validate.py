@@ -38,6 +38,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
     _check(cfg.exit_after_steps >= 0, "exit_after_steps", cfg.exit_after_steps, "an integer >= 0 (0: no limit)")
     _check(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", cfg.max_nonfinite_steps, "an integer >= 1")
+    _check_recovery(cfg)
     _check(cfg.optim.name in ("muon", "adamw"), "optim.name", cfg.optim.name, "'muon' or 'adamw'")
     _check(cfg.optim.muon_ns_dtype in ("bfloat16", "float32"), "optim.muon_ns_dtype", cfg.optim.muon_ns_dtype,
            "'bfloat16' or 'float32'")
@@ -280,6 +281,19 @@ def _is_colour(colour: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _check_recovery(cfg: RunConfig) -> None:
+    r = cfg.recovery
+    for key in ("loss_spike_factor", "grad_spike_factor"):
+        value = getattr(r, key)
+        _check(value == 0 or value > 1, f"recovery.{key}", value, "0 (off) or a factor > 1")
+    _check(r.window >= 1, "recovery.window", r.window, "an integer >= 1 (trained steps the running mean is over)")
+    _check(r.max_rollbacks_per_stage >= 0, "recovery.max_rollbacks_per_stage", r.max_rollbacks_per_stage,
+           "an integer >= 0")
+    _check(r.skip_steps >= 1, "recovery.skip_steps", r.skip_steps, "an integer >= 1 (steps skipped per spike)")
+    _check(not r.enabled or cfg.checkpoint.keep_last >= 2, "checkpoint.keep_last", cfg.checkpoint.keep_last,
+           ">= 2 with spike recovery (a rollback needs a checkpoint from before the spike)")
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -21,6 +21,9 @@
     ``image_token_positions``     [image_tokens] int64   flattened (row * seq_len + column) positions of the
                                                          placeholders, in the order the projector emits merged
                                                          tokens: image after image, row-major over the merged grid
+    ``source_ids``                [rows, seq_len] int16  host only: the data source of each position's document, as
+                                                         an index in the stage's sorted sources
+                                                         (:func:`~data.mixture.mixture_sources`), -1 on padding
     ============================  =====================  ==========================================================
 
     Each image yields ``(h / m) * (w / m)`` placeholder tokens, ``m`` the merge size (2).
@@ -41,7 +44,7 @@ import torch
 
 # Index metadata: small, read on the host (document and image boundaries drive Python loops and kernel arguments),
 # so it stays on the CPU when a batch moves to its device. Everything else is device data.
-HOST_FIELDS = frozenset({"cu_seqlens", "image_grid_hw"})
+HOST_FIELDS = frozenset({"cu_seqlens", "image_grid_hw", "source_ids"})
 
 
 def _moved(batch, move):
@@ -63,6 +66,7 @@ class PackedBatch:
     pixel_values: torch.Tensor
     image_grid_hw: torch.Tensor
     image_token_positions: torch.Tensor
+    source_ids: torch.Tensor | None = None  # None: unknown (batches not made by the loader)
 
     @property
     def num_loss_tokens(self) -> int:

@@ -28,6 +28,9 @@ from data.samples import ShardSource
 from data.tokenizer import TextTokenizer
 from storage import Storage
 
+# Observers every new loader gets (see StageLoader.observe): for tests that record what each rank consumed.
+TEST_OBSERVERS: list = []
+
 
 def read_manifest(storage: Storage) -> dict:
     try:
@@ -92,6 +95,14 @@ class StageLoader:
                                      tokenizer, self.image_text, max_tokens, background_rgb(data.alpha_background))
         self.reader = Reader(self.planner, sample_reader, data, stage_name)
         self.packer = Packer(self.reader, stage.seq_len, tokenizer, vision)
+        for observer in TEST_OBSERVERS:
+            self.observe(lambda *event, _observer=observer: _observer(self, *event))
+
+    def observe(self, observer) -> None:
+        """Call ``observer("row", slot, PackedRow)`` for every row packed, ``observer("pair", slot, draw key,
+        (image, caption ids))`` for every image-text pair and ``observer("skip", slot, draw key, error)`` for every
+        corrupt sample skipped (inspection: train/inspect.py; None: stop). The stream is unchanged."""
+        self.packer.observer = self.reader.observer = observer
 
     @property
     def slots(self) -> list[SlotStream]:

@@ -115,17 +115,8 @@ class MixtureSampler:
         return not self.images_only and mix.multimodal_share_start != mix.multimodal_share_end
 
     def sources(self) -> list[str]:
-        """Every source a draw of this stage can come from (groups with zero chance are left out)."""
-        mix = self.mix
-        shares = (mix.multimodal_share_start, mix.multimodal_share_end)
-        groups = []
-        if self.images_only or max(shares) > 0:
-            groups.append(mix.multimodal_sources)
-        if not self.images_only and min(shares) < 1:
-            groups.append(mix.text_sources)
-        if not self.images_only and mix.long_share > 0:
-            groups.append(mix.long_sources)
-        return sorted({name for group in groups for name, w in group.items() if w > 0})
+        """Every source a draw of this stage can come from (groups with zero chance are left out), sorted."""
+        return mixture_sources(self.mix, self.images_only)
 
     def choose(self, index: int, progress: float) -> str:
         """Source of draw ``index`` at stage ``progress``: long (``long_share``), else multimodal by the ramp,
@@ -146,3 +137,17 @@ class MixtureSampler:
 def epoch_permutation(seed: int, stage: str, source: str, epoch: int, size: int) -> np.ndarray:
     """The order in which a source's samples are visited in one epoch (a fresh shuffle per epoch)."""
     return draw_rng(seed, stage, epoch, f"order/{source}").permutation(size)
+
+
+def mixture_sources(mix: MixtureConfig, images_only: bool = False) -> list[str]:
+    """Every source a draw of a stage with mixture ``mix`` can come from (groups with zero chance are left out),
+    sorted: a packed row names the source of each position by its index here (per-source loss)."""
+    shares = (mix.multimodal_share_start, mix.multimodal_share_end)
+    groups = []
+    if images_only or max(shares) > 0:
+        groups.append(mix.multimodal_sources)
+    if not images_only and min(shares) < 1:
+        groups.append(mix.text_sources)
+    if not images_only and mix.long_share > 0:
+        groups.append(mix.long_sources)
+    return sorted({name for group in groups for name, w in group.items() if w > 0})

@@ -37,6 +37,11 @@ class Packer:
         self.pad_id, self.image_id = tokenizer.pad_id, tokenizer.image_id
         self.patch_dim = vision.in_channels * vision.patch_size**2
         self.merge_size = vision.merge_size
+        # Per-source loss: a source is named by its index in the stage's sorted sources (data.mixture.mixture_sources).
+        self.source_names = tuple(sorted(reader.sources))
+        self._source_index = {name: i for i, name in enumerate(self.source_names)}
+        # Called with each row packed and each image-text pair read (see StageLoader.observe); None in training.
+        self.observer = None
         # Per slot, the waiting document (SlotStream.pending) as rendered: a cache of a pure function of its identity.
         self._pending: dict[int, Document] = {}
 
@@ -47,11 +52,20 @@ class Packer:
     def packed_batch(self, slots: list[SlotStream], progress: float) -> PackedBatch:
         """One packed row of ``seq_len`` tokens from each slot."""
         rows = [self._next_row(stream, progress) for stream in slots]
+        if self.observer is not None:
+            for stream, row in zip(slots, rows, strict=True):
+                self.observer("row", stream.slot, row)
         return collate_rows(rows, self.image_id, self.patch_dim, self.merge_size)
 
     def image_text_batch(self, slots: list[SlotStream], progress: float) -> ImageTextBatch:
         """One (image, caption ids) pair from each slot."""
-        return collate_image_text([self.reader.read_next(stream, progress)[1] for stream in slots], self.pad_id)
+        pairs = []
+        for stream in slots:
+            key, pair = self.reader.read_next(stream, progress)
+            if self.observer is not None:
+                self.observer("pair", stream.slot, key, pair)
+            pairs.append(pair)
+        return collate_image_text(pairs, self.pad_id)
 
     def _waiting(self, stream: SlotStream, progress: float) -> Document:
         """The slot's waiting document: the next one read if none waits, rendered again if restored."""
@@ -68,13 +82,14 @@ class Packer:
         builder = RowBuilder(self.seq_len, self.pad_id)
         while True:
             doc, offset = self._waiting(stream, progress), stream.pending[4]
+            source, origin = self._source_index[stream.pending[0]], (stream.pending[:4], offset)
             if len(doc.tokens) - offset <= builder.free:
-                builder.add(doc.piece(offset, len(doc.tokens)))
+                builder.add(doc.piece(offset, len(doc.tokens)), source, origin)
                 self._done(stream)
                 continue
             cut = doc.split_point(offset, offset + builder.free)
             if cut - offset >= MIN_PIECE_TOKENS:
-                builder.add(doc.piece(offset, cut))
+                builder.add(doc.piece(offset, cut), source, origin)
                 stream.pending = (*stream.pending[:4], cut)
             elif builder.free == self.seq_len:  # an image span longer than a whole row: cannot be placed
                 self.reader.skip(stream, stream.pending[:4],

@@ -22,6 +22,11 @@ class PackedRow:
     positions: list[int] = field(default_factory=list)
     doc_lens: list[int] = field(default_factory=list)
     images: list[ImagePatches] = field(default_factory=list)
+    # Per position, the index of its document's data source (-1: padding or unknown).
+    sources: list[int] = field(default_factory=list)
+    # Per document piece: (its draw's key, first and end token of the piece in the document, first column in the row,
+    # its images' (width, height) and patch grids); recorded when the packer is told where pieces come from.
+    pieces: list[tuple[tuple, int, int, int, list]] = field(default_factory=list)
 
 
 class RowBuilder:
@@ -39,12 +44,22 @@ class RowBuilder:
     def fits(self, doc: Document) -> bool:
         return len(doc.tokens) <= self.free
 
-    def add(self, doc: Document) -> None:
-        """Append a document: its labels are the next tokens of the same document, never of the next one."""
+    def add(self, doc: Document, source: int = -1, origin: tuple[tuple, int] | None = None) -> None:
+        """Append a document: its labels are the next tokens of the same document, never of the next one.
+
+        Args:
+            doc: The document (or a piece of one).
+            source: Index of its data source (per-source loss).
+            origin: ``(draw key, offset of the piece in its document)``, recorded in :attr:`PackedRow.pieces`.
+        """
         n = len(doc.tokens)
         if n > self.free:
             raise ValueError(f"document of {n} tokens does not fit the {self.free} free positions of the row")
         row = self.row
+        if origin is not None:
+            images = [(img.size, img.grid) for img in doc.images]
+            row.pieces.append((origin[0], origin[1], origin[1] + n, len(row.tokens), images))
+        row.sources += [source] * n
         row.tokens += doc.tokens
         row.labels += doc.tokens[1:] + [self.pad_id]
         row.loss_mask += doc.supervised[1:] + [False]
@@ -60,6 +75,7 @@ class RowBuilder:
             row.labels += [self.pad_id] * pad
             row.loss_mask += [False] * pad
             row.positions += list(range(pad))
+            row.sources += [-1] * pad
             row.doc_lens.append(pad)
         self.row = PackedRow()
         return row
@@ -88,6 +104,7 @@ def collate_rows(rows: list[PackedRow], image_id: int, patch_dim: int, merge_siz
         pixel_values=pixel_values,
         image_grid_hw=grid_hw,
         image_token_positions=positions,
+        source_ids=torch.tensor([r.sources for r in rows], dtype=torch.int16),
     )
 
 

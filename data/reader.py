@@ -81,6 +81,8 @@ class Reader:
         # Shard indexes read ahead for the read-ahead threads (see _index_ahead): the pool, and the shards asked for.
         self._index_pool: ThreadPoolExecutor | None = None
         self._indexing: set[tuple[str, int]] = set()
+        # Called with ("skip", slot, draw key, error) for each corrupt sample skipped (see Packer.observer).
+        self.observer = None
 
     @property
     def corrupt(self) -> int:
@@ -135,6 +137,8 @@ class Reader:
         """Count a corrupt draw of the slot and name it in the log; raise :class:`DataError` once more than
         ``data.max_corrupt_fraction`` of this rank's draws were corrupt."""
         stream.corrupt += 1
+        if self.observer is not None:
+            self.observer("skip", stream.slot, key, error)
         name, position = key[:2]
         where = self.sources[name].locate(position)
         logger.warning("skipped corrupt sample of source '%s' at %s: %s", name, where, error)

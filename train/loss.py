@@ -36,8 +36,9 @@ import torch.nn.functional as F
 # The convention lives with the model's layers because the pipeline (parallel/) builds targets too.
 from model.layers import IGNORE_INDEX, masked_targets
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "IGNORE_INDEX", "caption_loss_sum", "cross_entropy_sum", "linear_cross_entropy_sum",
-           "masked_targets", "reference_cross_entropy_sum", "siglip_loss"]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "IGNORE_INDEX", "caption_loss_sum", "cross_entropy_sum",
+           "linear_cross_entropy_by_group", "linear_cross_entropy_sum", "masked_targets", "reference_cross_entropy_sum",
+           "siglip_loss"]
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -45,12 +46,14 @@ DEFAULT_CHUNK_TOKENS = 1024
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                grad_enabled: bool):
+                grad_enabled: bool, groups: torch.Tensor | None = None, num_groups: int = 0):
         want_hidden = grad_enabled and ctx.needs_input_grad[0]
         want_weight = grad_enabled and ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        # Per-group sums (e.g. per data source) of the same per-token losses: no extra logits are computed.
+        by_group = torch.zeros(num_groups, dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = hidden[start : start + chunk_tokens]
             target = targets[start : start + chunk_tokens]
@@ -58,7 +61,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             counted = target != IGNORE_INDEX
             index = target.clamp(min=0).unsqueeze(1)
             lse = torch.logsumexp(logits, dim=-1)
-            total = total + ((lse - logits.gather(1, index).squeeze(1)) * counted).sum()
+            per_token = (lse - logits.gather(1, index).squeeze(1)) * counted
+            total = total + per_token.sum()
+            if groups is not None:
+                group = groups[start : start + chunk_tokens]
+                by_group.index_add_(0, group.clamp(min=0).long(), per_token * (group >= 0))
             if not (want_hidden or want_weight):
                 continue
             dlogits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
@@ -71,16 +78,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(dlogits.t().float(), rows.float())
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return total
+        ctx.mark_non_differentiable(by_group)
+        return total, by_group
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
+    def backward(ctx, grad_total: torch.Tensor, _grad_by_group: torch.Tensor | None = None):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -96,10 +104,28 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     Returns:
         The fp32 scalar sum over counted positions.
     """
+    return linear_cross_entropy_by_group(hidden, weight, targets, None, 0, chunk_tokens)[0]
+
+
+def linear_cross_entropy_by_group(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                  groups: torch.Tensor | None, num_groups: int,
+                                  chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_cross_entropy_sum` and, from the same per-token losses, their sums per group.
+
+    Args:
+        hidden, weight, targets, chunk_tokens: As :func:`linear_cross_entropy_sum`.
+        groups: ``int [...]`` group id of each position (e.g. its data source), negative for none; or None.
+        num_groups: Number of groups (ids ``0 .. num_groups - 1``).
+
+    Returns:
+        ``(total, by_group)``: the fp32 sum (differentiable, bit-identical to :func:`linear_cross_entropy_sum`) and
+        ``fp32 [num_groups]`` sums per group (no gradient).
+    """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    flat_groups = groups.reshape(-1).to(targets.device) if groups is not None else None
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_tokens,
-                                     torch.is_grad_enabled())
+                                     torch.is_grad_enabled(), flat_groups, num_groups)
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,14 @@ class MetricsWriter:
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=resume_step, desc=desc, dynamic_ncols=True, leave=True)
 
+    def rewind(self, step: int) -> None:
+        """Drop the lines after ``step`` (a rollback to the checkpoint of ``step``)."""
+        if self.enabled:
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= step))
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -40,6 +48,19 @@ class MetricsWriter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def drop_unseen_sources(values: dict[str, float]) -> dict[str, float]:
+    """``values`` without the ``loss/<source>`` and ``loss_tokens/<source>`` of sources no token of the step came
+    from (their loss is undefined)."""
+    unseen = {key.split("/", 1)[1] for key, value in values.items() if key.startswith("loss_tokens/") and not value}
+    return {key: value for key, value in values.items()
+            if not (key.startswith(("loss/", "loss_tokens/")) and key.split("/", 1)[1] in unseen)}
+
+
+def source_names(records: list[dict[str, Any]]) -> list[str]:
+    """The data sources with a ``loss/<source>`` in any of ``records``, sorted."""
+    return sorted({key.split("/", 1)[1] for record in records for key in record if key.startswith("loss/")})
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from config.model import ModelArgs
 from data.batch import ImageTextBatch, PackedBatch
 from model.attention import document_lengths
 from model.vision import grid_cu_seqlens
+from train.metrics import source_names
 
 
 def measure_peak_flops(size: int = 1024, repeats: int = 5, device: torch.device | str = "cpu",
@@ -92,8 +93,9 @@ def step_model_flops(args: ModelArgs, batches: list[PackedBatch | ImageTextBatch
     return total
 
 
-def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """A PNG of the loss and its parts over the steps of one stage."""
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str, skipped: list[int] | None = None) -> None:
+    """A PNG of the loss, its parts and its per-source losses over the steps of one stage, the steps skipped by
+    spike recovery (``skipped``) marked."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
@@ -104,11 +106,17 @@ def plot_losses(records: list[dict[str, Any]], path: Path, title: str) -> None:
     steps = [r["step"] for r in records]
     for part in parts:
         axis.plot(steps, [r[part] for r in records], label=part, linewidth=1.5 if part == "loss" else 1.0)
+    for source in source_names(records):  # per-source next-token loss, at the steps that had its tokens
+        seen = [r for r in records if f"loss/{source}" in r]
+        axis.plot([r["step"] for r in seen], [r[f"loss/{source}"] for r in seen], label=source, linewidth=0.8,
+                  linestyle="--", marker="." if len(seen) < 50 else None)
+    for index, step in enumerate(skipped or []):
+        axis.axvline(step, color="red", alpha=0.4, linewidth=1.0, label="skipped (spike)" if index == 0 else None)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.set_title(title)
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize="small", ncol=2)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

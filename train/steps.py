@@ -22,12 +22,19 @@ from torch import nn
 
 from config import StageConfig
 from data.batch import ImageTextBatch, PackedBatch
+from data.mixture import mixture_sources
 from parallel.context import forward_context_parallel
 from parallel.pipeline import PipelineRunner, pipeline_lm_step
-from train.loss import DEFAULT_CHUNK_TOKENS, caption_loss_sum, linear_cross_entropy_sum, masked_targets, siglip_loss
+from train.loss import (
+    DEFAULT_CHUNK_TOKENS,
+    caption_loss_sum,
+    linear_cross_entropy_by_group,
+    masked_targets,
+    siglip_loss,
+)
 
-__all__ = ["CAPTION_LOSS_WEIGHT", "CocaStep", "LMStep", "PipelineLMStep", "StepResult", "StepStrategy", "coca_step",
-           "lm_step", "select_step"]
+__all__ = ["CAPTION_LOSS_WEIGHT", "CocaStep", "LMStep", "PipelineLMStep", "SourceLosses", "StepResult",
+           "StepStrategy", "coca_step", "lm_step", "select_step"]
 
 # Weight of the caption loss in the CoCa objective: L = L_siglip + 2 * L_caption (report, section 2.3).
 CAPTION_LOSS_WEIGHT = 2.0
@@ -82,16 +89,43 @@ def _host_order_sum(values: list[torch.Tensor], device: torch.device) -> torch.T
     return total
 
 
+class SourceLosses:
+    """Token-weighted cross-entropy per data source over a step's micro-batches (``loss/<source>`` and
+    ``loss_tokens/<source>`` in the metrics): sums and counts per source, summed over every rank."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
+        self.counts = torch.zeros(len(names), dtype=torch.float64, device=device)
+
+    def add(self, by_source: torch.Tensor, batch: PackedBatch) -> None:
+        """Add one micro-batch: its loss sums per source and its loss tokens per source (no host sync)."""
+        self.sums += by_source.double()
+        sources = batch.source_ids.to(self.counts.device).reshape(-1).long()
+        counted = batch.loss_mask.reshape(-1) & (sources >= 0)
+        self.counts.index_add_(0, sources.clamp(min=0), counted.double())
+
+    def reduced(self) -> dict[str, torch.Tensor]:
+        """The per-source means and token counts over every rank (one all-reduce of its own: the step's loss is
+        reduced exactly as without it)."""
+        both = torch.cat([self.sums, self.counts])
+        dist.all_reduce(both)
+        sums, counts = both.split(len(self.names))
+        means = sums / counts.clamp(min=1.0)
+        return {**{f"loss/{n}": means[i] for i, n in enumerate(self.names)},
+                **{f"loss_tokens/{n}": counts[i] for i, n in enumerate(self.names)}}
+
+
 def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, world: int,
             cp_group: dist.ProcessGroup | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-            between_micro_batches: Callable[[], None] | None = None) -> StepResult:
+            between_micro_batches: Callable[[], None] | None = None, source_names: tuple[str, ...] = ()) -> StepResult:
     """Forward and backward of the next-token objective over ``batches`` (this rank's micro-batches).
 
     With a context-parallel group of ``cp`` ranks, every rank of it receives the same rows and computes the loss of
     its share of their tokens (parallel/context.py); counts are divided by ``cp`` so that no token counts twice.
     The loss is fused with the output projection, ``chunk_tokens`` tokens' logits at a time (train/loss.py).
     ``between_micro_batches`` runs after every micro-batch's backward but the last (the optimizer's sharded
-    accumulation).
+    accumulation). ``source_names`` (what the batches' ``source_ids`` index) adds the loss per data source.
     """
     cp = dist.get_world_size(cp_group) if cp_group is not None else 1
     device = batches[0].input_ids.device
@@ -99,6 +133,9 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
                              device)
     global_targets = counts[0].clamp(min=1.0).float()
     loss_sum, aux_sum, loads = [], [], []
+    # Per-source losses where the rows' tokens are whole on this rank (not split by context parallelism).
+    per_source = (SourceLosses(source_names, device)
+                  if cp == 1 and source_names and all(b.source_ids is not None for b in batches) else None)
     for index, batch in enumerate(batches):
         if index and between_micro_batches is not None:
             between_micro_batches()
@@ -108,8 +145,11 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
             hidden, aux = model.hidden_states(batch.input_ids, batch.position_ids, batch.cu_seqlens,
                                               batch.pixel_values, batch.image_grid_hw, batch.image_token_positions)
             labels, loss_mask = batch.labels, batch.loss_mask
-        ce = linear_cross_entropy_sum(hidden, model.decoder.output.weight, masked_targets(labels, loss_mask),
-                                      chunk_tokens)
+        ce, by_source = linear_cross_entropy_by_group(
+            hidden, model.decoder.output.weight, masked_targets(labels, loss_mask),
+            batch.source_ids if per_source else None, len(per_source.names) if per_source else 0, chunk_tokens)
+        if per_source is not None:
+            per_source.add(by_source, batch)
         loss = ce / global_targets
         if aux_loss_coef > 0:
             # The balance loss is a mean per micro-batch; average it over every micro-batch of every rank.
@@ -124,7 +164,8 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
     parts = {"lm_loss": lm_loss}
     if aux_loss_coef > 0:
         parts["aux_loss"] = total_aux / (len(batches) * world)
-    return StepResult(lm_loss, parts, counts[1], expert_load=torch.stack(loads).sum(0))
+    extra = per_source.reduced() if per_source is not None else {}
+    return StepResult(lm_loss, parts, counts[1], expert_load=torch.stack(loads).sum(0), extra=extra)
 
 
 def coca_step(model: nn.Module, batches: list[ImageTextBatch],
@@ -167,6 +208,7 @@ class LMStep:
     cp_group: dist.ProcessGroup | None = None
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     between_micro_batches: Callable[[], None] | None = None
+    source_names: tuple[str, ...] = ()  # the stage's sorted sources: per-source loss
 
     @property
     def rows_shared_by(self) -> int:
@@ -174,7 +216,7 @@ class LMStep:
 
     def __call__(self, batches: list[PackedBatch]) -> StepResult:
         return lm_step(self.model, batches, self.aux_loss_coef, self.world, self.cp_group, self.chunk_tokens,
-                       self.between_micro_batches)
+                       self.between_micro_batches, self.source_names)
 
 
 @dataclass(frozen=True)
@@ -233,5 +275,6 @@ def select_step(stage: StageConfig, model: nn.Module, pipeline: PipelineRunner |
     if stage.objective == "coca":
         return CocaStep(model, between_micro_batches=between_micro_batches)
     if pipeline is None:
-        return LMStep(model, aux_loss_coef, dist.get_world_size(), cp_group, chunk_tokens, between_micro_batches)
+        return LMStep(model, aux_loss_coef, dist.get_world_size(), cp_group, chunk_tokens, between_micro_batches,
+                      tuple(mixture_sources(stage.mixture)))
     return PipelineLMStep(pipeline, aux_loss_coef, pp_degree, cp_degree)

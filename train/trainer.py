@@ -40,8 +40,16 @@ from train.builders import (
 )
 from train.checkpoint import CheckpointManager
 from train.device_feed import DeviceFeed
-from train.metrics import MetricsWriter, format_summary, read_metrics, summarize_stage, write_atomic
+from train.metrics import (
+    MetricsWriter,
+    drop_unseen_sources,
+    format_summary,
+    read_metrics,
+    summarize_stage,
+    write_atomic,
+)
 from train.preflight import check_run
+from train.recovery import RecoveryState, SkippedSamples, append_recovery_line, read_recovery, steps_named
 from train.reporting import WandbLogger, measure_peak_flops, plot_losses, step_model_flops
 from train.runtime import resolve_device
 from train.signals import STOP
@@ -56,7 +64,7 @@ from train.stages import (
 )
 from train.steps import StepResult, StepStrategy, select_step
 
-__all__ = ["RunLocked", "TrainState", "Trainer", "TrainingDiverged", "lock_run_dir", "run_curriculum"]
+__all__ = ["RunLocked", "StageRun", "TrainState", "Trainer", "TrainingDiverged", "lock_run_dir", "run_curriculum"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +86,20 @@ class TrainState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("step", "tokens", "skipped_steps", "nonfinite_in_a_row"):
             setattr(self, key, int(state_dict[key]))
+
+
+@dataclass
+class StageRun:
+    """A stage ready to train: its optimizer, step strategy, feed, progress, checkpoint state and checkpoints."""
+
+    name: str
+    stage: StageConfig
+    optimizer: ZeroOptimizer
+    step: StepStrategy
+    feed: DeviceFeed
+    train: TrainState
+    state: dict[str, Stateful]
+    checkpoints: CheckpointManager
 
 
 class RunLocked(RuntimeError):
@@ -108,11 +130,12 @@ class Trainer:
     leave cleanly; rerunning the same command continues.
     """
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, lock: bool = True):
         self.cfg = cfg
         self.exit_reason = ""
         device = resolve_device(cfg.runtime.device)  # before anything starts: a bad choice fails here
-        self._lock = lock_run_dir(cfg.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+        # Tools that only read the run (train.replay) do not lock it.
+        self._lock = lock_run_dir(cfg.run_dir) if lock and int(os.environ.get("RANK", "0")) == 0 else None
         # Installed early by `python -m train` (train/signals.py); here for programmatic use.
         self._installed_signals = STOP.install()
         self.runtime = build_runtime(cfg, device)
@@ -199,8 +222,10 @@ class Trainer:
                            self.layout.cp_group, self.runtime.dims.pp_degree, self.layout.dims.cp_degree,
                            self.cfg.loss_chunk_tokens, between)
 
-    def run_stage(self, name: str) -> bool:
-        """Train one stage to its end (True), or until ``exit_after_steps`` (False, checkpointed)."""
+    def open_stage(self, name: str, resume_from: int | None = None,
+                   recovery: RecoveryState | None = None) -> StageRun:
+        """Everything a stage trains with, restored from checkpoint step ``resume_from`` (None: the latest one, if
+        any; 0: none, the stage's start weights), with ``recovery``'s decisions in the checkpoint state."""
         cfg, stage = self.cfg, self.cfg.curriculum.stages[name]
         apply_stage(self.model, stage)
         self._enter_stage_layout(stage)
@@ -210,49 +235,108 @@ class Trainer:
         feed = build_feed(name, stage, cfg, self.data, self.runtime, self.layout)
         train = TrainState()
         state = checkpoint_state(self.model, self.runtime, optimizer, train, feed)
+        if recovery is not None:
+            state["recovery"] = recovery
         checkpoints = self.checkpoints = checkpoints_of(cfg, name, self.runtime.checkpoint_group)
-        latest = checkpoints.latest_step()
-        if latest is not None:
-            checkpoints.load(latest, state)
+        start = checkpoints.latest_step() if resume_from is None else resume_from
+        if start:
+            checkpoints.load(start, state)
             logger.info("stage %s: resumed from step %d", name, train.step)
         else:
             source = init_stage_weights(self.model, cfg, name, self.groups.expert_mesh)
             optimizer.take_parameters_as_masters()
             logger.info("stage %s: weights from %s", name, source)
-        metrics = MetricsWriter(stage_dir(cfg, name) / "metrics.jsonl", train.step, self.rank == 0,
-                                cfg.log.progress_bar, stage.steps, name)
+        return StageRun(name, stage, optimizer, step, feed, train, state, checkpoints)
+
+    def run_stage(self, name: str) -> bool:
+        """Train one stage to its end (True), or until ``exit_after_steps`` (False, checkpointed)."""
+        cfg = self.cfg
+        recovery = RecoveryState(cfg.recovery) if cfg.recovery.enabled else None
+        run = self.open_stage(name, recovery=recovery)
+        metrics = MetricsWriter(stage_dir(cfg, name) / "metrics.jsonl", run.train.step, self.rank == 0,
+                                cfg.log.progress_bar, run.stage.steps, name)
         try:
-            while train.step < stage.steps:
-                record = self.train_step(name, stage, optimizer, feed, train, step)
-                metrics.log(record)
-                self.wandb.log(record, self.step_offset[name] + record["step"])
-                self.steps_this_run += 1
-                leaving = self._leaving()
-                interval = stage.checkpoint_interval
-                last = train.step == stage.steps
-                if last or leaving or (interval and train.step % interval == 0):
-                    # The stage's final checkpoint (the next stage starts from it) and the one taken when leaving
-                    # are committed before going on; the others may finish in the background.
-                    info = checkpoint_info(cfg, name, stage, train.step, train.tokens, self.layout, self.world)
-                    checkpoints.save(train.step, state, info, blocking=last or leaving)
-                if leaving and train.step < stage.steps:
+            while run.train.step < run.stage.steps:
+                if recovery is not None and run.train.step + 1 in recovery.skip:
+                    self._skip_step(run, recovery)
+                else:
+                    record = self.train_step(name, run.stage, run.optimizer, run.feed, run.train, run.step)
+                    trigger = "" if recovery is None else recovery.spike(record["loss"], record["grad_norm"],
+                                                                         self.device)
+                    if trigger:
+                        run = self._roll_back(run, recovery, record, trigger)
+                        metrics.rewind(run.train.step)
+                        continue
+                    metrics.log(record)
+                    self.wandb.log(record, self.step_offset[name] + record["step"])
+                    self.steps_this_run += 1
+                if not self._after_step(run):
                     return False
         except BaseException:
-            checkpoints.abandon()
+            run.checkpoints.abandon()
             raise
         finally:
             metrics.close()
-            feed.loader.close()  # its read-ahead threads and worker processes: the next stage has its own
+            run.feed.loader.close()  # its read-ahead threads and worker processes: the next stage has its own
         self._report_stage(name)
-        mark_done(cfg, name, train.step)
+        mark_done(cfg, name, run.train.step)
         return True
+
+    def _after_step(self, run: StageRun) -> bool:
+        """Checkpoint when due; False when leaving before the stage's end (checkpointed)."""
+        leaving = self._leaving()
+        stage, train = run.stage, run.train
+        interval = stage.checkpoint_interval
+        last = train.step == stage.steps
+        if last or leaving or (interval and train.step % interval == 0):
+            # The stage's final checkpoint (the next stage starts from it) and the one taken when leaving are
+            # committed before going on; the others may finish in the background.
+            info = checkpoint_info(self.cfg, run.name, stage, train.step, train.tokens, self.layout, self.world)
+            run.checkpoints.save(train.step, run.state, info, blocking=last or leaving)
+        return not (leaving and train.step < stage.steps)
+
+    def _roll_back(self, run: StageRun, recovery: RecoveryState, record: dict[str, Any], trigger: str) -> StageRun:
+        """The stage reopened from its last checkpoint before the spike at ``record``'s step, the spike's steps to be
+        skipped; past ``recovery.max_rollbacks_per_stage`` the run stops (:class:`TrainingDiverged`)."""
+        step, limit = record["step"], self.cfg.recovery.max_rollbacks_per_stage
+        if recovery.rollbacks >= limit:
+            raise TrainingDiverged(f"{trigger} spikes in stage '{run.name}' at steps "
+                                   f"{steps_named([*recovery.spike_steps(), step])}: more than "
+                                   f"recovery.max_rollbacks_per_stage={limit} rollbacks; stopping")
+        run.checkpoints.wait()  # a save in flight holds a good step
+        target = max((c for c in run.checkpoints.committed_steps() if c < step), default=0)
+        recovery.decide(step, trigger, record["loss"], record["grad_norm"], target)
+        logger.warning("stage %s step %d: %s spike (loss %.4f, grad norm %.4f); rolling back to step %d and skipping "
+                       "steps %s", run.name, step, trigger, record["loss"], record["grad_norm"], target,
+                       steps_named(recovery.events[step]["skipped_steps"]))
+        run.feed.loader.close()
+        if not target:  # the stage's start: no window yet
+            recovery.losses, recovery.grad_norms = [], []
+        return self.open_stage(run.name, resume_from=target, recovery=recovery)
+
+    def _skip_step(self, run: StageRun, recovery: RecoveryState) -> None:
+        """Draw the next step's micro-batches and drop them (their samples are never trained on), and name them in
+        ``<stage>/recovery.jsonl``."""
+        step, loader = run.train.step + 1, run.feed.loader
+        observed, recorder = loader.packer.observer, SkippedSamples(loader)
+        loader.observe(recorder)
+        run.feed.next_step(run.train.step / run.stage.steps)
+        loader.observe(observed)
+        run.train.step += 1
+        samples = recorder.gathered()
+        spike = next(e for e in recovery.events.values() if step in e["skipped_steps"])
+        if self.rank == 0:
+            append_recovery_line(stage_dir(self.cfg, run.name) / "recovery.jsonl",
+                                 {**spike, "step": step, "spike_step": spike["step"], "samples": samples})
+        logger.warning("stage %s step %d skipped: %d samples dropped", run.name, step, len(samples))
 
     def _report_stage(self, name: str) -> None:
         """The stage's throughput line and loss-curve PNG (rank 0)."""
         records = read_metrics(stage_dir(self.cfg, name) / "metrics.jsonl")
         if self.rank != 0 or not records:
             return
-        plot_losses(records, stage_dir(self.cfg, name) / "loss.png", f"{self.cfg.run_dir.name}: {name}")
+        skipped = [r["step"] for r in read_recovery(stage_dir(self.cfg, name) / "recovery.jsonl")]
+        plot_losses(records, stage_dir(self.cfg, name) / "loss.png", f"{self.cfg.run_dir.name}: {name}", skipped)
         seconds = sum(r["step_time_s"] for r in records)
         tokens_per_s = sum(r["tokens_per_s"] * r["step_time_s"] for r in records) / seconds
         mfu = sum(r["mfu"] for r in records) / len(records)
@@ -277,7 +361,7 @@ class Trainer:
         result = step(batches)
         if train.step + 1 < stage.steps:  # the device is busy with this step: draw and copy the next one meanwhile
             feed.prefetch((train.step + 1) / stage.steps)
-        host = result.to_host()
+        host = drop_unseen_sources(result.to_host())
         grad_norm = self._update(name, stage, optimizer, result, host["loss"], train)
         train.step += 1
         tokens = int(host.pop("tokens"))

@@ -1,0 +1,130 @@
+"""Automatic spike recovery on a poisoned stream: detected, rolled back, the spiking step's data skipped, finished
+close to a run whose stream never held the poison; the poisoned samples named in recovery.jsonl."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from data.sample_reader import SampleReader
+from train.__main__ import main
+from train.inspect import inspect_step
+from train.metrics import read_metrics
+from train.recovery import read_recovery
+
+STAGE, STEPS, POISONED_STEP, INTERVAL = "text_pretrain", 20, 13, 5
+# The clean loss falls step after step here, so a small factor raises no false alarm (asserted below).
+RECOVERY = ["recovery.loss_spike_factor=1.1", "recovery.window=4", "recovery.max_rollbacks_per_stage=2"]
+
+
+def stage_run(out, demo_root, name: str, *extra: str) -> list[str]:
+    prefix = f"curriculum.stages.{STAGE}"
+    return ["recipe=debug", f"output_dir={out}", f"run_name={name}", f"data.root={demo_root}",
+            "log.progress_bar=false", f"curriculum.order=[{STAGE}]", f"{prefix}.steps={STEPS}",
+            f"{prefix}.checkpoint_interval={INTERVAL}", "checkpoint.keep_last=3", *RECOVERY, *extra]
+
+
+def poison(monkeypatch, draws: set[int]) -> None:
+    """The samples at global sample indices ``draws`` rendered as the same number of random tokens: the stream's
+    layout is unchanged, the loss on them far above the model's."""
+    read = SampleReader.read
+
+    def poisoned(self, name, position, draw, cap):
+        doc = read(self, name, position, draw, cap)
+        if draw in draws:
+            rng = random.Random(draw)
+            doc.tokens = [rng.randrange(10, self.tokenizer.vocab_size) for _ in doc.tokens]
+        return doc
+
+    monkeypatch.setattr(SampleReader, "read", poisoned)
+
+
+@pytest.fixture(scope="module")
+def clean_run(demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("spikes")
+    assert main(stage_run(out, demo_root, "clean")) == 0
+    return out
+
+
+def only_in_step(run_dir, step: int) -> set[int]:
+    """Global sample indices of the samples wholly inside ``step`` (none of their tokens in the steps around it)."""
+    def draws(n):
+        return {s["draw"] for row in inspect_step(run_dir, STAGE, n).rows for s in row["samples"]}
+    return draws(step) - draws(step - 1) - draws(step + 1)
+
+
+def test_a_poisoned_step_is_detected_rolled_back_skipped_and_the_run_finishes(clean_run, demo_root, monkeypatch):
+    clean_dir = clean_run / "clean"
+    assert not (clean_dir / STAGE / "recovery.jsonl").exists()  # no false alarm on the clean stream
+    poisoned_draws = only_in_step(clean_dir, POISONED_STEP)
+    assert len(poisoned_draws) >= 3
+    poison(monkeypatch, poisoned_draws)
+    assert main(stage_run(clean_run, demo_root, "poisoned")) == 0
+    run_dir = clean_run / "poisoned"
+    lines = read_recovery(run_dir / STAGE / "recovery.jsonl")
+    assert [line["step"] for line in lines] == [POISONED_STEP]
+    line = lines[0]
+    assert line["trigger"] == "loss" and line["rolled_back_to"] == 10 and line["spike_step"] == POISONED_STEP
+    named = {s["draw"] for s in line["samples"]}
+    step_samples = {s["draw"] for row in inspect_step(clean_dir, STAGE, POISONED_STEP).rows for s in row["samples"]}
+    assert poisoned_draws <= named == step_samples  # exactly the step's samples, the poisoned ones among them
+    records = read_metrics(run_dir / STAGE / "metrics.jsonl")
+    assert [r["step"] for r in records] == [s for s in range(1, STEPS + 1) if s != POISONED_STEP]
+    clean = read_metrics(clean_dir / STAGE / "metrics.jsonl")
+    assert [r["loss"] for r in records[:POISONED_STEP - 1]] == [r["loss"] for r in clean[:POISONED_STEP - 1]]
+    assert records[-1]["loss"] == pytest.approx(clean[-1]["loss"], rel=0.02)
+    assert (run_dir / STAGE / "loss.png").exists()
+
+
+def test_the_decision_is_in_the_checkpoint_a_rerun_skips_the_same_step(clean_run, demo_root, monkeypatch):
+    """Leave (checkpointed) after the rollback and before the skip, then rerun *without* the poison: the step is
+    still skipped (the decision came from the checkpoint) and the run ends as the uninterrupted poisoned one."""
+    with monkeypatch.context() as patch:
+        poison(patch, only_in_step(clean_run / "clean", POISONED_STEP))
+        # 12 steps, the spike at 13 rolls back to 10, steps 11 and 12 again: the 14th step trained leaves at 12.
+        assert main(stage_run(clean_run, demo_root, "rerun", "exit_after_steps=14")) == 0
+    run_dir = clean_run / "rerun"
+    assert [r["step"] for r in read_metrics(run_dir / STAGE / "metrics.jsonl")] == list(range(1, 13))
+    assert main(stage_run(clean_run, demo_root, "rerun")) == 0
+    lines = read_recovery(run_dir / STAGE / "recovery.jsonl")
+    assert [line["step"] for line in lines] == [POISONED_STEP]
+    uninterrupted = read_metrics(clean_run / "poisoned" / STAGE / "metrics.jsonl")
+    rerun = read_metrics(run_dir / STAGE / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in rerun] == [(r["step"], r["loss"], r["grad_norm"])
+                                                                        for r in uninterrupted]
+
+
+def test_past_max_rollbacks_the_run_stops_naming_the_spike(clean_run, demo_root, monkeypatch, capsys):
+    poison(monkeypatch, only_in_step(clean_run / "clean", POISONED_STEP))
+    code = main(stage_run(clean_run, demo_root, "stops", "recovery.max_rollbacks_per_stage=0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert f"at steps {POISONED_STEP}" in err[-1] and "max_rollbacks_per_stage=0" in err[-1]
+
+
+def _poisoned_rank(rank: int, world: int, draws: set[int], args: list[str]) -> int:
+    """A forked rank of a poisoned run (the poison patched in this process only)."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    with pytest.MonkeyPatch.context() as patch:
+        poison(patch, draws)
+        return main(args)
+
+
+def test_two_ranks_agree_roll_back_together_and_name_both_ranks_samples(clean_run, demo_root):
+    """dp=2 with 2 rows per rank is the same global batch as one process with 4 rows: the same step spikes, both
+    ranks roll back and skip it, and recovery.jsonl names the samples of every rank's rows."""
+    from tests.forked import run_ranks
+
+    draws = only_in_step(clean_run / "clean", POISONED_STEP)
+    args = stage_run(clean_run, demo_root, "dp2", f"curriculum.stages.{STAGE}.micro_batch_size=2",
+                     "optim.muon_ns_dtype=float32")
+    assert run_ranks(_poisoned_rank, 2, draws, args, timeout=600) == [0, 0]
+    lines = read_recovery(clean_run / "dp2" / STAGE / "recovery.jsonl")
+    assert [line["step"] for line in lines] == [POISONED_STEP]
+    assert {s["slot"] for s in lines[0]["samples"]} == {0, 1, 2, 3}  # both ranks' rows
+    assert draws <= {s["draw"] for s in lines[0]["samples"]}
+    records = read_metrics(clean_run / "dp2" / STAGE / "metrics.jsonl")
+    assert [r["step"] for r in records] == [s for s in range(1, STEPS + 1) if s != POISONED_STEP]

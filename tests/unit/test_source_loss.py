@@ -1,0 +1,46 @@
+"""Per-source loss: the fused cross-entropy's per-source sums, and the per-position source ids of packed rows."""
+
+from __future__ import annotations
+
+import torch
+
+from data.loader import StageLoader
+from data.mixture import mixture_sources
+from tests.unit.test_loader import make_loader
+from train.loss import linear_cross_entropy_by_group, linear_cross_entropy_sum, reference_cross_entropy_sum
+
+
+def test_per_group_sums_are_each_groups_cross_entropy_and_the_total_is_unchanged():
+    torch.manual_seed(0)
+    hidden = torch.randn(70, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (70,))
+    targets[::7] = -100
+    groups = torch.randint(-1, 3, (70,), dtype=torch.int16)
+    total, by_group = linear_cross_entropy_by_group(hidden, weight, targets, groups, 3, chunk_tokens=16)
+    assert torch.equal(total, linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens=16))  # bit-identical
+    for g in range(3):
+        only = torch.where(groups == g, targets, torch.full_like(targets, -100))
+        assert torch.allclose(by_group[g], reference_cross_entropy_sum(hidden, weight, only), rtol=1e-5)
+    total.backward()  # the per-group sums carry no gradient; the total's is the usual one
+    assert hidden.grad is not None and not by_group.requires_grad
+
+
+def test_each_position_carries_the_source_of_its_document(demo_root, tokenizer):
+    loader: StageLoader = make_loader(demo_root, tokenizer, "joint_cooldown")
+    rows = []
+    loader.observe(lambda kind, slot, *event: rows.append(event[0]) if kind == "row" else None)
+    batch = loader.next_packed_batch(0.5)
+    names = mixture_sources(loader.stage.mixture)
+    assert names == loader.planner.sampler.sources() and len(names) > 1
+    seen = set()
+    for index, row in enumerate(rows):
+        ids = batch.source_ids[index].tolist()
+        covered = 0
+        for (source, *_), start, stop, column, _ in row.pieces:
+            assert set(ids[column:column + stop - start]) == {names.index(source)}
+            covered += stop - start
+            seen.add(source)
+        assert ids[covered:] == [-1] * (len(ids) - covered)  # the padding document has no source
+        assert torch.equal(batch.input_ids[index], torch.tensor(row.tokens))
+    assert len(seen) > 1
