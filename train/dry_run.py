@@ -20,7 +20,8 @@ shapes) and per curriculum stage it reports the bytes one rank holds at the peak
   (parallel/memory.py); the loss head
   (final norm, one chunk of logits, gradients of the hidden states and of the output projection) is measured on
   ``meta`` at the stage's exact shapes; context parallelism adds the gathered keys and values of the whole row
-  (kept by ``none`` and ``selective``, rebuilt twice during a ``full`` block's recompute); image patches per row
+  (kept by ``none`` and ``selective``, rebuilt twice during a ``full`` block's recompute); under expert parallelism
+  ``selective`` also keeps the two all-to-alls' outputs of every MoE layer; image patches per row
   follow the stage's mixture (the largest multimodal share of its replay part, each multimodal token an image
   token, ``merge^2`` patches each, images spread over the context ranks). With pipeline parallelism, stage ``s``
   holds the stored activations of ``pp - s`` micro-batches (1F1B);
@@ -288,7 +289,14 @@ class ActivationPeak:
         vision_stored = self.patches * vision.stored * args.vision.num_layers
         # Stored before the decoder: the embeddings (block 0's input) and the vision tower's activations.
         base = (hidden_bytes + vision_stored) if pp_rank == 0 else hidden_bytes
-        stored = [tokens * b.stored + kept_kv for b in blocks]
+        # Under expert parallelism the selective policy also keeps both all-to-alls' outputs (collectives are never
+        # re-issued in a recompute): the dispatched and the combined rows, k per token, that one block's
+        # single-process measurement does not have.
+        decoder = args.decoder
+        kept_exchange = (2 * decoder.num_experts_per_token * decoder.hidden_size * dtype.itemsize
+                         if dims.ep_degree > 1 and policy == "selective" else 0)
+        stored = [tokens * (b.stored + (kept_exchange if kind == "moe" else 0)) + kept_kv
+                  for b, kind in zip(blocks, kinds, strict=True)]
         earlier = (in_flight - 1) * (base + sum(stored))  # micro-batches whose backward has not started (1F1B)
         # Forward of each block, then the loss head on the last stage.
         for i, block in enumerate(blocks):
