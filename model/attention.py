@@ -46,6 +46,10 @@ def document_lengths(cu_seqlens: torch.Tensor | Sequence[int]) -> list[int]:
     return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
 
 
+# Compiled blocks (parallel/compile.py) call the core eagerly, at a graph break: its loop over documents runs on
+# host metadata whose count and lengths change every batch, which a graph would have to specialize on (a recompile
+# per batch), and its kernels (SDPA, flash-attn) are library calls that a compiler would not fuse anyway.
+@torch.compiler.disable
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -259,7 +259,7 @@ class Trainer:
         pipeline = PipelineOptions(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages, max(seq_lens),
                                    functools.partial(linear_cross_entropy_sum, chunk_tokens=cfg.loss_chunk_tokens))
         self.parallel = parallelize(model, self.dims, self.groups, self.device, cfg.seed, pipeline,
-                                    param_dtype=getattr(torch, cfg.precision.param_dtype))
+                                    param_dtype=getattr(torch, cfg.precision.param_dtype), compile=cfg.compile)
         self.model, self.pipeline = self.parallel.model, self.parallel.pipeline
         self.steps_this_run = 0
         self.peak_flops = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0
