@@ -24,6 +24,13 @@ block without graph breaks, which ours are not (torchtitan falls back to the sam
   inside the compiled backward): the policy's choice, made by the compiler. The eager attention cores are
   recomputed, as in an eager block.
 
+Blocks of one class share Dynamo's cache of graphs, most recent first. A checkpointed block must recompute with the
+graphs its forward ran, so a graph compiled later in the same forward must not also accept an earlier block's call.
+Blocks differ in one way Dynamo guards on: the first decoder layer's input is a view (the token embeddings with the
+image features scattered in, or a context-parallel shard), the others' are not, and a graph compiled for a view
+also guards its base's shape (one compiled later for a plain tensor accepts both). So a view entering a compiled
+block is copied first (one copy of the first layer's input per micro-batch).
+
 A block whose graphs would recompile past Dynamo's limit fails the step (``fail_on_recompile_limit_hit``) instead of
 running eagerly: nothing falls back silently.
 """
@@ -51,16 +58,28 @@ def apply_compile(model: nn.Module) -> int:
     Returns:
         The number of blocks compiled.
     """
-    # Past the limit Dynamo would run the block eagerly with a warning; a run asked to compile must not.
+    # Past the limit Dynamo would run the block eagerly with a warning; a run asked to compile must not. The limit
+    # counts graphs per function: {dense, MoE} layers x {trained, frozen} parts x shapes (static first, then each
+    # varying dim symbolic), over a curriculum whose row lengths and layouts change; torch's default (8) is reached.
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     count = 0
     for block in model.modules():
         if isinstance(block, COMPILED_BLOCKS) and not _is_compiled(block):
             # An instance attribute: ``nn.Module.__call__`` (and the checkpoint hooks on it) calls it; parameter
             # names, the state dict and the module tree do not change.
             block.forward = torch.compile(block.forward, options=INDUCTOR_OPTIONS)
+            # First among the pre-hooks, so that the checkpoint's saves (and recomputes from) the copy.
+            block.register_forward_pre_hook(_copy_view_input, prepend=True)
             count += 1
     return count
+
+
+def _copy_view_input(block: nn.Module, args: tuple) -> tuple | None:
+    # See the module docstring: every call of a compiled block gets a hidden state that is not a view.
+    if args and isinstance(args[0], torch.Tensor) and args[0]._base is not None:
+        return (args[0].clone(), *args[1:])
+    return None
 
 
 def compiled_block_names(model: nn.Module) -> list[str]:

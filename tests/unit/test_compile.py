@@ -9,18 +9,20 @@ graphs ran (a silently skipped compile would pass an equality test), and that th
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 from torch.profiler import profile
 
+from data.batch import PackedBatch
 from model.coca import TextBlock, caption_loss_sum, siglip_loss
 from model.decoder import DecoderLayer
 from model.registry import FLAVORS, build_model
 from model.vision import VisionBlock
 from parallel.activation_checkpoint import ActivationCheckpointing
 from parallel.compile import apply_compile, compiled_block_names
-from tests.unit.test_model_vlm import _image_text_batch, _packed_batch
+from tests.unit.test_model_vlm import PATCH_DIM, _image_text_batch, _packed_batch
 
 TOLERANCE = 1e-5
 
@@ -37,15 +39,33 @@ def models():
     return eager, compiled, checkpointing
 
 
-def lm_step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Hidden states and gradients of a packed batch with two images (fixed seed: the same batch every call)."""
-    torch.manual_seed(1)
-    batch = _packed_batch()
+def lm_step(model, batch: PackedBatch | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Hidden states and gradients of a packed batch with images (by default the same two-image batch every call)."""
+    if batch is None:
+        torch.manual_seed(1)
+        batch = _packed_batch()
     model.zero_grad(set_to_none=True)
     hidden, aux = model.hidden_states(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.pixel_values,
                                       batch.image_grid_hw, batch.image_token_positions)
     (model.decoder.logits(hidden).logsumexp(-1).mean() + aux.expert_load.sum() * 0).backward()
     return hidden.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def packed_batch(rows: int, seq: int, grids: list[tuple[int, int]], seed: int) -> PackedBatch:
+    """``rows x seq`` tokens, two documents per row; image ``i`` (patch grid ``grids[i]``, 2x2 merge) sits at the
+    start of row ``i``'s first document."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [seq // 2, seq - seq // 2] * rows
+    input_ids = torch.randint(5, 4096, (rows, seq), generator=gen)
+    positions = torch.cat([i * seq + 1 + torch.arange(h * w // 4) for i, (h, w) in enumerate(grids)])
+    input_ids.view(-1)[positions] = 1  # the <|image|> placeholder id
+    patches = sum(h * w for h, w in grids)
+    return PackedBatch(input_ids=input_ids, labels=torch.roll(input_ids, -1, dims=1),
+                       loss_mask=torch.ones(rows, seq, dtype=torch.bool),
+                       position_ids=torch.cat([torch.arange(n) for n in lengths]).view(rows, seq),
+                       cu_seqlens=torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32),
+                       pixel_values=torch.randn(patches, PATCH_DIM, generator=gen),
+                       image_grid_hw=torch.tensor(grids), image_token_positions=positions)
 
 
 def coca_step(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -99,6 +119,20 @@ def test_compiled_equals_eager_as_the_policy_changes_between_stages(models):
         # Every block ran compiled code: at least one graph per vision block (forward and, recomputed or not, its
         # backward runs in Inductor's code) and per decoder layer.
         assert compiled_region_calls(lambda: lm_step(compiled)) >= 2 + 3, policy
+    checkpointing.set_policy("none")
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_new_shapes_compiled_during_a_checkpointed_step(models, policy):
+    """Batches of new shapes compile new graphs in the middle of a checkpointed forward (the first decoder layer
+    first, then the others); the backward's recompute of every block must run the graphs its forward ran, or the
+    checkpoint would mismatch (selective: an unknown compiled region; full: other saved tensors)."""
+    eager, compiled, checkpointing = models
+    checkpointing.set_policy(policy)
+    rows = {"selective": 1, "full": 3}[policy]  # a new row count per policy: new graphs under each
+    for seq, grids, seed in ((48, [(4, 6)], 3), (64, [(2, 4), (4, 4), (6, 6)][:rows], 4)):
+        batch = packed_batch(rows, seq, grids, seed)
+        assert_same(lm_step(compiled, batch), lm_step(eager, batch))
     checkpointing.set_policy("none")
 
 
