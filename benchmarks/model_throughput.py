@@ -25,6 +25,10 @@ one line on stderr and exit status 1 otherwise):
 Runs alternate between the two sides and keep each side's best time, so load from other processes hits both.
 Prints one JSON line, with the largest differences the checks found.
 
+``compiled_decoder_speedup`` (:func:`bench_compiled_decoder`): tokens/s of the ``small`` decoder's forward + backward
+with compiled blocks (``compile: true``, parallel/compile.py) over the same decoder eager, same weights, at each of
+``--compile-seqs`` (one row each), in fp32 and, as ``compiled_decoder_speedup_bf16``, with bf16 parameters.
+
     python benchmarks/model_throughput.py [--rows 1 --seq 4096 --repeats 3 --threads 1]
 """
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import time
 
@@ -43,6 +48,7 @@ from model.decoder import MoEDecoder
 from model.hf import export_state_dict
 from model.registry import FLAVORS, build_model
 from model.vision import MoonViT, interpolate_pos_table
+from parallel.compile import apply_compile
 
 try:
     from benchmarks._check import require_close, require_close_scaled
@@ -150,6 +156,58 @@ def bench_decoder(rows: int, seq: int, repeats: int) -> dict:
             "hf_experts_implementation": reference.config._experts_implementation}
 
 
+# Compiled vs eager, checked before any timing: relative error of the logits and of every gradient (fp32: what
+# fused kernels change in the rounding; bf16: eager rounds every op's output to bf16, fused kernels keep fp32 inside).
+COMPILE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def bench_compiled_decoder(seqs: list[int], repeats: int, dtype: torch.dtype) -> dict:
+    """``compiled_decoder_speedup``: forward + backward of the ``small`` decoder (one row of ``seq`` tokens, output
+    head and cross-entropy included) with every layer compiled, over the same decoder eager, same weights, same run.
+
+    Each row length is compiled afresh (a training stage has one row length, so its graphs are static). Compiled
+    and eager logits and gradients must agree within :data:`COMPILE_TOLERANCE` first: otherwise the run exits
+    non-zero without timing.
+    """
+    torch.manual_seed(0)
+    eager = build_model(FLAVORS["small"]).decoder
+    for param in eager.parameters():  # as parallelize does: parameters in the run's dtype, buffers kept
+        param.data = param.data.to(dtype)
+    vocab = FLAVORS["small"].decoder.vocab_size
+    suffix = "" if dtype == torch.float32 else "_bf16"
+    speedups, out = {}, {}
+    for seq in seqs:
+        torch._dynamo.reset()  # fresh, static graphs for this row length
+        compiled = copy.deepcopy(eager)
+        apply_compile(compiled)
+        ids = torch.randint(0, vocab, (1, seq))
+        labels = torch.randint(0, vocab, (1, seq))
+
+        def step(decoder, ids=ids, labels=labels):
+            decoder.zero_grad(set_to_none=True)
+            logits = decoder.logits(decoder(ids)[0])
+            F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).backward()
+            return logits.detach()
+
+        start = time.perf_counter()
+        got = step(compiled)
+        compile_s = time.perf_counter() - start
+        want = step(eager)
+        errors = {"logits": float((got - want).float().norm() / want.float().norm())}
+        for (name, p), q in zip(compiled.named_parameters(), eager.parameters(), strict=True):
+            errors[name] = float((p.grad - q.grad).float().norm() / q.grad.float().norm().clamp_min(1e-30))
+        worst = max(errors, key=errors.get)
+        if errors[worst] > COMPILE_TOLERANCE[dtype]:
+            raise SystemExit(f"compiled and eager decoders disagree at seq {seq} ({dtype}): {worst} relative error "
+                             f"{errors[worst]:.2e} > {COMPILE_TOLERANCE[dtype]:.0e}; not timing")
+        compiled_s, eager_s = best_of([functools.partial(step, compiled), functools.partial(step, eager)], repeats)
+        speedups[str(seq)] = round(eager_s / compiled_s, 3)
+        out[f"compiled_decoder{suffix}_{seq}"] = {
+            "eager_tok_s": round(seq / eager_s, 1), "compiled_tok_s": round(seq / compiled_s, 1),
+            "max_rel_error": float(f"{errors[worst]:.2e}"), "first_step_s": round(compile_s, 1)}
+    return {f"compiled_decoder_speedup{suffix}": speedups, **out}
+
+
 def padded_vit_forward(vit: MoonViT, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
     """The tower on images padded to the longest one: ``pixels [N, L, p*p*C]`` -> ``[N, L, hidden]``.
 
@@ -248,12 +306,19 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--compile-seqs", default="2048,8192", help="rows of compiled_decoder_speedup ('': skip)")
+    parser.add_argument("--compile-dtypes", default="float32,bfloat16", help="parameter dtypes of that comparison")
+    parser.add_argument("--only-compile", action="store_true", help="run only the compiled-decoder comparison")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"benchmark": "model_throughput", "flavor": "small", "threads": torch.get_num_threads()}
-    result.update(bench_decoder(args.rows, args.seq, args.repeats))
-    result.update(bench_vit(args.repeats))
+    if not args.only_compile:
+        result.update(bench_decoder(args.rows, args.seq, args.repeats))
+        result.update(bench_vit(args.repeats))
+    for dtype in filter(None, args.compile_dtypes.split(",")):
+        seqs = [int(seq) for seq in args.compile_seqs.split(",") if seq]
+        result.update(bench_compiled_decoder(seqs, args.repeats, getattr(torch, dtype)) if seqs else {})
     print(json.dumps(result))
 
 

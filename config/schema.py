@@ -296,6 +296,9 @@ class RunConfig:
     # and print per-rank memory per stage; fail if a rank needs more than ``device_memory_gb`` (0: no limit).
     dry_run: bool = False
     device_memory_gb: float = 0.0
+    # Compile every transformer block (decoder layers, MoonViT and CoCa blocks) with torch.compile (Inductor), inside
+    # the activation checkpointing (parallel/compile.py). Layouts it does not run are refused when the recipe loads.
+    compile: bool = False
     # Tokens whose logits exist at once in the next-token loss (fused with the output projection, train/loss.py):
     # at a 163,840-token vocabulary, 1024 tokens of fp32 logits are 0.63 GiB.
     loss_chunk_tokens: int = 1024

@@ -111,7 +111,24 @@ def check_layout(cfg: RunConfig, world: int) -> None:
                "the sequence-wise balance loss needs whole rows: use the aux-loss-free bias balancing")
         _check(stage.activation_checkpoint in ("", *ACTIVATION_CHECKPOINT_POLICIES), f"{key}.activation_checkpoint",
                stage.activation_checkpoint, f"'' (the run's) or one of {ACTIVATION_CHECKPOINT_POLICIES}")
+    _validate_compile(cfg, pp)
     _validate_pipeline(cfg, pp)
+
+
+# Pipeline schedules that split a block's backward into its input gradients and, later, its weight gradients
+# (torch.distributed.pipelining re-walks the autograd graph for each half): a compiled block's backward is one node
+# that computes both, so the split double-counts or drops gradients (measured: relative error 1.0).
+SPLIT_BACKWARD_SCHEDULES = ("zero_bubble", "interleaved_zero_bubble")
+
+
+def _validate_compile(cfg: RunConfig, pp_degree: int) -> None:
+    """The layouts compiled blocks (``compile``, parallel/compile.py) do not run yet."""
+    schedule = cfg.parallel.pp_schedule
+    if cfg.compile and pp_degree > 1 and schedule in SPLIT_BACKWARD_SCHEDULES:
+        raise ConfigError(f"Invalid layout: compile=true with parallel.pp_schedule={schedule} (pp_degree="
+                          f"{pp_degree}) is not supported: zero-bubble schedules split each block's backward into "
+                          "input and weight gradients, which a compiled block computes in one step; use "
+                          "parallel.pp_schedule=1f1b, interleaved_1f1b or gpipe, or compile=false.")
 
 
 def check_degrees(par: ParallelConfig, world_size: int, model: ModelArgs | None = None,

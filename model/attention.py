@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "DocumentAttention",
+    "HostBounds",
     "apply_rotary",
     "document_bounds",
     "document_lengths",
@@ -33,6 +34,26 @@ __all__ = [
     "rope_angles_2d",
     "varlen_attention",
 ]
+
+
+class HostBounds(Sequence[int]):
+    """Document boundaries as host ints that a compiled block (parallel/compile.py) hands to the eager attention core
+    without reading them. Dynamo guards a tuple argument on its length, so each new number of documents (of images,
+    in the vision tower) would compile the block again; an object it never looks into costs no guard."""
+
+    __slots__ = ("_bounds",)
+
+    def __init__(self, bounds: Sequence[int]):
+        self._bounds = tuple(bounds)
+
+    def __getitem__(self, index):
+        return self._bounds[index]
+
+    def __len__(self) -> int:
+        return len(self._bounds)
+
+    def __repr__(self) -> str:
+        return f"HostBounds{self._bounds}"
 
 
 def document_bounds(cu_seqlens: torch.Tensor | Sequence[int]) -> list[int]:
@@ -46,6 +67,10 @@ def document_lengths(cu_seqlens: torch.Tensor | Sequence[int]) -> list[int]:
     return [end - start for start, end in zip(bounds[:-1], bounds[1:])]
 
 
+# Compiled blocks (parallel/compile.py) call the core eagerly, at a graph break: its loop over documents runs on
+# host metadata whose count and lengths change every batch, which a graph would have to specialize on (a recompile
+# per batch), and its kernels (SDPA, flash-attn) are library calls that a compiler would not fuse anyway.
+@torch.compiler.disable
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -52,6 +52,10 @@ class GroupedExperts(nn.Module):
         for name in ("w_gate", "w_up", "w_down"):
             init.normal_experts_(getattr(self, name), std, name, first)
 
+    # Eager inside compiled blocks (parallel/compile.py), at a graph break: the grouped GEMM has no fake-tensor
+    # kernel outside bf16 (its shape function follows CUDA's contract), the looped fallback reads the counts on the
+    # host, and the GEMMs are library calls a compiler would not fuse anyway.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Run the experts on token rows already sorted by expert.
 

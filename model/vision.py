@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config.model import VisionArgs
-from model.attention import apply_rotary, rope_angles_2d, varlen_attention
+from model.attention import HostBounds, apply_rotary, rope_angles_2d, varlen_attention
 from model.init import ParamInit
 from model.layers import init_default_weights
 
@@ -71,7 +71,8 @@ class VisionBlock(nn.Module):
 
         Args:
             x: Packed patch features ``[T, hidden]``.
-            cu_seqlens: ``[images + 1]`` image boundaries (host ints, see ``grid_cu_seqlens``).
+            cu_seqlens: ``[images + 1]`` image boundaries as host ints (see ``grid_cu_seqlens``; MoonViT passes
+                them as :class:`~model.attention.HostBounds`).
             angles: 2D RoPE angles ``[T, head_dim / 2]``, or None without RoPE.
 
         Returns:
@@ -177,7 +178,7 @@ class MoonViT(nn.Module):
             raise ValueError(f"pixel_values holds {patches} patches but image_grid_hw describes {expected}.")
         x = self.embed_patches(pixel_values)
         x = x + self.position_embeddings(grid_hw).to(x.dtype)
-        cu_seqlens = grid_cu_seqlens(grid_hw)
+        cu_seqlens = HostBounds(grid_cu_seqlens(grid_hw))
         angles = None
         if self.use_rope:
             rows, cols = grid_positions(grid_hw, x.device)

@@ -7,7 +7,8 @@
   RoPE and the attention core (cheap in FLOPs, large in bytes: softmax inputs, padded values).
 
 Applied with torch's composable ``checkpoint`` (forward hooks), so parameter names, the optimizer's unit keys and
-checkpoints do not change with the policy. Gradients are identical to ``none`` (tested): recomputation replays the
+checkpoints do not change with the policy. With compiled blocks (parallel/compile.py) the hooks run eagerly around
+the compiled ``forward``. Gradients are identical to ``none`` (tested): recomputation replays the
 same ops on the same inputs.
 """
 
@@ -28,8 +29,11 @@ __all__ = ["POLICIES", "ActivationCheckpointing", "apply_activation_checkpointin
 POLICIES = ("none", "selective", "full")
 
 aten = torch.ops.aten
-# Outputs kept by the selective policy: matrix multiplications, and collectives (never re-issued in a recompute).
+# Outputs kept by the selective policy: matrix multiplications, collectives (never re-issued in a recompute), and
+# compiled graphs (parallel/compile.py): a graph's outputs hold what its partitioner saved for its backward, matmul
+# outputs, while its fused pointwise work is recomputed inside the compiled backward.
 SAVED_OPS = {
+    torch.ops.higher_order.inductor_compiled_code,
     aten.mm.default,
     aten.addmm.default,
     aten.bmm.default,

@@ -76,6 +76,9 @@ class ContextParallelAttention(nn.Module):
         self.seq_len = seq_len
         self.method = method
 
+    # Eager inside compiled blocks (parallel/compile.py), like the core it replaces: a loop over chunks and
+    # documents on host metadata, around collectives.
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                 scale: float | None = None) -> torch.Tensor:
         """Attention of the local queries ``q [T_local, H, D]`` against every rank's keys and values.

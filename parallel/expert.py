@@ -94,6 +94,9 @@ class ExpertParallelExperts(GroupedExperts):
                     getattr(self, name).copy_(getattr(full, name)[shard])
                 getattr(self, name).requires_grad_(getattr(full, name).requires_grad)
 
+    # Eager inside compiled blocks (parallel/compile.py), like the experts it replaces: the exchange sizes are read
+    # on the host (the all-to-all splits), so the received rows have a data-dependent count.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Compute the rows ``x`` (sorted by global expert, ``tokens_per_expert`` ``[E]`` on ``x``'s device) on
         whichever rank holds each expert; returns them in the order given."""

@@ -7,11 +7,14 @@
 2. pipeline pruning (``pp > 1``): the model keeps only this rank's stages (parallel/pipeline.py);
 3. activation checkpointing hooks on every transformer block that remains (parallel/activation_checkpoint.py),
    whose policy is chosen per stage;
-4. ``to_empty(device)``: the first allocation, of exactly the parameters this rank holds;
-5. initialization of those parameters from the run's seed, each by its name (model/init.py): an expert at global
+4. ``compile``: each remaining block's ``forward`` through ``torch.compile`` (parallel/compile.py). After the
+   sharding and pruning (a block is compiled as this rank runs it) and inside the checkpoint hooks, which run
+   eagerly around the compiled forward (compilation itself happens at the first call, in the parameters' dtype);
+5. ``to_empty(device)``: the first allocation, of exactly the parameters this rank holds;
+6. initialization of those parameters from the run's seed, each by its name (model/init.py): an expert at global
    index ``e`` and a layer ``i`` get the values one process gives them, whatever ``ep`` and ``pp`` are.
 
-Until step 4 every tensor is on ``meta``, so no rank ever allocates a parameter it does not own.
+Until step 5 every tensor is on ``meta``, so no rank ever allocates a parameter it does not own.
 
 Per curriculum stage, :meth:`ParallelModel.apply_stage` sets what changes between stages: context parallelism
 (``cp > 1``) swaps the decoder's attention cores for the all-gather-KV or ring version laid out for the stage's
@@ -32,6 +35,7 @@ import torch.distributed as dist
 from model.init import ParamInit
 from model.vlm import KimiVL
 from parallel.activation_checkpoint import ActivationCheckpointing, default_policy
+from parallel.compile import apply_compile
 from parallel.context import apply_context_parallel
 from parallel.dims import ParallelDims, ParallelGroups
 from parallel.expert import apply_expert_parallel
@@ -84,7 +88,8 @@ class ParallelModel:
 
 
 def parallelize(model: KimiVL, dims: ParallelDims, groups: ParallelGroups, device: torch.device | str, seed: int,
-                pipeline: PipelineOptions | None = None, param_dtype: torch.dtype = torch.float32) -> ParallelModel:
+                pipeline: PipelineOptions | None = None, param_dtype: torch.dtype = torch.float32,
+                compile: bool = False) -> ParallelModel:
     """Shard, prune, wrap, place and initialize ``model`` for this rank (see the module docstring for the order).
 
     Args:
@@ -96,6 +101,8 @@ def parallelize(model: KimiVL, dims: ParallelDims, groups: ParallelGroups, devic
         pipeline: How to cut the pipeline; required when ``dims.pp_degree > 1``.
         param_dtype: The parameters' dtype (activations follow it). Buffers keep theirs: the router's balancing
             bias stays fp32.
+        compile: Compile every transformer block (``compile: true``); the layouts that allow it are checked by
+            config/validate.py.
 
     Returns:
         The :class:`ParallelModel`.
@@ -115,6 +122,8 @@ def parallelize(model: KimiVL, dims: ParallelDims, groups: ParallelGroups, devic
         runner = build_pipeline(model, pipeline.schedule, groups.pp, pipeline.seq_len, pipeline.loss,
                                 pipeline.virtual_stages, device=device)
     checkpointing = ActivationCheckpointing(model)
+    if compile:
+        logger.info("compiled blocks: %d", apply_compile(model))
     for param in model.parameters():  # on meta: nothing is allocated yet
         param.data = param.data.to(param_dtype)
     model.to_empty(device=device)

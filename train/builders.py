@@ -128,7 +128,7 @@ def build_model(cfg: RunConfig, runtime: Runtime) -> ParallelModel:
     pipeline = PipelineOptions(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages, max(_seq_lens(cfg)),
                                functools.partial(linear_cross_entropy_sum, chunk_tokens=cfg.loss_chunk_tokens))
     return parallelize(model, runtime.dims, runtime.groups, runtime.device, cfg.seed, pipeline,
-                       param_dtype=getattr(torch, cfg.precision.param_dtype))
+                       param_dtype=getattr(torch, cfg.precision.param_dtype), compile=cfg.compile)
 
 
 def enter_stage_layout(runtime: Runtime, parallel: ParallelModel, stage: StageConfig, cfg: RunConfig) -> StageLayout:

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from parallel.compile import compiled_block_names
 from tests.forked import run_ranks
 from config import load_config
 from train.metrics import read_metrics
@@ -48,6 +49,8 @@ def train_rank(rank: int, world: int, args: list[str]) -> dict:
                if hasattr(m, "expert_offset") for p in ("w_gate", "w_up", "w_down")}
     records = read_metrics(trainer.cfg.run_dir / "joint_pretrain" / "metrics.jsonl")
     return {"params": params, "offsets": offsets, "losses": [r["loss"] for r in records],
+            "compiled_blocks": compiled_block_names(trainer.model),
+            "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
             "grad_norms": [r["grad_norm"] for r in records],
             "step_flops": [r["model_tflops_per_s"] * 1e12 * r["step_time_s"] for r in records]}
 
@@ -73,6 +76,9 @@ LAYOUTS = {
     "dp2_cp2_ep4": dict(world=4, cp_degree=2, ep_degree=4, activation_checkpoint="none"),
     # a run laid out dp4 whose stage regroups the same ranks as dp2 x cp2 (curriculum.stages.<name>.cp_degree)
     "dp4_stage_cp2_ep2": dict(world=4, ep_degree=2, stage_cp=2, activation_checkpoint="selective"),
+    # compiled blocks (parallel/compile.py) around the eager expert dispatch and ring attention
+    "cp2_ep2_ring_compiled": dict(world=2, cp_degree=2, ep_degree=2, cp_attention="ring",
+                                  activation_checkpoint="selective", compile=True),
 }
 
 
@@ -81,11 +87,15 @@ def test_layout_equals_one_process(layout, reference, demo_root, tmp_path):
     spec = dict(LAYOUTS[layout])
     world = spec.pop("world")
     stage_cp = spec.pop("stage_cp", 0)
+    compiled = spec.pop("compile", False)
     dp = world // (stage_cp or spec.get("cp_degree", 1))
     args = overrides(tmp_path, demo_root, GLOBAL_ROWS // dp, **spec)
     if stage_cp:
         args.append(f"curriculum.stages.joint_pretrain.cp_degree={stage_cp}")
+    args.append(f"compile={str(compiled).lower()}")
     results = run_ranks(train_rank, world, args)
+    for result in results:  # every block compiled, and graphs were built (none skipped: see tests/unit/test_compile.py)
+        assert bool(result["compiled_blocks"]) == compiled and (result["compiled_graphs"] > 0) == compiled
     assert len(results[0]["losses"]) == STEPS
     for step, (got, want) in enumerate(zip(results[0]["losses"], reference["losses"], strict=True)):
         assert abs(got - want) <= TOLERANCE * abs(want), f"{layout} step {step + 1}: loss {got} vs {want}"

@@ -20,6 +20,7 @@ from model.registry import FLAVORS, build_model
 from model.vlm import KimiVL
 from optim.distributed import ZeroOptimizer
 from optim.muon import MuonHParams
+from parallel.compile import compiled_block_names
 from parallel.dims import ParallelDims
 from tests.forked import run_ranks
 from parallel.parallelize import PipelineOptions, parallelize
@@ -99,14 +100,15 @@ def reference_rank(rank: int, world: int) -> dict:
             "loads": dict(zip(moe_keys, result.expert_load, strict=True))}
 
 
-def pipeline_rank(rank: int, world: int, schedule: str, pp: int) -> dict:
+def pipeline_rank(rank: int, world: int, schedule: str, pp: int, compile: bool = False) -> dict:
     replicas = world // pp
     dims = ParallelDims(pp_degree=pp, dp_degree=replicas, cp_degree=1, ep_degree=1, world_size=world)
     groups = dims.build_groups()
     dense_group = groups.dense  # the replicas of one stage: dense gradients and optimizer state
     with torch.device("meta"):  # the device path: this rank's stages only are ever allocated and initialized
         model = KimiVL(ARGS)
-    parallel = parallelize(model, dims, groups, "cpu", SEED, PipelineOptions(schedule, 2, SEQ, linear_cross_entropy_sum))
+    parallel = parallelize(model, dims, groups, "cpu", SEED, PipelineOptions(schedule, 2, SEQ, linear_cross_entropy_sum),
+                           compile=compile)
     model, runner = parallel.model, parallel.pipeline
     if model.coca is not None:
         model.coca.requires_grad_(False)
@@ -125,7 +127,7 @@ def pipeline_rank(rank: int, world: int, schedule: str, pp: int) -> dict:
     optimizer_for(model, dense_group).step(max_grad_norm=CLIP)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {"loss": float(loss), "grads": grads, "params": params, "layout": runner.layout,
-            "loads": dict(zip(moe_keys, loads, strict=True))}
+            "loads": dict(zip(moe_keys, loads, strict=True)), "compiled_blocks": compiled_block_names(model)}
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +149,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, "1f1b_pp2_compiled"])
 def test_pipeline_equals_one_process(case, reference):
-    schedule, pp, world = CASES[case]
-    results = run_ranks(pipeline_rank, world, schedule, pp)
+    # Compiled blocks (parallel/compile.py) run under the schedules whose backward is one call per stage; the
+    # zero-bubble ones are refused by the config (config/validate.py).
+    compiled = case.endswith("_compiled")
+    schedule, pp, world = CASES[case.removesuffix("_compiled")]
+    results = run_ranks(pipeline_rank, world, schedule, pp, compiled)
+    if compiled:
+        assert all(result["compiled_blocks"] for result in results)
+    # Compiled graphs round differently (fused kernels): the gradients agree to 6e-7, but AdamW's first step
+    # normalizes every element (g / (|g| + eps)), which magnifies the relative differences of the smallest ones: the
+    # embedding differs by 1.2e-5 after the step.
+    param_tolerance = 1e-4 if compiled else TOLERANCE
     worst = {"grad": 0.0, "param": 0.0}
     for rank, result in enumerate(results):
         assert abs(result["loss"] - reference["loss"]) <= TOLERANCE * abs(reference["loss"]), (rank, result["loss"])
@@ -161,7 +172,7 @@ def test_pipeline_equals_one_process(case, reference):
         for name, param in result["params"].items():
             error = relative_error(param, reference["params"][name])
             worst["param"] = max(worst["param"], error)
-            assert error <= TOLERANCE, f"{case} rank {rank}: {name} after the step differs by {error:.2e}"
+            assert error <= param_tolerance, f"{case} rank {rank}: {name} after the step differs by {error:.2e}"
         for key, load in result["loads"].items():
             assert torch.equal(load, reference["loads"][key]), f"{case} rank {rank}: expert load of layer {key}"
     # Every parameter that has a gradient in one process lives on exactly one stage of each replica.

@@ -140,6 +140,11 @@ def test_print_config(capsys):
     ("parallel.pp_schedule=interleaved_1f1b parallel.pp_virtual_stages=1", "parallel.pp_virtual_stages=1"),
     # Checked at the recipe's world size before any process group: 3 decoder layers cannot make 2 x 2 stages.
     ("parallel.pp_degree=2 parallel.pp_schedule=interleaved_1f1b world_size=2", "decoder has 3 layers"),
+    # Compiled blocks under a schedule that splits the backward into input and weight gradients.
+    ("compile=true parallel.pp_degree=2 parallel.pp_schedule=zero_bubble world_size=2",
+     "compile=true with parallel.pp_schedule=zero_bubble (pp_degree=2) is not supported"),
+    ("compile=true parallel.pp_degree=2 parallel.pp_schedule=interleaved_zero_bubble world_size=4",
+     "compile=true with parallel.pp_schedule=interleaved_zero_bubble (pp_degree=2) is not supported"),
 ])
 def test_print_config_rejects_what_a_launched_run_would(capsys, override, fragment):
     assert main(["recipe=debug", *override.split(), "--print-config"]) == 2
