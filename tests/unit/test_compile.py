@@ -16,13 +16,14 @@ import torch
 from torch.profiler import profile
 
 from data.batch import PackedBatch
-from model.coca import TextBlock, caption_loss_sum, siglip_loss
+from model.coca import TextBlock
 from model.decoder import DecoderLayer
 from model.registry import FLAVORS, build_model
 from model.vision import VisionBlock
 from parallel.activation_checkpoint import ActivationCheckpointing
 from parallel.compile import apply_compile, compiled_block_names
 from tests.unit.test_model_vlm import PATCH_DIM, _image_text_batch, _packed_batch
+from train.loss import caption_loss_sum, siglip_loss
 
 TOLERANCE = 1e-5
 
