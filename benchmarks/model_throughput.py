@@ -60,54 +60,6 @@ def best_of(fns: list, repeats: int) -> list[float]:
     return best
 
 
-def hf_reference(decoder: MoEDecoder, flavor: str):
-    """transformers' DeepseekV3ForCausalLM holding ``decoder``'s weights."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    from model.hf import hf_config
-
-    args = FLAVORS[flavor]
-    config = hf_config("deepseek_v3", args)
-    config = DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    reference = DeepseekV3ForCausalLM(config)
-    ours = {f"decoder.{name}": t for name, t in decoder.state_dict().items()}
-    theirs = export_state_dict(ours, "deepseek_v3", args, fused_experts=True)
-    missing, unexpected = reference.load_state_dict(theirs, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"weights did not map: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return reference
-
-
-def bench_decoder(rows: int, seq: int, repeats: int) -> dict:
-    torch.manual_seed(0)
-    model = build_model(FLAVORS["small"])
-    decoder = model.decoder
-    reference = hf_reference(decoder, "small")
-    vocab = FLAVORS["small"].decoder.vocab_size
-    ids = torch.randint(0, vocab, (rows, seq))
-    labels = torch.randint(0, vocab, (rows, seq))
-
-    def ours_step():
-        decoder.zero_grad(set_to_none=True)
-        logits = decoder.logits(decoder(ids)[0])
-        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
-
-    def hf_step():
-        reference.zero_grad(set_to_none=True)
-        logits = reference(ids).logits
-        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
-
-    with torch.no_grad():
-        diff = float((decoder.logits(decoder(ids)[0]) - reference(ids).logits).abs().max())
-    ours_s, hf_s = best_of([ours_step, hf_step], repeats)
-    tokens = rows * seq
-    return {"decoder_tokens": tokens, "decoder_ours_tok_s": round(tokens / ours_s, 1),
-            "decoder_hf_tok_s": round(tokens / hf_s, 1), "decoder_speedup_vs_hf": round(hf_s / ours_s, 2),
-            "decoder_logits_max_abs_diff": diff,
-            "hf_attn_implementation": reference.config._attn_implementation,
-            "hf_experts_implementation": reference.config._experts_implementation}
-
-
 # Compiled vs eager, checked before any timing. fp32: the logits and every gradient within 1e-5 relative (fused
 # kernels change the rounding only). bf16: eager rounds every op's output to bf16 where fused kernels keep fp32
 # inside, and a token whose top-k experts nearly tie may be routed differently, so the two differ by bf16's own
@@ -230,6 +182,54 @@ def best_times(fns: list, repeats: int) -> tuple[list[float], list[float]]:
             wall[i] = min(wall[i], time.perf_counter() - start)
             cpu[i] = min(cpu[i], time.process_time() - start_cpu)
     return wall, cpu
+
+
+def hf_reference(decoder: MoEDecoder, flavor: str):
+    """transformers' DeepseekV3ForCausalLM holding ``decoder``'s weights."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from model.hf import hf_config
+
+    args = FLAVORS[flavor]
+    config = hf_config("deepseek_v3", args)
+    config = DeepseekV3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    reference = DeepseekV3ForCausalLM(config)
+    ours = {f"decoder.{name}": t for name, t in decoder.state_dict().items()}
+    theirs = export_state_dict(ours, "deepseek_v3", args, fused_experts=True)
+    missing, unexpected = reference.load_state_dict(theirs, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weights did not map: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return reference
+
+
+def bench_decoder(rows: int, seq: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(FLAVORS["small"])
+    decoder = model.decoder
+    reference = hf_reference(decoder, "small")
+    vocab = FLAVORS["small"].decoder.vocab_size
+    ids = torch.randint(0, vocab, (rows, seq))
+    labels = torch.randint(0, vocab, (rows, seq))
+
+    def ours_step():
+        decoder.zero_grad(set_to_none=True)
+        logits = decoder.logits(decoder(ids)[0])
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+
+    def hf_step():
+        reference.zero_grad(set_to_none=True)
+        logits = reference(ids).logits
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+
+    with torch.no_grad():
+        diff = float((decoder.logits(decoder(ids)[0]) - reference(ids).logits).abs().max())
+    ours_s, hf_s = best_of([ours_step, hf_step], repeats)
+    tokens = rows * seq
+    return {"decoder_tokens": tokens, "decoder_ours_tok_s": round(tokens / ours_s, 1),
+            "decoder_hf_tok_s": round(tokens / hf_s, 1), "decoder_speedup_vs_hf": round(hf_s / ours_s, 2),
+            "decoder_logits_max_abs_diff": diff,
+            "hf_attn_implementation": reference.config._attn_implementation,
+            "hf_experts_implementation": reference.config._experts_implementation}
 
 
 def padded_vit_forward(vit: MoonViT, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
