@@ -15,7 +15,8 @@ projections' epilogues, SwiGLU/GELU, routing, residuals.
 Order with activation checkpointing (parallel/activation_checkpoint.py): the checkpoint hooks stay on the module's
 ``__call__`` and only ``forward`` is compiled, so checkpointing wraps the compiled graphs, eagerly. torchtitan
 compiles *around* its checkpoint wrapper instead (Dynamo then traces the checkpoint as one region), but that needs a
-block without graph breaks, which ours are not (torchtitan falls back to the same order for its MoE blocks). So:
+block without graph breaks, which ours are not (for its MoE blocks, broken at the expert dispatch, torchtitan also
+compiles the parts inside the checkpoint wrapper). So:
 
 * the policy can change between curriculum stages without a recompile (the hooks are read at each call);
 * ``full`` recomputes the compiled graphs during the backward, like any other forward;
@@ -69,7 +70,7 @@ def apply_compile(model: nn.Module) -> int:
             # An instance attribute: ``nn.Module.__call__`` (and the checkpoint hooks on it) calls it; parameter
             # names, the state dict and the module tree do not change.
             block.forward = torch.compile(block.forward, options=INDUCTOR_OPTIONS)
-            # First among the pre-hooks, so that the checkpoint's saves (and recomputes from) the copy.
+            # First among the pre-hooks, so that the checkpoint saves (and recomputes from) the copy.
             block.register_forward_pre_hook(_copy_view_input, prepend=True)
             count += 1
     return count

@@ -88,6 +88,13 @@ def compiled_region_calls(fn) -> int:
     return sum(event.name.startswith("Torch-Compiled Region") for event in prof.events())
 
 
+def matmul_calls(fn) -> int:
+    """Matrix products run while ``fn`` runs: the blocks' projections, all inside compiled graphs."""
+    with profile() as prof:
+        fn()
+    return sum(event.name in ("aten::mm", "aten::addmm") for event in prof.events())
+
+
 def assert_same(got: tuple, want: tuple) -> None:
     (out, grads), (out_ref, grads_ref) = got, want
     assert float((out - out_ref).abs().max()) <= TOLERANCE * max(1.0, float(out_ref.abs().max()))
@@ -109,7 +116,7 @@ def test_compiled_equals_eager_as_the_policy_changes_between_stages(models):
     policy's step equals the eager model's."""
     eager, compiled, checkpointing = models
     want = lm_step(eager)
-    graphs = None
+    graphs, matmuls = None, {}
     for policy in ("none", "selective", "full", "none", "selective"):
         checkpointing.set_policy(policy)
         got = lm_step(compiled)
@@ -120,6 +127,9 @@ def test_compiled_equals_eager_as_the_policy_changes_between_stages(models):
         # Every block ran compiled code: at least one graph per vision block (forward and, recomputed or not, its
         # backward runs in Inductor's code) and per decoder layer.
         assert compiled_region_calls(lambda: lm_step(compiled)) >= 2 + 3, policy
+        matmuls[policy] = matmul_calls(lambda: lm_step(compiled))
+    # selective keeps what the compiled graphs saved (their matmuls are not run again); full recomputes them
+    assert matmuls["selective"] == matmuls["none"] < matmuls["full"], matmuls
     checkpointing.set_policy("none")
 
 
