@@ -262,6 +262,11 @@ class RecoveryConfig:
     gradient norm exceeds ``grad_spike_factor`` x their mean) is a spike: every rank rolls back to the last
     checkpoint before it, the ``skip_steps`` steps from the spike on are skipped (their data drawn and never
     trained on), and training continues. Past ``max_rollbacks_per_stage`` rollbacks in a stage the run stops.
+
+    A spike can start before the step that crosses the threshold (a loss or a gradient norm climbing, or a fault that
+    corrupted a weight a few steps earlier), so the ``spike_window`` steps before a detected spike are suspect: the
+    rollback goes to a checkpoint taken before them, and checkpoint retention keeps one such checkpoint besides the
+    last ``checkpoint.keep_last`` (train/checkpoint.py, :func:`retained_steps`).
     """
 
     loss_spike_factor: float = 0.0  # 0: loss spikes are not detected
@@ -269,6 +274,8 @@ class RecoveryConfig:
     window: int = 50
     max_rollbacks_per_stage: int = 3
     skip_steps: int = 1
+    # Steps before a detected spike whose checkpoints are not trusted (0: the last checkpoint before the spike is).
+    spike_window: int = 10
 
     @property
     def enabled(self) -> bool:

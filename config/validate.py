@@ -309,6 +309,8 @@ def _check_recovery(cfg: RunConfig) -> None:
     _check(r.max_rollbacks_per_stage >= 0, "recovery.max_rollbacks_per_stage", r.max_rollbacks_per_stage,
            "an integer >= 0")
     _check(r.skip_steps >= 1, "recovery.skip_steps", r.skip_steps, "an integer >= 1 (steps skipped per spike)")
+    _check(r.spike_window >= 0, "recovery.spike_window", r.spike_window,
+           "an integer >= 0 (steps before a spike whose checkpoints are not trusted)")
     _check(not r.enabled or cfg.checkpoint.keep_last >= 2, "checkpoint.keep_last", cfg.checkpoint.keep_last,
            ">= 2 with spike recovery (a rollback needs a checkpoint from before the spike)")
 

@@ -40,7 +40,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from storage import S3Options
 from train.checkpoint_store import METADATA_FILE, CheckpointStore, open_checkpoint_store, split_location
 
-__all__ = ["CheckpointManager", "ModelState", "RNGState", "load_checkpoint", "read_checkpoint_info"]
+__all__ = ["CheckpointManager", "ModelState", "RNGState", "load_checkpoint", "read_checkpoint_info",
+           "retained_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +125,15 @@ class CheckpointManager:
         keep_last: Committed checkpoints kept; older ones are deleted at each commit.
         async_group: A process group for background saves (gloo, created by every rank), or None to save
             synchronously.
+        spike_window: With spike recovery, the steps before a detected spike whose checkpoints are not trusted;
+            retention keeps a checkpoint older than them besides the last ``keep_last`` (:func:`retained_steps`).
     """
 
     def __init__(self, store: CheckpointStore | str | Path, keep_last: int,
-                 async_group: dist.ProcessGroup | None = None):
+                 async_group: dist.ProcessGroup | None = None, spike_window: int = 0):
         self.store = store if not isinstance(store, (str, Path)) else open_checkpoint_store(store)
         self.keep_last = keep_last
+        self.spike_window = spike_window
         self.async_group = async_group
         self._pending: tuple[int, Future] | None = None
         self._commit_error: BaseException | None = None
@@ -196,8 +200,11 @@ class CheckpointManager:
 
     def _commit(self, step: int) -> None:
         self.store.commit(step)
-        for old in self.store.committed_steps()[: -self.keep_last]:
-            self.store.remove(old)
+        committed = self.store.committed_steps()
+        kept = retained_steps(committed, step, self.keep_last, self.spike_window)
+        for old in committed:
+            if old not in kept:
+                self.store.remove(old)
         self.store.remove_leftovers(keep=None)
         logger.info("checkpoint %s committed", self.location(step))
 
@@ -235,6 +242,16 @@ class CheckpointManager:
         except Exception as error:
             logger.error("checkpoint %s was not completed: %s", self.location(step), error)
 
+    def discard_after(self, step: int) -> list[int]:
+        """Delete every committed checkpoint newer than ``step`` (a rollback's target: those were taken inside a
+        spike's window). Called by every rank with no save in flight; returns the steps deleted."""
+        newer = [c for c in self.committed_steps() if c > step]
+        if _is_rank0():
+            for c in newer:
+                self.store.remove(c)
+        _barrier()
+        return newer
+
     def load(self, step: int, state: dict[str, Any]) -> None:
         """Fill ``state`` in place from the committed checkpoint of ``step``."""
         dcp.load(state, storage_reader=self.store.reader(step))
@@ -242,6 +259,24 @@ class CheckpointManager:
     def info(self, step: int) -> dict[str, Any]:
         """The ``checkpoint.json`` of a committed checkpoint."""
         return self.store.read_info(step)
+
+
+def retained_steps(committed: list[int], newest: int, keep_last: int, spike_window: int = 0) -> set[int]:
+    """The committed checkpoints kept when the one of step ``newest`` is committed.
+
+    A spike detected at step ``s`` makes steps ``s - spike_window .. s`` suspect, so its rollback needs a checkpoint
+    of a step ``<= s - spike_window - 1``. The next spike can come at ``newest + 1``, so kept are: the last
+    ``keep_last``; the newest checkpoint at or before ``newest - spike_window`` (that spike's rollback target; none
+    before the first such checkpoint, when the stage's start is the target); and every checkpoint after it, each of
+    which becomes the target as training goes on. With checkpoints every ``I`` steps that is at most
+    ``max(keep_last, ceil(spike_window / I)) + 1`` checkpoints; ``spike_window = 0`` is plain keep-last-k.
+    """
+    horizon = newest - spike_window
+    kept = set(committed[-keep_last:]) | {c for c in committed if c > horizon}
+    target = max((c for c in committed if c <= horizon), default=None)
+    if target is not None:
+        kept.add(target)
+    return kept
 
 
 def load_checkpoint(location: str | Path, state: dict[str, Any], options: S3Options | None = None) -> None:

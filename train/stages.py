@@ -41,7 +41,8 @@ def checkpoint_location(cfg: RunConfig, name: str) -> str:
 
 def checkpoints_of(cfg: RunConfig, name: str, async_group: dist.ProcessGroup | None = None) -> CheckpointManager:
     store = open_checkpoint_store(checkpoint_location(cfg, name), checkpoint_s3_options(cfg))
-    return CheckpointManager(store, cfg.checkpoint.keep_last, async_group)
+    spike_window = cfg.recovery.spike_window if cfg.recovery.enabled else 0
+    return CheckpointManager(store, cfg.checkpoint.keep_last, async_group, spike_window=spike_window)
 
 
 def is_done(cfg: RunConfig, name: str) -> bool:

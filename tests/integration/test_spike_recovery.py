@@ -15,7 +15,8 @@ from train.recovery import read_recovery
 
 STAGE, STEPS, POISONED_STEP, INTERVAL = "text_pretrain", 20, 13, 5
 # The clean loss falls step after step here, so a small factor raises no false alarm (asserted below).
-RECOVERY = ["recovery.loss_spike_factor=1.1", "recovery.window=4", "recovery.max_rollbacks_per_stage=2"]
+RECOVERY = ["recovery.loss_spike_factor=1.1", "recovery.window=4", "recovery.max_rollbacks_per_stage=2",
+            "recovery.spike_window=2"]
 
 
 def stage_run(out, demo_root, name: str, *extra: str) -> list[str]:
@@ -128,3 +129,99 @@ def test_two_ranks_agree_roll_back_together_and_name_both_ranks_samples(clean_ru
     assert draws <= {s["draw"] for s in lines[0]["samples"]}
     records = read_metrics(clean_run / "dp2" / STAGE / "metrics.jsonl")
     assert [r["step"] for r in records] == [s for s in range(1, STEPS + 1) if s != POISONED_STEP]
+
+
+# Checkpoints every 2 steps, the last 2 kept, the 3 steps before a spike suspect: the spike at 13 must roll back to
+# the checkpoint at 8 (10 and 12 were taken inside its window), which plain keep-last-2 would have deleted.
+WINDOW = [f"curriculum.stages.{STAGE}.checkpoint_interval=2", "checkpoint.keep_last=2", "recovery.spike_window=3"]
+
+
+def _final_state(run_dir) -> dict:
+    """Every tensor of the stage's last checkpoint (model, optimizer, loader counters, RNG)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = run_dir / "final.pt"
+    dcp_to_torch_save(run_dir / STAGE / "checkpoints" / f"step-{STEPS:08d}", flat)
+    return torch.load(flat, weights_only=False)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        elif isinstance(a[key], dict):
+            _assert_same_state(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.fixture(scope="module")
+def window_run(clean_run, demo_root):
+    with pytest.MonkeyPatch.context() as patch:
+        poison(patch, only_in_step(clean_run / "clean", POISONED_STEP))
+        assert main(stage_run(clean_run, demo_root, "window", *WINDOW)) == 0
+    return clean_run / "window"
+
+
+def test_the_rollback_lands_before_the_spike_window(clean_run, window_run):
+    lines = read_recovery(window_run / STAGE / "recovery.jsonl")
+    assert [(line["step"], line["rolled_back_to"]) for line in lines] == [(POISONED_STEP, 8)]
+    # Replaying 9..12 from 8 is the same arithmetic: the run equals the one that rolled back to 10.
+    steps = read_metrics(window_run / STAGE / "metrics.jsonl")
+    reference = read_metrics(clean_run / "poisoned" / STAGE / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in steps] == [(r["step"], r["loss"], r["grad_norm"])
+                                                                       for r in reference]
+    # Retention at the end (step 20): the last 2 and the one before a spike at 21's window.
+    checkpoints = sorted(p.name for p in (window_run / STAGE / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000016", "step-00000018", "step-00000020"]
+
+
+def _killed_during_recovery(args: list[str], draws: set[int], where: str) -> None:
+    """A forked process running the poisoned stage that SIGKILLs itself at ``where``: right after the rollback is
+    decided (nothing of it saved yet), or at the first skipped step (the replay has saved checkpoints holding it)."""
+    import os
+    import signal
+
+    from train.recovery import RecoveryState
+    from train.trainer import Trainer
+
+    def kill():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with pytest.MonkeyPatch.context() as patch:
+        poison(patch, draws)
+        if where == "decided":
+            decide = RecoveryState.decide
+            patch.setattr(RecoveryState, "decide", lambda self, *a: (decide(self, *a), kill()))
+        else:
+            patch.setattr(Trainer, "_skip_step", lambda self, *a: kill())
+        main(args)
+    os._exit(0)  # not reached: the kill comes first
+
+
+@pytest.mark.parametrize("where", ["decided", "skipping"])
+def test_a_sigkill_during_recovery_then_a_rerun_gives_the_same_final_state(clean_run, demo_root, window_run, where):
+    import multiprocessing as mp
+    import signal
+
+    draws = only_in_step(clean_run / "clean", POISONED_STEP)
+    name = f"killed_{where}"
+    args = stage_run(clean_run, demo_root, name, *WINDOW)
+    child = mp.get_context("fork").Process(target=_killed_during_recovery, args=(args, draws, where))
+    child.start()
+    child.join(600)
+    assert child.exitcode == -signal.SIGKILL
+    run_dir = clean_run / name
+    assert not (run_dir / STAGE / "DONE.json").exists()
+    with pytest.MonkeyPatch.context() as patch:  # the same command again, the poisoned stream unchanged
+        poison(patch, draws)
+        assert main(args) == 0
+    lines = read_recovery(run_dir / STAGE / "recovery.jsonl")
+    assert [(line["step"], line["rolled_back_to"]) for line in lines] == [(POISONED_STEP, 8)]
+    steps = read_metrics(run_dir / STAGE / "metrics.jsonl")
+    assert [r["step"] for r in steps] == [s for s in range(1, STEPS + 1) if s != POISONED_STEP]
+    _assert_same_state(_final_state(run_dir), _final_state(window_run))
