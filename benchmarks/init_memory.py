@@ -42,7 +42,7 @@ from model.registry import FLAVORS
 from model.vlm import KimiVL
 from parallel.dims import ParallelDims
 from parallel.parallelize import PipelineOptions, parallelize
-from train.loss import linear_cross_entropy_sum
+from train.loss import linear_cross_entropy_by_group
 
 try:
     from benchmarks._check import require, require_equal
@@ -132,7 +132,7 @@ def main() -> None:
     start = time.perf_counter()
     with torch.device("meta"):
         model = KimiVL(model_args)
-    pipeline = PipelineOptions("1f1b", 1, 8192, linear_cross_entropy_sum)
+    pipeline = PipelineOptions("1f1b", 1, 8192, linear_cross_entropy_by_group)
     parallel = parallelize(model, dims, groups, "cpu", seed=0, pipeline=pipeline)
     seconds = time.perf_counter() - start
     growth = status_bytes("VmHWM") - rss_before

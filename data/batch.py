@@ -92,6 +92,8 @@ class ImageTextBatch:
     image_grid_hw: torch.Tensor
     text_ids: torch.Tensor
     text_mask: torch.Tensor
+    # [pairs] int16, host only: each pair's data source (its index in the stage's sorted sources); None: unknown.
+    source_ids: torch.Tensor | None = None
 
     @property
     def num_loss_tokens(self) -> int:

@@ -59,13 +59,14 @@ class Packer:
 
     def image_text_batch(self, slots: list[SlotStream], progress: float) -> ImageTextBatch:
         """One (image, caption ids) pair from each slot."""
-        pairs = []
+        pairs, sources = [], []
         for stream in slots:
             key, pair = self.reader.read_next(stream, progress)
             if self.observer is not None:
                 self.observer("pair", stream.slot, key, pair)
             pairs.append(pair)
-        return collate_image_text(pairs, self.pad_id)
+            sources.append(self._source_index[key[0]])
+        return collate_image_text(pairs, self.pad_id, sources)
 
     def _waiting(self, stream: SlotStream, progress: float) -> Document:
         """The slot's waiting document: the next one read if none waits, rendered again if restored."""

@@ -126,8 +126,9 @@ def concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return first.new_empty(0).set_(storage, first.storage_offset(), (rows, *trailing))
 
 
-def collate_image_text(pairs: list[tuple[ImagePatches, list[int]]], pad_id: int) -> ImageTextBatch:
-    """Pack the images NaViT-style and pad the texts to the longest one."""
+def collate_image_text(pairs: list[tuple[ImagePatches, list[int]]], pad_id: int,
+                       source_ids: list[int] | None = None) -> ImageTextBatch:
+    """Pack the images NaViT-style and pad the texts to the longest one; ``source_ids``: each pair's source."""
     lengths = [len(ids) for _, ids in pairs]
     # The mask first, then every id in one numpy pass over its True places (row-major: each text left-aligned):
     # a third of the time of converting padded Python rows with torch.tensor.
@@ -140,4 +141,5 @@ def collate_image_text(pairs: list[tuple[ImagePatches, list[int]]], pad_id: int)
         image_grid_hw=torch.tensor([img.grid for img, _ in pairs], dtype=torch.long),
         text_ids=torch.from_numpy(text_ids),
         text_mask=torch.from_numpy(text_mask),
+        source_ids=None if source_ids is None else torch.tensor(source_ids, dtype=torch.int16),
     )

@@ -221,6 +221,13 @@ def _embed_images_context_parallel(model: nn.Module, pixel_values: torch.Tensor,
     return torch.cat(pieces)
 
 
+def context_parallel_share(per_position: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's positions of a ``[rows, seq, ...]`` per-position tensor: the zigzag share its hidden states
+    cover under context parallelism over ``group`` (what :func:`forward_context_parallel` returns labels for)."""
+    rows, seq_len = per_position.shape[:2]
+    return ZigzagLayout(rows, seq_len, dist.get_world_size(group)).shard(per_position, dist.get_rank(group))
+
+
 def forward_context_parallel(model: nn.Module, batch, group: dist.ProcessGroup):
     """Final hidden states and labels of this rank's tokens of a :class:`~data.batch.PackedBatch` under context
     parallelism (the loss applies the output projection, fused with the cross-entropy).
@@ -235,5 +242,4 @@ def forward_context_parallel(model: nn.Module, batch, group: dist.ProcessGroup):
                                            batch.image_token_positions, group)
     hidden, aux = model.decoder(position_ids=layout.shard(batch.position_ids, cp_rank), cu_seqlens=batch.cu_seqlens,
                                 inputs_embeds=layout.shard(embeds, cp_rank))
-    return (hidden, layout.shard(batch.labels, cp_rank),
-            layout.shard(batch.loss_mask, cp_rank), aux)
+    return hidden, context_parallel_share(batch.labels, group), context_parallel_share(batch.loss_mask, group), aux

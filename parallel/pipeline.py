@@ -310,10 +310,12 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------- runner
 
 
-# The next-token loss *sum* of final hidden states: ``(hidden [B, S, H], output weight [V, H], targets [B, S]
-# with IGNORE_INDEX where no loss is taken) -> fp32 scalar``. The trainer hands in its fused, chunked loss
-# (train/loss.py): one cross-entropy for training, pipelines and evaluation.
-SumLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# The next-token loss *sum* of final hidden states, and the same per-token losses summed per group (the data source
+# of each position): ``(hidden [B, S, H], output weight [V, H], targets [B, S] with IGNORE_INDEX where no loss is
+# taken, groups [B, S] (negative: none) or None, number of groups) -> (fp32 scalar, fp32 [groups])``. The trainer
+# hands in its fused, chunked loss (train/loss.py): one cross-entropy for training, pipelines and evaluation.
+SumLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int],
+                   tuple[torch.Tensor, torch.Tensor]]
 
 
 
@@ -342,6 +344,9 @@ class PipelineRunner:
         self.num_stages, self.layout, self.schedule_name = num_stages, layout, schedule_name
         self.group, self.device = group, device
         self.loss = loss
+        # Per-group loss sums of the last step's micro-batches on the last stage (``step(..., groups=...)``).
+        self.num_groups = 0
+        self.group_sums: torch.Tensor | None = None
         self._schedule: PipelineScheduleSingle | PipelineScheduleMulti | None = None
         self._shape: tuple[int, int, int] | None = None
 
@@ -355,8 +360,23 @@ class PipelineRunner:
 
     def last_stage_loss(self, hidden: torch.Tensor, target: torch.Tensor, num_targets: float) -> torch.Tensor:
         """The last stage's loss of one micro-batch: cross-entropy *sum* over its loss tokens / the step's global
-        count, the output projection fused into it."""
-        return self.loss(hidden, self.model.decoder.output.weight, target) / num_targets
+        count, the output projection fused into it. With groups, ``target`` holds ``(targets, groups)`` in its
+        last dimension and the per-group sums add to :attr:`group_sums`."""
+        if not self.num_groups:
+            return self.loss(hidden, self.model.decoder.output.weight, target, None, 0)[0] / num_targets
+        targets, groups = target.unbind(-1)
+        total, by_group = self.loss(hidden, self.model.decoder.output.weight, targets, groups, self.num_groups)
+        self.group_sums += by_group.detach().double()
+        return total / num_targets
+
+    def last_stage_share(self, per_position: torch.Tensor) -> torch.Tensor:
+        """This rank's positions of a ``[rows, seq]`` tensor at the last stage: the zigzag share of its
+        context-parallel rank (whose hidden states cover only those), else all of them."""
+        group = self.stages[-1].cp_group
+        if group is None:
+            return per_position
+        rows, seq = per_position.shape
+        return ZigzagLayout(rows, seq, dist.get_world_size(group)).shard(per_position, dist.get_rank(group))
 
     @property
     def cp_degree(self) -> int:
@@ -391,13 +411,16 @@ class PipelineRunner:
         self._shape = (microbatches, rows, seq, self.cp_degree)
         return self._schedule
 
-    def step(self, batches: list[PackedBatch], num_targets: float, aux_weight: float = 0.0) -> torch.Tensor:
+    def step(self, batches: list[PackedBatch], num_targets: float, aux_weight: float = 0.0,
+             num_groups: int = 0) -> torch.Tensor:
         """Forward and backward of ``batches`` (one per micro-batch) through the pipeline; gradients accumulate.
 
         Args:
             batches: This data-parallel replica's micro-batches (every rank of the pipeline passes the same).
             num_targets: Loss tokens of the whole step over every replica.
             aux_weight: Gradient weight of each MoE layer's balance loss of each micro-batch.
+            num_groups: With the batches' ``source_ids``, the number of sources: the last stage also sums the loss
+                per source into :attr:`group_sums` (this rank's tokens).
 
         Returns:
             The sum of this replica's micro-batch losses (0 on ranks without the last stage).
@@ -409,12 +432,13 @@ class PipelineRunner:
             stage.aux_weight = aux_weight
         args, kwargs = pack_microbatches(batches) if self.has_first else ((), {})
         target = None
-        if self.has_last:
-            targets = [masked_targets(b.labels, b.loss_mask) for b in batches]
-            group = self.stages[-1].cp_group
-            if group is not None:  # the last stage's logits are this rank's tokens only
-                layout = ZigzagLayout(rows, seq, dist.get_world_size(group))
-                targets = [layout.shard(t, dist.get_rank(group)) for t in targets]
+        self.num_groups = num_groups if self.has_last else 0
+        self.group_sums = torch.zeros(self.num_groups, dtype=torch.float64, device=self.device)
+        if self.has_last:  # the last stage's logits are this rank's tokens only
+            targets = [self.last_stage_share(masked_targets(b.labels, b.loss_mask)) for b in batches]
+            if self.num_groups:  # chunked along rows with the targets by the schedule
+                targets = [torch.stack((t, self.last_stage_share(b.source_ids).to(t.device, torch.int64)), dim=-1)
+                           for t, b in zip(targets, batches, strict=True)]
             target = torch.cat(targets)
         losses: list[torch.Tensor] = []
         schedule.step(*args, target=target, losses=losses, return_outputs=False,
@@ -518,7 +542,7 @@ def build_pipeline(model: KimiVL, schedule: str, group: dist.ProcessGroup, seq_l
 
 
 def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_loss_coef: float, pp_degree: int,
-                     cp_degree: int = 1) -> tuple[float, float, int, torch.Tensor]:
+                     cp_degree: int = 1, num_groups: int = 0) -> tuple[float, float, int, torch.Tensor]:
     """The trainer's next-token step under pipeline parallelism (what ``train.trainer.lm_step`` is without it).
 
     Every rank of a pipeline, and every context-parallel rank, holds its replica's batches, so world-wide sums of
@@ -531,6 +555,7 @@ def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_los
         batches: This replica's micro-batches.
         aux_loss_coef: Weight of the MoE balance loss.
         pp_degree: Pipeline ranks per replica.
+        num_groups: Sources of the batches' ``source_ids`` whose losses the last stage sums (``runner.group_sums``).
 
     Returns:
         ``(lm_loss, aux_loss, tokens, expert_load)``: global token-mean loss, mean balance loss, tokens of the step
@@ -541,7 +566,7 @@ def pipeline_lm_step(runner: PipelineRunner, batches: list[PackedBatch], aux_los
     dist.all_reduce(counts)
     num_targets, tokens = (counts / (pp_degree * cp_degree)).tolist()
     replicas = dist.get_world_size() // (pp_degree * cp_degree)
-    loss = runner.step(batches, num_targets, aux_loss_coef / (len(batches) * replicas))
+    loss = runner.step(batches, num_targets, aux_loss_coef / (len(batches) * replicas), num_groups)
     totals = torch.stack((loss.double(), torch.tensor(runner.aux_loss_sum(), dtype=torch.float64,
                                                       device=runner.device)))
     dist.all_reduce(totals)

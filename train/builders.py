@@ -35,7 +35,7 @@ from parallel.parallelize import ParallelModel, PipelineOptions, parallelize
 from storage import Storage, build_storage
 from train.checkpoint import ModelState, RNGState
 from train.device_feed import DeviceFeed
-from train.loss import linear_cross_entropy_sum
+from train.loss import linear_cross_entropy_by_group
 from train.preflight import load_checked_tokenizer, read_root_manifest
 from train.runtime import init_distributed
 from train.stages import check_init_sources
@@ -126,7 +126,7 @@ def build_model(cfg: RunConfig, runtime: Runtime) -> ParallelModel:
     with torch.device("meta"):  # nothing is allocated before this rank's share is known
         model = KimiVL(cfg.model)
     pipeline = PipelineOptions(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages, max(_seq_lens(cfg)),
-                               functools.partial(linear_cross_entropy_sum, chunk_tokens=cfg.loss_chunk_tokens))
+                               functools.partial(linear_cross_entropy_by_group, chunk_tokens=cfg.loss_chunk_tokens))
     return parallelize(model, runtime.dims, runtime.groups, runtime.device, cfg.seed, pipeline,
                        param_dtype=getattr(torch, cfg.precision.param_dtype), compile=cfg.compile)
 

@@ -8,7 +8,8 @@ micro-batches), so that a step equals one process running the whole batch.
 * :func:`linear_cross_entropy_sum`: of ``hidden @ weight.T``, fused with the output projection and chunked (the
   decoder's next-token loss: training, the pipeline's last stage through the loss the trainer hands it, and
   evaluation).
-* :func:`caption_loss_sum`: the caption decoder's next-token loss over its texts.
+* :func:`caption_loss_sum`: the caption decoder's next-token loss over its texts (:func:`caption_loss_by_group`:
+  the same per data source).
 * :func:`siglip_loss`: SigLIP's sigmoid contrastive loss, over every rank's pairs when a process group exists.
 
 The fused next-token loss ``linear_cross_entropy_sum(hidden, weight, targets)`` is ``cross_entropy_sum(hidden @
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 # The convention lives with the model's layers because the pipeline (parallel/) builds targets too.
 from model.layers import IGNORE_INDEX, masked_targets
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "IGNORE_INDEX", "caption_loss_sum", "cross_entropy_sum",
+__all__ = ["DEFAULT_CHUNK_TOKENS", "IGNORE_INDEX", "caption_loss_by_group", "caption_loss_sum", "cross_entropy_sum",
            "linear_cross_entropy_by_group", "linear_cross_entropy_sum", "masked_targets", "reference_cross_entropy_sum",
            "siglip_loss"]
 
@@ -131,8 +132,15 @@ def linear_cross_entropy_by_group(hidden: torch.Tensor, weight: torch.Tensor, ta
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of ``logits [..., V]`` (taken in fp32) against ``targets [...]``, skipping
     :data:`IGNORE_INDEX`."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return _fp32_cross_entropy(logits, targets, "sum")
+
+
+def _fp32_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross-entropy of ``logits [..., V]`` taken in fp32 against ``targets [...]``, 0 at :data:`IGNORE_INDEX`;
+    ``reduction`` "sum", or "none" for ``targets``' shape."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction=reduction)
+    return losses if reduction == "sum" else losses.view(targets.shape)
 
 
 def reference_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -159,8 +167,29 @@ def caption_loss_sum(
     return cross_entropy_sum(caption_logits[:, :-1], masked_targets(text_ids[:, 1:], counted)), counted.sum()
 
 
+def caption_loss_by_group(caption_logits: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                          pair_groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`caption_loss_sum`'s per-pair sums added up per group (no gradient): ``(fp32 [num_groups] loss sums,
+    fp32 [num_groups] target counts)``; ``pair_groups`` is ``int [N]``, negative for none."""
+    with torch.no_grad():
+        counted = text_mask[:, 1:]
+        targets = masked_targets(text_ids[:, 1:], counted)
+        per_token = _fp32_cross_entropy(caption_logits[:, :-1], targets, "none")
+        return _sum_by_group(per_token.sum(1), pair_groups, num_groups), _sum_by_group(
+            counted.sum(1).float(), pair_groups, num_groups)
+
+
+def _sum_by_group(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``values [N]`` summed per ``groups [N]`` id (negative ids dropped) into ``fp32 [num_groups]``."""
+    groups = groups.to(values.device).long()
+    kept = groups >= 0
+    return torch.zeros(num_groups, dtype=torch.float32, device=values.device).index_add_(
+        0, groups[kept], values[kept].float())
+
+
 def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                logit_bias: torch.Tensor, group: dist.ProcessGroup | None = None,
+                image_groups: torch.Tensor | None = None, num_groups: int = 0) -> torch.Tensor:
     """SigLIP's sigmoid loss: every (image, text) pair is a binary problem, matched pairs positive.
 
     ``-sum(logsigmoid(labels * (exp(scale) * img @ txt.T + bias))) / N`` with ``labels = 2 I - 1`` over the ``N``
@@ -175,9 +204,13 @@ def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_sca
         logit_scale: Scalar log-temperature.
         logit_bias: Scalar bias.
         group: The ranks sharing the batch; None for the default group, if any.
+        image_groups: ``int [n]`` group of each of this rank's images (negative: none), to get the terms per group.
+        num_groups: Number of groups.
 
     Returns:
-        The scalar loss (this rank's share).
+        The scalar loss (this rank's share); with ``image_groups``, ``(loss, by_group)`` where ``by_group`` (fp32
+        ``[num_groups]``, no gradient) sums the terms of each group's images (each image against every text;
+        ``loss`` is all of them ``/ N``).
     """
     world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     texts = text_embeds
@@ -189,4 +222,8 @@ def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_sca
     rows = torch.arange(local, device=logits.device)
     labels = -torch.ones_like(logits)
     labels[rows, first + rows] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / total
+    terms = -F.logsigmoid(labels * logits)
+    loss = terms.sum() / total
+    if image_groups is None:
+        return loss
+    return loss, _sum_by_group(terms.detach().sum(1), image_groups, num_groups)

@@ -23,10 +23,11 @@ from torch import nn
 from config import StageConfig
 from data.batch import ImageTextBatch, PackedBatch
 from data.mixture import mixture_sources
-from parallel.context import forward_context_parallel
+from parallel.context import context_parallel_share, forward_context_parallel
 from parallel.pipeline import PipelineRunner, pipeline_lm_step
 from train.loss import (
     DEFAULT_CHUNK_TOKENS,
+    caption_loss_by_group,
     caption_loss_sum,
     linear_cross_entropy_by_group,
     masked_targets,
@@ -91,18 +92,24 @@ def _host_order_sum(values: list[torch.Tensor], device: torch.device) -> torch.T
 
 class SourceLosses:
     """Token-weighted cross-entropy per data source over a step's micro-batches (``loss/<source>`` and
-    ``loss_tokens/<source>`` in the metrics): sums and counts per source, summed over every rank."""
+    ``loss_tokens/<source>`` in the metrics, or other keys): sums and counts per source, summed over every rank."""
 
-    def __init__(self, names: tuple[str, ...], device: torch.device):
-        self.names = names
+    def __init__(self, names: tuple[str, ...], device: torch.device, loss_key: str = "loss",
+                 count_key: str = "loss_tokens"):
+        self.names, self.loss_key, self.count_key = names, loss_key, count_key
         self.sums = torch.zeros(len(names), dtype=torch.float64, device=device)
         self.counts = torch.zeros(len(names), dtype=torch.float64, device=device)
 
-    def add(self, by_source: torch.Tensor, batch: PackedBatch) -> None:
-        """Add one micro-batch: its loss sums per source and its loss tokens per source (no host sync)."""
+    def add(self, by_source: torch.Tensor, source_ids: torch.Tensor, loss_mask: torch.Tensor) -> None:
+        """Add this rank's positions of one micro-batch (``source_ids`` and ``loss_mask`` of the positions whose loss
+        sums per source are ``by_source``): the sums and the loss tokens per source (no host sync)."""
         self.sums += by_source.double()
-        sources = batch.source_ids.to(self.counts.device).reshape(-1).long()
-        counted = batch.loss_mask.reshape(-1) & (sources >= 0)
+        self.add_tokens(source_ids, loss_mask)
+
+    def add_tokens(self, source_ids: torch.Tensor, loss_mask: torch.Tensor) -> None:
+        """Count the loss tokens per source of these positions."""
+        sources = source_ids.to(self.counts.device).reshape(-1).long()
+        counted = loss_mask.to(self.counts.device).reshape(-1) & (sources >= 0)
         self.counts.index_add_(0, sources.clamp(min=0), counted.double())
 
     def reduced(self) -> dict[str, torch.Tensor]:
@@ -112,8 +119,8 @@ class SourceLosses:
         dist.all_reduce(both)
         sums, counts = both.split(len(self.names))
         means = sums / counts.clamp(min=1.0)
-        return {**{f"loss/{n}": means[i] for i, n in enumerate(self.names)},
-                **{f"loss_tokens/{n}": counts[i] for i, n in enumerate(self.names)}}
+        return {**{f"{self.loss_key}/{n}": means[i] for i, n in enumerate(self.names)},
+                **{f"{self.count_key}/{n}": counts[i] for i, n in enumerate(self.names)}}
 
 
 def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, world: int,
@@ -133,23 +140,24 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
                              device)
     global_targets = counts[0].clamp(min=1.0).float()
     loss_sum, aux_sum, loads = [], [], []
-    # Per-source losses where the rows' tokens are whole on this rank (not split by context parallelism).
     per_source = (SourceLosses(source_names, device)
-                  if cp == 1 and source_names and all(b.source_ids is not None for b in batches) else None)
+                  if source_names and all(b.source_ids is not None for b in batches) else None)
     for index, batch in enumerate(batches):
         if index and between_micro_batches is not None:
             between_micro_batches()
-        if cp > 1:
+        sources = batch.source_ids if per_source else None
+        if cp > 1:  # this rank's share of the rows' positions
             hidden, labels, loss_mask, aux = forward_context_parallel(model, batch, cp_group)
+            sources = context_parallel_share(sources, cp_group) if per_source else None
         else:
             hidden, aux = model.hidden_states(batch.input_ids, batch.position_ids, batch.cu_seqlens,
                                               batch.pixel_values, batch.image_grid_hw, batch.image_token_positions)
             labels, loss_mask = batch.labels, batch.loss_mask
         ce, by_source = linear_cross_entropy_by_group(
             hidden, model.decoder.output.weight, masked_targets(labels, loss_mask),
-            batch.source_ids if per_source else None, len(per_source.names) if per_source else 0, chunk_tokens)
+            sources, len(per_source.names) if per_source else 0, chunk_tokens)
         if per_source is not None:
-            per_source.add(by_source, batch)
+            per_source.add(by_source, sources, loss_mask)
         loss = ce / global_targets
         if aux_loss_coef > 0:
             # The balance loss is a mean per micro-batch; average it over every micro-batch of every rank.
@@ -169,21 +177,39 @@ def lm_step(model: nn.Module, batches: list[PackedBatch], aux_loss_coef: float, 
 
 
 def coca_step(model: nn.Module, batches: list[ImageTextBatch],
-              between_micro_batches: Callable[[], None] | None = None) -> StepResult:
+              between_micro_batches: Callable[[], None] | None = None,
+              source_names: tuple[str, ...] = ()) -> StepResult:
     """Forward and backward of ``L = L_siglip + 2 * L_caption`` over this rank's micro-batches.
 
     The SigLIP loss of each micro-step takes every rank's pairs as negatives (as one process with the whole batch
-    would) and is averaged over micro-steps; the caption loss is a global token mean.
+    would) and is averaged over micro-steps; the caption loss is a global token mean. ``source_names`` (what the
+    batches' ``source_ids`` index) adds the objective per data source: ``caption_loss/<source>`` (token mean),
+    ``siglip_loss/<source>`` (mean over the source's images of each image's terms against every text) and
+    ``loss/<source>``, their sum weighted as the objective's.
     """
     device = batches[0].pixel_values.device
     counts = _sum_over_ranks([sum(b.num_loss_tokens for b in batches), sum(b.num_tokens for b in batches)], device)
     global_targets = counts[0].clamp(min=1.0).float()
+    by_source = bool(source_names) and all(b.source_ids is not None for b in batches)
+    captions = SourceLosses(source_names, device, "caption_loss", "loss_tokens") if by_source else None
+    images = SourceLosses(source_names, device, "siglip_loss", "images") if by_source else None
     siglip_parts, caption_parts = [], []
     for index, batch in enumerate(batches):
         if index and between_micro_batches is not None:
             between_micro_batches()
         out = model.forward_coca(batch.pixel_values, batch.image_grid_hw, batch.text_ids, batch.text_mask)
-        siglip = siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
+        if by_source:
+            groups = len(source_names)
+            siglip, siglip_by_source = siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale,
+                                                   out.logit_bias, image_groups=batch.source_ids, num_groups=groups)
+            images.sums += siglip_by_source.double()  # per image: its terms against every text
+            images.add_tokens(batch.source_ids, torch.ones_like(batch.source_ids, dtype=torch.bool))
+            caption_sums, caption_counts = caption_loss_by_group(out.caption_logits, batch.text_ids,
+                                                                 batch.text_mask, batch.source_ids, groups)
+            captions.sums += caption_sums.double()
+            captions.counts += caption_counts.double()
+        else:
+            siglip = siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
         caption_sum, _ = caption_loss_sum(out.caption_logits, batch.text_ids, batch.text_mask)
         loss = siglip / len(batches) + CAPTION_LOSS_WEIGHT * caption_sum / global_targets
         loss.backward()
@@ -195,6 +221,11 @@ def coca_step(model: nn.Module, batches: list[ImageTextBatch],
     caption_mean = caption_total / counts[0].clamp(min=1.0)
     loss = siglip_mean + CAPTION_LOSS_WEIGHT * caption_mean
     extra = {"logit_scale": model.coca.logit_scale.detach().exp()}
+    if by_source:
+        caption_means, image_means = captions.reduced(), images.reduced()
+        extra.update({**caption_means, **image_means})
+        extra.update({f"loss/{n}": image_means[f"siglip_loss/{n}"] + CAPTION_LOSS_WEIGHT
+                      * caption_means[f"caption_loss/{n}"] for n in source_names})
     return StepResult(loss, {"siglip_loss": siglip_mean, "caption_loss": caption_mean}, counts[1], extra=extra)
 
 
@@ -228,19 +259,31 @@ class PipelineLMStep:
     aux_loss_coef: float
     pp_degree: int
     cp_degree: int = 1
+    source_names: tuple[str, ...] = ()  # the stage's sorted sources: per-source loss (summed on the last stage)
 
     @property
     def rows_shared_by(self) -> int:
         return self.pp_degree * self.cp_degree
 
     def __call__(self, batches: list[PackedBatch]) -> StepResult:
-        lm_loss, aux_loss, tokens, load = pipeline_lm_step(self.runner, batches, self.aux_loss_coef, self.pp_degree,
-                                                           self.cp_degree)
-        as_tensor = lambda value: torch.tensor(value, dtype=torch.float64, device=self.runner.device)  # noqa: E731
+        runner = self.runner
+        per_source = (SourceLosses(self.source_names, runner.device)
+                      if self.source_names and all(b.source_ids is not None for b in batches) else None)
+        lm_loss, aux_loss, tokens, load = pipeline_lm_step(runner, batches, self.aux_loss_coef, self.pp_degree,
+                                                           self.cp_degree, len(self.source_names) if per_source else 0)
+        as_tensor = lambda value: torch.tensor(value, dtype=torch.float64, device=runner.device)  # noqa: E731
         parts = {"lm_loss": as_tensor(lm_loss)}
         if self.aux_loss_coef:
             parts["aux_loss"] = as_tensor(aux_loss)
-        return StepResult(parts["lm_loss"], parts, as_tensor(tokens), expert_load=load)
+        extra = {}
+        if per_source is not None:  # last stages hold the sums of their positions; the others add zeros
+            if runner.has_last:
+                per_source.sums += runner.group_sums
+                for batch in batches:
+                    per_source.add_tokens(runner.last_stage_share(batch.source_ids),
+                                          runner.last_stage_share(batch.loss_mask))
+            extra = per_source.reduced()
+        return StepResult(parts["lm_loss"], parts, as_tensor(tokens), expert_load=load, extra=extra)
 
 
 @dataclass(frozen=True)
@@ -250,9 +293,10 @@ class CocaStep:
     model: nn.Module
     rows_shared_by: int = 1
     between_micro_batches: Callable[[], None] | None = None
+    source_names: tuple[str, ...] = ()  # the stage's sorted sources: per-source losses
 
     def __call__(self, batches: list[ImageTextBatch]) -> StepResult:
-        return coca_step(self.model, batches, self.between_micro_batches)
+        return coca_step(self.model, batches, self.between_micro_batches, self.source_names)
 
 
 def select_step(stage: StageConfig, model: nn.Module, pipeline: PipelineRunner | None, aux_loss_coef: float,
@@ -273,8 +317,9 @@ def select_step(stage: StageConfig, model: nn.Module, pipeline: PipelineRunner |
         between_micro_batches: Run between micro-batches (not by a pipeline, whose schedule runs them all).
     """
     if stage.objective == "coca":
-        return CocaStep(model, between_micro_batches=between_micro_batches)
+        return CocaStep(model, between_micro_batches=between_micro_batches,
+                        source_names=tuple(mixture_sources(stage.mixture)))
     if pipeline is None:
         return LMStep(model, aux_loss_coef, dist.get_world_size(), cp_group, chunk_tokens, between_micro_batches,
                       tuple(mixture_sources(stage.mixture)))
-    return PipelineLMStep(pipeline, aux_loss_coef, pp_degree, cp_degree)
+    return PipelineLMStep(pipeline, aux_loss_coef, pp_degree, cp_degree, tuple(mixture_sources(stage.mixture)))

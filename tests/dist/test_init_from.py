@@ -18,7 +18,7 @@ from model.hf_files import SafetensorsCheckpoint
 from model.registry import build_model
 from model.vlm import KimiVL
 from tests.forked import run_ranks
-from train.loss import linear_cross_entropy_sum
+from train.loss import linear_cross_entropy_by_group
 from tests.unit.test_model_hf import ARGS, _perturb_norms
 from train.checkpoint import CheckpointManager, ModelState
 from config.init_sources import parse_init_from
@@ -151,7 +151,7 @@ def _parallel_model(pp: int, ep: int):
     groups = dims.build_groups("cpu")
     with torch.device("meta"):
         model = KimiVL(ARGS)
-    parallel = parallelize(model, dims, groups, "cpu", SEED, PipelineOptions("1f1b", 2, 32, linear_cross_entropy_sum))
+    parallel = parallelize(model, dims, groups, "cpu", SEED, PipelineOptions("1f1b", 2, 32, linear_cross_entropy_by_group))
     return parallel.model, groups.expert_mesh
 
 

@@ -52,6 +52,7 @@ def train_rank(rank: int, world: int, args: list[str]) -> dict:
             "compiled_blocks": compiled_block_names(trainer.model),
             "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
             "grad_norms": [r["grad_norm"] for r in records],
+            "source_losses": [{k: v for k, v in r.items() if k.startswith(("loss/", "loss_tokens/"))} for r in records],
             "step_flops": [r["model_tflops_per_s"] * 1e12 * r["step_time_s"] for r in records]}
 
 
@@ -63,6 +64,15 @@ def reference(demo_root, tmp_path_factory):
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def assert_same_source_losses(got: list[dict], want: list[dict], layout: str) -> None:
+    """Every step's loss and loss-token count per data source equal the one process's (several sources)."""
+    assert len(got) == len(want) and all(len([k for k in w if k.startswith("loss/")]) > 1 for w in want)
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.keys() == w.keys(), f"{layout} step {step + 1}: {sorted(g)} vs {sorted(w)}"
+        for key in w:
+            assert g[key] == pytest.approx(w[key], rel=TOLERANCE), f"{layout} step {step + 1}: {key}"
 
 
 LAYOUTS = {
@@ -99,6 +109,7 @@ def test_layout_equals_one_process(layout, reference, demo_root, tmp_path):
     assert len(results[0]["losses"]) == STEPS
     for step, (got, want) in enumerate(zip(results[0]["losses"], reference["losses"], strict=True)):
         assert abs(got - want) <= TOLERANCE * abs(want), f"{layout} step {step + 1}: loss {got} vs {want}"
+    assert_same_source_losses(results[0]["source_losses"], reference["source_losses"], layout)
     # The global gradient norm (over every group) is the one process's, and clipping by it was active.
     assert results[0]["grad_norms"] == pytest.approx(reference["grad_norms"], rel=TOLERANCE)
     assert max(reference["grad_norms"]) > CLIP

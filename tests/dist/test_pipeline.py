@@ -31,7 +31,7 @@ from parallel.pipeline import (
     split_layers,
     stage_ranks,
 )
-from train.loss import linear_cross_entropy_sum
+from train.loss import linear_cross_entropy_by_group
 from train.steps import lm_step
 
 BASE = FLAVORS["debug"]
@@ -107,7 +107,7 @@ def pipeline_rank(rank: int, world: int, schedule: str, pp: int, compile: bool =
     dense_group = groups.dense  # the replicas of one stage: dense gradients and optimizer state
     with torch.device("meta"):  # the device path: this rank's stages only are ever allocated and initialized
         model = KimiVL(ARGS)
-    parallel = parallelize(model, dims, groups, "cpu", SEED, PipelineOptions(schedule, 2, SEQ, linear_cross_entropy_sum),
+    parallel = parallelize(model, dims, groups, "cpu", SEED, PipelineOptions(schedule, 2, SEQ, linear_cross_entropy_by_group),
                            compile=compile)
     model, runner = parallel.model, parallel.pipeline
     if model.coca is not None:
@@ -247,7 +247,7 @@ def test_trainer_pipeline_equals_one_process(layout, trainer_reference, demo_roo
     """Three steps of ``joint_pretrain`` through the real Trainer (loader, images, ZeRO Muon, bias balancing,
     checkpoint at the end; selective activation checkpointing in one layout): every loss and every parameter
     equal one process."""
-    from tests.dist.test_parallel_layouts import GLOBAL_ROWS, STEPS, overrides, train_rank
+    from tests.dist.test_parallel_layouts import GLOBAL_ROWS, STEPS, assert_same_source_losses, overrides, train_rank
 
     spec = dict(TRAINER_LAYOUTS[layout])
     world = spec.pop("world")
@@ -259,6 +259,7 @@ def test_trainer_pipeline_equals_one_process(layout, trainer_reference, demo_roo
     assert len(results[0]["losses"]) == STEPS
     for step, (got, want) in enumerate(zip(results[0]["losses"], reference["losses"], strict=True)):
         assert abs(got - want) <= TOLERANCE * abs(want), f"{layout} step {step + 1}: loss {got} vs {want}"
+    assert_same_source_losses(results[0]["source_losses"], reference["source_losses"], layout)
     if dp == 1:  # pipeline (and context) ranks share the rows: each counts its share of the model FLOPs
         assert results[0]["step_flops"] == pytest.approx([f / world for f in reference["step_flops"]], rel=1e-9)
     for rank, result in enumerate(results):

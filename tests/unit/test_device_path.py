@@ -13,7 +13,7 @@ from parallel.parallelize import PipelineOptions, parallelize
 from tests.forked import run_ranks
 from tests.unit.test_loader import batches_equal, make_loader
 from train.device_feed import DeviceFeed
-from train.loss import linear_cross_entropy_sum
+from train.loss import linear_cross_entropy_by_group
 from train.runtime import resolve_device
 
 ARGS = FLAVORS["debug"]
@@ -71,7 +71,7 @@ def rank_values(rank: int, world: int, pp: int, ep: int) -> dict:
     dims = ParallelDims(pp_degree=pp, dp_degree=world // pp, cp_degree=1, ep_degree=ep, world_size=world)
     with torch.device("meta"):
         model = KimiVL(ARGS)
-    pipeline = PipelineOptions("1f1b", 1, 64, linear_cross_entropy_sum)
+    pipeline = PipelineOptions("1f1b", 1, 64, linear_cross_entropy_by_group)
     parallel = parallelize(model, dims, dims.build_groups(), "cpu", SEED, pipeline)
     offsets = {name: getattr(module, "expert_offset", 0) for name, module in parallel.model.named_modules()}
     return {"params": {n: p.detach().clone() for n, p in parallel.model.named_parameters()}, "offsets": offsets}

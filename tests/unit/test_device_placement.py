@@ -43,11 +43,11 @@ from tests.device_checks import (
 )
 from tests.dist.test_pipeline import ARGS, SEQ, make_batches
 from tests.forked import run_ranks
-from train.loss import linear_cross_entropy_sum
+from train.loss import linear_cross_entropy_by_group
 from train.steps import coca_step, lm_step
 
 NO_AUX = dataclasses.replace(ARGS, decoder=dataclasses.replace(ARGS.decoder, aux_loss_coef=0.0))
-PIPELINE = PipelineOptions("1f1b", 1, SEQ, linear_cross_entropy_sum)
+PIPELINE = PipelineOptions("1f1b", 1, SEQ, linear_cross_entropy_by_group)
 LAYOUTS = {  # name: (pp, dp, cp, ep, cp attention)
     "dp2": (1, 2, 1, 1, "allgather"),
     "cp2_allgather": (1, 1, 2, 1, "allgather"),
