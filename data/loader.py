@@ -86,6 +86,7 @@ class StageLoader:
                  tokenizer: TextTokenizer, vision: VisionArgs, seed: int, shard: tuple[int, int]):
         self.stage_name = stage_name
         self.stage = stage
+        self.shard = shard
         self.image_text = stage.objective == "coca"
         sampler = MixtureSampler(stage.mixture, seed, stage_name, images_only=self.image_text)
         sources = open_sources(stage_name, sampler.sources(), storage, data, tokenizer.vocab_size)

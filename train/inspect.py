@@ -33,9 +33,11 @@ from data.formats import DataError
 from data.loader import StageLoader
 from data.packing import PackedRow
 from train.builders import build_data
+from train.metrics import read_metrics
 from train.stages import checkpoints_of
 
-__all__ = ["InspectError", "StepSamples", "inspect_step", "main", "open_run", "stage_loader", "start_checkpoint"]
+__all__ = ["InspectError", "StepSamples", "inspect_step", "main", "open_run", "stage_loader", "start_checkpoint",
+           "step_layout"]
 
 
 class InspectError(ValueError):
@@ -86,6 +88,21 @@ def start_checkpoint(cfg: RunConfig, name: str, step: int) -> tuple[int, dict[st
     before = [c for c in committed if c < step]
     info = manager.info(before[-1] if before else committed[0]) if committed else {}
     return (before[-1] if before else 0), info
+
+
+def step_layout(cfg: RunConfig, name: str, step: int, info: dict[str, Any]) -> dict[str, int]:
+    """``{"world_size", "data_parallel", "micro_batch_size"}`` of the invocation that trained step ``step``, from its
+    ``metrics.jsonl`` line (a resume may change the layout), else from a checkpoint's ``checkpoint.json`` (``info``)
+    and the run's configuration; empty when neither says."""
+    for record in read_metrics(cfg.run_dir / name / "metrics.jsonl"):
+        if record["step"] == step and "data_parallel" in record:
+            return {k: int(record[k]) for k in ("world_size", "data_parallel", "micro_batch_size")}
+    layout = info.get("layout", {})
+    if not layout:
+        return {}
+    coca = cfg.curriculum.stages[name].objective == "coca"
+    return {"world_size": layout["world_size"], "data_parallel": layout["dp"] * (layout["cp"] if coca else 1),
+            "micro_batch_size": cfg.curriculum.stages[name].micro_batch_size}
 
 
 def stage_loader(cfg: RunConfig, name: str, data_parallel: int) -> StageLoader:
@@ -168,12 +185,15 @@ def inspect_step(run_dir: str | Path, name: str, step: int, data_parallel: int |
     """
     cfg = open_run(run_dir)
     start, info = start_checkpoint(cfg, name, step)
+    layout = step_layout(cfg, name, step, info)
+    if layout:  # the rows per rank of the invocation that trained the step
+        cfg.curriculum.stages[name].micro_batch_size = layout["micro_batch_size"]
     stage = cfg.curriculum.stages[name]
-    layout = info.get("layout", {})
     if data_parallel is None:
         if not layout:
-            raise InspectError(f"stage '{name}' has no checkpoint recording its layout: pass --data-parallel")
-        data_parallel = layout["dp"] * (layout["cp"] if stage.objective == "coca" else 1)
+            raise InspectError(f"stage '{name}' has no metrics or checkpoint recording its layout: pass "
+                               "--data-parallel")
+        data_parallel = layout["data_parallel"]
     loader = stage_loader(cfg, name, data_parallel)
     try:
         if start:

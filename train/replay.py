@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from config import ConfigError, RunConfig
 from data.formats import DataError
-from train.inspect import InspectError, open_run, start_checkpoint
+from train.inspect import InspectError, open_run, start_checkpoint, step_layout
 from train.metrics import read_metrics
 from train.trainer import Trainer
 
@@ -50,12 +50,13 @@ def _apply_overrides(cfg: RunConfig, overrides: list[str]) -> tuple[RunConfig, l
     return new, changed
 
 
-def _differences(info: dict[str, Any], cfg: RunConfig, world: int, changed: list[str]) -> list[str]:
-    """Why bit-identity cannot be expected: a layout or precision other than the run's at that step."""
+def _differences(info: dict[str, Any], layout: dict[str, int], cfg: RunConfig, world: int,
+                 changed: list[str]) -> list[str]:
+    """Why bit-identity cannot be expected: a layout (``layout``: the one that trained the step) or a precision
+    other than the run's at that step."""
     reasons = [f"override {o}" for o in changed]
-    layout = info.get("layout", {})
-    if layout and layout.get("world_size") != world:
-        reasons.append(f"world size {world}, the run had {layout['world_size']} ({layout})")
+    if layout and layout["world_size"] != world:
+        reasons.append(f"world size {world}, the run had {layout['world_size']} at that step ({layout})")
     saved = info.get("config", {}).get("precision")
     now = OmegaConf.to_container(OmegaConf.structured(cfg.precision))
     if saved and saved != now and not changed:
@@ -97,7 +98,7 @@ def replay_step(run_dir: str | Path, name: str, step: int, overrides: list[str] 
                 record = trainer.train_step(name, run.stage, run.optimizer, run.feed, run.train, run.step)
         finally:
             run.feed.loader.close()
-        reasons = _differences(info, cfg, trainer.world, changed)
+        reasons = _differences(info, step_layout(cfg, name, step, info), cfg, trainer.world, changed)
     finally:
         trainer.close()
     return {"logged": logged[step], "replayed": record, "from_checkpoint": start, "expect_identical": not reasons,

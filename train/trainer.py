@@ -379,7 +379,10 @@ class Trainer:
                 "tokens": train.tokens, "grad_norm": float(grad_norm), "step_time_s": elapsed,
                 "tokens_per_s": tokens / elapsed, "corrupt_samples": feed.loader.corrupt,
                 "skipped_steps": train.skipped_steps, "model_tflops_per_s": flops / elapsed / 1e12,
-                "mfu": flops / elapsed / self.peak_flops}
+                "mfu": flops / elapsed / self.peak_flops,
+                # the layout that trained this step (a resume may change it): train.inspect and train.replay
+                "world_size": self.world, "data_parallel": feed.loader.shard[1],
+                "micro_batch_size": stage.micro_batch_size}
 
     def _update(self, name: str, stage: StageConfig, optimizer: ZeroOptimizer, result: StepResult, loss: float,
                 train: TrainState) -> float:

@@ -20,7 +20,8 @@ STAGE, NEXT = "joint_pretrain", "joint_cooldown"
 STEPS, EXIT_AFTER, ACCUM, PER_RANK, NEXT_STEPS = 6, 3, 2, 2, 3
 
 
-def stage_run(out: Path, demo_root: Path, steps: int = STEPS, extra: tuple[str, ...] = ()) -> list[str]:
+def stage_run(out: Path, demo_root: Path, steps: int = STEPS, extra: tuple[str, ...] = (),
+              per_rank: int = PER_RANK) -> list[str]:
     """The joint_pretrain stage of the debug recipe, a few steps, 2 micro-batches of 2 rows per rank, then a few
     steps of joint_cooldown."""
     prefix = f"curriculum.stages.{STAGE}"
@@ -28,7 +29,7 @@ def stage_run(out: Path, demo_root: Path, steps: int = STEPS, extra: tuple[str, 
             f"curriculum.order=[{STAGE},{NEXT}]", f"curriculum.stages.{NEXT}.steps={NEXT_STEPS}",
             f"curriculum.stages.{NEXT}.checkpoint_interval=2", f"{prefix}.init_from=scratch", f"{prefix}.steps={steps}",
             f"{prefix}.checkpoint_interval=2", f"{prefix}.grad_accum_steps={ACCUM}",
-            f"{prefix}.micro_batch_size={PER_RANK}", f"{prefix}.lr.warmup_steps=1", "checkpoint.keep_last=10",
+            f"{prefix}.micro_batch_size={per_rank}", f"{prefix}.lr.warmup_steps=1", "checkpoint.keep_last=10",
             *extra]
 
 
@@ -174,3 +175,38 @@ def test_replay_in_one_process_of_a_two_rank_run_says_the_layout_differs(recorde
     run_dir, _ = recorded_run
     result = run_ranks(_replay, 1, run_dir, [(STAGE, 4, [])], timeout=600)[0][0]
     assert not result["expect_identical"] and "world size 1, the run had 2" in result["reasons"][0]
+
+
+@pytest.fixture(scope="module")
+def relaid_run(demo_root, tmp_path_factory):
+    """dp=2 for 3 steps (left, checkpointed), then resumed in one process serving both ranks' rows (the same global
+    batch, another layout); every loader recorded."""
+    out = tmp_path_factory.mktemp("relaid")
+    phases = []
+    for start, world, extra in ((0, 2, (f"exit_after_steps={EXIT_AFTER}",)), (EXIT_AFTER, 1, ())):
+        args = stage_run(out, demo_root, extra=extra, per_rank=2 * PER_RANK // world)
+        results = run_ranks(_train_recording, world, args, timeout=600)
+        assert [code for code, _ in results] == [0] * world
+        phases.append((start, [event for _, events in results for event in events]))
+    return out / "run", consumed_by_step(phases)
+
+
+def test_inspect_and_replay_use_the_layout_that_trained_the_step(relaid_run):
+    """Steps 1-3 ran at dp=2, steps 4-6 in one process: inspect attributes each step's rows to the ranks that had
+    them, and replaying step 4 in one process (from the dp=2 run's checkpoint) is expected to be, and is,
+    bit-identical, while replaying step 2 in one process says the world size differs."""
+    run_dir, consumed = relaid_run
+    for step, ranks in ((2, 2), (4, 1), (5, 1)):  # 4: from the checkpoint the dp=2 run left
+        result = inspect_step(run_dir, STAGE, step)
+        per_rank = 2 * PER_RANK // ranks
+        assert result.data_parallel == ranks
+        assert {(row["slot"], row["rank"], row["row"]) for row in result.rows} == {
+            (slot, slot // per_rank, slot % per_rank) for slot in range(2 * PER_RANK)}
+        listed = {(row["slot"], row["micro_batch"]): [((s["source"], s["position"], s["draw"]), *s["doc_tokens"],
+                                                       s["columns"][0]) for s in row["samples"]]
+                  for row in result.rows}
+        assert listed == {key: [(tuple(k[:3]), a, b, c) for k, a, b, c in pieces]
+                          for key, pieces in consumed[step]["rows"].items()}
+    after, before = run_ranks(_replay, 1, run_dir, [(STAGE, 4, []), (STAGE, 2, [])], timeout=600)[0]
+    assert after["from_checkpoint"] == 3 and after["expect_identical"] and after["differences"] == {}
+    assert not before["expect_identical"] and "world size 1, the run had 2 at that step" in before["reasons"][0]

@@ -225,3 +225,34 @@ def test_a_sigkill_during_recovery_then_a_rerun_gives_the_same_final_state(clean
     steps = read_metrics(run_dir / STAGE / "metrics.jsonl")
     assert [r["step"] for r in steps] == [s for s in range(1, STEPS + 1) if s != POISONED_STEP]
     _assert_same_state(_final_state(run_dir), _final_state(window_run))
+
+
+def test_a_non_finite_step_rolls_back_and_its_data_is_skipped(clean_run, demo_root, monkeypatch):
+    """A transient fault turns a weight NaN before step 13: the step's loss is not finite (its update skipped), every
+    rank rolls back to the checkpoint before the window, which restores the weights, skips the step's data and
+    finishes close to the clean run."""
+    import torch
+
+    from train.trainer import Trainer
+
+    train_step, injected = Trainer.train_step, []
+
+    def faulty(self, name, stage, optimizer, feed, train, *rest):
+        if train.step + 1 == POISONED_STEP and not injected:
+            injected.append(train.step + 1)
+            with torch.no_grad():
+                self.model.decoder.norm.weight.fill_(float("nan"))
+        return train_step(self, name, stage, optimizer, feed, train, *rest)
+
+    monkeypatch.setattr(Trainer, "train_step", faulty)
+    assert main(stage_run(clean_run, demo_root, "fault")) == 0
+    assert injected == [POISONED_STEP]
+    lines = read_recovery(clean_run / "fault" / STAGE / "recovery.jsonl")
+    assert [(line["step"], line["trigger"], line["rolled_back_to"]) for line in lines] == [
+        (POISONED_STEP, "nonfinite", 10)]
+    records = read_metrics(clean_run / "fault" / STAGE / "metrics.jsonl")
+    assert [r["step"] for r in records] == [s for s in range(1, STEPS + 1) if s != POISONED_STEP]
+    clean = read_metrics(clean_run / "clean" / STAGE / "metrics.jsonl")
+    assert [r["loss"] for r in records[:POISONED_STEP - 1]] == [r["loss"] for r in clean[:POISONED_STEP - 1]]
+    assert all(r["skipped_steps"] == 0 for r in records)  # the NaN step's line belongs to the discarded branch
+    assert records[-1]["loss"] == pytest.approx(clean[-1]["loss"], rel=0.02)
