@@ -54,7 +54,7 @@ from config.schema import PIPELINE_SCHEDULES
 from data.batch import PackedBatch
 from model.layers import masked_targets
 from model.vlm import KimiVL
-from parallel.context import embed_inputs_context_parallel
+from parallel.context import context_parallel_share, embed_inputs_context_parallel
 from parallel.zigzag import ZigzagLayout
 
 __all__ = ["SCHEDULES", "AttachAuxLoss", "PipelineRunner", "StageModule", "SumLoss", "build_pipeline",
@@ -344,7 +344,7 @@ class PipelineRunner:
         self.num_stages, self.layout, self.schedule_name = num_stages, layout, schedule_name
         self.group, self.device = group, device
         self.loss = loss
-        # Per-group loss sums of the last step's micro-batches on the last stage (``step(..., groups=...)``).
+        # Per-group loss sums of the last step's micro-batches on the last stage (``step(..., num_groups=...)``).
         self.num_groups = 0
         self.group_sums: torch.Tensor | None = None
         self._schedule: PipelineScheduleSingle | PipelineScheduleMulti | None = None
@@ -373,10 +373,7 @@ class PipelineRunner:
         """This rank's positions of a ``[rows, seq]`` tensor at the last stage: the zigzag share of its
         context-parallel rank (whose hidden states cover only those), else all of them."""
         group = self.stages[-1].cp_group
-        if group is None:
-            return per_position
-        rows, seq = per_position.shape
-        return ZigzagLayout(rows, seq, dist.get_world_size(group)).shard(per_position, dist.get_rank(group))
+        return per_position if group is None else context_parallel_share(per_position, group)
 
     @property
     def cp_degree(self) -> int:

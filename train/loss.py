@@ -168,15 +168,16 @@ def caption_loss_sum(
 
 
 def caption_loss_by_group(caption_logits: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                          pair_groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`caption_loss_sum`'s per-pair sums added up per group (no gradient): ``(fp32 [num_groups] loss sums,
-    fp32 [num_groups] target counts)``; ``pair_groups`` is ``int [N]``, negative for none."""
-    with torch.no_grad():
-        counted = text_mask[:, 1:]
-        targets = masked_targets(text_ids[:, 1:], counted)
-        per_token = _fp32_cross_entropy(caption_logits[:, :-1], targets, "none")
-        return _sum_by_group(per_token.sum(1), pair_groups, num_groups), _sum_by_group(
-            counted.sum(1).float(), pair_groups, num_groups)
+                          pair_groups: torch.Tensor, num_groups: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`caption_loss_sum`'s sum and, from the same per-token losses (one pass over the logits), the sums per
+    group of pairs: ``(fp32 scalar sum (differentiable), fp32 [num_groups] loss sums, fp32 [num_groups] target
+    counts)`` (no gradient on the last two); ``pair_groups`` is ``int [N]``, negative for none."""
+    counted = text_mask[:, 1:]
+    per_token = _fp32_cross_entropy(caption_logits[:, :-1], masked_targets(text_ids[:, 1:], counted), "none")
+    by_pair = per_token.detach().sum(1)
+    return (per_token.sum(), _sum_by_group(by_pair, pair_groups, num_groups),
+            _sum_by_group(counted.sum(1).float(), pair_groups, num_groups))
 
 
 def _sum_by_group(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:

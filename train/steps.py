@@ -204,13 +204,13 @@ def coca_step(model: nn.Module, batches: list[ImageTextBatch],
                                                    out.logit_bias, image_groups=batch.source_ids, num_groups=groups)
             images.sums += siglip_by_source.double()  # per image: its terms against every text
             images.add_tokens(batch.source_ids, torch.ones_like(batch.source_ids, dtype=torch.bool))
-            caption_sums, caption_counts = caption_loss_by_group(out.caption_logits, batch.text_ids,
-                                                                 batch.text_mask, batch.source_ids, groups)
+            caption_sum, caption_sums, caption_counts = caption_loss_by_group(
+                out.caption_logits, batch.text_ids, batch.text_mask, batch.source_ids, groups)
             captions.sums += caption_sums.double()
             captions.counts += caption_counts.double()
         else:
             siglip = siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
-        caption_sum, _ = caption_loss_sum(out.caption_logits, batch.text_ids, batch.text_mask)
+            caption_sum, _ = caption_loss_sum(out.caption_logits, batch.text_ids, batch.text_mask)
         loss = siglip / len(batches) + CAPTION_LOSS_WEIGHT * caption_sum / global_targets
         loss.backward()
         siglip_parts.append(siglip.detach())

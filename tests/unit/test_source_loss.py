@@ -44,3 +44,31 @@ def test_each_position_carries_the_source_of_its_document(demo_root, tokenizer):
         assert ids[covered:] == [-1] * (len(ids) - covered)  # the padding document has no source
         assert torch.equal(batch.input_ids[index], torch.tensor(row.tokens))
     assert len(seen) > 1
+
+
+def test_caption_and_siglip_per_group_come_from_the_same_terms_as_the_loss():
+    from train.loss import caption_loss_by_group, caption_loss_sum, siglip_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 30, requires_grad=True)
+    ids = torch.randint(0, 30, (5, 7))
+    mask = torch.arange(7) < torch.tensor([7, 3, 5, 2, 6])[:, None]
+    groups = torch.tensor([0, 2, 0, -1, 2], dtype=torch.int16)
+    total, sums, counts = caption_loss_by_group(logits, ids, mask, groups, 3)
+    reference, count = caption_loss_sum(logits, ids, mask)
+    torch.testing.assert_close(total, reference)
+    (grad,) = torch.autograd.grad(total, logits)
+    torch.testing.assert_close(grad, torch.autograd.grad(reference, logits)[0])
+    for g in range(3):
+        rows = groups == g
+        want = caption_loss_sum(logits[rows], ids[rows], mask[rows]) if rows.any() else (torch.tensor(0.0), 0)
+        torch.testing.assert_close(sums[g], want[0].detach())
+        assert counts[g] == float(want[1])
+    images, texts = torch.nn.functional.normalize(torch.randn(2, 5, 8), dim=-1)
+    scale, bias = torch.tensor(2.0), torch.tensor(-1.0)
+    loss, by_group = siglip_loss(images, texts, scale, bias, image_groups=groups, num_groups=3)
+    torch.testing.assert_close(loss, siglip_loss(images, texts, scale, bias))
+    assert by_group[1] == 0 and by_group.sum() < loss * 5  # the ungrouped image's terms are left out
+    logits_matrix = scale.exp() * images @ texts.t() + bias
+    terms = -torch.nn.functional.logsigmoid((2 * torch.eye(5) - 1) * logits_matrix).sum(1)
+    torch.testing.assert_close(by_group, torch.stack([terms[groups == g].sum() for g in range(3)]))
