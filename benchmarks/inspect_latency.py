@@ -4,7 +4,8 @@ time to inspect step 10 of a run on the demo corpus (goal: <= 1.5).
 A short single-process run of ``joint_pretrain`` (declared 1,000,000 steps long, left after 10 with checkpoints at 5
 and 10) gives the real checkpoint step 10 is inspected from. For step 1,000,000 a checkpoint at step 999,995 is
 written whose loader state is step 5's with every counter scaled to that step (a stream position as deep as a real
-run's there: late epochs of every source, large draw indices); ``metrics.jsonl`` is told the run got there. Both
+run's there: late epochs of every source, large draw indices); ``metrics.jsonl`` gets a line for every step up to
+there (about 0.4 GB, as a run that got there has). Both
 inspections then draw 5 steps forward from their checkpoint. Prints one JSON line: ``inspect_step_10_s``,
 ``inspect_step_1000000_s``, ``inspect_latency_ratio``.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,8 +63,15 @@ def far_checkpoint(run_dir: Path) -> None:
         dcp.save({"loader": loader}, checkpoint_id=str(target))
     (target / "checkpoint.json").write_text(json.dumps(manager.info(5)))
     loader.close()
+    # A line per step up to STEPS, as a run that got there has (the real step 10's line, renumbered): finding a
+    # step's layout and how far the run got must not read them all.
     metrics = run_dir / STAGE / "metrics.jsonl"
-    metrics.write_text(metrics.read_text() + json.dumps({"stage": STAGE, "step": STEPS, "loss": 0.0}) + "\n")
+    template = json.dumps({**json.loads(metrics.read_text().splitlines()[-1]), "step": -1}).replace(
+        '"step": -1', '"step": @STEP@')
+    with metrics.open("a") as f:
+        for start in range(11, STEPS + 1, 10_000):
+            steps = range(start, min(start + 10_000, STEPS + 1))
+            f.write("".join(template.replace("@STEP@", str(s)) + "\n" for s in steps))
 
 
 def timed(run_dir: Path, step: int, repeats: int) -> float:
@@ -83,10 +92,13 @@ def main() -> None:
     from data.synthetic import generate_corpus
 
     work = Path(tempfile.mkdtemp(prefix="inspect-latency-"))
-    generate_corpus(work / "demo", seed=0, scale=0.3)
-    run_dir = short_run(work / "out", work / "demo")
-    far_checkpoint(run_dir)
-    near, far = timed(run_dir, 10, args.repeats), timed(run_dir, STEPS, args.repeats)
+    try:
+        generate_corpus(work / "demo", seed=0, scale=0.3)
+        run_dir = short_run(work / "out", work / "demo")
+        far_checkpoint(run_dir)
+        near, far = timed(run_dir, 10, args.repeats), timed(run_dir, STEPS, args.repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"inspect_step_10_s": round(near, 4), "inspect_step_1000000_s": round(far, 4),
                       "inspect_latency_ratio": round(far / near, 3)}))
 

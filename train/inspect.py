@@ -33,7 +33,7 @@ from data.formats import DataError
 from data.loader import StageLoader
 from data.packing import PackedRow
 from train.builders import build_data
-from train.metrics import read_metrics
+from train.metrics import last_metrics_step, metrics_record
 from train.stages import checkpoints_of
 
 __all__ = ["InspectError", "StepSamples", "inspect_step", "main", "open_run", "stage_loader", "start_checkpoint",
@@ -79,10 +79,7 @@ def start_checkpoint(cfg: RunConfig, name: str, step: int) -> tuple[int, dict[st
         raise InspectError(f"stage '{name}' has steps 1..{steps}; step {step} is not one of them")
     manager = checkpoints_of(cfg, name)
     committed = manager.committed_steps()
-    metrics = cfg.run_dir / name / "metrics.jsonl"
-    reached = max(committed, default=0)
-    if metrics.exists():
-        reached = max(reached, *(json.loads(line)["step"] for line in metrics.read_text().splitlines() if line))
+    reached = max(max(committed, default=0), last_metrics_step(cfg.run_dir / name / "metrics.jsonl"))
     if step > reached:
         raise InspectError(f"stage '{name}' of {cfg.run_dir} reached step {reached}; step {step} was not trained")
     before = [c for c in committed if c < step]
@@ -94,9 +91,9 @@ def step_layout(cfg: RunConfig, name: str, step: int, info: dict[str, Any]) -> d
     """``{"world_size", "data_parallel", "micro_batch_size"}`` of the invocation that trained step ``step``, from its
     ``metrics.jsonl`` line (a resume may change the layout), else from a checkpoint's ``checkpoint.json`` (``info``)
     and the run's configuration; empty when neither says."""
-    for record in read_metrics(cfg.run_dir / name / "metrics.jsonl"):
-        if record["step"] == step and "data_parallel" in record:
-            return {k: int(record[k]) for k in ("world_size", "data_parallel", "micro_batch_size")}
+    record = metrics_record(cfg.run_dir / name / "metrics.jsonl", step)
+    if record is not None and "data_parallel" in record:
+        return {k: int(record[k]) for k in ("world_size", "data_parallel", "micro_batch_size")}
     layout = info.get("layout", {})
     if not layout:
         return {}

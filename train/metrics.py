@@ -78,6 +78,59 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def metrics_record(path: Path, step: int) -> dict[str, Any] | None:
+    """The line of ``step`` in a metrics file (None if it has none), found by bisection over byte offsets: the
+    file's steps increase line by line (:class:`MetricsWriter` keeps one uninterrupted history), so a lookup reads a
+    few lines, not a run's million."""
+    if not Path(path).exists():
+        return None
+    with Path(path).open("rb") as f:
+        lo, hi = 0, f.seek(0, 2)  # the line of ``step``, if any, starts in [lo, hi)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            start, line = _line_from(f, mid)
+            record = _parsed(line) if start < hi else None
+            if record is None or record["step"] > step:  # no line starts in [mid, start): it starts before mid
+                hi = mid
+            elif record["step"] < step:
+                lo = start + len(line)
+            else:
+                return record
+    return None
+
+
+def last_metrics_step(path: Path) -> int:
+    """The step of a metrics file's last complete line (0 without one), read from the file's end."""
+    if not Path(path).exists():
+        return 0
+    with Path(path).open("rb") as f:
+        size = f.seek(0, 2)
+        block = 1 << 16
+        while True:
+            f.seek(max(0, size - block))
+            lines = f.read().splitlines()[1 if size > block else 0:]  # the block's first line may be a tail
+            last = next((r for r in map(_parsed, reversed(lines)) if r is not None), None)
+            if last is not None or block >= size:
+                return last["step"] if last is not None else 0
+            block *= 2
+
+
+def _line_from(f, offset: int) -> tuple[int, bytes]:
+    """The first line starting at or after byte ``offset``: ``(its offset, its bytes)`` (``b""`` past the end)."""
+    f.seek(max(offset - 1, 0))
+    if offset > 0:
+        f.readline()  # to the end of the line holding offset - 1: the next line starts after it
+    return f.tell(), f.readline()
+
+
+def _parsed(line: bytes) -> dict[str, Any] | None:
+    """One metrics line, or None for an empty one or the last line cut short by a crash."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, never a part (crash-safe)."""
     staging = Path(path).with_name(Path(path).name + ".tmp")

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from config import ConfigError, RunConfig
 from data.formats import DataError
 from train.inspect import InspectError, open_run, start_checkpoint, step_layout
-from train.metrics import read_metrics
+from train.metrics import metrics_record
 from train.trainer import Trainer
 
 __all__ = ["compare_step", "main", "replay_step"]
@@ -85,9 +85,9 @@ def replay_step(run_dir: str | Path, name: str, step: int, overrides: list[str] 
     """
     cfg, changed = _apply_overrides(open_run(run_dir), list(overrides or []))
     cfg.log.wandb, cfg.exit_after_steps = False, 0
-    logged = {r["step"]: r for r in read_metrics(cfg.run_dir / name / "metrics.jsonl")}
     start, info = start_checkpoint(cfg, name, step)
-    if step not in logged:
+    logged = metrics_record(cfg.run_dir / name / "metrics.jsonl", step)
+    if logged is None:
         raise InspectError(f"{cfg.run_dir / name / 'metrics.jsonl'} has no step {step}")
     trainer = Trainer(cfg, lock=False)
     try:
@@ -101,8 +101,8 @@ def replay_step(run_dir: str | Path, name: str, step: int, overrides: list[str] 
         reasons = _differences(info, step_layout(cfg, name, step, info), cfg, trainer.world, changed)
     finally:
         trainer.close()
-    return {"logged": logged[step], "replayed": record, "from_checkpoint": start, "expect_identical": not reasons,
-            "reasons": reasons, "differences": compare_step(logged[step], record)}
+    return {"logged": logged, "replayed": record, "from_checkpoint": start, "expect_identical": not reasons,
+            "reasons": reasons, "differences": compare_step(logged, record)}
 
 
 def format_report(result: dict[str, Any], name: str, step: int) -> tuple[str, bool]:
