@@ -242,6 +242,12 @@ class CheckpointManager:
         except Exception as error:
             logger.error("checkpoint %s was not completed: %s", self.location(step), error)
 
+    def rollback_target(self, spike_step: int) -> int:
+        """The newest committed checkpoint before a spike at ``spike_step`` and the ``spike_window`` steps before it
+        (:func:`retained_steps` keeps one); 0 (the stage's start) when there is none."""
+        trusted_until = spike_step - self.spike_window - 1
+        return max((c for c in self.committed_steps() if c <= trusted_until), default=0)
+
     def discard_after(self, step: int) -> list[int]:
         """Delete every committed checkpoint newer than ``step`` (a rollback's target: those were taken inside a
         spike's window). Called by every rank with no save in flight; returns the steps deleted."""

@@ -304,10 +304,9 @@ class Trainer:
                                    f"{steps_named([*recovery.spike_steps(), step])}: more than "
                                    f"recovery.max_rollbacks_per_stage={limit} rollbacks; stopping")
         run.checkpoints.wait()  # a save in flight holds a good step
-        # Steps step - spike_window .. step are suspect: the target is the last checkpoint before them (retention
-        # keeps one, train/checkpoint.py retained_steps), and the checkpoints taken among them are discarded.
-        trusted_until = step - self.cfg.recovery.spike_window - 1
-        target = max((c for c in run.checkpoints.committed_steps() if c <= trusted_until), default=0)
+        # Steps step - spike_window .. step are suspect: the target is the last checkpoint before them, and the
+        # checkpoints taken among them are discarded.
+        target = run.checkpoints.rollback_target(step)
         recovery.decide(step, trigger, record["loss"], record["grad_norm"], target)
         discarded = run.checkpoints.discard_after(target)
         logger.warning("stage %s step %d: %s spike (loss %.4f, grad norm %.4f); rolling back to step %d%s and "

@@ -55,6 +55,7 @@ def test_the_manager_keeps_them_on_disk_and_a_rollback_discards_the_window(tmp_p
     for step in range(2, 13, 2):
         manager.save(step, {"w": torch.full((3,), float(step))})
     assert manager.committed_steps() == [8, 10, 12]
+    assert [manager.rollback_target(s) for s in (13, 12, 11, 4)] == [8, 8, 0, 0]  # 12: 8..12 suspect, 8 is not
     assert manager.discard_after(8) == [10, 12]
     assert manager.committed_steps() == [8]
     loaded = {"w": torch.zeros(3)}
